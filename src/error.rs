@@ -1,0 +1,132 @@
+//! The one error type of the crate.
+
+use thiserror::Error;
+
+/// Everything that can go wrong in xent, on the GPU or the CPU path.
+///
+/// Input errors are found on the host before any GPU work is queued, so a context stays
+/// usable after any of them.
+#[derive(Debug, Error)]
+pub enum XentError {
+    /// The logits slice does not hold `rows × classes` values.
+    #[error(
+        "logits: {len} values do not form a [{rows}, {classes}] matrix (expected {rows} × {classes} values)"
+    )]
+    LogitsShape {
+        /// Values given.
+        len: usize,
+        /// Rows claimed.
+        rows: usize,
+        /// Classes claimed.
+        classes: usize,
+    },
+    /// A row of logits must have at least one class.
+    #[error("logits: the number of classes is 0; cross-entropy needs at least one class")]
+    NoClasses,
+    /// The targets do not have the shape the logits call for.
+    #[error("targets: expected {expected} values ({what}), got {got}")]
+    TargetsShape {
+        /// Values expected.
+        expected: usize,
+        /// Values given.
+        got: usize,
+        /// What the expected shape is, in words.
+        what: String,
+    },
+    /// A class index is outside `[0, C)` and is not the ignore index.
+    #[error("targets: row {row} has class index {value}, outside [0, {classes}){}", ignore_note(*.ignore_index))]
+    ClassIndexOutOfRange {
+        /// The offending row.
+        row: usize,
+        /// Its class index.
+        value: i64,
+        /// The number of classes.
+        classes: usize,
+        /// The ignore index in force, if any.
+        ignore_index: Option<i64>,
+    },
+    /// `ignore_index` is only defined for class-index targets (as in PyTorch).
+    #[error(
+        "ignore_index is only defined for class-index targets, not for probability targets (as in PyTorch)"
+    )]
+    IgnoreIndexWithProbabilities,
+    /// The class weights are not one per class.
+    #[error("class weights: expected {expected} values (one per class), got {got}")]
+    WeightsLength {
+        /// The number of classes.
+        expected: usize,
+        /// Values given.
+        got: usize,
+    },
+    /// A class weight is NaN or infinite.
+    #[error("class weights: weight {index} is {value}; weights must be finite")]
+    WeightNotFinite {
+        /// Which class.
+        index: usize,
+        /// Its weight.
+        value: f32,
+    },
+    /// Label smoothing must lie in `[0, 1]`.
+    #[error("label smoothing {0} is outside [0, 1]")]
+    LabelSmoothing(f64),
+    /// A single row is larger than what one GPU binding can hold.
+    #[error(
+        "a row of {classes} classes needs {row_bytes} bytes, more than one GPU binding can hold ({limit} bytes)"
+    )]
+    RowTooLarge {
+        /// The number of classes.
+        classes: usize,
+        /// Bytes of one row of logits.
+        row_bytes: u64,
+        /// The binding limit in force.
+        limit: u64,
+    },
+    /// No GPU adapter could be found.
+    #[error(
+        "no GPU adapter found ({detail}). Install a GPU driver with Vulkan, Metal or DX12 support, or, on a headless Linux machine, Mesa's software Vulkan: apt-get install mesa-vulkan-drivers"
+    )]
+    NoAdapter {
+        /// What wgpu reported.
+        detail: String,
+    },
+    /// `WGPU_ADAPTER_NAME` names no adapter that exists.
+    #[error("WGPU_ADAPTER_NAME={wanted:?} matches no adapter; adapters found: {available}")]
+    AdapterNotFound {
+        /// The requested name.
+        wanted: String,
+        /// The adapters that exist.
+        available: String,
+    },
+    /// The adapter refused to open a device.
+    #[error("could not open a device on {adapter}: {detail}")]
+    RequestDevice {
+        /// The adapter's name.
+        adapter: String,
+        /// What wgpu reported.
+        detail: String,
+    },
+    /// The GPU ran out of memory.
+    #[error("GPU out of memory while {0}")]
+    OutOfMemory(String),
+    /// The GPU device was lost (driver reset, removal); make a new context.
+    #[error("GPU device lost: {0}")]
+    DeviceLost(String),
+    /// Any other failure reported by wgpu.
+    #[error("GPU error while {context}: {detail}")]
+    Gpu {
+        /// What xent was doing.
+        context: String,
+        /// What wgpu reported.
+        detail: String,
+    },
+}
+
+fn ignore_note(ignore_index: Option<i64>) -> String {
+    match ignore_index {
+        Some(i) => format!(" and is not ignore_index ({i})"),
+        None => String::new(),
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = XentError> = std::result::Result<T, E>;

@@ -1,0 +1,231 @@
+//! Shader assembly and the per-context pipeline cache.
+//!
+//! Every kernel is one file in `shaders/`, with the shared WGSL (RowStats and its merge, the
+//! bindings and row helpers, the lane reduction) prepended. Variants are pipeline-overridable
+//! constants of one module, never copies of a shader.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::planner::Strategy;
+
+/// Shared WGSL, in the order it is prepended.
+const ROW_STATS: &str = include_str!("../../shaders/row_stats.wgsl");
+const ROWS: &str = include_str!("../../shaders/rows.wgsl");
+const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
+
+/// The kernels, one WGSL file each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Loss and log-sum-exp, one read of the logits (`cross_entropy.wgsl`).
+    CrossEntropy,
+    /// Second pass of a split row (`merge_split_rows.wgsl`).
+    MergeSplitRows,
+    /// Log-probabilities (`log_softmax.wgsl`).
+    LogSoftmax,
+}
+
+impl Kernel {
+    /// All kernels.
+    pub const ALL: [Kernel; 3] = [
+        Kernel::CrossEntropy,
+        Kernel::MergeSplitRows,
+        Kernel::LogSoftmax,
+    ];
+
+    /// The kernel's own WGSL file.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Kernel::CrossEntropy => "cross_entropy.wgsl",
+            Kernel::MergeSplitRows => "merge_split_rows.wgsl",
+            Kernel::LogSoftmax => "log_softmax.wgsl",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Kernel::CrossEntropy => include_str!("../../shaders/cross_entropy.wgsl"),
+            Kernel::MergeSplitRows => include_str!("../../shaders/merge_split_rows.wgsl"),
+            Kernel::LogSoftmax => include_str!("../../shaders/log_softmax.wgsl"),
+        }
+    }
+
+    /// The complete WGSL source: shared code, then the kernel.
+    pub fn source(self) -> String {
+        [ROW_STATS, ROWS, REDUCE_WORKGROUP, self.body()].join("\n")
+    }
+}
+
+/// What the targets are; the numbers match `TARGET_*` in `rows.wgsl`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TargetKind {
+    /// Log-sum-exp only.
+    None = 0,
+    /// One class index per row.
+    ClassIndex = 1,
+    /// Probabilities shaped like the logits.
+    Probabilities = 2,
+}
+
+/// The loss variant a pipeline computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LossVariant {
+    /// What the targets are.
+    pub target: TargetKind,
+    /// Class weights present.
+    pub weights: bool,
+    /// Label smoothing ε > 0.
+    pub smoothing: bool,
+    /// Accumulate the target entropy.
+    pub entropy: bool,
+}
+
+impl LossVariant {
+    /// Log-sum-exp only.
+    pub const LSE_ONLY: LossVariant = LossVariant {
+        target: TargetKind::None,
+        weights: false,
+        smoothing: false,
+        entropy: false,
+    };
+}
+
+/// Identifies one compiled pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    /// Which kernel.
+    pub kernel: Kernel,
+    /// How rows map to workgroups.
+    pub strategy: Strategy,
+    /// Which loss.
+    pub variant: LossVariant,
+}
+
+impl PipelineKey {
+    fn constants(&self) -> Vec<(&'static str, f64)> {
+        let s = &self.strategy;
+        let lanes = match self.kernel {
+            Kernel::MergeSplitRows => 1,
+            _ => s.lanes_per_row,
+        };
+        let v = &self.variant;
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        vec![
+            ("WORKGROUP_SIZE", s.workgroup_size as f64),
+            ("LANES_PER_ROW", lanes as f64),
+            ("SPLIT", s.split as f64),
+            ("VEC4", flag(s.vec4)),
+            ("TARGET_KIND", v.target as u32 as f64),
+            ("HAS_WEIGHTS", flag(v.weights)),
+            ("HAS_SMOOTHING", flag(v.smoothing)),
+            ("ENTROPY", flag(v.entropy)),
+        ]
+    }
+}
+
+/// The binding slots of `rows.wgsl` (and `log_softmax.wgsl`'s output).
+pub mod slot {
+    /// Uniform `Params`.
+    pub const PARAMS: u32 = 0;
+    /// Logits.
+    pub const LOGITS: u32 = 1;
+    /// Targets.
+    pub const TARGETS: u32 = 2;
+    /// Class weights.
+    pub const WEIGHTS: u32 = 3;
+    /// Per-row results.
+    pub const ROW_RESULTS: u32 = 4;
+    /// Per-workgroup sums.
+    pub const GROUP_SUMS: u32 = 5;
+    /// Split-row partial stats.
+    pub const SPLIT_STATS: u32 = 6;
+    /// Log-probabilities out.
+    pub const LOG_PROBS: u32 = 7;
+    /// How many.
+    pub const COUNT: u32 = 8;
+}
+
+/// The shader modules, the one bind-group layout, and the pipelines compiled so far.
+pub struct Pipelines {
+    modules: HashMap<Kernel, wgpu::ShaderModule>,
+    pub(crate) bind_group_layout: wgpu::BindGroupLayout,
+    layout: wgpu::PipelineLayout,
+    compiled: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl Pipelines {
+    /// Parses every kernel once; pipelines are compiled on first use, once per variant.
+    pub fn new(device: &wgpu::Device) -> Self {
+        let modules = Kernel::ALL
+            .iter()
+            .map(|&k| {
+                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(k.file_name()),
+                    source: wgpu::ShaderSource::Wgsl(k.source().into()),
+                });
+                (k, module)
+            })
+            .collect();
+        let entry = |binding: u32| {
+            let ty = match binding {
+                slot::PARAMS => wgpu::BufferBindingType::Uniform,
+                slot::LOGITS | slot::TARGETS | slot::WEIGHTS => {
+                    wgpu::BufferBindingType::Storage { read_only: true }
+                }
+                _ => wgpu::BufferBindingType::Storage { read_only: false },
+            };
+            wgpu::BindGroupLayoutEntry {
+                binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            }
+        };
+        let entries: Vec<_> = (0..slot::COUNT).map(entry).collect();
+        let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("xent rows"),
+            entries: &entries,
+        });
+        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("xent rows"),
+            bind_group_layouts: &[Some(&bind_group_layout)],
+            immediate_size: 0,
+        });
+        Self {
+            modules,
+            bind_group_layout,
+            layout,
+            compiled: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pipeline for `key`, compiling it the first time it is asked for.
+    pub fn get(&self, device: &wgpu::Device, key: PipelineKey) -> Arc<wgpu::ComputePipeline> {
+        let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        compiled
+            .entry(key)
+            .or_insert_with(|| {
+                log::debug!("compiling {key:?}");
+                let constants = key.constants();
+                Arc::new(
+                    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                        label: Some(key.kernel.file_name()),
+                        layout: Some(&self.layout),
+                        module: &self.modules[&key.kernel],
+                        entry_point: Some("main"),
+                        compilation_options: wgpu::PipelineCompilationOptions {
+                            constants: &constants,
+                            // Every workgroup variable is written before it is read.
+                            zero_initialize_workgroup_memory: false,
+                        },
+                        cache: None,
+                    }),
+                )
+            })
+            .clone()
+    }
+}

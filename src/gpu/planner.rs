@@ -1,0 +1,166 @@
+//! The dispatch planner: which strategy a shape gets, how rows are cut into chunks that fit
+//! one binding, and how workgroups are laid out on a 2-D grid.
+//!
+//! The plan depends only on the shape and the device limits, so a given shape on a given
+//! adapter always takes the same path and gives the same bits.
+
+use crate::error::{Result, XentError};
+
+/// How rows are laid onto workgroups: every strategy is a set of pipeline constants of the
+/// same kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Strategy {
+    /// Threads per workgroup.
+    pub workgroup_size: u32,
+    /// Consecutive lanes that share one row (a power of two dividing `workgroup_size`);
+    /// the workgroup takes `workgroup_size / lanes_per_row` rows.
+    pub lanes_per_row: u32,
+    /// Workgroups that share one row (then `lanes_per_row == workgroup_size`), with a
+    /// second pass that merges their RowStats; 1 for no split.
+    pub split: u32,
+    /// 16-byte loads for the aligned body of each row.
+    pub vec4: bool,
+}
+
+impl Strategy {
+    /// The baseline: one 256-lane workgroup per row, scalar loads.
+    pub const NAIVE: Strategy = Strategy {
+        workgroup_size: 256,
+        lanes_per_row: 256,
+        split: 1,
+        vec4: false,
+    };
+
+    /// Rows one workgroup takes.
+    pub fn rows_per_group(&self) -> u32 {
+        self.workgroup_size / self.lanes_per_row
+    }
+
+    /// A short name for reports: `rows/wg`, `row/wg`, `split-row`, with `naive` for the baseline.
+    pub fn name(&self) -> String {
+        if *self == Self::NAIVE {
+            return "naive".to_string();
+        }
+        let loads = if self.vec4 { "vec4" } else { "scalar" };
+        if self.split > 1 {
+            format!("split-row x{} {loads}", self.split)
+        } else if self.lanes_per_row == self.workgroup_size {
+            format!("row/wg {loads}")
+        } else {
+            format!("{} rows/wg {loads}", self.rows_per_group())
+        }
+    }
+
+    /// Checks the invariants the kernels rely on.
+    pub fn check(&self, max_workgroup_size: u32) -> Result<()> {
+        let bad = |why: &str| {
+            Err(XentError::Gpu {
+                context: format!("planning {self:?}"),
+                detail: why.to_string(),
+            })
+        };
+        if !self.workgroup_size.is_power_of_two() || self.workgroup_size > max_workgroup_size {
+            return bad("workgroup size must be a power of two within the device limit");
+        }
+        if !self.lanes_per_row.is_power_of_two() || self.lanes_per_row > self.workgroup_size {
+            return bad("lanes per row must be a power of two no larger than the workgroup");
+        }
+        if self.split == 0 || (self.split > 1 && self.lanes_per_row != self.workgroup_size) {
+            return bad("a split row needs one row per workgroup");
+        }
+        Ok(())
+    }
+}
+
+/// The device facts the planner uses.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceFacts {
+    /// Largest storage binding, in bytes (after any cap in [`crate::GpuOptions`]).
+    pub max_binding_bytes: u64,
+    /// Workgroups per grid dimension.
+    pub max_groups_per_dimension: u32,
+    /// Threads per workgroup.
+    pub max_workgroup_size: u32,
+}
+
+/// Picks the strategy for a shape.
+pub fn choose_strategy(rows: usize, classes: usize, device: &DeviceFacts) -> Strategy {
+    let workgroup_size = prev_power_of_two(device.max_workgroup_size.min(256) as usize) as u32;
+    // About four vec4 loads per lane before the row's lanes merge.
+    let vectors = classes.div_ceil(4);
+    let lanes_per_row = (vectors.div_ceil(4).next_power_of_two() as u32).min(workgroup_size);
+    // Long rows, few of them: share each row between workgroups so the device fills up,
+    // while every lane keeps at least 16 vec4 loads.
+    let split = if lanes_per_row == workgroup_size && rows < 2048 {
+        let to_fill = 2048 / rows.max(1);
+        let work = vectors / (workgroup_size as usize * 16);
+        prev_power_of_two(to_fill.min(work).clamp(1, 64)) as u32
+    } else {
+        1
+    };
+    Strategy {
+        workgroup_size,
+        lanes_per_row,
+        split,
+        vec4: true,
+    }
+}
+
+fn prev_power_of_two(x: usize) -> usize {
+    1 << (usize::BITS - 1 - x.max(1).leading_zeros())
+}
+
+/// The grid for `groups` workgroups: x up to the per-dimension limit, then y.
+pub fn grid(groups: u32, max_per_dimension: u32) -> (u32, u32) {
+    let x = groups.clamp(1, max_per_dimension);
+    (x, groups.div_ceil(x).max(1))
+}
+
+/// How one call's rows are cut into chunks, each fitting every binding it uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkPlan {
+    /// Rows per chunk (the last may be shorter).
+    pub rows_per_chunk: usize,
+    /// Total rows.
+    pub rows: usize,
+}
+
+impl ChunkPlan {
+    /// Plans chunks for `rows × classes` f32 logits under `strategy`.
+    pub fn new(
+        rows: usize,
+        classes: usize,
+        strategy: &Strategy,
+        device: &DeviceFacts,
+    ) -> Result<Self> {
+        let limit = device.max_binding_bytes;
+        let row_bytes = classes as u64 * 4;
+        // Per row: the logits (and as much again for probability targets or log-probs), its
+        // 16-byte result, and `split` RowStats of 20 bytes.
+        let per_row_limits = [row_bytes, 16, 20 * strategy.split as u64];
+        let by_binding = per_row_limits.iter().map(|b| limit / b).min().unwrap_or(0);
+        if by_binding == 0 {
+            return Err(XentError::RowTooLarge {
+                classes,
+                row_bytes,
+                limit,
+            });
+        }
+        // Keep the whole chunk on one 2-D grid.
+        let max_groups =
+            device.max_groups_per_dimension as u64 * device.max_groups_per_dimension as u64;
+        let by_grid = max_groups / strategy.split as u64 * strategy.rows_per_group() as u64;
+        let rows_per_chunk = by_binding.min(by_grid).min(u32::MAX as u64 / 2) as usize;
+        Ok(Self {
+            rows_per_chunk: rows_per_chunk.min(rows).max(1),
+            rows,
+        })
+    }
+
+    /// The row ranges, in order.
+    pub fn chunks(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        (0..self.rows)
+            .step_by(self.rows_per_chunk)
+            .map(|start| start..(start + self.rows_per_chunk).min(self.rows))
+    }
+}

@@ -1,0 +1,59 @@
+//! # xent
+//!
+//! Numerically stable log-softmax and cross-entropy on any GPU that wgpu reaches (Vulkan,
+//! Metal, DX12, GL), in WGSL compute shaders, with an f64 CPU reference that defines the
+//! right answer.
+//!
+//! ```no_run
+//! use xent::{CrossEntropy, GpuContext, Logits, Reduction, Targets};
+//!
+//! let logits = [2.0_f32, 0.5, -1.0, 0.1, 0.2, 3.0]; // [2, 3]
+//! let classes = [0_i64, 2];
+//! let spec = CrossEntropy::new().reduction(Reduction::Mean).label_smoothing(0.1);
+//!
+//! let gpu = GpuContext::new()?;
+//! let out = gpu.cross_entropy(&spec, Logits::new(&logits, 2, 3)?, Targets::ClassIndices(&classes))?;
+//! let reference = xent::cpu::cross_entropy(&spec, Logits::new(&logits, 2, 3)?, Targets::ClassIndices(&classes))?;
+//! println!("loss {:?} (CPU reference {:?})", out.loss, reference.loss);
+//! # Ok::<(), xent::XentError>(())
+//! ```
+//!
+//! Every loss is `B·lse − A` for one row, from one statistic, [RowStats](https://github.com/),
+//! gathered in a single read of the logits; see `DESIGN.md`.
+
+#![warn(missing_docs)]
+
+pub mod cpu;
+mod error;
+pub mod gpu;
+mod logits;
+mod output;
+mod spec;
+mod targets;
+
+pub use cpu::CpuReference;
+pub use error::{Result, XentError};
+pub use gpu::{GpuContext, GpuOptions, Strategy};
+pub use logits::Logits;
+pub use output::LossOutput;
+pub use spec::{CrossEntropy, Reduction};
+pub use targets::Targets;
+
+/// A path that computes the losses: the GPU ([`GpuContext`]) or the CPU reference
+/// ([`CpuReference`]). Both take the same spec and inputs and return the same outputs, so a
+/// program (or a test) can run one spec on either.
+pub trait Scorer {
+    /// Cross-entropy of `logits` against `targets` under `spec`.
+    fn cross_entropy(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        targets: Targets<'_>,
+    ) -> Result<LossOutput>;
+
+    /// Per-row log-sum-exp.
+    fn log_sum_exp(&self, logits: Logits<'_>) -> Result<Vec<f64>>;
+
+    /// What computes: the adapter, or the CPU reference.
+    fn describe(&self) -> String;
+}

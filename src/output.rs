@@ -1,0 +1,123 @@
+//! What a loss call returns, the same on the GPU and the CPU.
+
+use crate::spec::Reduction;
+
+/// The outputs of one cross-entropy call.
+///
+/// With probability targets (and no class weights) the per-row entropy `H(p̃)` of the
+/// (smoothed) target is reported too, which makes `CE(p̃, q) = H(p̃) + KL(p̃ ‖ q)` visible:
+/// [`LossOutput::kl_divergence`] is the part of the loss the model can reduce.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossOutput {
+    /// The reduction the spec asked for.
+    pub reduction: Reduction,
+    /// The reduced loss: `Some(sum)` or `Some(mean)`; `None` for [`Reduction::None`].
+    pub loss: Option<f64>,
+    /// `Σ_i l_i` over all rows (ignored rows count 0).
+    pub sum: f64,
+    /// The mean's denominator: `Σ_{i not ignored} w_{y_i}` for class indices, `N` for probabilities.
+    pub mean_denominator: f64,
+    /// `l_i`, one per row.
+    pub per_row: Vec<f64>,
+    /// `lse_i = log Σ_k exp z_ik`, one per row (ignored rows included).
+    pub log_sum_exp: Vec<f64>,
+    /// `H(p̃_i)` per row, for probability targets without class weights.
+    pub entropy: Option<Vec<f64>>,
+    /// `Σ_i H(p̃_i)`, when `entropy` is present.
+    pub entropy_sum: Option<f64>,
+    /// Rows whose class index was the ignore index.
+    pub ignored_rows: usize,
+    /// N.
+    pub rows: usize,
+    /// C.
+    pub classes: usize,
+}
+
+impl LossOutput {
+    /// The output of an empty batch (N = 0): sum 0, mean NaN, no rows, as in PyTorch.
+    pub fn empty(reduction: Reduction, classes: usize, with_entropy: bool) -> Self {
+        Self::from_parts(
+            reduction,
+            classes,
+            0.0,
+            Vec::new(),
+            Vec::new(),
+            with_entropy.then(Vec::new),
+            0,
+        )
+    }
+
+    /// Assembles an output from per-row values and the host-side sums.
+    pub(crate) fn from_parts(
+        reduction: Reduction,
+        classes: usize,
+        mean_denominator: f64,
+        per_row: Vec<f64>,
+        log_sum_exp: Vec<f64>,
+        entropy: Option<Vec<f64>>,
+        ignored_rows: usize,
+    ) -> Self {
+        let sum = per_row.iter().sum();
+        let entropy_sum = entropy.as_ref().map(|h| h.iter().sum());
+        Self::with_sums(
+            reduction,
+            classes,
+            sum,
+            mean_denominator,
+            per_row,
+            log_sum_exp,
+            entropy,
+            entropy_sum,
+            ignored_rows,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn with_sums(
+        reduction: Reduction,
+        classes: usize,
+        sum: f64,
+        mean_denominator: f64,
+        per_row: Vec<f64>,
+        log_sum_exp: Vec<f64>,
+        entropy: Option<Vec<f64>>,
+        entropy_sum: Option<f64>,
+        ignored_rows: usize,
+    ) -> Self {
+        Self {
+            reduction,
+            loss: reduction.apply(sum, mean_denominator),
+            sum,
+            mean_denominator,
+            rows: per_row.len(),
+            per_row,
+            log_sum_exp,
+            entropy,
+            entropy_sum,
+            ignored_rows,
+            classes,
+        }
+    }
+
+    /// PyTorch's mean, whatever the requested reduction.
+    pub fn mean(&self) -> f64 {
+        self.sum / self.mean_denominator
+    }
+
+    /// `KL(p̃_i ‖ q_i) = l_i − H(p̃_i)` per row, when the entropy is known.
+    pub fn kl_divergence(&self) -> Option<Vec<f64>> {
+        let h = self.entropy.as_ref()?;
+        Some(self.per_row.iter().zip(h).map(|(l, h)| l - h).collect())
+    }
+
+    /// The entropy reduced like the loss (`None` without entropy or for `Reduction::None`).
+    pub fn reduced_entropy(&self) -> Option<f64> {
+        self.reduction
+            .apply(self.entropy_sum?, self.mean_denominator)
+    }
+
+    /// The KL divergence reduced like the loss: `loss − entropy`.
+    pub fn reduced_kl_divergence(&self) -> Option<f64> {
+        Some(self.loss? - self.reduced_entropy()?)
+    }
+}

@@ -1,0 +1,184 @@
+//! The loss specification: `torch.nn.functional.cross_entropy`'s options, as a builder.
+
+use crate::error::{Result, XentError};
+use crate::logits::Logits;
+use crate::targets::Targets;
+
+/// How per-row losses combine into one value, as PyTorch's `reduction`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Reduction {
+    /// No reduction: the per-row losses are the result.
+    None,
+    /// `Σ_i l_i`.
+    Sum,
+    /// PyTorch's mean: `Σ_i l_i / Σ_{i not ignored} w_{y_i}` for class indices,
+    /// `Σ_i l_i / N` for probabilities. NaN when nothing is left to average.
+    #[default]
+    Mean,
+}
+
+impl Reduction {
+    /// The reduced value from the loss sum and the mean's denominator; `None` for
+    /// [`Reduction::None`].
+    pub fn apply(self, sum: f64, mean_denominator: f64) -> Option<f64> {
+        match self {
+            Reduction::None => None,
+            Reduction::Sum => Some(sum),
+            Reduction::Mean => Some(sum / mean_denominator),
+        }
+    }
+}
+
+impl std::str::FromStr for Reduction {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Reduction::None),
+            "sum" => Ok(Reduction::Sum),
+            "mean" => Ok(Reduction::Mean),
+            _ => Err(format!(
+                "unknown reduction {s:?} (expected none, sum or mean)"
+            )),
+        }
+    }
+}
+
+/// A cross-entropy loss with PyTorch's options and normalisation.
+///
+/// ```
+/// use xent::{CrossEntropy, Reduction};
+/// let spec = CrossEntropy::new()
+///     .reduction(Reduction::Sum)
+///     .ignore_index(-100)
+///     .label_smoothing(0.1);
+/// # let _ = spec;
+/// ```
+///
+/// Per row, with effective target weights `a_k`, the loss is `B·lse − A` where
+/// `A = Σ a_k z_k`, `B = Σ a_k` (see `DESIGN.md` in the repository):
+///
+/// | targets | `a_k` |
+/// |---|---|
+/// | class index `y` | `(1−ε)·w_y·[k=y] + (ε/C)·w_k` |
+/// | probabilities `p` | `w_k·((1−ε)·p_k + ε/C)` |
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CrossEntropy {
+    reduction: Reduction,
+    weights: Option<Vec<f32>>,
+    ignore_index: Option<i64>,
+    label_smoothing: f64,
+}
+
+impl CrossEntropy {
+    /// Mean reduction, no class weights, no ignore index, no smoothing: PyTorch's defaults
+    /// (except that PyTorch's default ignore index, −100, must be asked for).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the reduction.
+    pub fn reduction(mut self, reduction: Reduction) -> Self {
+        self.reduction = reduction;
+        self
+    }
+
+    /// Sets one weight per class (PyTorch's `weight`).
+    pub fn weights(mut self, weights: impl Into<Vec<f32>>) -> Self {
+        self.weights = Some(weights.into());
+        self
+    }
+
+    /// Rows whose class index equals `index` contribute nothing (PyTorch's `ignore_index`).
+    pub fn ignore_index(mut self, index: i64) -> Self {
+        self.ignore_index = Some(index);
+        self
+    }
+
+    /// Label smoothing ε in `[0, 1]`.
+    pub fn label_smoothing(mut self, epsilon: f64) -> Self {
+        self.label_smoothing = epsilon;
+        self
+    }
+
+    /// The reduction in force.
+    pub fn get_reduction(&self) -> Reduction {
+        self.reduction
+    }
+
+    /// The class weights, if any.
+    pub fn get_weights(&self) -> Option<&[f32]> {
+        self.weights.as_deref()
+    }
+
+    /// The ignore index, if any.
+    pub fn get_ignore_index(&self) -> Option<i64> {
+        self.ignore_index
+    }
+
+    /// The label smoothing ε.
+    pub fn get_label_smoothing(&self) -> f64 {
+        self.label_smoothing
+    }
+
+    /// Whether a class index is the ignore index.
+    pub fn is_ignored(&self, class: i64) -> bool {
+        self.ignore_index == Some(class)
+    }
+
+    /// Checks the options against the logits and the targets; every path calls this before
+    /// computing anything, so errors are the same on the GPU and the CPU.
+    pub fn validate(&self, logits: &Logits<'_>, targets: &Targets<'_>) -> Result<()> {
+        let (rows, classes) = (logits.rows(), logits.classes());
+        let eps = self.label_smoothing;
+        if !(0.0..=1.0).contains(&eps) {
+            return Err(XentError::LabelSmoothing(eps));
+        }
+        if let Some(w) = &self.weights {
+            if w.len() != classes {
+                return Err(XentError::WeightsLength {
+                    expected: classes,
+                    got: w.len(),
+                });
+            }
+            if let Some((index, &value)) = w.iter().enumerate().find(|(_, w)| !w.is_finite()) {
+                return Err(XentError::WeightNotFinite { index, value });
+            }
+        }
+        match targets {
+            Targets::ClassIndices(y) => {
+                if y.len() != rows {
+                    return Err(XentError::TargetsShape {
+                        expected: rows,
+                        got: y.len(),
+                        what: format!("one class index per row, [{rows}]"),
+                    });
+                }
+                let bad = y
+                    .iter()
+                    .enumerate()
+                    .find(|&(_, &v)| !self.is_ignored(v) && !(0..classes as i64).contains(&v));
+                if let Some((row, &value)) = bad {
+                    return Err(XentError::ClassIndexOutOfRange {
+                        row,
+                        value,
+                        classes,
+                        ignore_index: self.ignore_index,
+                    });
+                }
+            }
+            Targets::Probabilities(p) => {
+                if self.ignore_index.is_some() {
+                    return Err(XentError::IgnoreIndexWithProbabilities);
+                }
+                if p.len() != logits.values().len() {
+                    return Err(XentError::TargetsShape {
+                        expected: logits.values().len(),
+                        got: p.len(),
+                        what: format!("probabilities shaped like the logits, [{rows}, {classes}]"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! Shared by the integration tests: the GPU context, the golden cases, random inputs and the
+//! tolerance every GPU-versus-reference comparison uses.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use xent::{GpuContext, GpuOptions, LossOutput};
+
+/// The GPU context shared by a test binary, or `None` when `XENT_SKIP_GPU_TESTS=1` and there
+/// is no adapter. Without that variable a missing adapter fails the test: CI must never pass
+/// without having run the GPU.
+pub fn gpu() -> Option<&'static GpuContext> {
+    static GPU: OnceLock<Option<GpuContext>> = OnceLock::new();
+    GPU.get_or_init(|| open(GpuOptions::default())).as_ref()
+}
+
+/// A context whose bindings are capped at `bytes`, so chunking runs on small inputs.
+pub fn gpu_with_binding_cap(bytes: u64) -> Option<GpuContext> {
+    open(GpuOptions {
+        max_binding_bytes: Some(bytes),
+    })
+}
+
+fn open(options: GpuOptions) -> Option<GpuContext> {
+    match GpuContext::with_options(options) {
+        Ok(ctx) => {
+            static PRINTED: OnceLock<()> = OnceLock::new();
+            PRINTED.get_or_init(|| {
+                eprintln!(
+                    "xent tests: GPU adapter {}",
+                    xent::gpu::describe_adapter(ctx.adapter_info())
+                )
+            });
+            Some(ctx)
+        }
+        Err(e) if std::env::var("XENT_SKIP_GPU_TESTS").as_deref() == Ok("1") => {
+            eprintln!("xent tests: skipping GPU checks (XENT_SKIP_GPU_TESTS=1): {e}");
+            None
+        }
+        Err(e) => panic!(
+            "no GPU adapter for the GPU tests: {e}\n(set XENT_SKIP_GPU_TESTS=1 to skip them)"
+        ),
+    }
+}
+
+/// Float32 unit in the last place at |x| (for |x| ≥ the smallest normal).
+pub fn ulp_f32(x: f64) -> f64 {
+    let x = (x.abs() as f32).max(f32::MIN_POSITIVE);
+    (f32::from_bits(x.to_bits() + 1) - x) as f64
+}
+
+/// The per-row tolerance of a GPU loss against an f64 reference (DESIGN.md, "Numbers").
+///
+/// The GPU reads the same f32 logits and accumulates in f32. Relative to the reference it
+/// makes two kinds of error:
+/// - rounding in Σ exp(z − m) and Σ a·(z − m) over up to C terms, in blocked (tree) order:
+///   relative error ≲ (log2 C + terms per lane)·2⁻²⁴, far below 1e-5 for every C used here,
+///   hence `1e-5·|ref|`;
+/// - the absolute error of m + ln s and of a·(z − m) where the logits are large: each term is
+///   off by about half an ulp of the largest |z|, weighted by the target mass B (1 for plain
+///   class indices; more with weights); four ulps covers the ≤ 3 roundings in m, z − m and the
+///   sum, hence `4·ulp(max|z|)·(1 + B)`.
+pub fn row_tolerance(reference: f64, max_abs_logit: f64, target_mass: f64) -> f64 {
+    1e-5 * reference.abs() + 4.0 * ulp_f32(max_abs_logit) * (1.0 + target_mass)
+}
+
+/// Whether two values agree within `tol`, treating equal infinities and NaN as agreeing.
+pub fn close(got: f64, want: f64, tol: f64) -> bool {
+    if want.is_nan() {
+        return got.is_nan();
+    }
+    if want.is_infinite() {
+        return got == want;
+    }
+    (got - want).abs() <= tol
+}
+
+/// Asserts that a GPU output matches a reference output, row by row and reduced.
+/// `mass[i]` is row i's total target weight B, `max_abs[i]` its largest |finite logit|.
+pub fn assert_outputs_match(
+    label: &str,
+    gpu: &LossOutput,
+    reference: &LossOutput,
+    max_abs: &[f64],
+    mass: &[f64],
+) {
+    assert_eq!(gpu.rows, reference.rows, "{label}: rows");
+    assert_eq!(
+        gpu.ignored_rows, reference.ignored_rows,
+        "{label}: ignored rows"
+    );
+    assert_eq!(
+        gpu.mean_denominator, reference.mean_denominator,
+        "{label}: mean denominator"
+    );
+    let mut abs_budget = 0.0;
+    for i in 0..reference.rows {
+        let tol = row_tolerance(reference.per_row[i], max_abs[i], mass[i]);
+        abs_budget += tol;
+        assert!(
+            close(gpu.per_row[i], reference.per_row[i], tol),
+            "{label}: row {i} loss {} vs reference {} (tolerance {tol:e})",
+            gpu.per_row[i],
+            reference.per_row[i]
+        );
+        let lse_tol = row_tolerance(reference.log_sum_exp[i], max_abs[i], 0.0);
+        assert!(
+            close(gpu.log_sum_exp[i], reference.log_sum_exp[i], lse_tol),
+            "{label}: row {i} log-sum-exp {} vs reference {}",
+            gpu.log_sum_exp[i],
+            reference.log_sum_exp[i]
+        );
+    }
+    // The sum carries each row's error plus f32 rounding of the workgroup partials.
+    let sum_tol = abs_budget + 1e-5 * reference.sum.abs();
+    assert!(
+        close(gpu.sum, reference.sum, sum_tol),
+        "{label}: sum {} vs reference {} (tolerance {sum_tol:e})",
+        gpu.sum,
+        reference.sum
+    );
+    match (gpu.loss, reference.loss) {
+        (Some(g), Some(r)) => assert!(
+            close(
+                g,
+                r,
+                sum_tol / reference.mean_denominator.abs().max(1e-300) + 1e-5 * r.abs()
+            ),
+            "{label}: reduced loss {g} vs reference {r}"
+        ),
+        (g, r) => assert_eq!(g.is_some(), r.is_some(), "{label}: reduced loss present"),
+    }
+    match (&gpu.entropy, &reference.entropy) {
+        (Some(g), Some(r)) => {
+            for i in 0..r.len() {
+                let tol = 1e-5 * r[i].abs() + 1e-5;
+                assert!(
+                    close(g[i], r[i], tol),
+                    "{label}: row {i} entropy {} vs {}",
+                    g[i],
+                    r[i]
+                );
+            }
+        }
+        (g, r) => assert_eq!(g.is_some(), r.is_some(), "{label}: entropy present"),
+    }
+}
+
+/// Largest finite |z| per row (the scale of f32 rounding in that row).
+pub fn max_abs_per_row(logits: &[f32], classes: usize) -> Vec<f64> {
+    logits
+        .chunks(classes)
+        .map(|r| {
+            r.iter()
+                .filter(|v| v.is_finite())
+                .fold(0.0f64, |m, &v| m.max(v.abs() as f64))
+        })
+        .collect()
+}
+
+/// A seeded source of test inputs.
+pub struct Inputs {
+    rng: StdRng,
+}
+
+impl Inputs {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Uniform logits in [-scale, scale) plus `offset`.
+    pub fn logits(&mut self, n: usize, scale: f32, offset: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| self.rng.random_range(-scale..scale) + offset)
+            .collect()
+    }
+
+    pub fn classes(&mut self, rows: usize, classes: usize) -> Vec<i64> {
+        (0..rows)
+            .map(|_| self.rng.random_range(0..classes as i64))
+            .collect()
+    }
+
+    /// Rows of probabilities, peaked like real soft labels (cubed uniforms, normalised).
+    pub fn probabilities(&mut self, rows: usize, classes: usize) -> Vec<f32> {
+        let mut p = Vec::with_capacity(rows * classes);
+        for _ in 0..rows {
+            let raw: Vec<f64> = (0..classes)
+                .map(|_| self.rng.random::<f64>().powi(3))
+                .collect();
+            let total: f64 = raw.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+            p.extend(raw.iter().map(|v| (v / total) as f32));
+        }
+        p
+    }
+
+    pub fn weights(&mut self, classes: usize) -> Vec<f32> {
+        (0..classes)
+            .map(|_| self.rng.random_range(0.1..2.1))
+            .collect()
+    }
+
+    pub fn chance(&mut self, p: f64) -> bool {
+        self.rng.random_bool(p)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        self.rng.random_range(0..n)
+    }
+}
+
+/// One PyTorch golden case from `tests/golden/<name>/`.
+pub struct GoldenCase {
+    pub name: String,
+    pub dir: PathBuf,
+    pub meta: serde_json::Value,
+}
+
+impl GoldenCase {
+    pub fn rows(&self) -> usize {
+        self.meta["rows"].as_u64().unwrap() as usize
+    }
+    pub fn classes(&self) -> usize {
+        self.meta["classes"].as_u64().unwrap() as usize
+    }
+    pub fn f32s(&self, name: &str) -> Vec<f32> {
+        read_npy(&self.dir.join(name))
+    }
+    pub fn f64s(&self, name: &str) -> Vec<f64> {
+        read_npy(&self.dir.join(name))
+    }
+    pub fn i64s(&self, name: &str) -> Vec<i64> {
+        read_npy(&self.dir.join(name))
+    }
+    /// A number from case.json (NaN is written as the bare token NaN).
+    pub fn number(&self, key: &str) -> f64 {
+        self.meta[key].as_f64().unwrap_or(f64::NAN)
+    }
+}
+
+pub fn read_npy<T: npyz::Deserialize>(path: &Path) -> Vec<T> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    npyz::NpyFile::new(&bytes[..])
+        .and_then(|f| f.into_vec())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every golden case of `kind` ("cross_entropy", "distillation", "sparse_targets").
+pub fn golden_cases(kind: &str) -> Vec<GoldenCase> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut cases: Vec<GoldenCase> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join("case.json").exists())
+        .map(|dir| {
+            let text = std::fs::read_to_string(dir.join("case.json")).unwrap();
+            // Python's json writes NaN bare; serde_json wants null.
+            let meta = serde_json::from_str(&text.replace("NaN", "null")).unwrap();
+            GoldenCase {
+                name: dir.file_name().unwrap().to_string_lossy().into_owned(),
+                dir,
+                meta,
+            }
+        })
+        .filter(|c| c.meta["kind"] == kind)
+        .collect();
+    cases.sort_by(|a, b| a.name.cmp(&b.name));
+    cases
+}
