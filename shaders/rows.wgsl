@@ -129,8 +129,9 @@ fn fold_row(row: u32, lane: u32, lanes: u32) -> RowStats {
     for (var v = v_first + lane; v < v_end; v += lanes) {
         fold_vec4(&st, v, v * 4u - first);
     }
+    // A row shorter than the gap to the next aligned vec4 is all head and has no tail.
     let head_end = min(v_first * 4u, end);
-    let tail_start = max(v_end * 4u, head_end);
+    let tail_start = min(max(v_end * 4u, head_end), end);
     let head = head_end - first;
     let ragged = head + (end - tail_start);
     for (var r = lane; r < ragged; r += lanes) {

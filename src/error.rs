@@ -81,6 +81,14 @@ pub enum XentError {
         /// The binding limit in force.
         limit: u64,
     },
+    /// A strategy forced by the caller breaks an invariant of the kernels.
+    #[error("strategy {strategy}: {why}")]
+    InvalidStrategy {
+        /// The strategy, as debug text.
+        strategy: String,
+        /// Which invariant.
+        why: &'static str,
+    },
     /// No GPU adapter could be found.
     #[error(
         "no GPU adapter found ({detail}). Install a GPU driver with Vulkan, Metal or DX12 support, or, on a headless Linux machine, Mesa's software Vulkan: apt-get install mesa-vulkan-drivers"

@@ -18,8 +18,13 @@
 //! # Ok::<(), xent::XentError>(())
 //! ```
 //!
-//! Every loss is `B·lse − A` for one row, from one statistic, [RowStats](https://github.com/),
-//! gathered in a single read of the logits; see `DESIGN.md`.
+//! Every loss is `B·lse − A` for one row, from one statistic (RowStats: running max, Σ exp,
+//! A and B), gathered in a single read of the logits; see `DESIGN.md` in the repository.
+//!
+//! - [`GpuContext`]: the GPU path; [`CpuReference`] and [`cpu`]: the f64 reference. Both
+//!   implement [`Scorer`].
+//! - [`CrossEntropy`]: the loss spec (reduction, class weights, ignore index, smoothing).
+//! - [`Targets`]: class indices or probabilities; [`LossOutput`]: what comes back.
 
 #![warn(missing_docs)]
 

@@ -151,7 +151,9 @@ impl Gpu {
         lost: Arc<Mutex<Option<String>>>,
     ) -> Result<Self> {
         let limits = device.limits();
-        let binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         let facts = DeviceFacts {
             max_binding_bytes: options
                 .max_binding_bytes
@@ -185,6 +187,8 @@ impl Gpu {
     }
 
     fn check_lost(&self) -> Result<()> {
+        // A poll delivers a pending device-lost callback.
+        let _ = self.device.poll(wgpu::PollType::Poll);
         match &*self.lost.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(why) => Err(XentError::DeviceLost(why.clone())),
             None => Ok(()),

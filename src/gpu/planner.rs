@@ -53,10 +53,10 @@ impl Strategy {
 
     /// Checks the invariants the kernels rely on.
     pub fn check(&self, max_workgroup_size: u32) -> Result<()> {
-        let bad = |why: &str| {
-            Err(XentError::Gpu {
-                context: format!("planning {self:?}"),
-                detail: why.to_string(),
+        let bad = |why| {
+            Err(XentError::InvalidStrategy {
+                strategy: format!("{self:?}"),
+                why,
             })
         };
         if !self.workgroup_size.is_power_of_two() || self.workgroup_size > max_workgroup_size {

@@ -1,0 +1,491 @@
+//! The GPU against the f64 CPU reference on random shapes and options, on the shapes that
+//! break naive kernels (tiny and odd C, > 65,535 rows, rows > 131,072 classes), on −inf
+//! masks and large offsets, across every strategy, chunked, and run twice for determinism.
+
+mod common;
+
+use common::{Inputs, assert_outputs_match, gpu, gpu_with_binding_cap, max_abs_per_row};
+use proptest::prelude::*;
+use xent::{
+    CpuReference, CrossEntropy, GpuContext, Logits, LossOutput, Reduction, Scorer, Strategy,
+    Targets, cpu,
+};
+
+/// A problem: logits, both kinds of targets, and a spec.
+struct Problem {
+    rows: usize,
+    classes: usize,
+    logits: Vec<f32>,
+    labels: Vec<i64>,
+    probabilities: Vec<f32>,
+}
+
+impl Problem {
+    fn random(seed: u64, rows: usize, classes: usize, scale: f32, offset: f32) -> Self {
+        let mut r = Inputs::new(seed);
+        Self {
+            rows,
+            classes,
+            logits: r.logits(rows * classes, scale, offset),
+            labels: r.classes(rows, classes),
+            probabilities: r.probabilities(rows, classes),
+        }
+    }
+
+    fn logits(&self) -> Logits<'_> {
+        Logits::new(&self.logits, self.rows, self.classes).unwrap()
+    }
+
+    fn targets(&self, soft: bool) -> Targets<'_> {
+        if soft {
+            Targets::Probabilities(&self.probabilities)
+        } else {
+            Targets::ClassIndices(&self.labels)
+        }
+    }
+
+    /// B per row under `spec` (see common::row_tolerance).
+    fn mass(&self, spec: &CrossEntropy, soft: bool) -> Vec<f64> {
+        let c = self.classes;
+        let eps = spec.get_label_smoothing();
+        let w = |k: usize| spec.get_weights().map_or(1.0, |w| w[k] as f64);
+        let all: f64 = (0..c).map(w).sum();
+        (0..self.rows)
+            .map(|i| {
+                if soft {
+                    (0..c)
+                        .map(|k| {
+                            w(k) * ((1.0 - eps) * self.probabilities[i * c + k] as f64
+                                + eps / c as f64)
+                        })
+                        .sum()
+                } else if spec.is_ignored(self.labels[i]) {
+                    0.0
+                } else {
+                    (1.0 - eps) * w(self.labels[i] as usize) + eps / c as f64 * all
+                }
+            })
+            .collect()
+    }
+
+    /// Runs `spec` on the GPU with `strategy` (the planner's if None) and checks it against
+    /// the CPU reference; returns the GPU output.
+    fn check(
+        &self,
+        gpu: &GpuContext,
+        spec: &CrossEntropy,
+        soft: bool,
+        strategy: Option<Strategy>,
+        label: &str,
+    ) -> LossOutput {
+        let targets = self.targets(soft);
+        let got = match strategy {
+            Some(s) => gpu.cross_entropy_with(spec, self.logits(), targets, s),
+            None => gpu.cross_entropy(spec, self.logits(), targets),
+        }
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let want = cpu::cross_entropy(spec, self.logits(), targets).unwrap();
+        let label = format!(
+            "{label} [{}x{} soft={soft} {spec:?} {strategy:?}]",
+            self.rows, self.classes
+        );
+        assert_outputs_match(
+            &label,
+            &got,
+            &want,
+            &max_abs_per_row(&self.logits, self.classes),
+            &self.mass(spec, soft),
+        );
+        got
+    }
+}
+
+fn spec_from(
+    reduction: u8,
+    weights: Option<Vec<f32>>,
+    ignore: bool,
+    smoothing: f64,
+) -> CrossEntropy {
+    let mut spec = CrossEntropy::new()
+        .reduction([Reduction::None, Reduction::Sum, Reduction::Mean][reduction as usize % 3])
+        .label_smoothing(smoothing);
+    if let Some(w) = weights {
+        spec = spec.weights(w);
+    }
+    if ignore {
+        spec = spec.ignore_index(-100);
+    }
+    spec
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_shapes_and_options(
+        seed in any::<u64>(),
+        rows in 0usize..70,
+        classes in prop::sample::select(vec![1usize, 2, 3, 4, 5, 7, 8, 31, 100, 1000, 4099]),
+        soft in any::<bool>(),
+        reduction in 0u8..3,
+        weighted in any::<bool>(),
+        smoothing in prop::sample::select(vec![0.0, 0.1, 0.5, 1.0]),
+        scale in prop::sample::select(vec![1.0f32, 10.0, 1000.0]),
+    ) {
+        let Some(gpu) = gpu() else { return Ok(()) };
+        let mut p = Problem::random(seed, rows, classes, scale, 0.0);
+        let mut r = Inputs::new(seed ^ 1);
+        let ignore = !soft && r.chance(0.5);
+        if ignore {
+            for y in p.labels.iter_mut() {
+                if r.chance(0.2) { *y = -100; }
+            }
+        }
+        let weights = weighted.then(|| r.weights(classes));
+        let spec = spec_from(reduction, weights, ignore, smoothing);
+        p.check(gpu, &spec, soft, None, "random");
+    }
+}
+
+#[test]
+fn odd_and_large_class_counts() {
+    let Some(gpu) = gpu() else { return };
+    for (i, &c) in [1usize, 2, 3, 5, 1000, 4099, 50257].iter().enumerate() {
+        let p = Problem::random(10 + i as u64, 7, c, 8.0, 0.0);
+        for soft in [false, true] {
+            p.check(gpu, &CrossEntropy::new(), soft, None, "odd C");
+            p.check(
+                gpu,
+                &CrossEntropy::new().label_smoothing(0.2),
+                soft,
+                Some(Strategy::NAIVE),
+                "odd C naive",
+            );
+        }
+    }
+}
+
+#[test]
+fn more_rows_than_one_grid_dimension() {
+    let Some(gpu) = gpu() else { return };
+    // One workgroup per row gives 70,000 workgroups: the dispatch must use the y axis.
+    let p = Problem::random(3, 70_000, 3, 5.0, 0.0);
+    for soft in [false, true] {
+        p.check(
+            gpu,
+            &CrossEntropy::new().reduction(Reduction::Sum),
+            soft,
+            Some(Strategy::NAIVE),
+            "70k rows naive",
+        );
+        p.check(gpu, &CrossEntropy::new(), soft, None, "70k rows planned");
+    }
+}
+
+#[test]
+fn rows_longer_than_131072_classes() {
+    let Some(gpu) = gpu() else { return };
+    let p = Problem::random(4, 2, 131_073, 10.0, 0.0);
+    for soft in [false, true] {
+        p.check(gpu, &CrossEntropy::new(), soft, None, "long rows");
+        p.check(
+            gpu,
+            &CrossEntropy::new().label_smoothing(0.1),
+            soft,
+            Some(Strategy::NAIVE),
+            "long rows naive",
+        );
+    }
+    let one = Problem::random(5, 1, 300_001, 10.0, 0.0);
+    one.check(gpu, &CrossEntropy::new(), false, None, "one long row");
+    one.check(gpu, &CrossEntropy::new(), true, None, "one long row");
+}
+
+#[test]
+fn negative_infinity_masks() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (40, 37);
+    let mut p = Problem::random(6, rows, classes, 5.0, 0.0);
+    let mut r = Inputs::new(66);
+    for i in 0..rows {
+        for k in 0..classes {
+            // Mask about a third of the classes, never the target class.
+            if k as i64 != p.labels[i] && r.chance(0.35) {
+                p.logits[i * classes + k] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    // Row 0 entirely masked: log-sum-exp −inf, loss NaN (as PyTorch's log_softmax gives).
+    p.logits[..classes].fill(f32::NEG_INFINITY);
+    let plain = p.check(
+        gpu,
+        &CrossEntropy::new().reduction(Reduction::None),
+        false,
+        None,
+        "masked",
+    );
+    assert!(plain.per_row[0].is_nan() && plain.log_sum_exp[0] == f64::NEG_INFINITY);
+    assert!(plain.per_row[1..].iter().all(|l| l.is_finite()));
+    // Smoothing puts mass on masked classes: +inf, as in PyTorch.
+    let smooth = p.check(
+        gpu,
+        &CrossEntropy::new().label_smoothing(0.1),
+        false,
+        None,
+        "masked smoothing",
+    );
+    assert!(smooth.per_row[1..].contains(&f64::INFINITY));
+    for s in [
+        Strategy::NAIVE,
+        Strategy {
+            split: 2,
+            ..Strategy::NAIVE
+        },
+    ] {
+        p.check(gpu, &CrossEntropy::new(), false, Some(s), "masked forced");
+    }
+    // Probability mass only on unmasked classes; PyTorch gives NaN where p = 0 meets −inf
+    // (0·−inf), and so do both paths here.
+    p.check(gpu, &CrossEntropy::new(), true, None, "masked soft");
+}
+
+#[test]
+fn large_offsets_cost_no_precision() {
+    let Some(gpu) = gpu() else { return };
+    for offset in [1e4f32, 1e6, -1e6] {
+        let p = Problem::random(7, 50, 1000, 5.0, offset);
+        for soft in [false, true] {
+            let spec = CrossEntropy::new().reduction(Reduction::None);
+            let got = p.check(gpu, &spec, soft, None, "offset");
+            // The GPU keeps A relative to the running max, so z − m is exact and the error
+            // is that of Σ exp, not of the offset: far tighter than ulp(1e6) = 0.0625.
+            let want = CpuReference
+                .cross_entropy(&spec, p.logits(), p.targets(soft))
+                .unwrap();
+            for (g, w) in got.per_row.iter().zip(&want.per_row) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "offset {offset}: {g} vs {w}"
+                );
+            }
+        }
+    }
+}
+
+/// Strategies at and around their boundaries.
+fn strategies() -> Vec<Strategy> {
+    let mut all = vec![Strategy::NAIVE];
+    for lanes in [1, 2, 4, 8, 32, 64, 256] {
+        for vec4 in [false, true] {
+            all.push(Strategy {
+                workgroup_size: 256,
+                lanes_per_row: lanes,
+                split: 1,
+                vec4,
+            });
+        }
+    }
+    all.push(Strategy {
+        workgroup_size: 64,
+        lanes_per_row: 4,
+        split: 1,
+        vec4: true,
+    });
+    for split in [2, 3, 8] {
+        all.push(Strategy {
+            workgroup_size: 256,
+            lanes_per_row: 256,
+            split,
+            vec4: true,
+        });
+    }
+    all.push(Strategy {
+        workgroup_size: 128,
+        lanes_per_row: 128,
+        split: 4,
+        vec4: false,
+    });
+    all
+}
+
+#[test]
+fn every_strategy_agrees_with_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let shapes = [
+        (1, 1),
+        (257, 3),
+        (33, 4),
+        (65, 5),
+        (9, 8),
+        (300, 63),
+        (17, 255),
+        (5, 256),
+        (3, 257),
+        (4, 4099),
+    ];
+    for (i, &(rows, classes)) in shapes.iter().enumerate() {
+        let p = Problem::random(100 + i as u64, rows, classes, 6.0, 0.0);
+        let weights = Inputs::new(i as u64).weights(classes);
+        let specs = [
+            CrossEntropy::new(),
+            CrossEntropy::new()
+                .label_smoothing(0.3)
+                .weights(weights.clone())
+                .reduction(Reduction::Sum),
+        ];
+        for s in strategies() {
+            for spec in &specs {
+                for soft in [false, true] {
+                    p.check(gpu, spec, soft, Some(s), "strategy");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_batches_match_whole_ones() {
+    let Some(gpu) = gpu() else { return };
+    // 16 KiB per binding: 1000 rows of 100 classes take 25 chunks.
+    let Some(small) = gpu_with_binding_cap(16 << 10) else {
+        return;
+    };
+    let p = Problem::random(8, 1000, 100, 5.0, 0.0);
+    for soft in [false, true] {
+        for s in [
+            None,
+            Some(Strategy::NAIVE),
+            Some(Strategy {
+                split: 4,
+                ..Strategy::NAIVE
+            }),
+        ] {
+            let spec = CrossEntropy::new().label_smoothing(0.05);
+            let chunked = p.check(&small, &spec, soft, s, "chunked");
+            let whole = p.check(gpu, &spec, soft, s, "whole");
+            // Each row's arithmetic does not depend on the chunk it falls in.
+            assert_eq!(chunked.per_row, whole.per_row);
+            assert_eq!(chunked.log_sum_exp, whole.log_sum_exp);
+        }
+    }
+    // A row larger than the binding is a clear error, and the context still works.
+    let wide = Problem::random(9, 2, 8192, 1.0, 0.0);
+    let err = small
+        .cross_entropy(&CrossEntropy::new(), wide.logits(), wide.targets(false))
+        .unwrap_err();
+    assert!(
+        matches!(err, xent::XentError::RowTooLarge { classes: 8192, .. }),
+        "{err}"
+    );
+    p.check(&small, &CrossEntropy::new(), false, None, "after error");
+}
+
+#[test]
+fn results_are_bit_identical_across_runs() {
+    let Some(gpu) = gpu() else { return };
+    let p = Problem::random(11, 3000, 517, 20.0, 0.0);
+    for soft in [false, true] {
+        let spec = CrossEntropy::new().label_smoothing(0.1);
+        let first = gpu
+            .cross_entropy(&spec, p.logits(), p.targets(soft))
+            .unwrap();
+        for _ in 0..3 {
+            let again = gpu
+                .cross_entropy(&spec, p.logits(), p.targets(soft))
+                .unwrap();
+            assert_eq!(first.sum.to_bits(), again.sum.to_bits());
+            assert!(
+                first
+                    .per_row
+                    .iter()
+                    .zip(&again.per_row)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+            assert!(
+                first
+                    .log_sum_exp
+                    .iter()
+                    .zip(&again.log_sum_exp)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+        }
+    }
+}
+
+#[test]
+fn log_sum_exp_and_log_softmax_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (i, &(rows, classes)) in [(1, 1), (70, 3), (13, 1001), (3, 131_073)]
+        .iter()
+        .enumerate()
+    {
+        let mut p = Problem::random(20 + i as u64, rows, classes, 30.0, 1e5);
+        if classes > 2 {
+            p.logits[1] = f32::NEG_INFINITY;
+        }
+        let max_abs = max_abs_per_row(&p.logits, classes);
+        let lse = gpu.log_sum_exp(p.logits()).unwrap();
+        let want = cpu::log_sum_exp(p.logits());
+        for r in 0..rows {
+            let tol = common::row_tolerance(want[r], max_abs[r], 0.0);
+            assert!(
+                (lse[r] - want[r]).abs() <= tol,
+                "lse row {r}: {} vs {}",
+                lse[r],
+                want[r]
+            );
+        }
+        let lsm = gpu.log_softmax(p.logits()).unwrap();
+        let want = cpu::log_softmax(p.logits());
+        assert_eq!(lsm.len(), want.len());
+        for (j, (&g, &w)) in lsm.iter().zip(&want).enumerate() {
+            // (z − m) is exact, so only ln s and the f32 result round.
+            assert!(
+                common::close(g as f64, w, 1e-5 * w.abs().max(1.0)),
+                "log_softmax {j}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn empty_batch_gives_pytorch_values() {
+    let Some(gpu) = gpu() else { return };
+    let logits = Logits::new(&[], 0, 5).unwrap();
+    for scorer in [gpu as &dyn Scorer, &CpuReference] {
+        for (reduction, want) in [(Reduction::Sum, Some(0.0)), (Reduction::None, None)] {
+            let out = scorer
+                .cross_entropy(
+                    &CrossEntropy::new().reduction(reduction),
+                    logits,
+                    Targets::ClassIndices(&[]),
+                )
+                .unwrap();
+            assert_eq!(out.loss, want);
+            assert!(out.per_row.is_empty() && out.log_sum_exp.is_empty());
+        }
+        let mean = scorer
+            .cross_entropy(&CrossEntropy::new(), logits, Targets::Probabilities(&[]))
+            .unwrap();
+        assert!(mean.loss.unwrap().is_nan());
+    }
+}
+
+#[test]
+fn runs_on_a_device_the_caller_owns() {
+    let Some(_) = gpu() else { return };
+    let adapter = xent::gpu::select_adapter().unwrap();
+    let (device, queue) = pollster::block_on(adapter.request_device(&Default::default())).unwrap();
+    // wgpu's default limits: 128 MiB bindings, 8 storage buffers per stage.
+    let ctx = GpuContext::from_device(&device, &queue, Default::default()).unwrap();
+    let p = Problem::random(12, 500, 300, 4.0, 0.0);
+    for soft in [false, true] {
+        p.check(
+            &ctx,
+            &CrossEntropy::new().label_smoothing(0.1),
+            soft,
+            None,
+            "caller's device",
+        );
+    }
+}
