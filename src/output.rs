@@ -99,6 +99,24 @@ impl LossOutput {
         }
     }
 
+    /// Appends the output of the rows that follow (a later batch of the same stream), so a
+    /// file larger than memory can be scored batch by batch into one result.
+    pub fn append(&mut self, next: LossOutput) {
+        self.sum += next.sum;
+        self.mean_denominator += next.mean_denominator;
+        self.per_row.extend(next.per_row);
+        self.log_sum_exp.extend(next.log_sum_exp);
+        if let (Some(h), Some(more)) = (self.entropy.as_mut(), next.entropy) {
+            h.extend(more);
+        }
+        if let (Some(h), Some(more)) = (self.entropy_sum.as_mut(), next.entropy_sum) {
+            *h += more;
+        }
+        self.ignored_rows += next.ignored_rows;
+        self.rows += next.rows;
+        self.loss = self.reduction.apply(self.sum, self.mean_denominator);
+    }
+
     /// PyTorch's mean, whatever the requested reduction.
     pub fn mean(&self) -> f64 {
         self.sum / self.mean_denominator

@@ -260,7 +260,7 @@ impl Resources {
 }
 
 /// Maps `buffers` (each with the byte count wanted), waits, and copies their contents out.
-fn read_back(gpu: &Gpu, buffers: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>> {
+pub(crate) fn read_back(gpu: &Gpu, buffers: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>> {
     let receivers: Vec<_> = buffers
         .iter()
         .map(|(buffer, bytes)| {

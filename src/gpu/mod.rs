@@ -5,11 +5,13 @@ mod context;
 mod job;
 pub mod pipelines;
 pub mod planner;
+mod timing;
 
 pub use context::{
     GpuOptions, WANTED_FEATURES, describe_adapter, enumerate_adapters, select_adapter,
 };
 pub use planner::{DeviceFacts, Strategy};
+pub use timing::{ReadBandwidth, Timer, Timing};
 
 use crate::Scorer;
 use crate::error::Result;
@@ -102,8 +104,8 @@ impl GpuContext {
     ) -> Result<LossOutput> {
         spec.validate(&logits, &targets)?;
         strategy.check(self.gpu.facts.max_workgroup_size)?;
-        let probabilities = targets.is_probabilities();
-        let entropy = probabilities && spec.get_weights().is_none();
+        let (job, denominator, ignored) = self.loss_job(spec, logits, targets, strategy);
+        let entropy = job.variant.entropy;
         if logits.rows() == 0 {
             return Ok(LossOutput::empty(
                 spec.get_reduction(),
@@ -111,6 +113,31 @@ impl GpuContext {
                 entropy,
             ));
         }
+        let out = job::run(&self.gpu, &job)?;
+        let column = |c: usize| out.rows.iter().map(|r| r[c] as f64).collect::<Vec<_>>();
+        Ok(LossOutput::with_sums(
+            spec.get_reduction(),
+            logits.classes(),
+            out.loss_sum,
+            denominator,
+            column(0),
+            column(1),
+            entropy.then(|| column(2)),
+            entropy.then_some(out.entropy_sum),
+            ignored,
+        ))
+    }
+
+    /// The device job for a validated loss call, with the mean's denominator and the
+    /// ignored-row count (which the host knows without the device).
+    fn loss_job<'a>(
+        &self,
+        spec: &'a CrossEntropy,
+        logits: Logits<'a>,
+        targets: Targets<'a>,
+        strategy: Strategy,
+    ) -> (Job<'a>, f64, usize) {
+        let probabilities = targets.is_probabilities();
         let (job_targets, denominator, ignored) = device_targets(spec, &logits, targets);
         let job = Job {
             kernel: Kernel::CrossEntropy,
@@ -127,22 +154,10 @@ impl GpuContext {
                 },
                 weights: spec.get_weights().is_some(),
                 smoothing: spec.get_label_smoothing() > 0.0,
-                entropy,
+                entropy: probabilities && spec.get_weights().is_none(),
             },
         };
-        let out = job::run(&self.gpu, &job)?;
-        let column = |c: usize| out.rows.iter().map(|r| r[c] as f64).collect::<Vec<_>>();
-        Ok(LossOutput::with_sums(
-            spec.get_reduction(),
-            logits.classes(),
-            out.loss_sum,
-            denominator,
-            column(0),
-            column(1),
-            entropy.then(|| column(2)),
-            entropy.then_some(out.entropy_sum),
-            ignored,
-        ))
+        (job, denominator, ignored)
     }
 
     /// Per-row log-sum-exp.

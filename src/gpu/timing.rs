@@ -1,0 +1,299 @@
+//! Timing on the device, for the benchmark: the loss kernels on inputs already uploaded, and
+//! the read roofline measured by a plain read kernel in the same session.
+//!
+//! Each timed run is one compute pass with timestamp queries at its start and end, so launch
+//! gaps between runs are not counted. Adapters without `TIMESTAMP_QUERY` fall back to the wall
+//! clock around submit and wait, and say so.
+
+use std::time::Instant;
+
+use crate::error::{Result, XentError};
+use crate::logits::Logits;
+use crate::spec::CrossEntropy;
+use crate::targets::Targets;
+
+use super::GpuContext;
+use super::context::Gpu;
+use super::job::Resources;
+use super::planner::{ChunkPlan, Strategy, grid};
+
+/// How a time was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timer {
+    /// GPU timestamp queries around the compute pass.
+    Timestamp,
+    /// Host wall clock around submit and wait (no timestamp support).
+    Wall,
+}
+
+impl Timer {
+    /// `"timestamp"` or `"wall"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Timer::Timestamp => "timestamp",
+            Timer::Wall => "wall",
+        }
+    }
+}
+
+/// Timed runs of one workload.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// Milliseconds per run, in run order.
+    pub samples_ms: Vec<f64>,
+    /// How they were taken.
+    pub timer: Timer,
+}
+
+impl Timing {
+    /// The median run.
+    pub fn median_ms(&self) -> f64 {
+        let mut s = self.samples_ms.clone();
+        s.sort_by(f64::total_cmp);
+        match s.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => s[n / 2],
+            n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+        }
+    }
+}
+
+/// The measured read bandwidth.
+#[derive(Clone, Debug)]
+pub struct ReadBandwidth {
+    /// Bytes read per run.
+    pub bytes: u64,
+    /// The runs.
+    pub timing: Timing,
+}
+
+impl ReadBandwidth {
+    /// Bytes per second at the median run.
+    pub fn bytes_per_second(&self) -> f64 {
+        self.bytes as f64 / (self.timing.median_ms() * 1e-3)
+    }
+}
+
+impl GpuContext {
+    /// Whether runs are timed with timestamp queries.
+    pub fn timer(&self) -> Timer {
+        if self
+            .gpu
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        {
+            Timer::Timestamp
+        } else {
+            Timer::Wall
+        }
+    }
+
+    /// Times the cross-entropy kernels with `strategy`: every input set is uploaded once, then
+    /// `warmup` untimed and `runs` timed runs cycle through the sets (several sets keep
+    /// repeated runs from just re-reading a cache). Each set must fit one chunk.
+    pub fn time_cross_entropy(
+        &self,
+        spec: &CrossEntropy,
+        sets: &[(Logits<'_>, Targets<'_>)],
+        strategy: Strategy,
+        warmup: usize,
+        runs: usize,
+    ) -> Result<Timing> {
+        strategy.check(self.gpu.facts.max_workgroup_size)?;
+        let gpu = &self.gpu;
+        let mut prepared = Vec::with_capacity(sets.len());
+        for &(logits, targets) in sets {
+            spec.validate(&logits, &targets)?;
+            let plan = ChunkPlan::new(logits.rows(), logits.classes(), &strategy, &gpu.facts)?;
+            if plan.rows_per_chunk < logits.rows() || logits.rows() == 0 {
+                return Err(XentError::Gpu {
+                    context: "preparing a benchmark".into(),
+                    detail: format!(
+                        "{} rows do not fit one binding ({} rows do)",
+                        logits.rows(),
+                        plan.rows_per_chunk
+                    ),
+                });
+            }
+            let (job, _, _) = self.loss_job(spec, logits, targets, strategy);
+            let res = gpu.scoped("uploading benchmark inputs", || {
+                let res = Resources::new(gpu, &job, logits.rows());
+                res.upload(gpu, &job, 0..logits.rows());
+                Ok(res)
+            })?;
+            prepared.push((res, logits.rows()));
+        }
+        time_passes(gpu, warmup, runs, |encoder, run, timestamps| {
+            let (res, rows) = &prepared[run % prepared.len()];
+            res.encode(gpu, &strategy, *rows, encoder, timestamps);
+        })
+    }
+
+    /// Measures the read bandwidth with `read_bandwidth.wgsl` over a buffer of about `bytes`
+    /// (capped at one binding) filled with non-zero data.
+    pub fn measure_read_bandwidth(
+        &self,
+        bytes: u64,
+        warmup: usize,
+        runs: usize,
+    ) -> Result<ReadBandwidth> {
+        let gpu = &self.gpu;
+        let bytes = bytes.min(gpu.facts.max_binding_bytes) & !15;
+        let (pipeline, bind_group) = gpu.scoped("preparing the read-bandwidth kernel", || {
+            Ok(bandwidth_pipeline(gpu, bytes))
+        })?;
+        let workgroups = (bytes / 16).div_ceil(256 * 8).clamp(1, 65_535) as u32;
+        let timing = time_passes(gpu, warmup, runs, |encoder, _, timestamps| {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("xent read bandwidth"),
+                timestamp_writes: timestamps,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            let (x, y) = grid(workgroups, gpu.facts.max_groups_per_dimension);
+            pass.dispatch_workgroups(x, y, 1);
+        })?;
+        Ok(ReadBandwidth { bytes, timing })
+    }
+}
+
+fn bandwidth_pipeline(gpu: &Gpu, bytes: u64) -> (wgpu::ComputePipeline, wgpu::BindGroup) {
+    let device = &gpu.device;
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("read_bandwidth.wgsl"),
+        source: wgpu::ShaderSource::Wgsl(include_str!("../../shaders/read_bandwidth.wgsl").into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("read_bandwidth.wgsl"),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let data = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("xent bandwidth data"),
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    // Non-zero data, written in pieces so the host never holds the whole buffer.
+    let piece: Vec<f32> = (0..(1 << 22))
+        .map(|i| 1.0 + (i % 1021) as f32 * 1e-3)
+        .collect();
+    let piece = bytemuck::cast_slice::<f32, u8>(&piece);
+    let mut offset = 0;
+    while offset < bytes {
+        let n = (piece.len() as u64).min(bytes - offset) as usize;
+        gpu.queue.write_buffer(&data, offset, &piece[..n]);
+        offset += n as u64;
+    }
+    let sink = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("xent bandwidth sink"),
+        size: 16,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("xent bandwidth"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: data.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: sink.as_entire_binding(),
+            },
+        ],
+    });
+    (pipeline, bind_group)
+}
+
+/// Runs `record` `warmup + runs` times, each run one compute pass, and times the last `runs`.
+fn time_passes(
+    gpu: &Gpu,
+    warmup: usize,
+    runs: usize,
+    record: impl Fn(&mut wgpu::CommandEncoder, usize, Option<wgpu::ComputePassTimestampWrites<'_>>),
+) -> Result<Timing> {
+    gpu.scoped("timing GPU work", || {
+        let wait = || {
+            gpu.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| XentError::Gpu {
+                    context: "waiting for the device".into(),
+                    detail: e.to_string(),
+                })
+        };
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        for run in 0..warmup {
+            record(&mut encoder, run, None);
+        }
+        gpu.queue.submit([encoder.finish()]);
+        wait()?;
+        if !gpu
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        {
+            let mut samples_ms = Vec::with_capacity(runs);
+            for run in 0..runs {
+                let start = Instant::now();
+                let mut encoder = gpu.device.create_command_encoder(&Default::default());
+                record(&mut encoder, warmup + run, None);
+                gpu.queue.submit([encoder.finish()]);
+                wait()?;
+                samples_ms.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            return Ok(Timing {
+                samples_ms,
+                timer: Timer::Wall,
+            });
+        }
+        let count = 2 * runs as u32;
+        let queries = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("xent timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count,
+        });
+        let bytes = count as u64 * 8;
+        let resolved = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("xent timestamps"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let readback = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("xent timestamps read-back"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        for run in 0..runs {
+            let writes = wgpu::ComputePassTimestampWrites {
+                query_set: &queries,
+                beginning_of_pass_write_index: Some(2 * run as u32),
+                end_of_pass_write_index: Some(2 * run as u32 + 1),
+            };
+            record(&mut encoder, warmup + run, Some(writes));
+        }
+        encoder.resolve_query_set(&queries, 0..count, &resolved, 0);
+        encoder.copy_buffer_to_buffer(&resolved, 0, &readback, 0, bytes);
+        gpu.queue.submit([encoder.finish()]);
+        let data = super::job::read_back(gpu, &[(&readback, bytes)])?;
+        let ticks: &[u64] = bytemuck::cast_slice(&data[0]);
+        let period_ns = gpu.queue.get_timestamp_period() as f64;
+        let samples_ms = ticks
+            .chunks(2)
+            .map(|t| t[1].wrapping_sub(t[0]) as f64 * period_ns * 1e-6)
+            .collect();
+        Ok(Timing {
+            samples_ms,
+            timer: Timer::Timestamp,
+        })
+    })
+}
