@@ -1,11 +1,12 @@
-// Lane reduction through workgroup memory: the fallback where subgroup operations are absent.
-//
-// Merges the RowStats of the LANES_PER_ROW consecutive lanes that share a row and hands every
-// lane its row's total. The tree's shape depends only on the pipeline constants, so the
-// result is bit-identical from run to run.
+// Lane and row reductions through workgroup memory: the fallback where subgroup operations
+// are absent. The trees' shapes depend only on the pipeline constants, so results are
+// bit-identical from run to run.
 
 var<workgroup> lane_stats: array<RowStats, WORKGROUP_SIZE>;
+var<workgroup> row_sums: array<vec2<f32>, WORKGROUP_SIZE>;
 
+// Merges the RowStats of the LANES_PER_ROW consecutive lanes that share a row and hands every
+// lane its row's total.
 fn reduce_lanes(st: RowStats, lid: u32, lane: u32) -> RowStats {
     lane_stats[lid] = st;
     workgroupBarrier();
@@ -19,4 +20,17 @@ fn reduce_lanes(st: RowStats, lid: u32, lane: u32) -> RowStats {
     // The caller may reduce again; nobody may overwrite lane_stats before all have read it.
     workgroupBarrier();
     return total;
+}
+
+// Σ v over the workgroup, valid in lane 0.
+fn sum_workgroup(v: vec2<f32>, lid: u32) -> vec2<f32> {
+    row_sums[lid] = v;
+    workgroupBarrier();
+    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride /= 2u) {
+        if lid < stride {
+            row_sums[lid] += row_sums[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    return row_sums[0];
 }

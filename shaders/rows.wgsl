@@ -89,12 +89,16 @@ fn entropy_terms(t: vec4<f32>) -> vec4<f32> {
     return select(-t * log(t), vec4(0.0), t <= vec4(0.0));
 }
 
-fn fold_vec4(st: ptr<function, RowStats>, v: u32, k: u32) {
-    var t = vec4(0.0);
+// Effective target weights of the four logits at vec4 index v of a row starting at `first`.
+fn targets4(v: u32, first: u32) -> vec4<f32> {
     if FOLD_TARGETS {
-        t = target_weights4(v, k);
+        return target_weights4(v, v * 4u - first);
     }
-    fold4(st, logits[v], t, FOLD_TARGETS);
+    return vec4(0.0);
+}
+
+fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>) {
+    fold4(st, z, t, FOLD_TARGETS);
     if ENTROPY {
         let h = entropy_terms(t);
         (*st).h += (h.x + h.y) + (h.z + h.w);
@@ -126,8 +130,18 @@ fn fold_row(row: u32, lane: u32, lanes: u32) -> RowStats {
     // Whole vec4s inside the row, then the ≤ 3 logits before and the ≤ 3 after them.
     let v_first = (first + 3u) / 4u;
     let v_end = max(end / 4u, v_first);
-    for (var v = v_first + lane; v < v_end; v += lanes) {
-        fold_vec4(&st, v, v * 4u - first);
+    // Two loads in flight per lane before either is used.
+    var v = v_first + lane;
+    for (; v + lanes < v_end; v += 2u * lanes) {
+        let z0 = logits[v];
+        let z1 = logits[v + lanes];
+        let t0 = targets4(v, first);
+        let t1 = targets4(v + lanes, first);
+        fold_loaded(&st, z0, t0);
+        fold_loaded(&st, z1, t1);
+    }
+    if v < v_end {
+        fold_loaded(&st, logits[v], targets4(v, first));
     }
     // A row shorter than the gap to the next aligned vec4 is all head and has no tail.
     let head_end = min(v_first * 4u, end);
@@ -164,23 +178,12 @@ fn finish_row(row: u32, st: RowStats) -> vec2<f32> {
     return vec2(loss, st.h);
 }
 
-var<workgroup> row_sums: array<vec2<f32>, ROWS_PER_GROUP>;
-
 // Sums one (loss, entropy) per row of this workgroup, held by the row's lane 0, into
-// group_sums[group] in a fixed tree order (no atomics: bit-reproducible).
+// group_sums[group], in a fixed order (no atomics: bit-reproducible).
 fn write_group_sum(v: vec2<f32>, group: u32, lid: u32) {
-    if lid % LANES_PER_ROW == 0u {
-        row_sums[lid / LANES_PER_ROW] = v;
-    }
-    workgroupBarrier();
-    for (var stride = ROWS_PER_GROUP / 2u; stride > 0u; stride /= 2u) {
-        if lid < stride {
-            row_sums[lid] += row_sums[lid + stride];
-        }
-        workgroupBarrier();
-    }
+    let total = sum_workgroup(select(vec2(0.0), v, lid % LANES_PER_ROW == 0u), lid);
     if lid == 0u {
-        group_sums[group] = row_sums[0];
+        group_sums[group] = total;
     }
 }
 

@@ -272,39 +272,39 @@ fn large_offsets_cost_no_precision() {
     }
 }
 
-/// Strategies at and around their boundaries.
-fn strategies() -> Vec<Strategy> {
+/// Strategies at and around their boundaries, with and without subgroup reductions where the
+/// device has them.
+fn strategies(gpu: &GpuContext) -> Vec<Strategy> {
+    let plain = |workgroup_size, lanes_per_row, split, vec4| Strategy {
+        workgroup_size,
+        lanes_per_row,
+        split,
+        vec4,
+        subgroups: false,
+    };
     let mut all = vec![Strategy::NAIVE];
     for lanes in [1, 2, 4, 8, 32, 64, 256] {
         for vec4 in [false, true] {
-            all.push(Strategy {
-                workgroup_size: 256,
-                lanes_per_row: lanes,
-                split: 1,
-                vec4,
-            });
+            all.push(plain(256, lanes, 1, vec4));
         }
     }
-    all.push(Strategy {
-        workgroup_size: 64,
-        lanes_per_row: 4,
-        split: 1,
-        vec4: true,
-    });
+    all.push(plain(64, 4, 1, true));
+    all.push(plain(1024, 1024, 1, true));
     for split in [2, 3, 8] {
-        all.push(Strategy {
-            workgroup_size: 256,
-            lanes_per_row: 256,
-            split,
-            vec4: true,
-        });
+        all.push(plain(256, 256, split, true));
     }
-    all.push(Strategy {
-        workgroup_size: 128,
-        lanes_per_row: 128,
-        split: 4,
-        vec4: false,
-    });
+    all.push(plain(128, 128, 4, false));
+    if let Some(sg) = gpu.facts().subgroup_lanes {
+        let with_sg: Vec<Strategy> = all
+            .iter()
+            .filter(|s| s.workgroup_size >= sg)
+            .map(|s| Strategy {
+                subgroups: true,
+                ..*s
+            })
+            .collect();
+        all.extend(with_sg);
+    }
     all
 }
 
@@ -333,7 +333,7 @@ fn every_strategy_agrees_with_the_reference() {
                 .weights(weights.clone())
                 .reduction(Reduction::Sum),
         ];
-        for s in strategies() {
+        for s in strategies(gpu) {
             for spec in &specs {
                 for soft in [false, true] {
                     p.check(gpu, spec, soft, Some(s), "strategy");

@@ -18,7 +18,9 @@ fn validate(source: &str, label: &str) -> (naga::Module, naga::valid::ModuleInfo
 #[test]
 fn every_kernel_parses_and_validates() {
     for kernel in Kernel::ALL {
-        validate(&kernel.source(), kernel.file_name());
+        for subgroups in [false, true] {
+            validate(&kernel.source(subgroups), kernel.file_name());
+        }
     }
 }
 
@@ -30,8 +32,8 @@ fn every_variant_compiles_to_spirv() {
         (64, 8, 1, 1),
         (256, 256, 8, 1),
     ];
-    for kernel in Kernel::ALL {
-        let source = kernel.source();
+    for (kernel, subgroups) in Kernel::ALL.iter().flat_map(|&k| [(k, false), (k, true)]) {
+        let source = kernel.source(subgroups);
         let (module, info) = validate(&source, kernel.file_name());
         for (wg, lanes, split, vec4) in strategies {
             for (target, weights, smoothing, entropy) in
@@ -55,6 +57,7 @@ fn every_variant_compiles_to_spirv() {
                     ("ENTROPY", entropy),
                 ]
                 .into_iter()
+                .chain(subgroups.then_some(("SUBGROUP_LANES", 32)))
                 .map(|(k, v)| (k.to_string(), v as f64))
                 .collect();
                 let label = format!("{} {constants:?}", kernel.file_name());

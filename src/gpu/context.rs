@@ -163,9 +163,11 @@ impl Gpu {
             max_workgroup_size: limits
                 .max_compute_workgroup_size_x
                 .min(limits.max_compute_invocations_per_workgroup),
+            subgroup_lanes: subgroup_lanes(&device, &info),
+            cpu: info.device_type == wgpu::DeviceType::Cpu,
         };
         let pipelines = with_error_scopes(&device, "compiling the shaders", || {
-            Ok(Pipelines::new(&device))
+            Ok(Pipelines::new(&device, facts.subgroup_lanes))
         })?;
         Ok(Self {
             pipelines,
@@ -194,6 +196,16 @@ impl Gpu {
             None => Ok(()),
         }
     }
+}
+
+/// The smallest subgroup size, when the device has subgroup operations and it is a usable
+/// power of two.
+fn subgroup_lanes(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> Option<u32> {
+    let lanes = info.subgroup_min_size;
+    (device.features().contains(wgpu::Features::SUBGROUP)
+        && lanes.is_power_of_two()
+        && (4..=128).contains(&lanes))
+    .then_some(lanes)
 }
 
 /// Runs `work` inside wgpu error scopes and turns what they catch into [`XentError`]s.

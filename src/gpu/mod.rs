@@ -103,7 +103,7 @@ impl GpuContext {
         strategy: Strategy,
     ) -> Result<LossOutput> {
         spec.validate(&logits, &targets)?;
-        strategy.check(self.gpu.facts.max_workgroup_size)?;
+        strategy.check(&self.gpu.facts)?;
         let (job, denominator, ignored) = self.loss_job(spec, logits, targets, strategy);
         let entropy = job.variant.entropy;
         if logits.rows() == 0 {

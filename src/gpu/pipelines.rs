@@ -13,6 +13,7 @@ use super::planner::Strategy;
 const ROW_STATS: &str = include_str!("../../shaders/row_stats.wgsl");
 const ROWS: &str = include_str!("../../shaders/rows.wgsl");
 const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 
 /// The kernels, one WGSL file each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,9 +51,17 @@ impl Kernel {
         }
     }
 
-    /// The complete WGSL source: shared code, then the kernel.
-    pub fn source(self) -> String {
-        [ROW_STATS, ROWS, REDUCE_WORKGROUP, self.body()].join("\n")
+    /// The complete WGSL source: shared code, then the kernel. With `subgroups`, the lane
+    /// reductions use subgroup shuffles (the module then needs `Features::SUBGROUP`).
+    pub fn source(self, subgroups: bool) -> String {
+        // Naga takes subgroup operations without WGSL's `enable subgroups;` (it rejects the
+        // directive as unimplemented); the device feature gates them instead.
+        let reduce = if subgroups {
+            REDUCE_SUBGROUP
+        } else {
+            REDUCE_WORKGROUP
+        };
+        [ROW_STATS, ROWS, reduce, self.body()].join("\n")
     }
 }
 
@@ -102,7 +111,7 @@ pub struct PipelineKey {
 }
 
 impl PipelineKey {
-    fn constants(&self) -> Vec<(&'static str, f64)> {
+    fn constants(&self, subgroup_lanes: u32) -> Vec<(&'static str, f64)> {
         let s = &self.strategy;
         let lanes = match self.kernel {
             Kernel::MergeSplitRows => 1,
@@ -110,7 +119,7 @@ impl PipelineKey {
         };
         let v = &self.variant;
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
-        vec![
+        let mut constants = vec![
             ("WORKGROUP_SIZE", s.workgroup_size as f64),
             ("LANES_PER_ROW", lanes as f64),
             ("SPLIT", s.split as f64),
@@ -119,7 +128,11 @@ impl PipelineKey {
             ("HAS_WEIGHTS", flag(v.weights)),
             ("HAS_SMOOTHING", flag(v.smoothing)),
             ("ENTROPY", flag(v.entropy)),
-        ]
+        ];
+        if s.subgroups {
+            constants.push(("SUBGROUP_LANES", subgroup_lanes as f64));
+        }
+        constants
     }
 }
 
@@ -147,23 +160,31 @@ pub mod slot {
 
 /// The shader modules, the one bind-group layout, and the pipelines compiled so far.
 pub struct Pipelines {
-    modules: HashMap<Kernel, wgpu::ShaderModule>,
+    modules: HashMap<(Kernel, bool), wgpu::ShaderModule>,
+    subgroup_lanes: u32,
     pub(crate) bind_group_layout: wgpu::BindGroupLayout,
     layout: wgpu::PipelineLayout,
     compiled: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
 }
 
 impl Pipelines {
-    /// Parses every kernel once; pipelines are compiled on first use, once per variant.
-    pub fn new(device: &wgpu::Device) -> Self {
+    /// Parses every kernel once (and its subgroup variant where `subgroup_lanes` is `Some`);
+    /// pipelines are compiled on first use, once per variant.
+    pub fn new(device: &wgpu::Device, subgroup_lanes: Option<u32>) -> Self {
+        let variants: &[bool] = if subgroup_lanes.is_some() {
+            &[false, true]
+        } else {
+            &[false]
+        };
         let modules = Kernel::ALL
             .iter()
-            .map(|&k| {
+            .flat_map(|&k| variants.iter().map(move |&sg| (k, sg)))
+            .map(|(k, sg)| {
                 let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(k.file_name()),
-                    source: wgpu::ShaderSource::Wgsl(k.source().into()),
+                    source: wgpu::ShaderSource::Wgsl(k.source(sg).into()),
                 });
-                (k, module)
+                ((k, sg), module)
             })
             .collect();
         let entry = |binding: u32| {
@@ -197,6 +218,7 @@ impl Pipelines {
         });
         Self {
             modules,
+            subgroup_lanes: subgroup_lanes.unwrap_or(0),
             bind_group_layout,
             layout,
             compiled: Mutex::new(HashMap::new()),
@@ -210,12 +232,12 @@ impl Pipelines {
             .entry(key)
             .or_insert_with(|| {
                 log::debug!("compiling {key:?}");
-                let constants = key.constants();
+                let constants = key.constants(self.subgroup_lanes);
                 Arc::new(
                     device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                         label: Some(key.kernel.file_name()),
                         layout: Some(&self.layout),
-                        module: &self.modules[&key.kernel],
+                        module: &self.modules[&(key.kernel, key.strategy.subgroups)],
                         entry_point: Some("main"),
                         compilation_options: wgpu::PipelineCompilationOptions {
                             constants: &constants,

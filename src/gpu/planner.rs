@@ -20,6 +20,9 @@ pub struct Strategy {
     pub split: u32,
     /// 16-byte loads for the aligned body of each row.
     pub vec4: bool,
+    /// Lane reductions with subgroup shuffles rather than workgroup memory (needs
+    /// `Features::SUBGROUP`).
+    pub subgroups: bool,
 }
 
 impl Strategy {
@@ -29,6 +32,7 @@ impl Strategy {
         lanes_per_row: 256,
         split: 1,
         vec4: false,
+        subgroups: false,
     };
 
     /// Rows one workgroup takes.
@@ -41,7 +45,12 @@ impl Strategy {
         if *self == Self::NAIVE {
             return "naive".to_string();
         }
-        let loads = if self.vec4 { "vec4" } else { "scalar" };
+        let loads = match (self.vec4, self.subgroups) {
+            (true, true) => "vec4 sg",
+            (true, false) => "vec4",
+            (false, true) => "scalar sg",
+            (false, false) => "scalar",
+        };
         if self.split > 1 {
             format!("split-row x{} {loads}", self.split)
         } else if self.lanes_per_row == self.workgroup_size {
@@ -52,7 +61,8 @@ impl Strategy {
     }
 
     /// Checks the invariants the kernels rely on.
-    pub fn check(&self, max_workgroup_size: u32) -> Result<()> {
+    pub fn check(&self, device: &DeviceFacts) -> Result<()> {
+        let max_workgroup_size = device.max_workgroup_size;
         let bad = |why| {
             Err(XentError::InvalidStrategy {
                 strategy: format!("{self:?}"),
@@ -68,6 +78,15 @@ impl Strategy {
         if self.split == 0 || (self.split > 1 && self.lanes_per_row != self.workgroup_size) {
             return bad("a split row needs one row per workgroup");
         }
+        if self.subgroups {
+            match device.subgroup_lanes {
+                None => return bad("this device has no subgroup operations"),
+                Some(lanes) if lanes > self.workgroup_size => {
+                    return bad("subgroup reductions need a workgroup of at least one subgroup");
+                }
+                Some(_) => {}
+            }
+        }
         Ok(())
     }
 }
@@ -81,13 +100,32 @@ pub struct DeviceFacts {
     pub max_groups_per_dimension: u32,
     /// Threads per workgroup.
     pub max_workgroup_size: u32,
+    /// The smallest subgroup size, where subgroup operations are available (a power of two).
+    pub subgroup_lanes: Option<u32>,
+    /// A CPU rasteriser (lavapipe, WARP): lanes run as SIMD across invocations, so scalar
+    /// loads by neighbouring lanes beat per-lane vec4 loads there.
+    pub cpu: bool,
 }
 
 /// Picks the strategy for a shape.
 pub fn choose_strategy(rows: usize, classes: usize, device: &DeviceFacts) -> Strategy {
     let workgroup_size = prev_power_of_two(device.max_workgroup_size.min(256) as usize) as u32;
-    // About four vec4 loads per lane before the row's lanes merge.
+    let subgroups = device.subgroup_lanes.is_some_and(|l| l <= workgroup_size);
     let vectors = classes.div_ceil(4);
+    if device.cpu {
+        // A CPU rasteriser runs a subgroup as one SIMD loop and a barrier as a switch of
+        // fibres: keep each row inside one subgroup, and give each lane a long run of loads.
+        let lanes =
+            prev_power_of_two(vectors / 16).min(device.subgroup_lanes.unwrap_or(1) as usize) as u32;
+        return Strategy {
+            workgroup_size,
+            lanes_per_row: lanes,
+            split: 1,
+            vec4: true,
+            subgroups,
+        };
+    }
+    // About four vec4 loads per lane before the row's lanes merge.
     let lanes_per_row = (vectors.div_ceil(4).next_power_of_two() as u32).min(workgroup_size);
     // Long rows, few of them: share each row between workgroups so the device fills up,
     // while every lane keeps at least 16 vec4 loads.
@@ -103,6 +141,7 @@ pub fn choose_strategy(rows: usize, classes: usize, device: &DeviceFacts) -> Str
         lanes_per_row,
         split,
         vec4: true,
+        subgroups,
     }
 }
 

@@ -100,7 +100,7 @@ impl GpuContext {
         warmup: usize,
         runs: usize,
     ) -> Result<Timing> {
-        strategy.check(self.gpu.facts.max_workgroup_size)?;
+        strategy.check(&self.gpu.facts)?;
         let gpu = &self.gpu;
         let mut prepared = Vec::with_capacity(sets.len());
         for &(logits, targets) in sets {

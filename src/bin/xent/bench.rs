@@ -37,10 +37,14 @@ impl FromStr for KernelChoice {
         }
         let parts: Vec<&str> = s.split('/').collect();
         let bad = || {
-            format!("{s:?}: expected auto, naive or WG/LANES/SPLIT/vec4|scalar (e.g. 256/4/1/vec4)")
+            format!(
+                "{s:?}: expected auto, naive or WG/LANES/SPLIT/vec4|scalar[/sg] (e.g. 256/4/1/vec4/sg)"
+            )
         };
-        let [wg, lanes, split, loads] = parts.as_slice() else {
-            return Err(bad());
+        let (wg, lanes, split, loads, subgroups) = match parts.as_slice() {
+            [wg, lanes, split, loads] => (wg, lanes, split, loads, false),
+            [wg, lanes, split, loads, sg] if *sg == "sg" => (wg, lanes, split, loads, true),
+            _ => return Err(bad()),
         };
         let n = |v: &str| v.parse::<u32>().map_err(|_| bad());
         Ok(Self::Fixed(Strategy {
@@ -52,6 +56,7 @@ impl FromStr for KernelChoice {
                 "scalar" => false,
                 _ => return Err(bad()),
             },
+            subgroups,
         }))
     }
 }

@@ -77,7 +77,8 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
     shapes: Vec<(usize, usize)>,
     /// Kernels to time, comma-separated: auto (the planner's choice), naive (one 256-lane
-    /// workgroup per row, scalar loads), or WG/LANES/SPLIT/vec4|scalar.
+    /// workgroup per row, scalar loads), or WG/LANES/SPLIT/vec4|scalar[/sg] (sg: subgroup
+    /// reductions).
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     kernel: Vec<bench::KernelChoice>,
     /// Timed runs per shape (after warm-up); the median is reported.
