@@ -250,9 +250,12 @@ pub fn read_npy<T: npyz::Deserialize>(path: &Path) -> Vec<T> {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Every golden case of `kind` ("cross_entropy", "distillation", "sparse_targets").
+/// Every golden case of `kind` ("cross_entropy", "distillation", "sparse_targets"), from
+/// `tests/golden/`, or from `XENT_GOLDEN_DIR` (for a test binary run away from its source tree).
 pub fn golden_cases(kind: &str) -> Vec<GoldenCase> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let root = std::env::var_os("XENT_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden"));
     let mut cases: Vec<GoldenCase> = std::fs::read_dir(&root)
         .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
         .filter_map(|e| e.ok())

@@ -226,8 +226,14 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             }
         }
     }
+    let json = to_json(&table, &device, timer.name(), roof_gbps).to_string();
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, &json).map_err(|e| {
+            CliError::input(format!("--json-out {}: cannot write: {e}", path.display()))
+        })?;
+    }
     if args.json {
-        print_json(&table, &device, timer.name(), roof_gbps);
+        println!("{json}");
     } else {
         print_table(&table);
     }
@@ -262,7 +268,7 @@ fn print_table(table: &[Row]) {
     }
 }
 
-fn print_json(table: &[Row], device: &str, timer: &str, roof_gbps: f64) {
+fn to_json(table: &[Row], device: &str, timer: &str, roof_gbps: f64) -> serde_json::Value {
     let rows: Vec<_> = table
         .iter()
         .map(|r| {
@@ -283,5 +289,5 @@ fn print_json(table: &[Row], device: &str, timer: &str, roof_gbps: f64) {
             })
         })
         .collect();
-    println!("{}", serde_json::Value::Array(rows));
+    serde_json::Value::Array(rows)
 }

@@ -90,6 +90,9 @@ pub struct BenchArgs {
     /// Print one JSON array on stdout.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON array to this file (the table still goes to stdout).
+    #[arg(long, value_name = "FILE")]
+    json_out: Option<PathBuf>,
 }
 
 fn parse_shape(s: &str) -> Result<(usize, usize), String> {

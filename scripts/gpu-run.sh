@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine from the project root, after scripts/stage-gpu.sh here:
+#   scripts/gpu-run.sh final   info, the GPU test binaries, demo, and the bench table
+#                              (naive beside auto, CPU reference timed) for BENCHMARKS.md
+#   scripts/gpu-run.sh sweep   the above plus every candidate strategy per reference shape
+# Results go to $OUT (bench-*.json, logs) when OUT is set, else to ./gpu-out.
+set -uo pipefail
+mode=${1:-final}
+out=${OUT:-$PWD/gpu-out}
+mkdir -p "$out"
+export LD_LIBRARY_PATH="$PWD/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PATH="$PWD/.gpu/bin:$PATH"
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+export XENT_GOLDEN_DIR="$PWD/tests/golden"
+# XENT_BENCH_QUICK=1 shrinks the bench shapes, for a dry run on a software adapter.
+quick=${XENT_BENCH_QUICK:+--quick}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
+xent info 2>&1 | tee "$out/info.txt"
+
+echo "== GPU tests (against the CPU reference and PyTorch's golden cases)"
+for t in .gpu/bin/test-*; do
+    "$t" --test-threads 4 2>&1 | grep -E "^test result|FAILED|panicked" | sed "s#^#$(basename "$t"): #"
+done | tee "$out/tests.txt"
+
+xent demo 2>&1 | tee "$out/demo.txt"
+
+if [ "$mode" = sweep ]; then
+    sweep() { # shape, kernels
+        echo "== sweep $1"
+        xent bench --shapes "$1" --kernel "$2" --no-cpu --json-out "$out/sweep-$1.json" 2>&1 | tail -n +2
+    }
+    sweep 8192x1000 naive,auto,256/16/1/vec4/sg,256/32/1/vec4/sg,256/64/1/vec4/sg,256/128/1/vec4/sg,256/256/1/vec4/sg,128/32/1/vec4/sg,512/64/1/vec4/sg,256/64/1/vec4
+    sweep 4096x32000 naive,auto,256/256/1/vec4/sg,512/512/1/vec4/sg,1024/1024/1/vec4/sg,128/128/1/vec4/sg,256/256/2/vec4/sg,256/64/1/vec4/sg,256/256/1/vec4
+    sweep 1024x128256 naive,auto,256/256/1/vec4/sg,256/256/2/vec4/sg,256/256/4/vec4/sg,256/256/8/vec4/sg,256/256/16/vec4/sg,512/512/2/vec4/sg,512/512/4/vec4/sg,1024/1024/2/vec4/sg
+    sweep 65536x10 naive,auto,256/1/1/vec4/sg,256/2/1/vec4/sg,256/4/1/vec4/sg,256/8/1/vec4/sg,128/1/1/vec4/sg,64/1/1/vec4/sg,128/2/1/vec4/sg,256/1/1/scalar/sg
+fi
+
+echo "== bench (reference shapes)"
+xent bench $quick --kernel naive,auto --json-out "$out/bench.json" 2>&1 | tee "$out/bench.txt"
