@@ -30,10 +30,10 @@ if [ "$mode" = sweep ]; then
         echo "== sweep $1"
         xent bench --shapes "$1" --kernel "$2" --no-cpu --json-out "$out/sweep-$1.json" 2>&1 | tail -n +2
     }
-    sweep 8192x1000 naive,auto,256/16/1/vec4/sg,256/32/1/vec4/sg,256/64/1/vec4/sg,256/128/1/vec4/sg,256/256/1/vec4/sg,128/32/1/vec4/sg,512/64/1/vec4/sg,256/64/1/vec4
-    sweep 4096x32000 naive,auto,256/256/1/vec4/sg,512/512/1/vec4/sg,1024/1024/1/vec4/sg,128/128/1/vec4/sg,256/256/2/vec4/sg,256/64/1/vec4/sg,256/256/1/vec4
-    sweep 1024x128256 naive,auto,256/256/1/vec4/sg,256/256/2/vec4/sg,256/256/4/vec4/sg,256/256/8/vec4/sg,256/256/16/vec4/sg,512/512/2/vec4/sg,512/512/4/vec4/sg,1024/1024/2/vec4/sg
-    sweep 65536x10 naive,auto,256/1/1/vec4/sg,256/2/1/vec4/sg,256/4/1/vec4/sg,256/8/1/vec4/sg,128/1/1/vec4/sg,64/1/1/vec4/sg,128/2/1/vec4/sg,256/1/1/scalar/sg
+    sweep 8192x1000 naive,auto,256/8/1/vec4/sg,256/32/1/vec4/sg,256/64/1/vec4/sg,256/16/1/scalar/sg,256/16/1/vec4,128/16/1/vec4/sg
+    sweep 4096x32000 naive,auto,512/512/1/vec4/sg,256/128/1/vec4/sg,256/64/1/vec4/sg,256/256/1/vec4
+    sweep 1024x128256 naive,auto,256/256/2/vec4/sg,256/256/4/vec4/sg,512/512/1/vec4/sg
+    sweep 65536x10 naive,auto,128/1/1/vec4/sg,64/2/1/vec4/sg,256/2/1/vec4/sg
 fi
 
 echo "== bench (reference shapes)"

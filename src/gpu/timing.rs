@@ -5,7 +5,10 @@
 //! gaps between runs are not counted. Adapters without `TIMESTAMP_QUERY` fall back to the wall
 //! clock around submit and wait, and say so.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// The least time of back-to-back warm-up work before timed runs.
+const WARMUP_TIME: Duration = Duration::from_millis(250);
 
 use crate::error::{Result, XentError};
 use crate::logits::Logits;
@@ -212,7 +215,8 @@ fn bandwidth_pipeline(gpu: &Gpu, bytes: u64) -> (wgpu::ComputePipeline, wgpu::Bi
     (pipeline, bind_group)
 }
 
-/// Runs `record` `warmup + runs` times, each run one compute pass, and times the last `runs`.
+/// Runs `record` at least `warmup` times (and for at least [`WARMUP_TIME`]), then `runs` more
+/// times, each run one compute pass, and times those.
 fn time_passes(
     gpu: &Gpu,
     warmup: usize,
@@ -228,12 +232,21 @@ fn time_passes(
                     detail: e.to_string(),
                 })
         };
-        let mut encoder = gpu.device.create_command_encoder(&Default::default());
-        for run in 0..warmup {
-            record(&mut encoder, run, None);
+        // Warm up for at least WARMUP_TIME of back-to-back work: a GPU that idled during the
+        // host's uploads has lowered its clocks, and a few runs do not bring them back.
+        let start = Instant::now();
+        let mut done = 0;
+        while done < warmup || start.elapsed() < WARMUP_TIME {
+            let batch = warmup.max(1);
+            let mut encoder = gpu.device.create_command_encoder(&Default::default());
+            for run in done..done + batch {
+                record(&mut encoder, run, None);
+            }
+            gpu.queue.submit([encoder.finish()]);
+            wait()?;
+            done += batch;
         }
-        gpu.queue.submit([encoder.finish()]);
-        wait()?;
+        let warmup = done;
         if !gpu
             .device
             .features()
