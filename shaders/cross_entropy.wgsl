@@ -11,24 +11,16 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let group = group_index(wid, groups);
-    let lane = lid % LANES_PER_ROW;
-    let row = (group / SPLIT) * ROWS_PER_GROUP + lid / LANES_PER_ROW;
-    // No early return: every lane must reach the barriers below.
-    let live = row < params.rows;
-    var st = row_stats_empty();
-    if live {
-        st = fold_row(row, (group % SPLIT) * LANES_PER_ROW + lane, SPLIT * LANES_PER_ROW);
-    }
-    st = reduce_lanes(st, lid, lane);
+    let r = gather_row(group, lid);
     if SPLIT > 1u {
-        if lid == 0u && live {
-            split_stats[group] = st;
+        if lid == 0u && r.live {
+            split_stats[group] = r.stats;
         }
         return;
     }
     var sums = vec2(0.0);
-    if lane == 0u && live {
-        sums = finish_row(row, st);
+    if r.lane == 0u && r.live {
+        sums = finish_row(r.row, r.stats);
     }
     write_group_sum(sums, group, lid);
 }

@@ -10,23 +10,15 @@ fn main(
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let group = group_index(wid, groups);
-    let lane = lid % LANES_PER_ROW;
-    let row = group * ROWS_PER_GROUP + lid / LANES_PER_ROW;
-    let live = row < params.rows;
-    var st = row_stats_empty();
-    if live {
-        st = fold_row(row, lane, LANES_PER_ROW);
-    }
-    st = reduce_lanes(st, lid, lane);
-    if live {
-        let log_s = log(st.s);
-        let first = row * params.classes;
-        for (var i = first + lane; i < first + params.classes; i += LANES_PER_ROW) {
-            log_probs[i] = (logit(i) - st.m) - log_s;
+    let r = gather_row(group_index(wid, groups), lid);
+    if r.live {
+        let log_s = log(r.stats.s);
+        let first = r.row * params.classes;
+        for (var i = first + r.lane; i < first + params.classes; i += LANES_PER_ROW) {
+            log_probs[i] = (logit(i) - r.stats.m) - log_s;
         }
-        if lane == 0u {
-            row_results[row] = vec4(0.0, st.m + log_s, 0.0, 0.0);
+        if r.lane == 0u {
+            row_results[r.row] = vec4(0.0, r.stats.m + log_s, 0.0, 0.0);
         }
     }
 }

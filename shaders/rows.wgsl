@@ -187,6 +187,27 @@ fn write_group_sum(v: vec2<f32>, group: u32, lid: u32) {
     }
 }
 
+// A lane's row, and the row's stats merged over its lanes: over the whole row, or over this
+// workgroup's 1/SPLIT part of it when SPLIT > 1.
+struct LaneRow {
+    row: u32,
+    lane: u32,
+    live: bool,
+    stats: RowStats,
+}
+
+fn gather_row(group: u32, lid: u32) -> LaneRow {
+    let lane = lid % LANES_PER_ROW;
+    let row = (group / SPLIT) * ROWS_PER_GROUP + lid / LANES_PER_ROW;
+    // Lanes past the last row still take part: every lane must reach the reduction's barriers.
+    let live = row < params.rows;
+    var st = row_stats_empty();
+    if live {
+        st = fold_row(row, (group % SPLIT) * LANES_PER_ROW + lane, SPLIT * LANES_PER_ROW);
+    }
+    return LaneRow(row, lane, live, reduce_lanes(st, lid, lane));
+}
+
 // The workgroup's index in a 2-D dispatch (more than 65,535 workgroups need the y axis).
 fn group_index(wid: vec3<u32>, groups: vec3<u32>) -> u32 {
     return wid.x + wid.y * groups.x;

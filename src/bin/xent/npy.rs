@@ -126,70 +126,48 @@ impl NpyInput {
     pub fn read_f32(&mut self, count: usize) -> Result<Vec<f32>, CliError> {
         let bytes = self.read_raw(count)?;
         let be = self.big_endian;
-        Ok(match self.elem {
-            Elem::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| {
-                    let b = b.try_into().unwrap_or([0; 4]);
-                    if be {
-                        f32::from_be_bytes(b)
-                    } else {
-                        f32::from_le_bytes(b)
-                    }
-                })
-                .collect(),
-            Elem::F64 => bytes
-                .chunks_exact(8)
-                .map(|b| {
-                    let b = b.try_into().unwrap_or([0; 8]);
-                    (if be {
-                        f64::from_be_bytes(b)
-                    } else {
-                        f64::from_le_bytes(b)
-                    }) as f32
-                })
-                .collect(),
-            Elem::I32 | Elem::I64 => {
-                return Err(self.error(format!(
-                    "expected floating-point values, found {}",
-                    self.elem.name()
-                )));
-            }
-        })
+        match self.elem {
+            Elem::F32 => Ok(decode(&bytes, be, f32::from_le_bytes, f32::from_be_bytes)),
+            Elem::F64 => Ok(decode(&bytes, be, f64::from_le_bytes, f64::from_be_bytes)
+                .into_iter()
+                .map(|v| v as f32)
+                .collect()),
+            Elem::I32 | Elem::I64 => Err(self.error(format!(
+                "expected floating-point values, found {}",
+                self.elem.name()
+            ))),
+        }
     }
 
     /// The next `count` values as i64 (class indices).
     pub fn read_i64(&mut self, count: usize) -> Result<Vec<i64>, CliError> {
         let bytes = self.read_raw(count)?;
         let be = self.big_endian;
-        Ok(match self.elem {
-            Elem::I32 => bytes
-                .chunks_exact(4)
-                .map(|b| {
-                    let b = b.try_into().unwrap_or([0; 4]);
-                    (if be {
-                        i32::from_be_bytes(b)
-                    } else {
-                        i32::from_le_bytes(b)
-                    }) as i64
-                })
-                .collect(),
-            Elem::I64 => bytes
-                .chunks_exact(8)
-                .map(|b| {
-                    let b = b.try_into().unwrap_or([0; 8]);
-                    if be {
-                        i64::from_be_bytes(b)
-                    } else {
-                        i64::from_le_bytes(b)
-                    }
-                })
-                .collect(),
+        match self.elem {
+            Elem::I32 => Ok(decode(&bytes, be, i32::from_le_bytes, i32::from_be_bytes)
+                .into_iter()
+                .map(i64::from)
+                .collect()),
+            Elem::I64 => Ok(decode(&bytes, be, i64::from_le_bytes, i64::from_be_bytes)),
             Elem::F32 | Elem::F64 => {
-                return Err(self.error(format!("expected integers, found {}", self.elem.name())));
+                Err(self.error(format!("expected integers, found {}", self.elem.name())))
             }
-        })
+        }
     }
+}
+
+/// Decodes whole N-byte values in the file's byte order.
+fn decode<const N: usize, T>(
+    bytes: &[u8],
+    big_endian: bool,
+    little: fn([u8; N]) -> T,
+    big: fn([u8; N]) -> T,
+) -> Vec<T> {
+    let from = if big_endian { big } else { little };
+    bytes
+        .chunks_exact(N)
+        .map(|b| from(b.try_into().unwrap_or([0; N])))
+        .collect()
 }
 
 fn element_type(dtype: &DType) -> Option<(Elem, bool)> {
