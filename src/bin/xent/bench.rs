@@ -152,9 +152,6 @@ fn copies(bytes: u64, quick: bool) -> usize {
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), CliError> {
-    if args.runs < 1 {
-        return Err(CliError::input("--runs: at least one timed run is needed"));
-    }
     let gpu = GpuContext::new()?;
     let device = gpu.describe();
     let timer = gpu.timer();
@@ -167,7 +164,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     };
     let roofline_bytes = if args.quick { 64 << 20 } else { 1 << 30 };
     let roofline: ReadBandwidth =
-        gpu.measure_read_bandwidth(roofline_bytes, WARMUP, args.runs.max(20))?;
+        gpu.measure_read_bandwidth(roofline_bytes, WARMUP, args.runs as usize)?;
     let roof_gbps = roofline.bytes_per_second() / 1e9;
     if !args.json {
         println!("device: {device}");
@@ -200,8 +197,13 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             let first = table.len();
             for &kernel in &args.kernel {
                 let strategy = kernel.strategy(&gpu, rows, classes);
-                let timing =
-                    gpu.time_cross_entropy(&spec, &data.sets(soft), strategy, WARMUP, args.runs)?;
+                let timing = gpu.time_cross_entropy(
+                    &spec,
+                    &data.sets(soft),
+                    strategy,
+                    WARMUP,
+                    args.runs as usize,
+                )?;
                 let ms = timing.median_ms();
                 let gbps = bytes as f64 / (ms * 1e-3) / 1e9;
                 table.push(Row {

@@ -81,9 +81,9 @@ pub struct BenchArgs {
     /// reductions).
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     kernel: Vec<bench::KernelChoice>,
-    /// Timed runs per shape (after warm-up); the median is reported.
-    #[arg(long, default_value_t = 30)]
-    runs: usize,
+    /// Timed runs per shape and kernel (after warm-up; at least 20); the median is reported.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(20..))]
+    runs: u64,
     /// Skip timing the CPU reference.
     #[arg(long)]
     no_cpu: bool,
