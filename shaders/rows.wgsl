@@ -178,10 +178,10 @@ fn finish_row(row: u32, st: RowStats) -> vec2<f32> {
     return vec2(loss, st.h);
 }
 
-// Sums one (loss, entropy) per row of this workgroup, held by the row's lane 0, into
-// group_sums[group], in a fixed order (no atomics: bit-reproducible).
+// Sums one (loss, entropy) per row of this workgroup into group_sums[group], in a fixed order
+// (no atomics: bit-reproducible). Each row's lane 0 holds its value; every other lane holds 0.
 fn write_group_sum(v: vec2<f32>, group: u32, lid: u32) {
-    let total = sum_workgroup(select(vec2(0.0), v, lid % LANES_PER_ROW == 0u), lid);
+    let total = sum_workgroup(v, lid);
     if lid == 0u {
         group_sums[group] = total;
     }
