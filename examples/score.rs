@@ -34,8 +34,8 @@ fn main() -> Result<(), xent::XentError> {
 
     let gpu = GpuContext::new()?;
     println!("GPU: {}", gpu.describe());
-    let hard = CrossEntropy::new().label_smoothing(0.1);
-    let soft_spec = CrossEntropy::new().reduction(Reduction::Mean);
+    let hard = CrossEntropy::new().with_label_smoothing(0.1);
+    let soft_spec = CrossEntropy::new().with_reduction(Reduction::Mean);
     for (name, spec, targets) in [
         (
             "class indices, ε = 0.1",

@@ -11,14 +11,18 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let group = group_index(wid, groups);
+    // Workgroups of the 2-D grid past the last row (the whole workgroup leaves together).
+    if group_first_row(group) >= params.rows {
+        return;
+    }
     let r = gather_row(group, lid);
     if SPLIT > 1u {
         if lid == 0u && r.live {
-            split_stats[group] = r.stats;
+            store_split_stats(group, r.stats);
         }
         return;
     }
-    var sums = vec2(0.0);
+    var sums = vec4(0.0);
     if r.lane == 0u && r.live {
         sums = finish_row(r.row, r.stats);
     }

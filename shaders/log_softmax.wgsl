@@ -1,8 +1,8 @@
-// Log-softmax: the lanes of a row fold it into RowStats, merge, then write
-// log q_k = (z_k − m) − ln s (subtracting m first keeps large offsets exact).
-// Compiled with TARGET_KIND = none and SPLIT = 1.
+// Log-softmax, after the row statistics: each lane writes its share of a row,
+// log q_k = (z_k − m) − ln s, with m and ln s from the row's results (subtracting m first
+// keeps large offsets exact). Same grid as the statistics pass; no barriers.
 
-@group(0) @binding(7) var<storage, read_write> log_probs: array<f32>;
+@group(0) @binding(4) var<storage, read_write> outputs: array<f32>;
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn main(
@@ -10,15 +10,17 @@ fn main(
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let r = gather_row(group_index(wid, groups), lid);
-    if r.live {
-        let log_s = log(r.stats.s);
-        let first = r.row * params.classes;
-        for (var i = first + r.lane; i < first + params.classes; i += LANES_PER_ROW) {
-            log_probs[i] = (logit(i) - r.stats.m) - log_s;
-        }
-        if r.lane == 0u {
-            row_results[r.row] = vec4(0.0, r.stats.m + log_s, 0.0, 0.0);
-        }
+    let group = group_index(wid, groups);
+    let r = group_first_row(group) + lid / LANES_PER_ROW;
+    if r >= params.rows {
+        return;
+    }
+    // (0, lse, m, ln s) for a statistics pass without targets.
+    let stats = results[params.first_row + r];
+    let first = row_first(r);
+    let out = r * params.classes;
+    let lanes = SPLIT * LANES_PER_ROW;
+    for (var k = (group % SPLIT) * LANES_PER_ROW + lid % LANES_PER_ROW; k < params.classes; k += lanes) {
+        outputs[out + k] = (logit(first + k) - stats.z) - stats.w;
     }
 }

@@ -9,12 +9,15 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let group = group_index(wid, groups);
+    if group * WORKGROUP_SIZE >= params.rows {
+        return;
+    }
     let row = group * WORKGROUP_SIZE + lid;
-    var sums = vec2(0.0);
+    var sums = vec4(0.0);
     if row < params.rows {
-        var st = split_stats[row * SPLIT];
+        var st = load_split_stats(row * SPLIT);
         for (var part = 1u; part < SPLIT; part++) {
-            st = row_stats_merge(st, split_stats[row * SPLIT + part]);
+            st = row_stats_merge(st, load_split_stats(row * SPLIT + part));
         }
         sums = finish_row(row, st);
     }

@@ -12,7 +12,7 @@ override BLOCKS_PER_ROW: u32 = LANES_PER_ROW / BUTTERFLY_LANES;
 override BLOCKS: u32 = WORKGROUP_SIZE / SUBGROUP_LANES;
 
 var<workgroup> block_stats: array<RowStats, BLOCKS>;
-var<workgroup> block_sums: array<vec2<f32>, BLOCKS>;
+var<workgroup> block_sums: array<vec4<f32>, BLOCKS>;
 
 fn shuffle_stats(st: RowStats, mask: u32) -> RowStats {
     return RowStats(
@@ -53,7 +53,7 @@ fn reduce_lanes(st: RowStats, lid: u32, lane: u32) -> RowStats {
 }
 
 // Σ v over the workgroup, valid in lane 0.
-fn sum_workgroup(v: vec2<f32>, lid: u32) -> vec2<f32> {
+fn sum_workgroup(v: vec4<f32>, lid: u32) -> vec4<f32> {
     var total = v;
     for (var mask = 1u; mask < SUBGROUP_LANES; mask *= 2u) {
         total += subgroupShuffleXor(total, mask);

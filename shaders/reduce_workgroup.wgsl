@@ -3,7 +3,7 @@
 // bit-identical from run to run.
 
 var<workgroup> lane_stats: array<RowStats, WORKGROUP_SIZE>;
-var<workgroup> row_sums: array<vec2<f32>, WORKGROUP_SIZE>;
+var<workgroup> row_sums: array<vec4<f32>, WORKGROUP_SIZE>;
 
 // Merges the RowStats of the LANES_PER_ROW consecutive lanes that share a row and hands every
 // lane its row's total.
@@ -23,7 +23,7 @@ fn reduce_lanes(st: RowStats, lid: u32, lane: u32) -> RowStats {
 }
 
 // Σ v over the workgroup, valid in lane 0.
-fn sum_workgroup(v: vec2<f32>, lid: u32) -> vec2<f32> {
+fn sum_workgroup(v: vec4<f32>, lid: u32) -> vec4<f32> {
     row_sums[lid] = v;
     workgroupBarrier();
     for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride /= 2u) {

@@ -1,5 +1,9 @@
 // What every row kernel shares: the strategy constants, the bindings, reading a row's share
 // of logits and target weights into RowStats, finishing a row, and the per-workgroup sums.
+//
+// Rows are numbered within the chunk a dispatch covers (0 ≤ r < params.rows); the chunk's
+// first row within the whole call is params.first_row. Per-row results and workgroup sums are
+// indexed over the whole call, so a call's outputs do not depend on how it was cut into chunks.
 
 // Strategy (chosen by the dispatch planner, src/gpu/planner.rs).
 override WORKGROUP_SIZE: u32 = 256u;
@@ -16,6 +20,13 @@ const TARGET_NONE: u32 = 0u;
 const TARGET_CLASS_INDEX: u32 = 1u;
 const TARGET_PROBABILITIES: u32 = 2u;
 override TARGET_KIND: u32 = TARGET_NONE;
+// Class indices are i64 (two words, low first) rather than i32.
+override INDEX_I64: bool = false;
+// A class index equal to (params.ignore_lo, params.ignore_hi) skips its row.
+override HAS_IGNORE: bool = false;
+// Probability targets lie at the logits' alignment (their element offsets differ by a
+// multiple of 4), so a vec4 of logits has a vec4 of targets beside it.
+override TARGETS_ALIGNED: bool = true;
 override HAS_WEIGHTS: bool = false;
 override HAS_SMOOTHING: bool = false;
 // Accumulate −Σ p̃·ln p̃ (probability targets without class weights).
@@ -24,33 +35,106 @@ override ENTROPY: bool = false;
 // itself is added once per row, in finish_row).
 override FOLD_TARGETS: bool = TARGET_KIND == TARGET_PROBABILITIES || (TARGET_KIND == TARGET_CLASS_INDEX && HAS_SMOOTHING);
 
+// Finite logits beyond ±2^64 are refused: differences and weighted sums of them could
+// overflow f32 where the f64 reference stays finite (status.out_of_range names the row).
+const LOGIT_LIMIT: f32 = 1.8446744e19;
+const F32_MAX: f32 = 3.40282347e38;
+
+// One per chunk, at a dynamic offset (src/gpu/prepared.rs, `Params`).
 struct Params {
     rows: u32,
     classes: u32,
+    // The chunk's first row within the call.
+    first_row: u32,
+    // Element offset of the chunk's first logit within the logits binding.
+    logits_offset: u32,
+    // Word offset of the chunk's first target within the targets binding.
+    targets_offset: u32,
+    // Global index of the chunk's first workgroup sum, and the call's number of them.
+    group_base: u32,
+    groups: u32,
+    // Where the workgroup sums and the split-row stats start in `results` (vec4 index).
+    groups_at: u32,
+    split_at: u32,
+    ignore_lo: u32,
+    ignore_hi: u32,
     // ε and ε / C (label smoothing)
     smoothing: f32,
     smoothing_per_class: f32,
 }
 
-@group(0) @binding(0) var<uniform> params: Params;
-// Logits [rows, classes] of this chunk, row-major, padded to whole vec4s.
-@group(0) @binding(1) var<storage, read> logits: array<vec4<f32>>;
-// Probabilities laid out like the logits, or one class index per row (i32 bits, −1 = ignored).
-@group(0) @binding(2) var<storage, read> targets: array<vec4<u32>>;
-@group(0) @binding(3) var<storage, read> class_weights: array<f32>;
-// Per row: (loss, log-sum-exp, entropy of the target, 0).
-@group(0) @binding(4) var<storage, read_write> row_results: array<vec4<f32>>;
-// Per workgroup of the final pass: (Σ loss, Σ entropy) over its rows.
-@group(0) @binding(5) var<storage, read_write> group_sums: array<vec2<f32>>;
-// Per (row, part) of a split row.
-@group(0) @binding(6) var<storage, read_write> split_stats: array<RowStats>;
-
-fn logit(i: u32) -> f32 {
-    return logits[i / 4u][i % 4u];
+// Written by the kernels, read by the host: errors found on the device and the call's totals
+// as unevaluated f32 pairs (hi + lo), finished by reduce_totals.wgsl.
+struct Status {
+    // 0, or 0xffffffff − r for the first row r whose class index is out of range.
+    bad_index: atomic<u32>,
+    // 0, or 0xffffffff − r for the first row r with a finite logit beyond ±LOGIT_LIMIT.
+    out_of_range: atomic<u32>,
+    // The offending class index, low and high words.
+    bad_lo: u32,
+    bad_hi: u32,
+    // (Σ loss, Σ entropy, Σ mean denominator, ignored rows), high parts then low parts.
+    totals_hi: vec4<f32>,
+    totals_lo: vec4<f32>,
 }
 
-fn class_index(row: u32) -> i32 {
-    return bitcast<i32>(targets[row / 4u][row % 4u]);
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> class_weights: array<f32>;
+// Three arrays in one binding (a stage may have only 8 storage bindings on some adapters):
+// - from 0, per row of the call: (loss, log-sum-exp, entropy of the target, 0); for a row
+//   whose class index is out of range, (NaN, lse, index low word, index high word) as bits;
+//   without targets, (0, lse, m, ln s);
+// - from params.groups_at, per workgroup of the final pass over the call:
+//   (Σ loss, Σ entropy, Σ mean denominator, ignored rows);
+// - from params.split_at, per (row, part) of a split row within the chunk: its RowStats as
+//   two vec4s.
+@group(0) @binding(2) var<storage, read_write> results: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> status: Status;
+// Logits [rows, classes] of this chunk, row-major, from params.logits_offset: the whole vec4s
+// of the binding (aligned loads of row bodies), and every element (ragged ends). Two views of
+// one buffer, because a binding's last partial vec4 cannot be read as a vec4.
+@group(1) @binding(0) var<storage, read> logits: array<vec4<f32>>;
+@group(1) @binding(1) var<storage, read> logits1: array<f32>;
+// Probabilities laid out like the logits, or one class index per row, from
+// params.targets_offset; the same two views.
+@group(1) @binding(2) var<storage, read> targets: array<vec4<u32>>;
+@group(1) @binding(3) var<storage, read> targets1: array<u32>;
+
+fn logit(i: u32) -> f32 {
+    return logits1[i];
+}
+
+fn target_word(i: u32) -> u32 {
+    return targets1[i];
+}
+
+// Records `code` (0xffffffff − global row) in a status word; the smallest row wins.
+fn flag_row(r: u32) -> u32 {
+    return 0xffffffffu - (params.first_row + r);
+}
+
+// The class index of chunk row r: ≥ 0, −1 for an ignored row, −2 for one out of range (then
+// recorded in the status and in the row's results).
+fn target_class(r: u32) -> i32 {
+    var lo: u32;
+    var hi: u32;
+    if INDEX_I64 {
+        lo = target_word(params.targets_offset + 2u * r);
+        hi = target_word(params.targets_offset + 2u * r + 1u);
+    } else {
+        lo = target_word(params.targets_offset + r);
+        hi = select(0u, 0xffffffffu, (lo & 0x80000000u) != 0u);
+    }
+    if HAS_IGNORE && lo == params.ignore_lo && hi == params.ignore_hi {
+        return -1;
+    }
+    if hi != 0u || lo >= params.classes {
+        atomicMax(&status.bad_index, flag_row(r));
+        results[params.first_row + r].z = bitcast<f32>(lo);
+        results[params.first_row + r].w = bitcast<f32>(hi);
+        return -2;
+    }
+    return i32(lo);
 }
 
 fn class_weight(k: u32) -> f32 {
@@ -67,10 +151,24 @@ fn class_weights4(k: u32) -> vec4<f32> {
     return vec4(1.0);
 }
 
-// Effective target weights a_k of four logits at element v*4.. whose first class is k.
+// The probability beside logit element i (of the logits binding).
+fn probability(i: u32) -> f32 {
+    return bitcast<f32>(target_word(i - params.logits_offset + params.targets_offset));
+}
+
+// The probabilities beside the logits vec4 v.
+fn probabilities4(v: u32) -> vec4<f32> {
+    let i = v * 4u - params.logits_offset + params.targets_offset;
+    if TARGETS_ALIGNED {
+        return bitcast<vec4<f32>>(targets[i / 4u]);
+    }
+    return bitcast<vec4<f32>>(vec4(target_word(i), target_word(i + 1u), target_word(i + 2u), target_word(i + 3u)));
+}
+
+// Effective target weights a_k of the four logits of vec4 v, whose first class is k.
 fn target_weights4(v: u32, k: u32) -> vec4<f32> {
     if TARGET_KIND == TARGET_PROBABILITIES {
-        let p = bitcast<vec4<f32>>(targets[v]);
+        let p = probabilities4(v);
         return class_weights4(k) * (p * (1.0 - params.smoothing) + params.smoothing_per_class);
     }
     return class_weights4(k) * params.smoothing_per_class;
@@ -78,8 +176,7 @@ fn target_weights4(v: u32, k: u32) -> vec4<f32> {
 
 fn target_weight1(i: u32, k: u32) -> f32 {
     if TARGET_KIND == TARGET_PROBABILITIES {
-        let p = bitcast<f32>(targets[i / 4u][i % 4u]);
-        return class_weight(k) * (p * (1.0 - params.smoothing) + params.smoothing_per_class);
+        return class_weight(k) * (probability(i) * (1.0 - params.smoothing) + params.smoothing_per_class);
     }
     return class_weight(k) * params.smoothing_per_class;
 }
@@ -97,94 +194,140 @@ fn targets4(v: u32, first: u32) -> vec4<f32> {
     return vec4(0.0);
 }
 
-fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>) {
+// Whether any of z is finite and beyond ±LOGIT_LIMIT.
+fn wild4(z: vec4<f32>) -> bool {
+    let a = abs(z);
+    return any((a > vec4(LOGIT_LIMIT)) & (a <= vec4(F32_MAX)));
+}
+
+fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>) -> bool {
     fold4(st, z, t, FOLD_TARGETS);
     if ENTROPY {
         let h = entropy_terms(t);
         (*st).h += (h.x + h.y) + (h.z + h.w);
     }
+    return wild4(z);
 }
 
-fn fold_scalar(st: ptr<function, RowStats>, i: u32, k: u32) {
+fn fold_scalar(st: ptr<function, RowStats>, i: u32, k: u32) -> bool {
     var t = 0.0;
     if FOLD_TARGETS {
         t = target_weight1(i, k);
     }
-    fold1(st, logit(i), t, FOLD_TARGETS);
+    let z = logit(i);
+    fold1(st, z, t, FOLD_TARGETS);
     if ENTROPY {
         (*st).h += entropy_terms(vec4(t, 0.0, 0.0, 0.0)).x;
     }
+    return wild4(vec4(z, 0.0, 0.0, 0.0));
 }
 
-// Folds the elements of `row` that fall to `lane` of the `lanes` lanes sharing it.
-fn fold_row(row: u32, lane: u32, lanes: u32) -> RowStats {
+// The first logit element of chunk row r.
+fn row_first(r: u32) -> u32 {
+    return params.logits_offset + r * params.classes;
+}
+
+// Folds the elements of chunk row r that fall to `lane` of the `lanes` lanes sharing it.
+// The planner bounds classes / lanes (src/gpu/planner.rs, MAX_ELEMENTS_PER_LANE): some drivers
+// end long shader loops early (llvmpipe after 65,535 iterations) or kill long dispatches.
+fn fold_row(r: u32, lane: u32, lanes: u32) -> RowStats {
     var st = row_stats_empty();
-    let first = row * params.classes;
+    var wild = false;
+    let first = row_first(r);
     let end = first + params.classes;
     if !VEC4 {
         for (var i = first + lane; i < end; i += lanes) {
-            fold_scalar(&st, i, i - first);
+            wild = fold_scalar(&st, i, i - first) || wild;
         }
-        return st;
+    } else {
+        // Whole vec4s inside the row, then the ≤ 3 logits before and the ≤ 3 after them.
+        let v_first = (first + 3u) / 4u;
+        let v_end = max(end / 4u, v_first);
+        // Two loads in flight per lane before either is used.
+        var v = v_first + lane;
+        for (; v + lanes < v_end; v += 2u * lanes) {
+            let z0 = logits[v];
+            let z1 = logits[v + lanes];
+            let t0 = targets4(v, first);
+            let t1 = targets4(v + lanes, first);
+            wild = fold_loaded(&st, z0, t0) || wild;
+            wild = fold_loaded(&st, z1, t1) || wild;
+        }
+        if v < v_end {
+            wild = fold_loaded(&st, logits[v], targets4(v, first)) || wild;
+        }
+        // A row shorter than the gap to the next aligned vec4 is all head and has no tail.
+        let head_end = min(v_first * 4u, end);
+        let tail_start = min(max(v_end * 4u, head_end), end);
+        let head = head_end - first;
+        let ragged = head + (end - tail_start);
+        for (var q = lane; q < ragged; q += lanes) {
+            let i = select(tail_start + (q - head), first + q, q < head);
+            wild = fold_scalar(&st, i, i - first) || wild;
+        }
     }
-    // Whole vec4s inside the row, then the ≤ 3 logits before and the ≤ 3 after them.
-    let v_first = (first + 3u) / 4u;
-    let v_end = max(end / 4u, v_first);
-    // Two loads in flight per lane before either is used.
-    var v = v_first + lane;
-    for (; v + lanes < v_end; v += 2u * lanes) {
-        let z0 = logits[v];
-        let z1 = logits[v + lanes];
-        let t0 = targets4(v, first);
-        let t1 = targets4(v + lanes, first);
-        fold_loaded(&st, z0, t0);
-        fold_loaded(&st, z1, t1);
-    }
-    if v < v_end {
-        fold_loaded(&st, logits[v], targets4(v, first));
-    }
-    // A row shorter than the gap to the next aligned vec4 is all head and has no tail.
-    let head_end = min(v_first * 4u, end);
-    let tail_start = min(max(v_end * 4u, head_end), end);
-    let head = head_end - first;
-    let ragged = head + (end - tail_start);
-    for (var r = lane; r < ragged; r += lanes) {
-        let i = select(tail_start + (r - head), first + r, r < head);
-        fold_scalar(&st, i, i - first);
+    if wild {
+        atomicMax(&status.out_of_range, flag_row(r));
     }
     return st;
 }
 
-// Completes a row from its merged stats: adds the class-index target term, writes the row's
-// results and returns its (loss, entropy) for the workgroup sums. An ignored row (class
-// index −1) has loss 0 but still gets its log-sum-exp.
-fn finish_row(row: u32, st: RowStats) -> vec2<f32> {
+// Completes chunk row r from its merged stats: adds the class-index target term, writes the
+// row's results and returns its (loss, entropy, mean-denominator weight, ignored) for the
+// workgroup sums. An ignored row has loss 0 but still gets its log-sum-exp.
+fn finish_row(r: u32, st: RowStats) -> vec4<f32> {
     let log_s = log(st.s);
+    let lse = st.m + log_s;
     var a = st.a;
     var b = st.b;
-    var loss = 0.0;
+    let row = params.first_row + r;
     if TARGET_KIND == TARGET_CLASS_INDEX {
-        let y = class_index(row);
-        if y >= 0 {
-            let w = (1.0 - params.smoothing) * class_weight(u32(y));
-            a += w * (logit(row * params.classes + u32(y)) - st.m);
-            b += w;
-            loss = b * log_s - a;
+        let y = target_class(r);
+        if y == -1 {
+            results[row] = vec4(0.0, lse, 0.0, 0.0);
+            return vec4(0.0, 0.0, 0.0, 1.0);
         }
-    } else if TARGET_KIND == TARGET_PROBABILITIES {
-        loss = b * log_s - a;
+        if y < 0 {
+            let nan = bitcast<f32>(0x7fc00000u);
+            results[row].x = nan;
+            results[row].y = lse;
+            return vec4(nan, 0.0, 0.0, 0.0);
+        }
+        let w_y = class_weight(u32(y));
+        let w = (1.0 - params.smoothing) * w_y;
+        a += w * (logit(row_first(r) + u32(y)) - st.m);
+        b += w;
+        let loss = b * log_s - a;
+        results[row] = vec4(loss, lse, 0.0, 0.0);
+        return vec4(loss, 0.0, w_y, 0.0);
     }
-    row_results[row] = vec4(loss, st.m + log_s, st.h, 0.0);
-    return vec2(loss, st.h);
+    if TARGET_KIND == TARGET_PROBABILITIES {
+        let loss = b * log_s - a;
+        results[row] = vec4(loss, lse, st.h, 0.0);
+        return vec4(loss, st.h, 1.0, 0.0);
+    }
+    // Statistics only (log-sum-exp, log-softmax): m and ln s too.
+    results[row] = vec4(0.0, lse, st.m, log_s);
+    return vec4(0.0);
 }
 
-// Sums one (loss, entropy) per row of this workgroup into group_sums[group], in a fixed order
-// (no atomics: bit-reproducible). Each row's lane 0 holds its value; every other lane holds 0.
-fn write_group_sum(v: vec2<f32>, group: u32, lid: u32) {
+// Sums one value per row of this workgroup into group_sums, in a fixed order (no atomics:
+// bit-reproducible). Each row's lane 0 holds its value; every other lane holds 0.
+fn write_group_sum(v: vec4<f32>, group: u32, lid: u32) {
     let total = sum_workgroup(v, lid);
     if lid == 0u {
-        group_sums[group] = total;
+        results[params.groups_at + params.group_base + group] = total;
     }
+}
+
+fn store_split_stats(i: u32, st: RowStats) {
+    results[params.split_at + 2u * i] = vec4(st.m, st.s, st.a, st.b);
+    results[params.split_at + 2u * i + 1u] = vec4(st.h, 0.0, 0.0, 0.0);
+}
+
+fn load_split_stats(i: u32) -> RowStats {
+    let x = results[params.split_at + 2u * i];
+    return RowStats(x.x, x.y, x.z, x.w, results[params.split_at + 2u * i + 1u].x);
 }
 
 // A lane's row, and the row's stats merged over its lanes: over the whole row, or over this
@@ -196,9 +339,14 @@ struct LaneRow {
     stats: RowStats,
 }
 
+// The first chunk row of a workgroup of the row kernels.
+fn group_first_row(group: u32) -> u32 {
+    return (group / SPLIT) * ROWS_PER_GROUP;
+}
+
 fn gather_row(group: u32, lid: u32) -> LaneRow {
     let lane = lid % LANES_PER_ROW;
-    let row = (group / SPLIT) * ROWS_PER_GROUP + lid / LANES_PER_ROW;
+    let row = group_first_row(group) + lid / LANES_PER_ROW;
     // Lanes past the last row still take part: every lane must reach the reduction's barriers.
     let live = row < params.rows;
     var st = row_stats_empty();

@@ -75,16 +75,16 @@ pub fn cross_entropy(
 ) -> Result<LossOutput> {
     spec.validate(&logits, &targets)?;
     let classes = logits.classes();
-    let eps = spec.get_label_smoothing();
+    let eps = spec.label_smoothing();
     let per_class = eps / classes as f64;
-    let weight = |k: usize| spec.get_weights().map_or(1.0, |w| w[k] as f64);
+    let weight = |k: usize| spec.weights().map_or(1.0, |w| w[k] as f64);
 
     let lse = log_sum_exp(logits);
     let mut per_row = Vec::with_capacity(logits.rows());
     let mut denominator = 0.0;
     let mut ignored = 0;
     let mut entropy = match targets {
-        Targets::Probabilities(_) if spec.get_weights().is_none() => Some(Vec::new()),
+        Targets::Probabilities(_) if spec.weights().is_none() => Some(Vec::new()),
         _ => None,
     };
 
@@ -130,7 +130,7 @@ pub fn cross_entropy(
         per_row.push(loss);
     }
     Ok(LossOutput::from_parts(
-        spec.get_reduction(),
+        spec.reduction(),
         classes,
         denominator,
         per_row,

@@ -89,6 +89,26 @@ pub enum XentError {
         /// Which invariant.
         why: &'static str,
     },
+    /// A finite logit beyond ±2^64: the GPU computes in f32, where differences and weighted
+    /// sums of such values overflow while the f64 reference stays finite.
+    #[error(
+        "logits: row {row} has a finite logit beyond ±2^64 (1.8e19), where the GPU's f32 arithmetic overflows; rescale the logits or use the CPU reference"
+    )]
+    LogitOutOfRange {
+        /// The first such row.
+        row: usize,
+    },
+    /// A device buffer given as an input cannot be read as asked.
+    #[error("{what}: {why}")]
+    DeviceBuffer {
+        /// Which input.
+        what: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A call does not fit the prepared loss it was given to.
+    #[error("prepared loss: {0}")]
+    NotPrepared(String),
     /// No GPU adapter could be found.
     #[error(
         "no GPU adapter found ({detail}). Install a GPU driver with Vulkan, Metal or DX12 support, or, on a headless Linux machine, Mesa's software Vulkan: apt-get install mesa-vulkan-drivers"

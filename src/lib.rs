@@ -9,7 +9,7 @@
 //!
 //! let logits = [2.0_f32, 0.5, -1.0, 0.1, 0.2, 3.0]; // [2, 3]
 //! let classes = [0_i64, 2];
-//! let spec = CrossEntropy::new().reduction(Reduction::Mean).label_smoothing(0.1);
+//! let spec = CrossEntropy::new().with_reduction(Reduction::Mean).with_label_smoothing(0.1);
 //!
 //! let gpu = GpuContext::new()?;
 //! let out = gpu.cross_entropy(&spec, Logits::new(&logits, 2, 3)?, Targets::ClassIndices(&classes))?;

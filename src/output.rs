@@ -2,6 +2,28 @@
 
 use crate::spec::Reduction;
 
+/// The reduced outputs of one call, as a prepared loss reads them from its small result
+/// buffer (no per-row values).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossTotals {
+    /// The reduction the spec asked for.
+    pub reduction: Reduction,
+    /// The reduced loss: `Some(sum)` or `Some(mean)`; `None` for [`Reduction::None`].
+    pub loss: Option<f64>,
+    /// `Σ_i l_i` over all rows (ignored rows count 0).
+    pub sum: f64,
+    /// The mean's denominator: `Σ_{i not ignored} w_{y_i}` for class indices, `N` for probabilities.
+    pub mean_denominator: f64,
+    /// `Σ_i H(p̃_i)`, for probability targets without class weights.
+    pub entropy_sum: Option<f64>,
+    /// Rows whose class index was the ignore index.
+    pub ignored_rows: usize,
+    /// N.
+    pub rows: usize,
+    /// C.
+    pub classes: usize,
+}
+
 /// The outputs of one cross-entropy call.
 ///
 /// With probability targets (and no class weights) the per-row entropy `H(p̃)` of the
@@ -97,6 +119,26 @@ impl LossOutput {
             ignored_rows,
             classes,
         }
+    }
+
+    /// The totals with the per-row values of the same call.
+    pub(crate) fn from_totals(
+        totals: LossTotals,
+        per_row: Vec<f64>,
+        log_sum_exp: Vec<f64>,
+        entropy: Option<Vec<f64>>,
+    ) -> Self {
+        Self::with_sums(
+            totals.reduction,
+            totals.classes,
+            totals.sum,
+            totals.mean_denominator,
+            per_row,
+            log_sum_exp,
+            entropy,
+            totals.entropy_sum,
+            totals.ignored_rows,
+        )
     }
 
     /// Appends the output of the rows that follow (a later batch of the same stream), so a

@@ -48,9 +48,9 @@ impl std::str::FromStr for Reduction {
 /// ```
 /// use xent::{CrossEntropy, Reduction};
 /// let spec = CrossEntropy::new()
-///     .reduction(Reduction::Sum)
-///     .ignore_index(-100)
-///     .label_smoothing(0.1);
+///     .with_reduction(Reduction::Sum)
+///     .with_ignore_index(-100)
+///     .with_label_smoothing(0.1);
 /// # let _ = spec;
 /// ```
 ///
@@ -77,46 +77,46 @@ impl CrossEntropy {
     }
 
     /// Sets the reduction.
-    pub fn reduction(mut self, reduction: Reduction) -> Self {
+    pub fn with_reduction(mut self, reduction: Reduction) -> Self {
         self.reduction = reduction;
         self
     }
 
     /// Sets one weight per class (PyTorch's `weight`).
-    pub fn weights(mut self, weights: impl Into<Vec<f32>>) -> Self {
+    pub fn with_weights(mut self, weights: impl Into<Vec<f32>>) -> Self {
         self.weights = Some(weights.into());
         self
     }
 
     /// Rows whose class index equals `index` contribute nothing (PyTorch's `ignore_index`).
-    pub fn ignore_index(mut self, index: i64) -> Self {
+    pub fn with_ignore_index(mut self, index: i64) -> Self {
         self.ignore_index = Some(index);
         self
     }
 
     /// Label smoothing ε in `[0, 1]`.
-    pub fn label_smoothing(mut self, epsilon: f64) -> Self {
+    pub fn with_label_smoothing(mut self, epsilon: f64) -> Self {
         self.label_smoothing = epsilon;
         self
     }
 
     /// The reduction in force.
-    pub fn get_reduction(&self) -> Reduction {
+    pub fn reduction(&self) -> Reduction {
         self.reduction
     }
 
     /// The class weights, if any.
-    pub fn get_weights(&self) -> Option<&[f32]> {
+    pub fn weights(&self) -> Option<&[f32]> {
         self.weights.as_deref()
     }
 
     /// The ignore index, if any.
-    pub fn get_ignore_index(&self) -> Option<i64> {
+    pub fn ignore_index(&self) -> Option<i64> {
         self.ignore_index
     }
 
     /// The label smoothing ε.
-    pub fn get_label_smoothing(&self) -> f64 {
+    pub fn label_smoothing(&self) -> f64 {
         self.label_smoothing
     }
 
@@ -129,21 +129,7 @@ impl CrossEntropy {
     /// computing anything, so errors are the same on the GPU and the CPU.
     pub fn validate(&self, logits: &Logits<'_>, targets: &Targets<'_>) -> Result<()> {
         let (rows, classes) = (logits.rows(), logits.classes());
-        let eps = self.label_smoothing;
-        if !(0.0..=1.0).contains(&eps) {
-            return Err(XentError::LabelSmoothing(eps));
-        }
-        if let Some(w) = &self.weights {
-            if w.len() != classes {
-                return Err(XentError::WeightsLength {
-                    expected: classes,
-                    got: w.len(),
-                });
-            }
-            if let Some((index, &value)) = w.iter().enumerate().find(|(_, w)| !w.is_finite()) {
-                return Err(XentError::WeightNotFinite { index, value });
-            }
-        }
+        self.validate_options(classes, targets.is_probabilities())?;
         match targets {
             Targets::ClassIndices(y) => {
                 if y.len() != rows {
@@ -167,9 +153,6 @@ impl CrossEntropy {
                 }
             }
             Targets::Probabilities(p) => {
-                if self.ignore_index.is_some() {
-                    return Err(XentError::IgnoreIndexWithProbabilities);
-                }
                 if p.len() != logits.values().len() {
                     return Err(XentError::TargetsShape {
                         expected: logits.values().len(),
@@ -178,6 +161,33 @@ impl CrossEntropy {
                     });
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Checks the options that do not depend on the data: smoothing in `[0, 1]`, one finite
+    /// weight per class, no ignore index with probability targets.
+    pub fn validate_options(&self, classes: usize, probabilities: bool) -> Result<()> {
+        if classes == 0 {
+            return Err(XentError::NoClasses);
+        }
+        let eps = self.label_smoothing;
+        if !(0.0..=1.0).contains(&eps) {
+            return Err(XentError::LabelSmoothing(eps));
+        }
+        if let Some(w) = &self.weights {
+            if w.len() != classes {
+                return Err(XentError::WeightsLength {
+                    expected: classes,
+                    got: w.len(),
+                });
+            }
+            if let Some((index, &value)) = w.iter().enumerate().find(|(_, w)| !w.is_finite()) {
+                return Err(XentError::WeightNotFinite { index, value });
+            }
+        }
+        if probabilities && self.ignore_index.is_some() {
+            return Err(XentError::IgnoreIndexWithProbabilities);
         }
         Ok(())
     }

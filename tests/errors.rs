@@ -139,7 +139,7 @@ fn class_index_out_of_range_names_row_and_value() {
 
     // Negative, and not the ignore index.
     let labels = [0, -5, 1, -100];
-    let spec = CrossEntropy::new().ignore_index(-100);
+    let spec = CrossEntropy::new().with_ignore_index(-100);
     let err = on_both(|s| s.cross_entropy(&spec, logits(), Targets::ClassIndices(&labels)));
     assert!(
         matches!(
@@ -165,7 +165,7 @@ fn class_index_out_of_range_names_row_and_value() {
 #[test]
 fn ignore_index_with_probabilities() {
     let p = [1.0 / 3.0; 12];
-    let spec = CrossEntropy::new().ignore_index(-100);
+    let spec = CrossEntropy::new().with_ignore_index(-100);
     let err = on_both(|s| s.cross_entropy(&spec, logits(), Targets::Probabilities(&p)));
     assert!(
         matches!(err, XentError::IgnoreIndexWithProbabilities),
@@ -175,7 +175,7 @@ fn ignore_index_with_probabilities() {
 
 #[test]
 fn bad_class_weights() {
-    let spec = CrossEntropy::new().weights(vec![1.0, 2.0]);
+    let spec = CrossEntropy::new().with_weights(vec![1.0, 2.0]);
     let err = on_both(|s| s.cross_entropy(&spec, logits(), Targets::ClassIndices(&LABELS)));
     assert!(
         matches!(
@@ -188,7 +188,7 @@ fn bad_class_weights() {
         "{err}"
     );
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-        let spec = CrossEntropy::new().weights(vec![1.0, bad, 2.0]);
+        let spec = CrossEntropy::new().with_weights(vec![1.0, bad, 2.0]);
         let err = on_both(|s| s.cross_entropy(&spec, logits(), Targets::ClassIndices(&LABELS)));
         assert!(
             matches!(err, XentError::WeightNotFinite { index: 1, .. }),
@@ -200,13 +200,13 @@ fn bad_class_weights() {
 #[test]
 fn label_smoothing_outside_unit_interval() {
     for eps in [-0.1, 1.0001, f64::NAN, f64::INFINITY] {
-        let spec = CrossEntropy::new().label_smoothing(eps);
+        let spec = CrossEntropy::new().with_label_smoothing(eps);
         let err = on_both(|s| s.cross_entropy(&spec, logits(), Targets::ClassIndices(&LABELS)));
         assert!(matches!(err, XentError::LabelSmoothing(_)), "{err}");
     }
     // Both ends are allowed, as in PyTorch.
     for eps in [0.0, 1.0] {
-        let spec = CrossEntropy::new().label_smoothing(eps);
+        let spec = CrossEntropy::new().with_label_smoothing(eps);
         CpuReference
             .cross_entropy(&spec, logits(), Targets::ClassIndices(&LABELS))
             .unwrap();

@@ -17,12 +17,12 @@ struct Inputs {
 impl Inputs {
     fn load(case: &GoldenCase) -> Self {
         let soft = case.meta["soft_targets"].as_bool().unwrap();
-        let mut spec = CrossEntropy::new().label_smoothing(case.number("label_smoothing"));
+        let mut spec = CrossEntropy::new().with_label_smoothing(case.number("label_smoothing"));
         if let Some(i) = case.meta["ignore_index"].as_i64() {
-            spec = spec.ignore_index(i);
+            spec = spec.with_ignore_index(i);
         }
         if case.meta["class_weights"].as_bool().unwrap() {
-            spec = spec.weights(case.f32s("weights.npy"));
+            spec = spec.with_weights(case.f32s("weights.npy"));
         }
         Self {
             logits: case.f32s("logits.npy"),
@@ -51,8 +51,8 @@ impl Inputs {
 
     /// B per row: the total effective target weight (0 for an ignored row).
     fn target_mass(&self, classes: usize) -> Vec<f64> {
-        let eps = self.spec.get_label_smoothing();
-        let w = |k: usize| self.spec.get_weights().map_or(1.0, |w| w[k] as f64);
+        let eps = self.spec.label_smoothing();
+        let w = |k: usize| self.spec.weights().map_or(1.0, |w| w[k] as f64);
         let all: f64 = (0..classes).map(w).sum();
         if self.soft {
             self.probabilities
@@ -85,7 +85,7 @@ fn run(
     reduction: Reduction,
 ) -> LossOutput {
     let logits = Logits::new(&inputs.logits, case.rows(), case.classes()).unwrap();
-    let spec = inputs.spec.clone().reduction(reduction);
+    let spec = inputs.spec.clone().with_reduction(reduction);
     scorer
         .cross_entropy(&spec, logits, inputs.targets())
         .unwrap_or_else(|e| panic!("{}: {e}", case.name))

@@ -47,8 +47,8 @@ impl Problem {
     /// B per row under `spec` (see common::row_tolerance).
     fn mass(&self, spec: &CrossEntropy, soft: bool) -> Vec<f64> {
         let c = self.classes;
-        let eps = spec.get_label_smoothing();
-        let w = |k: usize| spec.get_weights().map_or(1.0, |w| w[k] as f64);
+        let eps = spec.label_smoothing();
+        let w = |k: usize| spec.weights().map_or(1.0, |w| w[k] as f64);
         let all: f64 = (0..c).map(w).sum();
         (0..self.rows)
             .map(|i| {
@@ -107,13 +107,13 @@ fn spec_from(
     smoothing: f64,
 ) -> CrossEntropy {
     let mut spec = CrossEntropy::new()
-        .reduction([Reduction::None, Reduction::Sum, Reduction::Mean][reduction as usize % 3])
-        .label_smoothing(smoothing);
+        .with_reduction([Reduction::None, Reduction::Sum, Reduction::Mean][reduction as usize % 3])
+        .with_label_smoothing(smoothing);
     if let Some(w) = weights {
-        spec = spec.weights(w);
+        spec = spec.with_weights(w);
     }
     if ignore {
-        spec = spec.ignore_index(-100);
+        spec = spec.with_ignore_index(-100);
     }
     spec
 }
@@ -156,7 +156,7 @@ fn odd_and_large_class_counts() {
             p.check(gpu, &CrossEntropy::new(), soft, None, "odd C");
             p.check(
                 gpu,
-                &CrossEntropy::new().label_smoothing(0.2),
+                &CrossEntropy::new().with_label_smoothing(0.2),
                 soft,
                 Some(Strategy::NAIVE),
                 "odd C naive",
@@ -173,7 +173,7 @@ fn more_rows_than_one_grid_dimension() {
     for soft in [false, true] {
         p.check(
             gpu,
-            &CrossEntropy::new().reduction(Reduction::Sum),
+            &CrossEntropy::new().with_reduction(Reduction::Sum),
             soft,
             Some(Strategy::NAIVE),
             "70k rows naive",
@@ -190,7 +190,7 @@ fn rows_longer_than_131072_classes() {
         p.check(gpu, &CrossEntropy::new(), soft, None, "long rows");
         p.check(
             gpu,
-            &CrossEntropy::new().label_smoothing(0.1),
+            &CrossEntropy::new().with_label_smoothing(0.1),
             soft,
             Some(Strategy::NAIVE),
             "long rows naive",
@@ -219,7 +219,7 @@ fn negative_infinity_masks() {
     p.logits[..classes].fill(f32::NEG_INFINITY);
     let plain = p.check(
         gpu,
-        &CrossEntropy::new().reduction(Reduction::None),
+        &CrossEntropy::new().with_reduction(Reduction::None),
         false,
         None,
         "masked",
@@ -229,7 +229,7 @@ fn negative_infinity_masks() {
     // Smoothing puts mass on masked classes: +inf, as in PyTorch.
     let smooth = p.check(
         gpu,
-        &CrossEntropy::new().label_smoothing(0.1),
+        &CrossEntropy::new().with_label_smoothing(0.1),
         false,
         None,
         "masked smoothing",
@@ -255,7 +255,7 @@ fn large_offsets_cost_no_precision() {
     for offset in [1e4f32, 1e6, -1e6] {
         let p = Problem::random(7, 50, 1000, 5.0, offset);
         for soft in [false, true] {
-            let spec = CrossEntropy::new().reduction(Reduction::None);
+            let spec = CrossEntropy::new().with_reduction(Reduction::None);
             let got = p.check(gpu, &spec, soft, None, "offset");
             // The GPU keeps A relative to the running max, so z − m is exact and the error
             // is that of Σ exp, not of the offset: far tighter than ulp(1e6) = 0.0625.
@@ -329,9 +329,9 @@ fn every_strategy_agrees_with_the_reference() {
         let specs = [
             CrossEntropy::new(),
             CrossEntropy::new()
-                .label_smoothing(0.3)
-                .weights(weights.clone())
-                .reduction(Reduction::Sum),
+                .with_label_smoothing(0.3)
+                .with_weights(weights.clone())
+                .with_reduction(Reduction::Sum),
         ];
         for s in strategies(gpu) {
             for spec in &specs {
@@ -360,7 +360,7 @@ fn chunked_batches_match_whole_ones() {
                 ..Strategy::NAIVE
             }),
         ] {
-            let spec = CrossEntropy::new().label_smoothing(0.05);
+            let spec = CrossEntropy::new().with_label_smoothing(0.05);
             let chunked = p.check(&small, &spec, soft, s, "chunked");
             let whole = p.check(gpu, &spec, soft, s, "whole");
             // Each row's arithmetic does not depend on the chunk it falls in.
@@ -385,7 +385,7 @@ fn results_are_bit_identical_across_runs() {
     let Some(gpu) = gpu() else { return };
     let p = Problem::random(11, 3000, 517, 20.0, 0.0);
     for soft in [false, true] {
-        let spec = CrossEntropy::new().label_smoothing(0.1);
+        let spec = CrossEntropy::new().with_label_smoothing(0.1);
         let first = gpu
             .cross_entropy(&spec, p.logits(), p.targets(soft))
             .unwrap();
@@ -456,7 +456,7 @@ fn empty_batch_gives_pytorch_values() {
         for (reduction, want) in [(Reduction::Sum, Some(0.0)), (Reduction::None, None)] {
             let out = scorer
                 .cross_entropy(
-                    &CrossEntropy::new().reduction(reduction),
+                    &CrossEntropy::new().with_reduction(reduction),
                     logits,
                     Targets::ClassIndices(&[]),
                 )
@@ -482,7 +482,7 @@ fn runs_on_a_device_the_caller_owns() {
     for soft in [false, true] {
         p.check(
             &ctx,
-            &CrossEntropy::new().label_smoothing(0.1),
+            &CrossEntropy::new().with_label_smoothing(0.1),
             soft,
             None,
             "caller's device",

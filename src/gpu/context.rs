@@ -1,5 +1,6 @@
 //! The GPU context: adapter choice, device, pipelines, and error capture.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Result, XentError};
@@ -98,6 +99,8 @@ pub struct Gpu {
     pub(crate) pipelines: Pipelines,
     pub(crate) facts: DeviceFacts,
     lost: Arc<Mutex<Option<String>>>,
+    /// Device buffers xent has created on this device.
+    buffers_created: AtomicU64,
 }
 
 impl Gpu {
@@ -165,6 +168,7 @@ impl Gpu {
                 .min(limits.max_compute_invocations_per_workgroup),
             subgroup_lanes: subgroup_lanes(&device, &info),
             cpu: info.device_type == wgpu::DeviceType::Cpu,
+            binding_alignment: limits.min_storage_buffer_offset_alignment.max(16) as u64,
         };
         let pipelines = with_error_scopes(&device, "compiling the shaders", || {
             Ok(Pipelines::new(&device, facts.subgroup_lanes))
@@ -176,7 +180,91 @@ impl Gpu {
             info,
             facts,
             lost,
+            buffers_created: AtomicU64::new(0),
         })
+    }
+
+    /// Device buffers xent has created on this device so far.
+    pub(crate) fn buffers_created(&self) -> u64 {
+        self.buffers_created.load(Ordering::Relaxed)
+    }
+
+    /// Creates a buffer (every buffer xent makes comes from here, and is counted).
+    pub(crate) fn buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.buffers_created.fetch_add(1, Ordering::Relaxed);
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A storage buffer of at least `bytes`, rounded up to whole vec4s (and at least 32 bytes:
+    /// an unused binding still needs room for one element of its array).
+    pub(crate) fn storage_buffer(
+        &self,
+        label: &str,
+        bytes: u64,
+        extra: wgpu::BufferUsages,
+    ) -> wgpu::Buffer {
+        let size = bytes.max(32).next_multiple_of(16);
+        self.buffer(label, size, wgpu::BufferUsages::STORAGE | extra)
+    }
+
+    /// A buffer to copy results into and map.
+    pub(crate) fn readback_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        let size = bytes.max(16).next_multiple_of(16);
+        self.buffer(
+            label,
+            size,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )
+    }
+
+    /// Maps `buffers` (each with the byte count wanted), waits, and copies their contents out.
+    pub(crate) fn read_back(&self, buffers: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>> {
+        let receivers: Vec<_> = buffers
+            .iter()
+            .map(|(buffer, bytes)| {
+                let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
+                buffer
+                    .slice(..*bytes)
+                    .map_async(wgpu::MapMode::Read, move |r| {
+                        let _ = tx.send(r);
+                    });
+                rx
+            })
+            .collect();
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| XentError::Gpu {
+                context: "waiting for the device".into(),
+                detail: e.to_string(),
+            })?;
+        let mut out = Vec::with_capacity(buffers.len());
+        for ((buffer, bytes), rx) in buffers.iter().zip(receivers) {
+            match pollster::block_on(rx.receive()) {
+                Some(Ok(())) => {}
+                other => {
+                    return Err(XentError::Gpu {
+                        context: "reading results back".into(),
+                        detail: format!("buffer map failed: {other:?}"),
+                    });
+                }
+            }
+            let view = buffer
+                .slice(..*bytes)
+                .get_mapped_range()
+                .map_err(|e| XentError::Gpu {
+                    context: "reading results back".into(),
+                    detail: e.to_string(),
+                })?;
+            out.push(view.to_vec());
+            drop(view);
+            buffer.unmap();
+        }
+        Ok(out)
     }
 
     /// Runs `work` with wgpu's errors captured as [`XentError`]s, failing first if the device

@@ -1,17 +1,24 @@
 //! The GPU path: a context that owns (or borrows) a wgpu device, compiles the kernels once,
-//! and scores batches of any size.
+//! and scores batches of any size, from host slices or from the caller's device buffers
+//! through a [`PreparedLoss`].
 
 mod context;
-mod job;
+mod host;
 pub mod pipelines;
 pub mod planner;
+mod prepared;
 mod timing;
+mod views;
 
 pub use context::{
     GpuOptions, WANTED_FEATURES, describe_adapter, enumerate_adapters, select_adapter,
 };
 pub use planner::{DeviceFacts, Strategy};
+pub use prepared::PreparedLoss;
 pub use timing::{ReadBandwidth, Timer, Timing};
+pub use views::{DeviceLogits, DeviceTargets, IndexType, LossShape, TargetLayout};
+
+use std::sync::{Arc, Mutex};
 
 use crate::Scorer;
 use crate::error::Result;
@@ -21,13 +28,15 @@ use crate::spec::CrossEntropy;
 use crate::targets::Targets;
 
 use context::Gpu;
-use job::{Job, JobTargets};
-use pipelines::{Kernel, LossVariant, TargetKind};
+use host::{HostLoss, HostTargets};
+use prepared::{Output, Setup};
 
 /// A GPU device ready to compute losses. Pipelines are compiled once per context (on first
 /// use of each variant); calls take `&self` and may come from several threads.
 pub struct GpuContext {
-    gpu: Gpu,
+    gpu: Arc<Gpu>,
+    /// Prepared losses of the host-slice path, reused across calls.
+    pool: Mutex<Vec<HostLoss>>,
 }
 
 impl GpuContext {
@@ -40,9 +49,7 @@ impl GpuContext {
 
     /// As [`GpuContext::new`], with options.
     pub fn with_options(options: GpuOptions) -> Result<Self> {
-        Ok(Self {
-            gpu: Gpu::open(&options)?,
-        })
+        Ok(Self::wrap(Gpu::open(&options)?))
     }
 
     /// Uses a device the caller already has. xent keeps clones of the handles and leaves the
@@ -52,9 +59,14 @@ impl GpuContext {
         queue: &wgpu::Queue,
         options: GpuOptions,
     ) -> Result<Self> {
-        Ok(Self {
-            gpu: Gpu::from_device(device, queue, &options)?,
-        })
+        Ok(Self::wrap(Gpu::from_device(device, queue, &options)?))
+    }
+
+    fn wrap(gpu: Gpu) -> Self {
+        Self {
+            gpu: Arc::new(gpu),
+            pool: Mutex::new(Vec::new()),
+        }
     }
 
     /// The adapter in use.
@@ -77,9 +89,40 @@ impl GpuContext {
         &self.gpu.facts
     }
 
+    /// How many device buffers xent has created on this context (prepared losses, the
+    /// host path's staging and read-back buffers): repeated calls of a prepared loss leave it
+    /// unchanged.
+    pub fn buffers_created(&self) -> u64 {
+        self.gpu.buffers_created()
+    }
+
     /// The strategy the planner picks for a shape.
     pub fn plan(&self, rows: usize, classes: usize) -> Strategy {
         planner::choose_strategy(rows, classes, &self.gpu.facts)
+    }
+
+    /// Prepares `spec` for calls of up to `shape.max_rows()` rows on device buffers: every
+    /// buffer, bind group and pipeline is made now (class weights uploaded once), so a call
+    /// allocates nothing. See [`PreparedLoss`].
+    pub fn prepare(&self, spec: &CrossEntropy, shape: LossShape) -> Result<PreparedLoss> {
+        let strategy = self.plan(shape.max_rows(), shape.classes());
+        self.prepare_with(spec, shape, strategy)
+    }
+
+    /// [`GpuContext::prepare`] with a strategy of the caller's choosing (benchmarks, tests).
+    pub fn prepare_with(
+        &self,
+        spec: &CrossEntropy,
+        shape: LossShape,
+        strategy: Strategy,
+    ) -> Result<PreparedLoss> {
+        let setup = Setup {
+            strategy,
+            targets: Some(shape.targets()),
+            output: Output::Loss,
+            chunk_cap: None,
+        };
+        PreparedLoss::new(self.gpu.clone(), spec, shape, setup)
     }
 
     /// Cross-entropy with the planner's strategy.
@@ -104,125 +147,51 @@ impl GpuContext {
     ) -> Result<LossOutput> {
         spec.validate(&logits, &targets)?;
         strategy.check(&self.gpu.facts)?;
-        let (job, denominator, ignored) = self.loss_job(spec, logits, targets, strategy);
-        let entropy = job.variant.entropy;
+        let probabilities = targets.is_probabilities();
         if logits.rows() == 0 {
+            let entropy = probabilities && spec.weights().is_none();
             return Ok(LossOutput::empty(
-                spec.get_reduction(),
+                spec.reduction(),
                 logits.classes(),
                 entropy,
             ));
         }
-        let out = job::run(&self.gpu, &job)?;
-        let column = |c: usize| out.rows.iter().map(|r| r[c] as f64).collect::<Vec<_>>();
-        Ok(LossOutput::with_sums(
-            spec.get_reduction(),
-            logits.classes(),
-            out.loss_sum,
-            denominator,
-            column(0),
-            column(1),
-            entropy.then(|| column(2)),
-            entropy.then_some(out.entropy_sum),
-            ignored,
-        ))
-    }
-
-    /// The device job for a validated loss call, with the mean's denominator and the
-    /// ignored-row count (which the host knows without the device).
-    fn loss_job<'a>(
-        &self,
-        spec: &'a CrossEntropy,
-        logits: Logits<'a>,
-        targets: Targets<'a>,
-        strategy: Strategy,
-    ) -> (Job<'a>, f64, usize) {
-        let probabilities = targets.is_probabilities();
-        let (job_targets, denominator, ignored) = device_targets(spec, &logits, targets);
-        let job = Job {
-            kernel: Kernel::CrossEntropy,
-            logits,
-            targets: job_targets,
-            weights: spec.get_weights(),
-            smoothing: spec.get_label_smoothing(),
-            strategy,
-            variant: LossVariant {
-                target: if probabilities {
-                    TargetKind::Probabilities
-                } else {
-                    TargetKind::ClassIndex
-                },
-                weights: spec.get_weights().is_some(),
-                smoothing: spec.get_label_smoothing() > 0.0,
-                entropy: probabilities && spec.get_weights().is_none(),
-            },
+        let host_targets = match targets {
+            Targets::ClassIndices(y) => HostTargets::ClassIndices(y),
+            Targets::Probabilities(p) => HostTargets::Probabilities(p),
         };
-        (job, denominator, ignored)
+        let layout = host_targets_layout(&host_targets);
+        let setup = HostLoss::setup(strategy, logits.classes(), layout, Output::Loss);
+        self.run_host(spec, logits, host_targets, setup)
     }
 
     /// Per-row log-sum-exp.
     pub fn log_sum_exp(&self, logits: Logits<'_>) -> Result<Vec<f64>> {
-        let out = self.run_targetless(Kernel::CrossEntropy, logits)?;
-        Ok(out.rows.iter().map(|r| r[1] as f64).collect())
+        if logits.rows() == 0 {
+            return Ok(Vec::new());
+        }
+        let strategy = self.plan(logits.rows(), logits.classes());
+        let setup = HostLoss::setup(strategy, logits.classes(), None, Output::Loss);
+        let out = self.run_host(&CrossEntropy::new(), logits, HostTargets::None, setup)?;
+        Ok(out.log_sum_exp)
     }
 
     /// Log-softmax `z_k − lse(z)`, row-major like the logits.
     pub fn log_softmax(&self, logits: Logits<'_>) -> Result<Vec<f32>> {
-        Ok(self.run_targetless(Kernel::LogSoftmax, logits)?.log_probs)
-    }
-
-    fn run_targetless(&self, kernel: Kernel, logits: Logits<'_>) -> Result<job::JobOutput> {
-        let mut strategy = self.plan(logits.rows(), logits.classes());
-        if kernel == Kernel::LogSoftmax {
-            strategy.split = 1;
-        }
         if logits.rows() == 0 {
-            return Ok(job::JobOutput {
-                rows: Vec::new(),
-                loss_sum: 0.0,
-                entropy_sum: 0.0,
-                log_probs: Vec::new(),
-            });
+            return Ok(Vec::new());
         }
-        let job = Job {
-            kernel,
-            logits,
-            targets: JobTargets::None,
-            weights: None,
-            smoothing: 0.0,
-            strategy,
-            variant: LossVariant::LSE_ONLY,
-        };
-        job::run(&self.gpu, &job)
+        let strategy = self.plan(logits.rows(), logits.classes());
+        let setup = HostLoss::setup(strategy, logits.classes(), None, Output::LogSoftmax);
+        self.run_host_log_softmax(logits, setup)
     }
 }
 
-/// Targets as the device takes them (ignored rows as class −1), with the mean's denominator
-/// and the ignored-row count, which the host knows without the device.
-fn device_targets<'a>(
-    spec: &CrossEntropy,
-    logits: &Logits<'_>,
-    targets: Targets<'a>,
-) -> (JobTargets<'a>, f64, usize) {
-    match targets {
-        Targets::Probabilities(p) => (JobTargets::Probabilities(p), logits.rows() as f64, 0),
-        Targets::ClassIndices(y) => {
-            let mut denominator = 0.0;
-            let mut ignored = 0;
-            let mapped = y
-                .iter()
-                .map(|&v| {
-                    if spec.is_ignored(v) {
-                        ignored += 1;
-                        -1
-                    } else {
-                        denominator += spec.get_weights().map_or(1.0, |w| w[v as usize] as f64);
-                        v as i32
-                    }
-                })
-                .collect();
-            (JobTargets::ClassIndices(mapped), denominator, ignored)
-        }
+fn host_targets_layout(t: &HostTargets<'_>) -> Option<TargetLayout> {
+    match t {
+        HostTargets::None => None,
+        HostTargets::ClassIndices(_) => Some(TargetLayout::ClassIndices(IndexType::I64)),
+        HostTargets::Probabilities(_) => Some(TargetLayout::Probabilities),
     }
 }
 

@@ -22,15 +22,18 @@ pub enum Kernel {
     CrossEntropy,
     /// Second pass of a split row (`merge_split_rows.wgsl`).
     MergeSplitRows,
-    /// Log-probabilities (`log_softmax.wgsl`).
+    /// The call's totals from the workgroup sums (`reduce_totals.wgsl`).
+    ReduceTotals,
+    /// Log-probabilities from the row statistics (`log_softmax.wgsl`).
     LogSoftmax,
 }
 
 impl Kernel {
     /// All kernels.
-    pub const ALL: [Kernel; 3] = [
+    pub const ALL: [Kernel; 4] = [
         Kernel::CrossEntropy,
         Kernel::MergeSplitRows,
+        Kernel::ReduceTotals,
         Kernel::LogSoftmax,
     ];
 
@@ -39,6 +42,7 @@ impl Kernel {
         match self {
             Kernel::CrossEntropy => "cross_entropy.wgsl",
             Kernel::MergeSplitRows => "merge_split_rows.wgsl",
+            Kernel::ReduceTotals => "reduce_totals.wgsl",
             Kernel::LogSoftmax => "log_softmax.wgsl",
         }
     }
@@ -47,6 +51,7 @@ impl Kernel {
         match self {
             Kernel::CrossEntropy => include_str!("../../shaders/cross_entropy.wgsl"),
             Kernel::MergeSplitRows => include_str!("../../shaders/merge_split_rows.wgsl"),
+            Kernel::ReduceTotals => include_str!("../../shaders/reduce_totals.wgsl"),
             Kernel::LogSoftmax => include_str!("../../shaders/log_softmax.wgsl"),
         }
     }
@@ -81,6 +86,12 @@ pub enum TargetKind {
 pub struct LossVariant {
     /// What the targets are.
     pub target: TargetKind,
+    /// Class indices are i64 (else i32).
+    pub index_i64: bool,
+    /// An ignore index is in force.
+    pub ignore: bool,
+    /// Probability targets share the logits' alignment (vec4 loads of both).
+    pub targets_aligned: bool,
     /// Class weights present.
     pub weights: bool,
     /// Label smoothing ε > 0.
@@ -93,6 +104,9 @@ impl LossVariant {
     /// Log-sum-exp only.
     pub const LSE_ONLY: LossVariant = LossVariant {
         target: TargetKind::None,
+        index_i64: false,
+        ignore: false,
+        targets_aligned: true,
         weights: false,
         smoothing: false,
         entropy: false,
@@ -114,7 +128,7 @@ impl PipelineKey {
     fn constants(&self, subgroup_lanes: u32) -> Vec<(&'static str, f64)> {
         let s = &self.strategy;
         let lanes = match self.kernel {
-            Kernel::MergeSplitRows => 1,
+            Kernel::MergeSplitRows | Kernel::ReduceTotals => 1,
             _ => s.lanes_per_row,
         };
         let v = &self.variant;
@@ -125,6 +139,9 @@ impl PipelineKey {
             ("SPLIT", s.split as f64),
             ("VEC4", flag(s.vec4)),
             ("TARGET_KIND", v.target as u32 as f64),
+            ("INDEX_I64", flag(v.index_i64)),
+            ("HAS_IGNORE", flag(v.ignore)),
+            ("TARGETS_ALIGNED", flag(v.targets_aligned)),
             ("HAS_WEIGHTS", flag(v.weights)),
             ("HAS_SMOOTHING", flag(v.smoothing)),
             ("ENTROPY", flag(v.entropy)),
@@ -136,33 +153,39 @@ impl PipelineKey {
     }
 }
 
-/// The binding slots of `rows.wgsl` (and `log_softmax.wgsl`'s output).
+/// The binding slots of `rows.wgsl`: group 0 holds what a prepared loss owns, group 1 the
+/// inputs of a call (the caller's buffers on the device path).
 pub mod slot {
-    /// Uniform `Params`.
+    /// Group 0: uniform `Params`, one per chunk at a dynamic offset.
     pub const PARAMS: u32 = 0;
-    /// Logits.
+    /// Group 0: class weights.
+    pub const WEIGHTS: u32 = 1;
+    /// Group 0: per-row results, workgroup sums and split-row stats.
+    pub const RESULTS: u32 = 2;
+    /// Group 0: status and totals.
+    pub const STATUS: u32 = 3;
+    /// Group 0: elementwise outputs (log-probabilities).
+    pub const OUTPUTS: u32 = 4;
+    /// Bindings in group 0.
+    pub const OWNED_COUNT: u32 = 5;
+    /// Group 1: the whole vec4s of the logits.
+    pub const LOGITS4: u32 = 0;
+    /// Group 1: the logits, element by element.
     pub const LOGITS: u32 = 1;
-    /// Targets.
-    pub const TARGETS: u32 = 2;
-    /// Class weights.
-    pub const WEIGHTS: u32 = 3;
-    /// Per-row results.
-    pub const ROW_RESULTS: u32 = 4;
-    /// Per-workgroup sums.
-    pub const GROUP_SUMS: u32 = 5;
-    /// Split-row partial stats.
-    pub const SPLIT_STATS: u32 = 6;
-    /// Log-probabilities out.
-    pub const LOG_PROBS: u32 = 7;
-    /// How many.
-    pub const COUNT: u32 = 8;
+    /// Group 1: the whole vec4s of the targets.
+    pub const TARGETS4: u32 = 2;
+    /// Group 1: the targets, word by word.
+    pub const TARGETS: u32 = 3;
+    /// Bindings in group 1.
+    pub const INPUT_COUNT: u32 = 4;
 }
 
-/// The shader modules, the one bind-group layout, and the pipelines compiled so far.
+/// The shader modules, the two bind-group layouts, and the pipelines compiled so far.
 pub struct Pipelines {
     modules: HashMap<(Kernel, bool), wgpu::ShaderModule>,
     subgroup_lanes: u32,
-    pub(crate) bind_group_layout: wgpu::BindGroupLayout,
+    pub(crate) owned_layout: wgpu::BindGroupLayout,
+    pub(crate) input_layout: wgpu::BindGroupLayout,
     layout: wgpu::PipelineLayout,
     compiled: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
 }
@@ -187,39 +210,46 @@ impl Pipelines {
                 ((k, sg), module)
             })
             .collect();
-        let entry = |binding: u32| {
-            let ty = match binding {
-                slot::PARAMS => wgpu::BufferBindingType::Uniform,
-                slot::LOGITS | slot::TARGETS | slot::WEIGHTS => {
-                    wgpu::BufferBindingType::Storage { read_only: true }
-                }
-                _ => wgpu::BufferBindingType::Storage { read_only: false },
-            };
-            wgpu::BindGroupLayoutEntry {
-                binding,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty,
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
-            }
+        let entry = |binding: u32, ty, dynamic| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty,
+                has_dynamic_offset: dynamic,
+                min_binding_size: None,
+            },
+            count: None,
         };
-        let entries: Vec<_> = (0..slot::COUNT).map(entry).collect();
-        let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("xent rows"),
-            entries: &entries,
+        let read = wgpu::BufferBindingType::Storage { read_only: true };
+        let write = wgpu::BufferBindingType::Storage { read_only: false };
+        let owned: Vec<_> = (0..slot::OWNED_COUNT)
+            .map(|binding| match binding {
+                slot::PARAMS => entry(binding, wgpu::BufferBindingType::Uniform, true),
+                slot::WEIGHTS => entry(binding, read, false),
+                _ => entry(binding, write, false),
+            })
+            .collect();
+        let inputs: Vec<_> = (0..slot::INPUT_COUNT)
+            .map(|binding| entry(binding, read, false))
+            .collect();
+        let owned_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("xent owned"),
+            entries: &owned,
+        });
+        let input_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("xent inputs"),
+            entries: &inputs,
         });
         let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some("xent rows"),
-            bind_group_layouts: &[Some(&bind_group_layout)],
+            bind_group_layouts: &[Some(&owned_layout), Some(&input_layout)],
             immediate_size: 0,
         });
         Self {
             modules,
             subgroup_lanes: subgroup_lanes.unwrap_or(0),
-            bind_group_layout,
+            owned_layout,
+            input_layout,
             layout,
             compiled: Mutex::new(HashMap::new()),
         }

@@ -6,6 +6,15 @@
 
 use crate::error::{Result, XentError};
 
+/// The most logits one lane folds (or writes) per row. Every shader loop is bounded by it:
+/// llvmpipe (Mesa's software Vulkan and GL) ends any loop after 65,535 iterations, silently,
+/// and real drivers kill dispatches that run too long. Rows longer than this times the lanes
+/// of a workgroup are split across workgroups.
+pub const MAX_ELEMENTS_PER_LANE: u64 = 32_768;
+
+/// The most workgroups that share one row.
+pub const MAX_SPLIT: u32 = 64;
+
 /// How rows are laid onto workgroups: every strategy is a set of pipeline constants of the
 /// same kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,6 +47,21 @@ impl Strategy {
     /// Rows one workgroup takes.
     pub fn rows_per_group(&self) -> u32 {
         self.workgroup_size / self.lanes_per_row
+    }
+
+    /// Rows per workgroup of the last pass over a chunk (the merge pass for a split row),
+    /// which writes one workgroup sum each.
+    pub fn rows_per_final_group(&self) -> u32 {
+        if self.split > 1 {
+            self.workgroup_size
+        } else {
+            self.rows_per_group()
+        }
+    }
+
+    /// Logits one lane folds in a row of `classes`.
+    pub fn elements_per_lane(&self, classes: usize) -> u64 {
+        (classes as u64).div_ceil(self.lanes_per_row as u64 * self.split as u64)
     }
 
     /// A short name for reports: `rows/wg`, `row/wg`, `split-row`, with `naive` for the baseline.
@@ -78,6 +102,9 @@ impl Strategy {
         if self.split == 0 || (self.split > 1 && self.lanes_per_row != self.workgroup_size) {
             return bad("a split row needs one row per workgroup");
         }
+        if self.split > MAX_SPLIT {
+            return bad("at most 64 workgroups may share a row");
+        }
         if self.subgroups {
             match device.subgroup_lanes {
                 None => return bad("this device has no subgroup operations"),
@@ -105,6 +132,8 @@ pub struct DeviceFacts {
     /// A CPU rasteriser (lavapipe, WARP): lanes run as SIMD across invocations, so scalar
     /// loads by neighbouring lanes beat per-lane vec4 loads there.
     pub cpu: bool,
+    /// Storage bindings start at multiples of this many bytes.
+    pub binding_alignment: u64,
 }
 
 /// Picks the strategy for a shape.
@@ -117,13 +146,16 @@ pub fn choose_strategy(rows: usize, classes: usize, device: &DeviceFacts) -> Str
         // fibres: keep each row inside one subgroup, and give each lane a long run of loads.
         let lanes =
             prev_power_of_two(vectors / 16).min(device.subgroup_lanes.unwrap_or(1) as usize) as u32;
-        return Strategy {
-            workgroup_size,
-            lanes_per_row: lanes,
-            split: 1,
-            vec4: true,
-            subgroups,
-        };
+        return bounded(
+            Strategy {
+                workgroup_size,
+                lanes_per_row: lanes,
+                split: 1,
+                vec4: true,
+                subgroups,
+            },
+            classes,
+        );
     }
     // About sixteen vec4 loads per lane before the row's lanes merge: on an H100, fewer lanes
     // per row beat more (8192 x 1000: 16 lanes 0.020 ms, 64 lanes 0.024, 256 lanes 0.048).
@@ -138,13 +170,30 @@ pub fn choose_strategy(rows: usize, classes: usize, device: &DeviceFacts) -> Str
     } else {
         1
     };
-    Strategy {
-        workgroup_size,
-        lanes_per_row,
-        split,
-        vec4: true,
-        subgroups,
+    bounded(
+        Strategy {
+            workgroup_size,
+            lanes_per_row,
+            split,
+            vec4: true,
+            subgroups,
+        },
+        classes,
+    )
+}
+
+/// Raises the lanes per row, then the split, until no lane folds more than
+/// [`MAX_ELEMENTS_PER_LANE`] logits of a row (as far as [`MAX_SPLIT`] allows; a longer row is
+/// refused by [`ChunkPlan::new`]).
+fn bounded(mut s: Strategy, classes: usize) -> Strategy {
+    while s.elements_per_lane(classes) > MAX_ELEMENTS_PER_LANE && s.lanes_per_row < s.workgroup_size
+    {
+        s.lanes_per_row *= 2;
     }
+    while s.elements_per_lane(classes) > MAX_ELEMENTS_PER_LANE && s.split < MAX_SPLIT {
+        s.split *= 2;
+    }
+    s
 }
 
 fn prev_power_of_two(x: usize) -> usize {
@@ -158,6 +207,10 @@ pub fn grid(groups: u32, max_per_dimension: u32) -> (u32, u32) {
 }
 
 /// How one call's rows are cut into chunks, each fitting every binding it uses.
+///
+/// Where one binding holds that many rows, every chunk but the last has a multiple of
+/// [`Strategy::rows_per_final_group`] rows, so a workgroup sum covers the same rows whatever
+/// the chunk size, and the call's totals do not depend on how it was cut.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkPlan {
     /// Rows per chunk (the last may be shorter).
@@ -167,35 +220,71 @@ pub struct ChunkPlan {
 }
 
 impl ChunkPlan {
-    /// Plans chunks for `rows × classes` f32 logits under `strategy`.
+    /// Plans chunks for `rows` rows of `classes` logits under `strategy`, where one row takes
+    /// `row_bytes[b]` bytes in binding `b` (logits, targets, outputs), each binding starting
+    /// up to `align` bytes before its data. `max_rows_per_chunk` caps the chunk further
+    /// (host uploads are pipelined in smaller chunks).
     pub fn new(
         rows: usize,
         classes: usize,
         strategy: &Strategy,
         device: &DeviceFacts,
+        row_bytes: &[u64],
+        max_rows_per_chunk: Option<usize>,
     ) -> Result<Self> {
         let limit = device.max_binding_bytes;
-        let row_bytes = classes as u64 * 4;
-        // Per row: the logits (and as much again for probability targets or log-probs), its
-        // 16-byte result, and `split` RowStats of 20 bytes.
-        let per_row_limits = [row_bytes, 16, 20 * strategy.split as u64];
-        let by_binding = per_row_limits.iter().map(|b| limit / b).min().unwrap_or(0);
-        if by_binding == 0 {
-            return Err(XentError::RowTooLarge {
-                classes,
-                row_bytes,
-                limit,
+        let align = device.binding_alignment;
+        let logits_row_bytes = classes as u64 * 4;
+        let too_large = XentError::RowTooLarge {
+            classes,
+            row_bytes: logits_row_bytes,
+            limit,
+        };
+        if strategy.elements_per_lane(classes) > MAX_ELEMENTS_PER_LANE {
+            if strategy.split >= MAX_SPLIT && strategy.lanes_per_row >= strategy.workgroup_size {
+                return Err(too_large);
+            }
+            return Err(XentError::InvalidStrategy {
+                strategy: strategy.name(),
+                why: "a lane would fold more than 32,768 logits of a row: use more lanes or a split",
             });
         }
-        // Keep the whole chunk on one 2-D grid.
+        // Per row: each binding's bytes, its 16-byte result, and `split` RowStats of 20 bytes.
+        let by_binding = row_bytes
+            .iter()
+            .copied()
+            .chain([16, 20 * strategy.split as u64])
+            .map(|b| limit.saturating_sub(align) / b.max(1))
+            .min()
+            .unwrap_or(0);
+        if by_binding == 0 {
+            return Err(too_large);
+        }
+        // Keep the whole chunk on one 2-D grid, and row indices within u32.
         let max_groups =
             device.max_groups_per_dimension as u64 * device.max_groups_per_dimension as u64;
         let by_grid = max_groups / strategy.split as u64 * strategy.rows_per_group() as u64;
-        let rows_per_chunk = by_binding.min(by_grid).min(u32::MAX as u64 / 2) as usize;
+        let cap = max_rows_per_chunk.map_or(u64::MAX, |c| c as u64);
+        let unit = strategy.rows_per_final_group() as u64;
+        let rows_per_chunk = by_binding.min(by_grid).min(u32::MAX as u64 / 2).min(cap);
+        // Whole final workgroups per chunk where a binding holds that many rows.
+        let rows_per_chunk = if rows_per_chunk >= rows as u64 {
+            rows as u64
+        } else if rows_per_chunk >= unit {
+            rows_per_chunk / unit * unit
+        } else {
+            rows_per_chunk
+        };
         Ok(Self {
-            rows_per_chunk: rows_per_chunk.min(rows).max(1),
+            rows_per_chunk: (rows_per_chunk as usize).max(1),
             rows,
         })
+    }
+
+    /// Workgroup sums of the whole call: one per final workgroup of each chunk.
+    pub fn final_groups(&self, strategy: &Strategy) -> usize {
+        let unit = strategy.rows_per_final_group() as usize;
+        self.chunks().map(|c| c.len().div_ceil(unit)).sum()
     }
 
     /// The row ranges, in order.

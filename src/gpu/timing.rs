@@ -15,10 +15,11 @@ use crate::logits::Logits;
 use crate::spec::CrossEntropy;
 use crate::targets::Targets;
 
-use super::GpuContext;
 use super::context::Gpu;
-use super::job::Resources;
-use super::planner::{ChunkPlan, Strategy, grid};
+use super::planner::{Strategy, grid};
+use super::{
+    DeviceLogits, DeviceTargets, GpuContext, IndexType, LossShape, PreparedLoss, TargetLayout,
+};
 
 /// How a time was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,9 +93,10 @@ impl GpuContext {
         }
     }
 
-    /// Times the cross-entropy kernels with `strategy`: every input set is uploaded once, then
-    /// `warmup` untimed and `runs` timed runs cycle through the sets (several sets keep
-    /// repeated runs from just re-reading a cache). Each set must fit one chunk.
+    /// Times the cross-entropy passes with `strategy` on device-resident inputs: every input
+    /// set is uploaded once, then `warmup` untimed and `runs` timed calls of one prepared
+    /// loss cycle through the sets (several sets keep repeated runs from just re-reading a
+    /// cache). All sets have one shape.
     pub fn time_cross_entropy(
         &self,
         spec: &CrossEntropy,
@@ -103,36 +105,134 @@ impl GpuContext {
         warmup: usize,
         runs: usize,
     ) -> Result<Timing> {
-        strategy.check(&self.gpu.facts)?;
-        let gpu = &self.gpu;
-        let mut prepared = Vec::with_capacity(sets.len());
-        for &(logits, targets) in sets {
-            spec.validate(&logits, &targets)?;
-            let plan = ChunkPlan::new(logits.rows(), logits.classes(), &strategy, &gpu.facts)?;
-            if plan.rows_per_chunk < logits.rows() || logits.rows() == 0 {
-                return Err(XentError::Gpu {
-                    context: "preparing a benchmark".into(),
-                    detail: format!(
-                        "{} rows do not fit one binding ({} rows do)",
-                        logits.rows(),
-                        plan.rows_per_chunk
-                    ),
-                });
-            }
-            let (job, _, _) = self.loss_job(spec, logits, targets, strategy);
-            let res = gpu.scoped("uploading benchmark inputs", || {
-                let res = Resources::new(gpu, &job, logits.rows());
-                res.upload(gpu, &job, 0..logits.rows());
-                Ok(res)
-            })?;
-            prepared.push((res, logits.rows()));
-        }
-        time_passes(gpu, warmup, runs, |encoder, run, timestamps| {
-            let (res, rows) = &prepared[run % prepared.len()];
-            res.encode(gpu, &strategy, *rows, encoder, timestamps);
+        let mut resident = self.resident_sets(spec, sets, strategy)?;
+        time_passes(&self.gpu, warmup, runs, |encoder, run, timestamps| {
+            resident.record(encoder, run, timestamps)
         })
     }
 
+    /// Wall-clock time of whole resident calls: record, submit, and read the totals, one
+    /// call after another on device-resident inputs (after `warmup` calls).
+    pub fn time_resident_calls(
+        &self,
+        spec: &CrossEntropy,
+        sets: &[(Logits<'_>, Targets<'_>)],
+        warmup: usize,
+        runs: usize,
+    ) -> Result<Timing> {
+        let (rows, classes) = sets.first().map_or((0, 1), |s| (s.0.rows(), s.0.classes()));
+        let mut resident = self.resident_sets(spec, sets, self.plan(rows, classes))?;
+        let mut call = |run: usize| -> Result<()> {
+            let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
+            resident.record(&mut encoder, run, None)?;
+            self.gpu.queue.submit([encoder.finish()]);
+            resident.loss.read_totals().map(|_| ())
+        };
+        wall_clock(warmup, runs, &mut call)
+    }
+
+    /// Wall-clock time of whole host calls ([`GpuContext::cross_entropy`]: upload, passes,
+    /// read-back of the results).
+    pub fn time_host_calls(
+        &self,
+        spec: &CrossEntropy,
+        sets: &[(Logits<'_>, Targets<'_>)],
+        warmup: usize,
+        runs: usize,
+    ) -> Result<Timing> {
+        let mut call = |run: usize| -> Result<()> {
+            let (logits, targets) = sets[run % sets.len()];
+            self.cross_entropy(spec, logits, targets).map(|_| ())
+        };
+        wall_clock(warmup, runs, &mut call)
+    }
+
+    /// Host-to-device copy bandwidth: `Queue::write_buffer` of `bytes` from host memory into a
+    /// device buffer, submitted and waited for, wall clock.
+    pub fn measure_copy_bandwidth(
+        &self,
+        bytes: u64,
+        warmup: usize,
+        runs: usize,
+    ) -> Result<ReadBandwidth> {
+        let gpu = &self.gpu;
+        let bytes = bytes.min(gpu.facts.max_binding_bytes) & !15;
+        let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+        let target = gpu.storage_buffer("xent copy target", bytes, wgpu::BufferUsages::COPY_DST);
+        let mut copy = |_| {
+            gpu.scoped("timing a copy", || {
+                gpu.queue.write_buffer(&target, 0, &data);
+                gpu.queue.submit([]);
+                gpu.device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .map(|_| ())
+                    .map_err(|e| XentError::Gpu {
+                        context: "waiting for the device".into(),
+                        detail: e.to_string(),
+                    })
+            })
+        };
+        let timing = wall_clock(warmup, runs, &mut copy)?;
+        Ok(ReadBandwidth { bytes, timing })
+    }
+
+    /// Uploads `sets` into device buffers and prepares one loss for them.
+    fn resident_sets(
+        &self,
+        spec: &CrossEntropy,
+        sets: &[(Logits<'_>, Targets<'_>)],
+        strategy: Strategy,
+    ) -> Result<ResidentSets> {
+        let gpu = &self.gpu;
+        let Some(&(first, first_targets)) = sets.first() else {
+            return Err(XentError::NotPrepared("no input sets to time".into()));
+        };
+        let (rows, classes) = (first.rows(), first.classes());
+        let layout = match first_targets {
+            Targets::ClassIndices(_) => TargetLayout::ClassIndices(IndexType::I64),
+            Targets::Probabilities(_) => TargetLayout::Probabilities,
+        };
+        let loss = self.prepare_with(spec, LossShape::new(rows, classes, layout), strategy)?;
+        if loss.rows_per_chunk() < rows {
+            return Err(XentError::NotPrepared(format!(
+                "{rows} rows do not fit one binding ({} rows do)",
+                loss.rows_per_chunk()
+            )));
+        }
+        let mut buffers = Vec::with_capacity(sets.len());
+        for &(logits, targets) in sets {
+            spec.validate(&logits, &targets)?;
+            if (logits.rows(), logits.classes()) != (rows, classes) {
+                return Err(XentError::NotPrepared(
+                    "input sets of different shapes".into(),
+                ));
+            }
+            let target_bytes: &[u8] = match targets {
+                Targets::ClassIndices(y) => bytemuck::cast_slice(y),
+                Targets::Probabilities(p) => bytemuck::cast_slice(p),
+            };
+            let pair = gpu.scoped("uploading benchmark inputs", || {
+                let upload = |label, bytes: &[u8]| {
+                    let b =
+                        gpu.storage_buffer(label, bytes.len() as u64, wgpu::BufferUsages::COPY_DST);
+                    gpu.queue.write_buffer(&b, 0, bytes);
+                    b
+                };
+                Ok((
+                    upload("xent bench logits", bytemuck::cast_slice(logits.values())),
+                    upload("xent bench targets", target_bytes),
+                ))
+            })?;
+            buffers.push(pair);
+        }
+        Ok(ResidentSets {
+            loss,
+            buffers,
+            rows,
+            classes,
+            layout,
+        })
+    }
     /// Measures the read bandwidth with `read_bandwidth.wgsl` over a buffer of about `bytes`
     /// (capped at one binding) filled with non-zero data.
     pub fn measure_read_bandwidth(
@@ -156,6 +256,7 @@ impl GpuContext {
             pass.set_bind_group(0, &bind_group, &[]);
             let (x, y) = grid(workgroups, gpu.facts.max_groups_per_dimension);
             pass.dispatch_workgroups(x, y, 1);
+            Ok(())
         })?;
         Ok(ReadBandwidth { bytes, timing })
     }
@@ -215,13 +316,68 @@ fn bandwidth_pipeline(gpu: &Gpu, bytes: u64) -> (wgpu::ComputePipeline, wgpu::Bi
     (pipeline, bind_group)
 }
 
+/// Device-resident input sets and the prepared loss that scores them.
+struct ResidentSets {
+    loss: PreparedLoss,
+    buffers: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    rows: usize,
+    classes: usize,
+    layout: TargetLayout,
+}
+
+impl ResidentSets {
+    /// Records the call of run `run` (on set `run % sets`).
+    fn record(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        run: usize,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        let (logits, targets) = &self.buffers[run % self.buffers.len()];
+        let view = DeviceLogits::new(logits, 0, self.rows, self.classes);
+        let targets = match self.layout {
+            TargetLayout::ClassIndices(t) => DeviceTargets::class_indices(targets, 0, t),
+            TargetLayout::Probabilities => DeviceTargets::probabilities(targets, 0),
+        };
+        self.loss.record_timed(encoder, view, targets, timestamps)
+    }
+}
+
+/// Wall-clock milliseconds of `runs` calls after `warmup` (and at least [`WARMUP_TIME`]).
+fn wall_clock(
+    warmup: usize,
+    runs: usize,
+    call: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<Timing> {
+    let start = Instant::now();
+    let mut done = 0;
+    while done < warmup || start.elapsed() < WARMUP_TIME {
+        call(done)?;
+        done += 1;
+    }
+    let mut samples_ms = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let start = Instant::now();
+        call(done + run)?;
+        samples_ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(Timing {
+        samples_ms,
+        timer: Timer::Wall,
+    })
+}
+
 /// Runs `record` at least `warmup` times (and for at least [`WARMUP_TIME`]), then `runs` more
 /// times, each run one compute pass, and times those.
 fn time_passes(
     gpu: &Gpu,
     warmup: usize,
     runs: usize,
-    record: impl Fn(&mut wgpu::CommandEncoder, usize, Option<wgpu::ComputePassTimestampWrites<'_>>),
+    mut record: impl FnMut(
+        &mut wgpu::CommandEncoder,
+        usize,
+        Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()>,
 ) -> Result<Timing> {
     gpu.scoped("timing GPU work", || {
         let wait = || {
@@ -240,7 +396,7 @@ fn time_passes(
             let batch = warmup.max(1);
             let mut encoder = gpu.device.create_command_encoder(&Default::default());
             for run in done..done + batch {
-                record(&mut encoder, run, None);
+                record(&mut encoder, run, None)?;
             }
             gpu.queue.submit([encoder.finish()]);
             wait()?;
@@ -256,7 +412,7 @@ fn time_passes(
             for run in 0..runs {
                 let start = Instant::now();
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
-                record(&mut encoder, warmup + run, None);
+                record(&mut encoder, warmup + run, None)?;
                 gpu.queue.submit([encoder.finish()]);
                 wait()?;
                 samples_ms.push(start.elapsed().as_secs_f64() * 1e3);
@@ -292,12 +448,12 @@ fn time_passes(
                 beginning_of_pass_write_index: Some(2 * run as u32),
                 end_of_pass_write_index: Some(2 * run as u32 + 1),
             };
-            record(&mut encoder, warmup + run, Some(writes));
+            record(&mut encoder, warmup + run, Some(writes))?;
         }
         encoder.resolve_query_set(&queries, 0..count, &resolved, 0);
         encoder.copy_buffer_to_buffer(&resolved, 0, &readback, 0, bytes);
         gpu.queue.submit([encoder.finish()]);
-        let data = super::job::read_back(gpu, &[(&readback, bytes)])?;
+        let data = gpu.read_back(&[(&readback, bytes)])?;
         let ticks: &[u64] = bytemuck::cast_slice(&data[0]);
         let period_ns = gpu.queue.get_timestamp_period() as f64;
         let samples_ms = ticks

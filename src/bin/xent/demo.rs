@@ -32,7 +32,9 @@ pub fn run() -> Result<(), CliError> {
             }
         })
         .collect();
-    let spec = CrossEntropy::new().ignore_index(-100).label_smoothing(0.1);
+    let spec = CrossEntropy::new()
+        .with_ignore_index(-100)
+        .with_label_smoothing(0.1);
     let z = Logits::new(&logits, rows, classes)?;
     println!("\nclass indices: {rows} x {classes}, ignore_index -100, label smoothing 0.1, mean");
     compare(&gpu, &spec, z, Targets::ClassIndices(&labels))?;
@@ -46,7 +48,7 @@ pub fn run() -> Result<(), CliError> {
         let total: f64 = raw.iter().sum();
         probabilities.extend(raw.iter().map(|v| (v / total) as f32));
     }
-    let spec = CrossEntropy::new().reduction(Reduction::Mean);
+    let spec = CrossEntropy::new().with_reduction(Reduction::Mean);
     println!("\nprobabilities: {rows} x {classes}, mean");
     let out = compare(&gpu, &spec, z, Targets::Probabilities(&probabilities))?;
     if let (Some(ce), Some(h), Some(kl)) =

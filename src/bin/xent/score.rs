@@ -154,13 +154,13 @@ fn strip_role(e: &XentError, role: &str) -> String {
 pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
     let (mut inputs, weights) = open_inputs(args)?;
     let mut spec = CrossEntropy::new()
-        .reduction(args.reduction)
-        .label_smoothing(args.label_smoothing);
+        .with_reduction(args.reduction)
+        .with_label_smoothing(args.label_smoothing);
     if let Some(i) = args.ignore_index {
-        spec = spec.ignore_index(i);
+        spec = spec.with_ignore_index(i);
     }
     if let Some(w) = weights {
-        spec = spec.weights(w);
+        spec = spec.with_weights(w);
     }
     // Check the options before any GPU work, against an empty batch of the right width.
     let (rows, classes, soft) = (inputs.rows, inputs.classes, inputs.soft);
@@ -194,11 +194,7 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
     }
 
     let start = Instant::now();
-    let mut total = LossOutput::empty(
-        args.reduction,
-        classes,
-        soft && spec.get_weights().is_none(),
-    );
+    let mut total = LossOutput::empty(args.reduction, classes, soft && spec.weights().is_none());
     let mut progress: Option<ProgressBar> = None;
     let mut done = 0;
     while done < rows {

@@ -1,0 +1,57 @@
+// The call's totals from its workgroup sums, on the device, in one workgroup: each lane adds
+// a fixed, contiguous stripe of the sums with Neumaier's compensated summation, then the lanes
+// merge in a fixed tree with TwoSum. The result is an unevaluated pair hi + lo per quantity
+// (loss, entropy, mean denominator, ignored rows), bit-identical from run to run, and within
+// about 2·2⁻²⁴·|Σ| + n·2⁻⁴⁸·Σ|x| of the exact sum of the n workgroup sums.
+// Also copies the offending class index of the first bad row (if any) into the status.
+
+struct Pair {
+    hi: vec4<f32>,
+    lo: vec4<f32>,
+}
+
+var<workgroup> pairs: array<Pair, WORKGROUP_SIZE>;
+
+// a + b = s + e exactly (Knuth's TwoSum; no ordering of |a|, |b| needed).
+fn two_sum(a: vec4<f32>, b: vec4<f32>) -> Pair {
+    let s = a + b;
+    let bb = s - a;
+    return Pair(s, (a - (s - bb)) + (b - bb));
+}
+
+fn add_pairs(x: Pair, y: Pair) -> Pair {
+    let s = two_sum(x.hi, y.hi);
+    return two_sum(s.hi, s.lo + (x.lo + y.lo));
+}
+
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn main(@builtin(local_invocation_index) lid: u32) {
+    let n = params.groups;
+    let per_lane = (n + WORKGROUP_SIZE - 1u) / WORKGROUP_SIZE;
+    let start = min(lid * per_lane, n);
+    let end = min(start + per_lane, n);
+    var acc = Pair(vec4(0.0), vec4(0.0));
+    for (var i = start; i < end; i++) {
+        let t = two_sum(acc.hi, results[params.groups_at + i]);
+        acc.hi = t.hi;
+        acc.lo += t.lo;
+    }
+    pairs[lid] = acc;
+    workgroupBarrier();
+    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride /= 2u) {
+        if lid < stride {
+            pairs[lid] = add_pairs(pairs[lid], pairs[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        status.totals_hi = pairs[0].hi;
+        status.totals_lo = pairs[0].lo;
+        let bad = atomicLoad(&status.bad_index);
+        if bad != 0u {
+            let r = results[0xffffffffu - bad];
+            status.bad_lo = bitcast<u32>(r.z);
+            status.bad_hi = bitcast<u32>(r.w);
+        }
+    }
+}
