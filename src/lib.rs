@@ -25,6 +25,10 @@
 //!   implement [`Scorer`].
 //! - [`CrossEntropy`]: the loss spec (reduction, class weights, ignore index, smoothing).
 //! - [`Targets`]: class indices or probabilities; [`LossOutput`]: what comes back.
+//! - Inputs already on the GPU: [`GpuContext::prepare`] gives a [`PreparedLoss`] that
+//!   records its passes on [`DeviceLogits`] and [`DeviceTargets`] (views of the caller's
+//!   `wgpu::Buffer`s) into the caller's command encoder, allocates nothing per call, and reads
+//!   back only the [`LossTotals`] (or, on request, the per-row results).
 
 #![warn(missing_docs)]
 
@@ -38,9 +42,12 @@ mod targets;
 
 pub use cpu::CpuReference;
 pub use error::{Result, XentError};
-pub use gpu::{GpuContext, GpuOptions, Strategy};
+pub use gpu::{
+    BoundInputs, DeviceLogits, DeviceTargets, GpuContext, GpuOptions, IndexType, LossShape,
+    PreparedLoss, Strategy, TargetLayout,
+};
 pub use logits::Logits;
-pub use output::LossOutput;
+pub use output::{LossOutput, LossTotals};
 pub use spec::{CrossEntropy, Reduction};
 pub use targets::Targets;
 

@@ -4,101 +4,11 @@
 
 mod common;
 
-use common::{Inputs, assert_outputs_match, gpu, gpu_with_binding_cap, max_abs_per_row};
+use common::{Inputs, Problem, gpu, gpu_with_binding_cap, max_abs_per_row};
 use proptest::prelude::*;
 use xent::{
-    CpuReference, CrossEntropy, GpuContext, Logits, LossOutput, Reduction, Scorer, Strategy,
-    Targets, cpu,
+    CpuReference, CrossEntropy, GpuContext, Logits, Reduction, Scorer, Strategy, Targets, cpu,
 };
-
-/// A problem: logits, both kinds of targets, and a spec.
-struct Problem {
-    rows: usize,
-    classes: usize,
-    logits: Vec<f32>,
-    labels: Vec<i64>,
-    probabilities: Vec<f32>,
-}
-
-impl Problem {
-    fn random(seed: u64, rows: usize, classes: usize, scale: f32, offset: f32) -> Self {
-        let mut r = Inputs::new(seed);
-        Self {
-            rows,
-            classes,
-            logits: r.logits(rows * classes, scale, offset),
-            labels: r.classes(rows, classes),
-            probabilities: r.probabilities(rows, classes),
-        }
-    }
-
-    fn logits(&self) -> Logits<'_> {
-        Logits::new(&self.logits, self.rows, self.classes).unwrap()
-    }
-
-    fn targets(&self, soft: bool) -> Targets<'_> {
-        if soft {
-            Targets::Probabilities(&self.probabilities)
-        } else {
-            Targets::ClassIndices(&self.labels)
-        }
-    }
-
-    /// B per row under `spec` (see common::row_tolerance).
-    fn mass(&self, spec: &CrossEntropy, soft: bool) -> Vec<f64> {
-        let c = self.classes;
-        let eps = spec.label_smoothing();
-        let w = |k: usize| spec.weights().map_or(1.0, |w| w[k] as f64);
-        let all: f64 = (0..c).map(w).sum();
-        (0..self.rows)
-            .map(|i| {
-                if soft {
-                    (0..c)
-                        .map(|k| {
-                            w(k) * ((1.0 - eps) * self.probabilities[i * c + k] as f64
-                                + eps / c as f64)
-                        })
-                        .sum()
-                } else if spec.is_ignored(self.labels[i]) {
-                    0.0
-                } else {
-                    (1.0 - eps) * w(self.labels[i] as usize) + eps / c as f64 * all
-                }
-            })
-            .collect()
-    }
-
-    /// Runs `spec` on the GPU with `strategy` (the planner's if None) and checks it against
-    /// the CPU reference; returns the GPU output.
-    fn check(
-        &self,
-        gpu: &GpuContext,
-        spec: &CrossEntropy,
-        soft: bool,
-        strategy: Option<Strategy>,
-        label: &str,
-    ) -> LossOutput {
-        let targets = self.targets(soft);
-        let got = match strategy {
-            Some(s) => gpu.cross_entropy_with(spec, self.logits(), targets, s),
-            None => gpu.cross_entropy(spec, self.logits(), targets),
-        }
-        .unwrap_or_else(|e| panic!("{label}: {e}"));
-        let want = cpu::cross_entropy(spec, self.logits(), targets).unwrap();
-        let label = format!(
-            "{label} [{}x{} soft={soft} {spec:?} {strategy:?}]",
-            self.rows, self.classes
-        );
-        assert_outputs_match(
-            &label,
-            &got,
-            &want,
-            &max_abs_per_row(&self.logits, self.classes),
-            &self.mass(spec, soft),
-        );
-        got
-    }
-}
 
 fn spec_from(
     reduction: u8,
@@ -488,4 +398,103 @@ fn runs_on_a_device_the_caller_owns() {
             "caller's device",
         );
     }
+}
+
+/// Rows so long that a lane looping over them would pass llvmpipe's limit of 65,535 loop
+/// iterations (which ends the loop early, silently): 2 × 4,200,000 wrong on lavapipe and
+/// 2 × 1,000,000 on llvmpipe's GL before the planner bounded the work per lane.
+#[test]
+fn rows_beyond_the_shader_loop_limit() {
+    let Some(gpu) = gpu() else { return };
+    for (rows, classes, zeros) in [
+        (2, 4_200_000, false),
+        (2, 4_200_000, true),
+        (3, 1_000_003, false),
+    ] {
+        let mut p = Problem::random(31, rows, classes, 5.0, 0.0);
+        if zeros {
+            p.logits.fill(0.0);
+        }
+        let spec = CrossEntropy::new().with_label_smoothing(0.1);
+        let strategy = gpu.plan(rows, classes);
+        assert!(
+            strategy.elements_per_lane(classes) <= xent::gpu::planner::MAX_ELEMENTS_PER_LANE,
+            "{strategy:?}"
+        );
+        p.check(gpu, &spec, false, None, "long rows");
+        let lse = gpu.log_sum_exp(p.logits()).unwrap();
+        let want = cpu::log_sum_exp(p.logits());
+        for (g, w) in lse.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs() + 1e-5, "lse {g} vs {w}");
+        }
+    }
+    // Log-softmax writes every element of a 1 × 1,000,003 row.
+    let p = Problem::random(32, 1, 1_000_003, 5.0, 0.0);
+    let got = gpu.log_softmax(p.logits()).unwrap();
+    let want = cpu::log_softmax(p.logits());
+    for k in (0..want.len()).step_by(997).chain([want.len() - 1]) {
+        assert!(
+            (got[k] as f64 - want[k]).abs() <= 1e-4,
+            "log_softmax {k}: {} vs {}",
+            got[k],
+            want[k]
+        );
+    }
+}
+
+/// Class weights near f32's limits give the CPU's answer (the device scales them by a power
+/// of two and the host divides it out); logits whose differences overflow f32 are refused.
+#[test]
+fn f32_range_gives_the_cpu_answer_or_an_error() {
+    let Some(gpu) = gpu() else { return };
+    let p = Problem::random(41, 6, 5, 3.0, 0.0);
+    for w in [1e38_f32, 3e-39, 1e-45] {
+        for smoothing in [0.0, 0.2] {
+            let spec = CrossEntropy::new()
+                .with_weights(vec![w; 5])
+                .with_label_smoothing(smoothing);
+            let reference = cpu::cross_entropy(&spec, p.logits(), p.targets(false)).unwrap();
+            let got = gpu
+                .cross_entropy(&spec, p.logits(), p.targets(false))
+                .unwrap();
+            let (g, r) = (got.loss.unwrap(), reference.loss.unwrap());
+            assert!(
+                (g - r).abs() <= 1e-5 * r.abs(),
+                "weights {w:e} ε {smoothing}: {g} vs {r}"
+            );
+            let sum = CrossEntropy::new()
+                .with_reduction(Reduction::Sum)
+                .with_weights(vec![w; 5]);
+            let g = gpu
+                .cross_entropy(&sum, p.logits(), p.targets(false))
+                .unwrap()
+                .loss
+                .unwrap();
+            let r = cpu::cross_entropy(&sum, p.logits(), p.targets(false))
+                .unwrap()
+                .loss
+                .unwrap();
+            assert!(
+                (g - r).abs() <= 1e-5 * r.abs(),
+                "sum, weights {w:e}: {g} vs {r}"
+            );
+        }
+    }
+    let mut wild = p.logits.clone();
+    wild[3 * 5 + 1] = 2e38;
+    wild[3 * 5 + 2] = -2e38;
+    let logits = Logits::new(&wild, 6, 5).unwrap();
+    match gpu.cross_entropy(&CrossEntropy::new(), logits, p.targets(false)) {
+        Err(xent::XentError::LogitOutOfRange { row: 3 }) => {}
+        other => panic!("expected LogitOutOfRange at row 3, got {other:?}"),
+    }
+    // The CPU reference takes them; the context still works.
+    cpu::cross_entropy(&CrossEntropy::new(), logits, p.targets(false)).unwrap();
+    p.check(
+        gpu,
+        &CrossEntropy::new(),
+        false,
+        None,
+        "after a refused call",
+    );
 }

@@ -10,7 +10,7 @@ use crate::output::LossOutput;
 use crate::spec::CrossEntropy;
 
 use super::context::Gpu;
-use super::prepared::{ChunkSource, Output, PreparedLoss, Setup};
+use super::prepared::{BoundInputs, ChunkSource, Output, PreparedLoss, Setup};
 use super::views::{IndexType, LossShape, TargetLayout};
 
 /// Logits uploaded per chunk, about: large enough to amortise a submission, small enough
@@ -56,6 +56,8 @@ pub(crate) struct HostLoss {
     loss: PreparedLoss,
     /// Two (logits, targets) staging buffers, used by chunks in turn.
     staging: [(wgpu::Buffer, wgpu::Buffer); 2],
+    /// The staging buffers bound for calls of the last few row counts.
+    bound: Vec<BoundInputs>,
 }
 
 impl HostLoss {
@@ -112,6 +114,7 @@ impl HostLoss {
             classes,
             loss,
             staging,
+            bound: Vec::new(),
         })
     }
 
@@ -161,7 +164,18 @@ impl HostLoss {
                 }
             })
             .collect();
-        let index = self.loss.bind(rows, &sources)?;
+        let index = match self.bound.iter().position(|b| b.rows() == rows) {
+            Some(i) => i,
+            None => {
+                let bound = self.loss.bind_sources(rows, &sources)?;
+                if self.bound.len() == 2 {
+                    self.bound.remove(0);
+                }
+                self.bound.push(bound);
+                self.bound.len() - 1
+            }
+        };
+        let call = &self.bound[index];
         let gpu = self.loss.gpu().clone();
         let last = ranges.len().saturating_sub(1);
         for (k, range) in ranges.iter().enumerate() {
@@ -177,7 +191,7 @@ impl HostLoss {
                 }
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
                 self.loss
-                    .record_call(&mut encoder, index, k..k + 1, k == 0, k == last, None);
+                    .record_call(&mut encoder, call, k..k + 1, k == 0, k == last, None);
                 gpu.queue.submit([encoder.finish()]);
                 Ok(())
             })?;

@@ -14,7 +14,7 @@ pub use context::{
     GpuOptions, WANTED_FEATURES, describe_adapter, enumerate_adapters, select_adapter,
 };
 pub use planner::{DeviceFacts, Strategy};
-pub use prepared::PreparedLoss;
+pub use prepared::{BoundInputs, PreparedLoss};
 pub use timing::{ReadBandwidth, Timer, Timing};
 pub use views::{DeviceLogits, DeviceTargets, IndexType, LossShape, TargetLayout};
 

@@ -44,8 +44,6 @@ const STATUS_BYTES: u64 = 48;
 const ROW_RESULT_BYTES: u64 = 16;
 /// `vec4`s of one `RowStats` of a split row.
 const ROW_STATS_VEC4S: u64 = 2;
-/// Input bind groups kept per prepared loss (one per distinct set of input buffers).
-const INPUT_CACHE: usize = 8;
 
 /// What the passes compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -76,20 +74,25 @@ struct Chunk {
     aligned: bool,
 }
 
-/// The bind groups and parameters of one call on one set of input buffers.
-pub(crate) struct Call {
-    key: InputKey,
+/// Inputs bound for calls of one prepared loss: the bind groups and parameters of a call on
+/// one set of input buffers, made once by [`PreparedLoss::bind`] and recorded as often as
+/// wanted by [`PreparedLoss::record_bound`] (the buffers are held until it is dropped).
+pub struct BoundInputs {
+    /// The prepared loss these belong to.
+    owner: u64,
     rows: usize,
     chunks: Vec<Chunk>,
 }
 
-/// Identifies a call's inputs: buffers, offsets and rows.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct InputKey {
-    logits: Vec<(wgpu::Buffer, u64)>,
-    targets: Vec<(wgpu::Buffer, u64)>,
-    rows: usize,
+impl BoundInputs {
+    /// Rows of the call.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
 }
+
+/// Tells prepared losses apart, so inputs bound for one are not recorded by another.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Where one chunk's inputs lie: a buffer and the byte offset of the chunk's first row.
 #[derive(Clone, Copy)]
@@ -111,8 +114,10 @@ struct Pipes {
 /// [`GpuContext::prepare`](crate::GpuContext::prepare).
 ///
 /// It owns every intermediate buffer, bind group and pipeline: calling it again allocates
-/// nothing on the device (input bind groups are cached for the last few sets of input
-/// buffers). Its outputs stay on the device: per-row results in [`PreparedLoss::row_results`],
+/// nothing on the device. [`PreparedLoss::record`] binds the input buffers anew on each call
+/// (a bind group, no buffer); a loop over the same buffers can bind them once with
+/// [`PreparedLoss::bind`] and record with [`PreparedLoss::record_bound`]. Its outputs stay on
+/// the device: per-row results in [`PreparedLoss::row_results`],
 /// the totals and any error found on the device in a small status buffer that
 /// [`PreparedLoss::read_totals`] maps.
 ///
@@ -120,6 +125,7 @@ struct Pipes {
 /// `Queue::write_buffer`, which takes effect at the next submission, and its outputs are
 /// those of the last call submitted. Submit the encoder before reading.
 pub struct PreparedLoss {
+    id: u64,
     gpu: Arc<Gpu>,
     reduction: Reduction,
     ignore_index: Option<i64>,
@@ -146,7 +152,6 @@ pub struct PreparedLoss {
     outputs_back: Option<wgpu::Buffer>,
     owned: wgpu::BindGroup,
     pipes: [Option<Pipes>; 2],
-    calls: Vec<Call>,
     /// Rows of the last call recorded.
     last_rows: usize,
 }
@@ -281,6 +286,7 @@ impl PreparedLoss {
                 entries: &entries,
             });
             let mut loss = Self {
+                id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 gpu: gpu.clone(),
                 reduction: spec.reduction(),
                 ignore_index: spec.ignore_index().filter(|_| variant.ignore),
@@ -308,7 +314,6 @@ impl PreparedLoss {
                 outputs_back: None,
                 owned,
                 pipes: [None, None],
-                calls: Vec::new(),
                 last_rows: 0,
             };
             loss.pipes(true);
@@ -387,10 +392,50 @@ impl PreparedLoss {
         targets: DeviceTargets<'_>,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
-        let index = self.bind_device(&logits, Some(&targets))?;
-        let chunks = self.calls[index].chunks.len();
-        self.record_call(encoder, index, 0..chunks, true, true, timestamps);
+        let bound = self.bind(logits, targets)?;
+        self.record_bound_timed(encoder, &bound, timestamps)
+    }
+
+    /// Records one call on inputs bound earlier by [`PreparedLoss::bind`]: as
+    /// [`PreparedLoss::record`], without making bind groups.
+    pub fn record_bound(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &BoundInputs,
+    ) -> Result<()> {
+        self.record_bound_timed(encoder, inputs, None)
+    }
+
+    pub(crate) fn record_bound_timed(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &BoundInputs,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        if inputs.owner != self.id {
+            return Err(XentError::NotPrepared(
+                "these inputs were bound by another prepared loss".into(),
+            ));
+        }
+        self.record_call(
+            encoder,
+            inputs,
+            0..inputs.chunks.len(),
+            true,
+            true,
+            timestamps,
+        );
         Ok(())
+    }
+
+    /// Checks device inputs and binds them for calls of this loss: the bind groups are made
+    /// once, inside an error scope (a buffer of another device is an error here).
+    pub fn bind(
+        &mut self,
+        logits: DeviceLogits<'_>,
+        targets: DeviceTargets<'_>,
+    ) -> Result<BoundInputs> {
+        self.bind_device(&logits, Some(&targets))
     }
 
     /// Records and submits one call on its own encoder (for callers that prefer that).
@@ -433,12 +478,12 @@ impl PreparedLoss {
         Ok(())
     }
 
-    /// Checks device inputs and finds (or makes) the call's bind groups; returns its index.
+    /// Checks device inputs and makes the call's bind groups.
     fn bind_device(
         &mut self,
         logits: &DeviceLogits<'_>,
         targets: Option<&DeviceTargets<'_>>,
-    ) -> Result<usize> {
+    ) -> Result<BoundInputs> {
         let (rows, classes) = (logits.rows(), logits.classes());
         self.check_shape(rows, classes, targets.map(|t| t.layout()))?;
         let logit_bytes = rows as u64 * classes as u64 * 4;
@@ -460,7 +505,7 @@ impl PreparedLoss {
                     .map(|t| (t.buffer(), t.offset() + range.start as u64 * target_row)),
             })
             .collect();
-        self.bind(rows, &sources)
+        self.bind_sources(rows, &sources)
     }
 
     /// The row ranges of a call of `rows` rows.
@@ -474,40 +519,18 @@ impl PreparedLoss {
         self.rows_per_chunk
     }
 
-    /// Finds or makes the bind groups and parameters of a call of `rows` rows whose chunk k
-    /// reads from `sources[k]`; returns its index in the cache.
-    pub(crate) fn bind(&mut self, rows: usize, sources: &[ChunkSource<'_>]) -> Result<usize> {
-        let key = InputKey {
-            logits: sources
-                .iter()
-                .map(|s| (s.logits.0.clone(), s.logits.1))
-                .collect(),
-            targets: sources
-                .iter()
-                .filter_map(|s| s.targets.map(|(b, o)| (b.clone(), o)))
-                .collect(),
-            rows,
-        };
-        if let Some(found) = self.calls.iter().position(|c| c.key == key) {
-            let call = self.calls.remove(found);
-            self.calls.push(call);
-            return Ok(self.calls.len() - 1);
-        }
-        let gpu = self.gpu.clone();
-        let call = gpu.scoped("binding the inputs", || self.make_call(key, rows, sources))?;
-        if self.calls.len() == INPUT_CACHE {
-            self.calls.remove(0);
-        }
-        self.calls.push(call);
-        Ok(self.calls.len() - 1)
-    }
-
-    fn make_call(
+    /// Makes the bind groups and parameters of a call of `rows` rows whose chunk k reads from
+    /// `sources[k]`.
+    pub(crate) fn bind_sources(
         &mut self,
-        key: InputKey,
         rows: usize,
         sources: &[ChunkSource<'_>],
-    ) -> Result<Call> {
+    ) -> Result<BoundInputs> {
+        let gpu = self.gpu.clone();
+        gpu.scoped("binding the inputs", || self.make_call(rows, sources))
+    }
+
+    fn make_call(&mut self, rows: usize, sources: &[ChunkSource<'_>]) -> Result<BoundInputs> {
         let classes = self.shape.classes();
         let unit = self.setup.strategy.rows_per_final_group() as usize;
         let ranges: Vec<_> = self.chunk_ranges(rows).collect();
@@ -579,7 +602,11 @@ impl PreparedLoss {
         if chunks.iter().any(|c| !c.aligned) {
             self.pipes(false);
         }
-        Ok(Call { key, rows, chunks })
+        Ok(BoundInputs {
+            owner: self.id,
+            rows,
+            chunks,
+        })
     }
 
     /// The two views of `bytes` from `offset` of `buffer`: the binding starts at the aligned
@@ -614,19 +641,18 @@ impl PreparedLoss {
         }
     }
 
-    /// Records chunks `chunks` of call `index`: with `begin`, the status is cleared first;
-    /// with `finish`, the reduction and the status copy follow.
+    /// Records chunks `chunks` of a call: with `begin`, the status is cleared first; with
+    /// `finish`, the reduction and the status copy follow.
     pub(crate) fn record_call(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-        index: usize,
+        call: &BoundInputs,
         chunks: std::ops::Range<usize>,
         begin: bool,
         finish: bool,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) {
-        let params: Vec<Params> = self.calls[index].chunks.iter().map(|c| c.params).collect();
-        for (k, p) in params.into_iter().enumerate() {
+        for (k, p) in call.chunks.iter().map(|c| c.params).enumerate() {
             if self.written[k] != Some(p) {
                 let offset = k as u64 * self.params_stride;
                 self.gpu
@@ -635,7 +661,6 @@ impl PreparedLoss {
                 self.written[k] = Some(p);
             }
         }
-        let call = &self.calls[index];
         self.last_rows = call.rows;
         if begin {
             encoder.clear_buffer(&self.status, 0, None);

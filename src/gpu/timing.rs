@@ -17,6 +17,7 @@ use crate::targets::Targets;
 
 use super::context::Gpu;
 use super::planner::{Strategy, grid};
+use super::prepared::BoundInputs;
 use super::{
     DeviceLogits, DeviceTargets, GpuContext, IndexType, LossShape, PreparedLoss, TargetLayout,
 };
@@ -192,14 +193,14 @@ impl GpuContext {
             Targets::ClassIndices(_) => TargetLayout::ClassIndices(IndexType::I64),
             Targets::Probabilities(_) => TargetLayout::Probabilities,
         };
-        let loss = self.prepare_with(spec, LossShape::new(rows, classes, layout), strategy)?;
+        let mut loss = self.prepare_with(spec, LossShape::new(rows, classes, layout), strategy)?;
         if loss.rows_per_chunk() < rows {
             return Err(XentError::NotPrepared(format!(
                 "{rows} rows do not fit one binding ({} rows do)",
                 loss.rows_per_chunk()
             )));
         }
-        let mut buffers = Vec::with_capacity(sets.len());
+        let mut bound = Vec::with_capacity(sets.len());
         for &(logits, targets) in sets {
             spec.validate(&logits, &targets)?;
             if (logits.rows(), logits.classes()) != (rows, classes) {
@@ -223,15 +224,14 @@ impl GpuContext {
                     upload("xent bench targets", target_bytes),
                 ))
             })?;
-            buffers.push(pair);
+            let view = DeviceLogits::new(&pair.0, 0, rows, classes);
+            let targets = match layout {
+                TargetLayout::ClassIndices(t) => DeviceTargets::class_indices(&pair.1, 0, t),
+                TargetLayout::Probabilities => DeviceTargets::probabilities(&pair.1, 0),
+            };
+            bound.push(loss.bind(view, targets)?);
         }
-        Ok(ResidentSets {
-            loss,
-            buffers,
-            rows,
-            classes,
-            layout,
-        })
+        Ok(ResidentSets { loss, bound })
     }
     /// Measures the read bandwidth with `read_bandwidth.wgsl` over a buffer of about `bytes`
     /// (capped at one binding) filled with non-zero data.
@@ -316,13 +316,10 @@ fn bandwidth_pipeline(gpu: &Gpu, bytes: u64) -> (wgpu::ComputePipeline, wgpu::Bi
     (pipeline, bind_group)
 }
 
-/// Device-resident input sets and the prepared loss that scores them.
+/// Device-resident input sets and the prepared loss that scores them (each set bound once).
 struct ResidentSets {
     loss: PreparedLoss,
-    buffers: Vec<(wgpu::Buffer, wgpu::Buffer)>,
-    rows: usize,
-    classes: usize,
-    layout: TargetLayout,
+    bound: Vec<BoundInputs>,
 }
 
 impl ResidentSets {
@@ -333,13 +330,8 @@ impl ResidentSets {
         run: usize,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
-        let (logits, targets) = &self.buffers[run % self.buffers.len()];
-        let view = DeviceLogits::new(logits, 0, self.rows, self.classes);
-        let targets = match self.layout {
-            TargetLayout::ClassIndices(t) => DeviceTargets::class_indices(targets, 0, t),
-            TargetLayout::Probabilities => DeviceTargets::probabilities(targets, 0),
-        };
-        self.loss.record_timed(encoder, view, targets, timestamps)
+        let inputs = &self.bound[run % self.bound.len()];
+        self.loss.record_bound_timed(encoder, inputs, timestamps)
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use xent::{GpuContext, GpuOptions, LossOutput};
+use xent::{CrossEntropy, GpuContext, GpuOptions, Logits, LossOutput, Strategy, Targets, cpu};
 
 /// The GPU context shared by a test binary, or `None` when `XENT_SKIP_GPU_TESTS=1` and there
 /// is no adapter. Without that variable a missing adapter fails the test: CI must never pass
@@ -285,4 +285,93 @@ pub fn golden_cases(kind: &str) -> Vec<GoldenCase> {
         .collect();
     cases.sort_by(|a, b| a.name.cmp(&b.name));
     cases
+}
+
+/// A problem: logits, both kinds of targets, and a spec.
+pub struct Problem {
+    pub rows: usize,
+    pub classes: usize,
+    pub logits: Vec<f32>,
+    pub labels: Vec<i64>,
+    pub probabilities: Vec<f32>,
+}
+
+impl Problem {
+    pub fn random(seed: u64, rows: usize, classes: usize, scale: f32, offset: f32) -> Self {
+        let mut r = Inputs::new(seed);
+        Self {
+            rows,
+            classes,
+            logits: r.logits(rows * classes, scale, offset),
+            labels: r.classes(rows, classes),
+            probabilities: r.probabilities(rows, classes),
+        }
+    }
+
+    pub fn logits(&self) -> Logits<'_> {
+        Logits::new(&self.logits, self.rows, self.classes).unwrap()
+    }
+
+    pub fn targets(&self, soft: bool) -> Targets<'_> {
+        if soft {
+            Targets::Probabilities(&self.probabilities)
+        } else {
+            Targets::ClassIndices(&self.labels)
+        }
+    }
+
+    /// B per row under `spec` (see common::row_tolerance).
+    pub fn mass(&self, spec: &CrossEntropy, soft: bool) -> Vec<f64> {
+        let c = self.classes;
+        let eps = spec.label_smoothing();
+        let w = |k: usize| spec.weights().map_or(1.0, |w| w[k] as f64);
+        let all: f64 = (0..c).map(w).sum();
+        (0..self.rows)
+            .map(|i| {
+                if soft {
+                    (0..c)
+                        .map(|k| {
+                            w(k) * ((1.0 - eps) * self.probabilities[i * c + k] as f64
+                                + eps / c as f64)
+                        })
+                        .sum()
+                } else if spec.is_ignored(self.labels[i]) {
+                    0.0
+                } else {
+                    (1.0 - eps) * w(self.labels[i] as usize) + eps / c as f64 * all
+                }
+            })
+            .collect()
+    }
+
+    /// Runs `spec` on the GPU with `strategy` (the planner's if None) and checks it against
+    /// the CPU reference; returns the GPU output.
+    pub fn check(
+        &self,
+        gpu: &GpuContext,
+        spec: &CrossEntropy,
+        soft: bool,
+        strategy: Option<Strategy>,
+        label: &str,
+    ) -> LossOutput {
+        let targets = self.targets(soft);
+        let got = match strategy {
+            Some(s) => gpu.cross_entropy_with(spec, self.logits(), targets, s),
+            None => gpu.cross_entropy(spec, self.logits(), targets),
+        }
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let want = cpu::cross_entropy(spec, self.logits(), targets).unwrap();
+        let label = format!(
+            "{label} [{}x{} soft={soft} {spec:?} {strategy:?}]",
+            self.rows, self.classes
+        );
+        assert_outputs_match(
+            &label,
+            &got,
+            &want,
+            &max_abs_per_row(&self.logits, self.classes),
+            &self.mass(spec, soft),
+        );
+        got
+    }
 }

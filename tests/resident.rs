@@ -1,0 +1,496 @@
+//! The device path: a prepared loss on the caller's buffers, against the host path (bit for
+//! bit, where the rows have the same alignment) and the CPU reference; errors found on the
+//! device; inputs refused before anything is recorded; no allocation per call; the bound of
+//! the device-side reduction; the resident example.
+
+mod common;
+
+#[path = "../examples/resident.rs"]
+mod resident_example;
+
+use common::{Inputs, Problem, assert_outputs_match, gpu, max_abs_per_row};
+use wgpu::util::DeviceExt;
+use xent::{
+    CrossEntropy, DeviceLogits, DeviceTargets, GpuContext, IndexType, Logits, LossShape, Reduction,
+    Strategy, TargetLayout, Targets, XentError,
+};
+
+/// A storage buffer holding `pad` zero bytes, then `data`, then 64 more zero bytes.
+fn buffer_with(gpu: &GpuContext, pad: usize, data: &[u8]) -> wgpu::Buffer {
+    let mut bytes = vec![0u8; pad];
+    bytes.extend_from_slice(data);
+    bytes.extend_from_slice(&[0u8; 64]);
+    gpu.device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("test input"),
+            contents: &bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+        })
+}
+
+/// Targets of one kind, as host targets and as device bytes.
+enum Kind {
+    I32,
+    I64,
+    Probabilities,
+}
+
+/// Scores `inputs` through a prepared loss on device buffers placed at the given byte
+/// offsets, with `strategy`.
+fn resident(
+    gpu: &GpuContext,
+    spec: &CrossEntropy,
+    inputs: &Problem,
+    kind: &Kind,
+    offsets: (usize, usize),
+    strategy: Strategy,
+) -> xent::Result<xent::LossOutput> {
+    let (rows, classes) = (inputs.rows, inputs.classes);
+    let logits = buffer_with(gpu, offsets.0, bytemuck::cast_slice(&inputs.logits));
+    let i32s: Vec<i32> = inputs.labels.iter().map(|&v| v as i32).collect();
+    let (bytes, layout): (&[u8], TargetLayout) = match kind {
+        Kind::I32 => (
+            bytemuck::cast_slice(&i32s),
+            TargetLayout::ClassIndices(IndexType::I32),
+        ),
+        Kind::I64 => (
+            bytemuck::cast_slice(&inputs.labels[..]),
+            TargetLayout::ClassIndices(IndexType::I64),
+        ),
+        Kind::Probabilities => (
+            bytemuck::cast_slice(&inputs.probabilities),
+            TargetLayout::Probabilities,
+        ),
+    };
+    let targets = buffer_with(gpu, offsets.1, bytes);
+    let mut loss = gpu.prepare_with(spec, LossShape::new(rows, classes, layout), strategy)?;
+    let view = DeviceLogits::new(&logits, offsets.0 as u64, rows, classes);
+    let targets = match layout {
+        TargetLayout::ClassIndices(t) => {
+            DeviceTargets::class_indices(&targets, offsets.1 as u64, t)
+        }
+        TargetLayout::Probabilities => DeviceTargets::probabilities(&targets, offsets.1 as u64),
+    };
+    loss.run(view, targets)?;
+    loss.read()
+}
+
+fn host_targets<'a>(inputs: &'a Problem, kind: &Kind) -> Targets<'a> {
+    match kind {
+        Kind::Probabilities => Targets::Probabilities(&inputs.probabilities),
+        _ => Targets::ClassIndices(&inputs.labels),
+    }
+}
+
+fn specs(classes: usize, probabilities: bool) -> Vec<CrossEntropy> {
+    let mut out = Vec::new();
+    for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+        let base = CrossEntropy::new().with_reduction(reduction);
+        out.push(base.clone());
+        out.push(base.clone().with_label_smoothing(0.2));
+        out.push(
+            base.clone()
+                .with_weights(Inputs::new(7).weights(classes))
+                .with_label_smoothing(0.05),
+        );
+        if !probabilities {
+            out.push(base.clone().with_ignore_index(-100));
+            out.push(
+                base.with_ignore_index(2)
+                    .with_weights(Inputs::new(8).weights(classes)),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn resident_is_bit_identical_to_the_host_path() {
+    let Some(gpu) = gpu() else { return };
+    for (seed, (rows, classes)) in [(1, 1), (7, 3), (300, 5), (40, 1000), (9, 4099)]
+        .into_iter()
+        .enumerate()
+    {
+        let plain = Problem::random(seed as u64, rows, classes, 5.0, 0.0);
+        let mut ignoring = Problem::random(seed as u64, rows, classes, 5.0, 0.0);
+        for label in ignoring.labels.iter_mut().step_by(5) {
+            *label = -100;
+        }
+        let strategies = [
+            gpu.plan(rows, classes),
+            Strategy::NAIVE,
+            Strategy {
+                workgroup_size: 64,
+                lanes_per_row: 64,
+                split: 4,
+                vec4: true,
+                subgroups: false,
+            },
+        ];
+        for kind in [Kind::I32, Kind::I64, Kind::Probabilities] {
+            let probabilities = matches!(kind, Kind::Probabilities);
+            for spec in specs(classes, probabilities) {
+                let inputs = if spec.ignore_index() == Some(-100) {
+                    &ignoring
+                } else {
+                    &plain
+                };
+                for strategy in strategies {
+                    let host = gpu
+                        .cross_entropy_with(
+                            &spec,
+                            inputs.logits(),
+                            host_targets(inputs, &kind),
+                            strategy,
+                        )
+                        .unwrap();
+                    // Offsets that keep the rows' alignment (a multiple of 16 bytes).
+                    for offsets in [(0, 0), (256, 48), (272, 16)] {
+                        let device =
+                            resident(gpu, &spec, inputs, &kind, offsets, strategy).unwrap();
+                        // Debug text: every f64 in shortest round-trip form (so equal text is
+                        // equal bits), and NaN equal to NaN.
+                        assert_eq!(
+                            format!("{device:?}"),
+                            format!("{host:?}"),
+                            "{rows}x{classes} {spec:?} {strategy:?} offsets {offsets:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn misaligned_offsets_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (rows, classes) in [(5, 1), (6, 3), (33, 1001), (4, 4099)] {
+        let inputs = Problem::random(11, rows, classes, 5.0, 0.0);
+        for kind in [Kind::I32, Kind::I64, Kind::Probabilities] {
+            let probabilities = matches!(kind, Kind::Probabilities);
+            let spec = CrossEntropy::new().with_label_smoothing(0.1);
+            let reference =
+                xent::cpu::cross_entropy(&spec, inputs.logits(), host_targets(&inputs, &kind))
+                    .unwrap();
+            let mass = inputs.mass(&spec, probabilities);
+            let max_abs = max_abs_per_row(&inputs.logits, classes);
+            for offsets in [(4, 8), (8, 4), (12, 0), (260, 12)] {
+                let strategy = gpu.plan(rows, classes);
+                let device = resident(gpu, &spec, &inputs, &kind, offsets, strategy).unwrap();
+                let label = format!("{rows}x{classes} offsets {offsets:?}");
+                assert_outputs_match(&label, &device, &reference, &max_abs, &mass);
+            }
+        }
+    }
+}
+
+#[test]
+fn class_indices_out_of_range_on_the_device_name_row_and_value() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (6, 5);
+    let inputs = Problem::random(3, rows, classes, 5.0, 0.0);
+    let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&inputs.logits));
+    let spec = CrossEntropy::new().with_ignore_index(-100);
+    let cases: [(IndexType, Vec<i64>, usize, i64); 4] = [
+        (IndexType::I32, vec![0, 1, 2, 7, 4, 9], 3, 7),
+        (IndexType::I32, vec![0, -5, 2, 3, -100, 1], 1, -5),
+        (IndexType::I64, vec![0, 1, 1 << 33, 3, 4, 0], 2, 1 << 33),
+        (
+            IndexType::I64,
+            vec![0, 1, 2, 3, 4, -(1 << 40)],
+            5,
+            -(1 << 40),
+        ),
+    ];
+    for (index_type, targets, row, value) in cases {
+        let bytes: Vec<u8> = match index_type {
+            IndexType::I32 => targets
+                .iter()
+                .flat_map(|&v| (v as i32).to_le_bytes())
+                .collect(),
+            IndexType::I64 => targets.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+        };
+        let buffer = buffer_with(gpu, 0, &bytes);
+        let mut loss = gpu
+            .prepare(&spec, LossShape::class_indices(rows, classes, index_type))
+            .unwrap();
+        loss.run(
+            DeviceLogits::new(&logits, 0, rows, classes),
+            DeviceTargets::class_indices(&buffer, 0, index_type),
+        )
+        .unwrap();
+        match loss.read_totals() {
+            Err(XentError::ClassIndexOutOfRange {
+                row: r,
+                value: v,
+                classes: c,
+                ignore_index,
+            }) => {
+                assert_eq!((r, v, c, ignore_index), (row, value, classes, Some(-100)));
+            }
+            other => {
+                panic!("{index_type:?} {targets:?}: expected an out-of-range error, got {other:?}")
+            }
+        }
+        // The same prepared loss, and the context, work afterwards.
+        let good: Vec<u8> = match index_type {
+            IndexType::I32 => inputs
+                .labels
+                .iter()
+                .flat_map(|&v| (v as i32).to_le_bytes())
+                .collect(),
+            IndexType::I64 => inputs
+                .labels
+                .iter()
+                .flat_map(|&v| v.to_le_bytes())
+                .collect(),
+        };
+        let good = buffer_with(gpu, 0, &good);
+        loss.run(
+            DeviceLogits::new(&logits, 0, rows, classes),
+            DeviceTargets::class_indices(&good, 0, index_type),
+        )
+        .unwrap();
+        let reference = xent::cpu::cross_entropy(
+            &spec,
+            inputs.logits(),
+            Targets::ClassIndices(&inputs.labels),
+        )
+        .unwrap();
+        let got = loss.read().unwrap();
+        assert!((got.loss.unwrap() - reference.loss.unwrap()).abs() < 1e-5);
+        gpu.cross_entropy(
+            &spec,
+            inputs.logits(),
+            Targets::ClassIndices(&inputs.labels),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn bad_device_inputs_are_refused_before_recording() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (4, 10);
+    let inputs = Problem::random(5, rows, classes, 5.0, 0.0);
+    let spec = CrossEntropy::new();
+    let shape = LossShape::class_indices(rows, classes, IndexType::I64);
+    let mut loss = gpu.prepare(&spec, shape).unwrap();
+    let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&inputs.logits));
+    let targets = buffer_with(gpu, 0, bytemuck::cast_slice(&inputs.labels[..]));
+    let t = DeviceTargets::class_indices(&targets, 0, IndexType::I64);
+    let expect = |result: xent::Result<()>, what: &str, needle: &str| match result {
+        Err(e) => {
+            let message = e.to_string();
+            assert!(message.contains(needle), "{what}: {message}");
+        }
+        Ok(()) => panic!("{what}: accepted"),
+    };
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    // Too small: 4 rows at an offset that leaves room for fewer.
+    let small = buffer_with(gpu, 0, &[0u8; 16]);
+    expect(
+        loss.record(&mut encoder, DeviceLogits::new(&small, 0, rows, classes), t),
+        "too small",
+        "do not fit",
+    );
+    expect(
+        loss.record(
+            &mut encoder,
+            DeviceLogits::new(&logits, 2, rows, classes),
+            t,
+        ),
+        "misaligned",
+        "multiple of 4",
+    );
+    let no_storage = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 4096,
+        usage: wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    expect(
+        loss.record(
+            &mut encoder,
+            DeviceLogits::new(&no_storage, 0, rows, classes),
+            t,
+        ),
+        "no STORAGE",
+        "STORAGE",
+    );
+    let other = GpuContext::new().unwrap();
+    let foreign = buffer_with(&other, 0, bytemuck::cast_slice(&inputs.logits));
+    expect(
+        loss.record(
+            &mut encoder,
+            DeviceLogits::new(&foreign, 0, rows, classes),
+            t,
+        ),
+        "another device",
+        "binding the inputs",
+    );
+    expect(
+        loss.record(
+            &mut encoder,
+            DeviceLogits::new(&logits, 0, rows + 1, classes),
+            t,
+        ),
+        "too many rows",
+        "at most 4 rows",
+    );
+    expect(
+        loss.record(
+            &mut encoder,
+            DeviceLogits::new(&logits, 0, rows, classes - 1),
+            t,
+        ),
+        "other classes",
+        "10 classes",
+    );
+    expect(
+        loss.record(
+            &mut encoder,
+            DeviceLogits::new(&logits, 0, rows, classes),
+            DeviceTargets::probabilities(&logits, 0),
+        ),
+        "other targets",
+        "targets",
+    );
+    // Nothing was recorded: the encoder still finishes, and the loss still works.
+    gpu.queue().submit([encoder.finish()]);
+    loss.run(DeviceLogits::new(&logits, 0, rows, classes), t)
+        .unwrap();
+    let reference = xent::cpu::cross_entropy(
+        &spec,
+        inputs.logits(),
+        Targets::ClassIndices(&inputs.labels),
+    )
+    .unwrap();
+    assert!((loss.read_totals().unwrap().loss.unwrap() - reference.loss.unwrap()).abs() < 1e-5);
+}
+
+#[test]
+fn repeated_calls_allocate_nothing() {
+    if gpu().is_none() {
+        return;
+    }
+    // A context of its own: other tests allocate on the shared one concurrently.
+    let gpu = &GpuContext::new().unwrap();
+    let (rows, classes) = (64, 100);
+    let inputs = Problem::random(9, rows, classes, 5.0, 0.0);
+    let spec = CrossEntropy::new().with_label_smoothing(0.1);
+    let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&inputs.logits));
+    let targets = buffer_with(gpu, 0, bytemuck::cast_slice(&inputs.labels[..]));
+    let mut loss = gpu
+        .prepare(
+            &spec,
+            LossShape::class_indices(rows, classes, IndexType::I64),
+        )
+        .unwrap();
+    let view = DeviceLogits::new(&logits, 0, rows, classes);
+    let device_targets = DeviceTargets::class_indices(&targets, 0, IndexType::I64);
+    // Bound once, recorded a thousand times.
+    let bound = loss.bind(view, device_targets).unwrap();
+    let call = |loss: &mut xent::PreparedLoss| {
+        let mut encoder = gpu.device().create_command_encoder(&Default::default());
+        loss.record_bound(&mut encoder, &bound).unwrap();
+        gpu.queue().submit([encoder.finish()]);
+        loss.read_totals().unwrap()
+    };
+    let first = call(&mut loss);
+    let before = gpu.buffers_created();
+    for _ in 0..1000 {
+        assert_eq!(call(&mut loss), first);
+    }
+    assert_eq!(
+        gpu.buffers_created(),
+        before,
+        "buffers created by 1000 calls"
+    );
+    // Recording with fresh bind groups each time gives the same, and makes no buffer either.
+    loss.run(view, device_targets).unwrap();
+    assert_eq!(loss.read_totals().unwrap(), first);
+    assert_eq!(gpu.buffers_created(), before);
+    // Inputs bound by one prepared loss are refused by another.
+    let mut other = gpu
+        .prepare(
+            &spec,
+            LossShape::class_indices(rows, classes, IndexType::I64),
+        )
+        .unwrap();
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let refused = other.record_bound(&mut encoder, &bound).unwrap_err();
+    assert!(
+        refused.to_string().contains("another prepared loss"),
+        "{refused}"
+    );
+    // The host path reuses its prepared loss too.
+    let host = |_| {
+        gpu.cross_entropy(
+            &spec,
+            inputs.logits(),
+            Targets::ClassIndices(&inputs.labels),
+        )
+        .unwrap()
+    };
+    let first = host(0);
+    let before = gpu.buffers_created();
+    for i in 0..50 {
+        assert_eq!(host(i), first);
+    }
+    assert_eq!(
+        gpu.buffers_created(),
+        before,
+        "buffers created by 50 host calls"
+    );
+}
+
+/// The device's totals against the f64 sum of the per-row f32 losses it wrote: within the
+/// bound stated in `reduce_totals.wgsl` plus the f32 workgroup sums (≤ 8 roundings per term
+/// for ≤ 256 rows a workgroup): `(8 + 2)·2⁻²⁴·Σ|l_i|`.
+#[test]
+fn device_totals_stay_within_the_stated_bound() {
+    let Some(gpu) = gpu() else { return };
+    for (rows, classes) in [(20_000, 3), (3000, 257)] {
+        let inputs = Problem::random(21, rows, classes, 30.0, 0.0);
+        let spec = CrossEntropy::new().with_reduction(Reduction::Sum);
+        let out = gpu
+            .cross_entropy(
+                &spec,
+                inputs.logits(),
+                Targets::ClassIndices(&inputs.labels),
+            )
+            .unwrap();
+        let exact: f64 = out.per_row.iter().sum();
+        let magnitude: f64 = out.per_row.iter().map(|l| l.abs()).sum();
+        let bound = 10.0 * 2f64.powi(-24) * magnitude;
+        assert!(
+            (out.sum - exact).abs() <= bound,
+            "{rows}x{classes}: device sum {} vs {exact} (bound {bound:e})",
+            out.sum
+        );
+        assert_eq!(out.mean_denominator, rows as f64);
+    }
+}
+
+#[test]
+fn the_resident_example_scores_what_the_cpu_scores() {
+    if gpu().is_none() {
+        return;
+    }
+    let problem = resident_example::Problem::new();
+    let loss = resident_example::run(&problem).unwrap();
+    let (rows, classes) = resident_example::Problem::shape();
+    // The shader's f32 matmul may round differently from the host's (fused multiply-adds):
+    // compare the losses at the f32 level of the logits (|z| ≲ 10, 64 terms).
+    let z = problem.logits();
+    let reference = xent::cpu::cross_entropy(
+        &resident_example::Problem::spec(),
+        Logits::new(&z, rows, classes).unwrap(),
+        Targets::ClassIndices(&problem.targets),
+    )
+    .unwrap();
+    let want = reference.loss.unwrap();
+    assert!((loss - want).abs() <= 1e-4 * want.abs(), "{loss} vs {want}");
+}
