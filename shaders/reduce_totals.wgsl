@@ -10,7 +10,11 @@ struct Pair {
     lo: vec4<f32>,
 }
 
-var<workgroup> pairs: array<Pair, WORKGROUP_SIZE>;
+// Lanes of the one workgroup, whatever the row kernels' workgroup size (its memory, 8 KiB,
+// fits every adapter).
+const REDUCE_LANES: u32 = 256u;
+
+var<workgroup> pairs: array<Pair, REDUCE_LANES>;
 
 // a + b = s + e exactly (Knuth's TwoSum; no ordering of |a|, |b| needed).
 fn two_sum(a: vec4<f32>, b: vec4<f32>) -> Pair {
@@ -24,10 +28,10 @@ fn add_pairs(x: Pair, y: Pair) -> Pair {
     return two_sum(s.hi, s.lo + (x.lo + y.lo));
 }
 
-@compute @workgroup_size(WORKGROUP_SIZE)
+@compute @workgroup_size(REDUCE_LANES)
 fn main(@builtin(local_invocation_index) lid: u32) {
     let n = params.groups;
-    let per_lane = (n + WORKGROUP_SIZE - 1u) / WORKGROUP_SIZE;
+    let per_lane = (n + REDUCE_LANES - 1u) / REDUCE_LANES;
     let start = min(lid * per_lane, n);
     let end = min(start + per_lane, n);
     var acc = Pair(vec4(0.0), vec4(0.0));
@@ -38,7 +42,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     }
     pairs[lid] = acc;
     workgroupBarrier();
-    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride /= 2u) {
+    for (var stride = REDUCE_LANES / 2u; stride > 0u; stride /= 2u) {
         if lid < stride {
             pairs[lid] = add_pairs(pairs[lid], pairs[lid + stride]);
         }

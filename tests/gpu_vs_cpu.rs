@@ -199,7 +199,15 @@ fn strategies(gpu: &GpuContext) -> Vec<Strategy> {
         }
     }
     all.push(plain(64, 4, 1, true));
-    all.push(plain(1024, 1024, 1, true));
+    // The largest workgroup whose reductions fit the device's workgroup memory (1024 lanes
+    // on lavapipe's Vulkan; 512 on llvmpipe's GL, which has 32 KiB).
+    let facts = gpu.facts();
+    let largest = [1024, 512, 256]
+        .into_iter()
+        .map(|wg| plain(wg, wg, 1, true))
+        .find(|s| s.check(facts).is_ok())
+        .expect("a 256-lane workgroup fits every adapter");
+    all.push(largest);
     for split in [2, 3, 8] {
         all.push(plain(256, 256, split, true));
     }

@@ -169,6 +169,7 @@ impl Gpu {
             subgroup_lanes: subgroup_lanes(&device, &info),
             cpu: info.device_type == wgpu::DeviceType::Cpu,
             binding_alignment: limits.min_storage_buffer_offset_alignment.max(16) as u64,
+            max_workgroup_storage_bytes: limits.max_compute_workgroup_storage_size as u64,
         };
         let pipelines = with_error_scopes(&device, "compiling the shaders", || {
             Ok(Pipelines::new(&device, facts.subgroup_lanes))

@@ -59,6 +59,16 @@ impl Strategy {
         }
     }
 
+    /// Bytes of workgroup memory the row kernels' reductions use: a RowStats (20 bytes) and a
+    /// vec4 sum (16) per lane, or per subgroup with subgroup reductions.
+    pub fn workgroup_memory(&self, device: &DeviceFacts) -> u64 {
+        let slots = match (self.subgroups, device.subgroup_lanes) {
+            (true, Some(lanes)) => (self.workgroup_size / lanes.min(self.workgroup_size)).max(1),
+            _ => self.workgroup_size,
+        };
+        slots as u64 * 36
+    }
+
     /// Logits one lane folds in a row of `classes`.
     pub fn elements_per_lane(&self, classes: usize) -> u64 {
         (classes as u64).div_ceil(self.lanes_per_row as u64 * self.split as u64)
@@ -105,6 +115,9 @@ impl Strategy {
         if self.split > MAX_SPLIT {
             return bad("at most 64 workgroups may share a row");
         }
+        if self.workgroup_memory(device) > device.max_workgroup_storage_bytes {
+            return bad("its reductions need more workgroup memory than the device has");
+        }
         if self.subgroups {
             match device.subgroup_lanes {
                 None => return bad("this device has no subgroup operations"),
@@ -134,6 +147,8 @@ pub struct DeviceFacts {
     pub cpu: bool,
     /// Storage bindings start at multiples of this many bytes.
     pub binding_alignment: u64,
+    /// Workgroup memory per workgroup, in bytes.
+    pub max_workgroup_storage_bytes: u64,
 }
 
 /// Picks the strategy for a shape.
