@@ -5,7 +5,7 @@ use xent::gpu::{GpuContext, describe_adapter, enumerate_adapters};
 use crate::CliError;
 
 pub fn run() -> Result<(), CliError> {
-    let adapters = enumerate_adapters();
+    let adapters = enumerate_adapters()?;
     println!("adapters ({}):", adapters.len());
     for a in &adapters {
         println!("  {}", describe_adapter(&a.get_info()));
