@@ -117,7 +117,7 @@ pub fn cross_entropy(
                     h.push(
                         -(0..classes)
                             .map(smoothed)
-                            .filter(|&t| t > 0.0)
+                            .filter(|&t| t > 0.0 || t.is_nan())
                             .map(|t| t * t.ln())
                             .sum::<f64>(),
                     );

@@ -147,6 +147,14 @@ pub enum XentError {
         /// What wgpu reported.
         detail: String,
     },
+    /// `WGPU_BACKEND` names something that is not a backend.
+    #[error(
+        "WGPU_BACKEND={value:?} is not a backend; use vulkan, metal, dx12 or gl (also vk, mtl, d3d12, opengl, gles, webgpu, noop), or several separated by commas, e.g. WGPU_BACKEND=vulkan,gl; or unset it for all"
+    )]
+    UnknownBackend {
+        /// The variable's value.
+        value: String,
+    },
 }
 
 fn ignore_note(ignore_index: Option<i64>) -> String {

@@ -79,8 +79,9 @@ impl LossOutput {
         entropy: Option<Vec<f64>>,
         ignored_rows: usize,
     ) -> Self {
-        let sum = per_row.iter().sum();
-        let entropy_sum = entropy.as_ref().map(|h| h.iter().sum());
+        // Folds from +0.0: `Iterator::sum` of no f64 is −0.0, which would print as "-0".
+        let sum = per_row.iter().fold(0.0, |a, b| a + b);
+        let entropy_sum = entropy.as_ref().map(|h| h.iter().fold(0.0, |a, b| a + b));
         Self::with_sums(
             reduction,
             classes,
@@ -179,5 +180,19 @@ impl LossOutput {
     /// The KL divergence reduced like the loss: `loss − entropy`.
     pub fn reduced_kl_divergence(&self) -> Option<f64> {
         Some(self.loss? - self.reduced_entropy()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// N = 0 sums to +0.0, not −0.0.
+    #[test]
+    fn empty_sums_are_positive_zero() {
+        let out = LossOutput::empty(Reduction::Sum, 3, true);
+        for value in [out.sum, out.loss.unwrap(), out.entropy_sum.unwrap()] {
+            assert!(value == 0.0 && value.is_sign_positive(), "{value}");
+        }
     }
 }

@@ -506,3 +506,24 @@ fn f32_range_gives_the_cpu_answer_or_an_error() {
         "after a refused call",
     );
 }
+
+/// A NaN probability makes the row's entropy NaN on both paths (the CPU reference used to
+/// drop the NaN term and report a finite entropy).
+#[test]
+fn nan_probability_gives_nan_entropy_on_both_paths() {
+    let logits = [0.5f32, -1.0, 2.0, 0.0, 0.1, 0.2];
+    let probabilities = [0.2f32, f32::NAN, 0.8, 0.0, 0.5, 0.5];
+    let z = Logits::new(&logits, 2, 3).unwrap();
+    let t = Targets::Probabilities(&probabilities);
+    let spec = CrossEntropy::new();
+    let cpu = CpuReference.cross_entropy(&spec, z, t).unwrap();
+    let mut outputs = vec![cpu];
+    if let Some(gpu) = gpu() {
+        outputs.push(gpu.cross_entropy(&spec, z, t).unwrap());
+    }
+    for out in outputs {
+        let h = out.entropy.unwrap();
+        assert!(h[0].is_nan() && out.per_row[0].is_nan(), "{h:?}");
+        assert!((h[1] - 2f64.ln()).abs() < 1e-6, "{h:?}");
+    }
+}

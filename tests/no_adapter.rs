@@ -1,5 +1,6 @@
-//! A missing adapter is a clear error that says how to get one. The adapter variables are
-//! process-wide, so this binary holds a single test.
+//! A missing adapter is a clear error that says how to get one, and a WGPU_BACKEND that names
+//! no backend says so. The adapter variables are process-wide, so this binary holds a single
+//! test.
 
 use xent::{GpuContext, XentError};
 
@@ -28,4 +29,33 @@ fn missing_adapters_are_clear_errors() {
         .expect("an adapter on an empty backend");
     assert!(matches!(err, XentError::NoAdapter { .. }), "{err}");
     assert!(err.to_string().contains("mesa-vulkan-drivers"), "{err}");
+
+    // Values that name no backend (wgpu would warn and fall back to none): an error that
+    // lists the valid names, from both ways of looking for adapters.
+    for value in ["bogus", "", "vulkan,bogus", " , "] {
+        unsafe { std::env::set_var("WGPU_BACKEND", value) };
+        let err = GpuContext::new()
+            .err()
+            .expect("an adapter on a bogus backend");
+        assert!(
+            matches!(&err, XentError::UnknownBackend { value: v } if v == value),
+            "{value:?}: {err}"
+        );
+        for name in ["vulkan", "metal", "dx12", "gl"] {
+            assert!(err.to_string().contains(name), "{err}");
+        }
+        let listed = xent::gpu::enumerate_adapters();
+        assert!(
+            matches!(listed, Err(XentError::UnknownBackend { .. })),
+            "{value:?}"
+        );
+    }
+    // wgpu's spellings, any case, with spaces: accepted (whether adapters exist or not).
+    let spelled = format!("{}, {empty_backend}", empty_backend.to_uppercase());
+    unsafe { std::env::set_var("WGPU_BACKEND", &spelled) };
+    assert!(xent::gpu::enumerate_adapters().is_ok());
+    let err = GpuContext::new()
+        .err()
+        .expect("an adapter on an empty backend");
+    assert!(!matches!(err, XentError::UnknownBackend { .. }), "{err}");
 }

@@ -16,17 +16,57 @@ pub struct GpuOptions {
     pub max_binding_bytes: Option<u64>,
 }
 
-/// Every adapter wgpu can see on the backends in `WGPU_BACKEND` (all by default).
-pub fn enumerate_adapters() -> Vec<wgpu::Adapter> {
-    let instance = instance(wgpu::Backends::all());
-    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+/// Every adapter wgpu can see on the backends in `WGPU_BACKEND` (all by default); an error
+/// when `WGPU_BACKEND` names something that is not a backend.
+pub fn enumerate_adapters() -> Result<Vec<wgpu::Adapter>> {
+    let instance = instance(wgpu::Backends::all())?;
+    Ok(pollster::block_on(
+        instance.enumerate_adapters(wgpu::Backends::all()),
+    ))
 }
 
+/// The names `wgpu::Backends::from_comma_list` accepts (wgpu-types 30), lower case.
+const BACKEND_NAMES: [&str; 11] = [
+    "vulkan", "vk", "dx12", "d3d12", "metal", "mtl", "opengl", "gles", "gl", "webgpu", "noop",
+];
+
 /// An instance on `WGPU_BACKEND`'s backends, or on `default` when it is not set.
-fn instance(default: wgpu::Backends) -> wgpu::Instance {
+///
+/// One instance per set of backends for the whole process: wgpu 30 tells resources apart by
+/// ids that are unique only within one instance, so a buffer of another instance's device
+/// could pass for one of ours. Within one instance, wgpu refuses a buffer of another device
+/// with a validation error, which xent reports.
+fn instance(default: wgpu::Backends) -> Result<wgpu::Instance> {
+    static INSTANCES: Mutex<Vec<(wgpu::Backends, wgpu::Instance)>> = Mutex::new(Vec::new());
+    // First: reading the environment, wgpu would warn about a bad WGPU_BACKEND.
+    let backends = env_backends(default)?;
+    let mut instances = INSTANCES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, instance)) = instances.iter().find(|(b, _)| *b == backends) {
+        return Ok(instance.clone());
+    }
     let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    descriptor.backends = default.with_env();
-    wgpu::Instance::new(descriptor)
+    descriptor.backends = backends;
+    let instance = wgpu::Instance::new(descriptor);
+    instances.push((backends, instance.clone()));
+    Ok(instance)
+}
+
+/// `WGPU_BACKEND`'s backends, or `default` when it is not set. wgpu itself skips names it
+/// does not know with a warning each (and an empty list leaves no backend at all); here any
+/// entry that is not a backend name is an error.
+fn env_backends(default: wgpu::Backends) -> Result<wgpu::Backends> {
+    let Some(value) = std::env::var_os("WGPU_BACKEND") else {
+        return Ok(default);
+    };
+    let value = value.to_string_lossy().into_owned();
+    let known = value
+        .to_lowercase()
+        .split(',')
+        .all(|name| BACKEND_NAMES.contains(&name.trim()));
+    if !known {
+        return Err(XentError::UnknownBackend { value });
+    }
+    Ok(wgpu::Backends::from_comma_list(&value))
 }
 
 /// One line per adapter: backend, name, type, driver.
@@ -54,8 +94,10 @@ pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
 /// that is set, otherwise wgpu's choice for `WGPU_POWER_PREF` (high performance by default),
 /// among the backends in `WGPU_BACKEND`.
 pub fn select_adapter() -> Result<wgpu::Adapter> {
+    // A bad WGPU_BACKEND is an error before any backend is probed.
+    env_backends(wgpu::Backends::all())?;
     if let Ok(wanted) = std::env::var("WGPU_ADAPTER_NAME") {
-        let adapters = enumerate_adapters();
+        let adapters = enumerate_adapters()?;
         let needle = wanted.to_lowercase();
         let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
         return adapters
@@ -78,12 +120,14 @@ pub fn select_adapter() -> Result<wgpu::Adapter> {
     };
     // Vulkan, Metal and DX12 first; GL only where none of them has an adapter (probing GL
     // first would also make EGL complain on headless machines).
-    let request = |backends| pollster::block_on(instance(backends).request_adapter(&options));
-    request(wgpu::Backends::PRIMARY)
-        .or_else(|_| request(wgpu::Backends::SECONDARY))
-        .map_err(|e| XentError::NoAdapter {
-            detail: e.to_string(),
+    let request = |backends| {
+        pollster::block_on(instance(backends)?.request_adapter(&options)).map_err(|e| {
+            XentError::NoAdapter {
+                detail: e.to_string(),
+            }
         })
+    };
+    request(wgpu::Backends::PRIMARY).or_else(|_| request(wgpu::Backends::SECONDARY))
 }
 
 /// The features xent uses when the adapter has them.

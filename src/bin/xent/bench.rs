@@ -1,20 +1,27 @@
 //! `xent bench`: GPU time of the loss kernels (timestamp queries, median of the timed runs,
 //! fresh random data), next to the device's read roofline measured in the same run.
 
+use std::fs::{File, OpenOptions};
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use xent::gpu::{ReadBandwidth, Strategy};
-use xent::{CpuReference, CrossEntropy, GpuContext, Logits, Scorer, Targets};
+use xent::{CpuReference, CrossEntropy, GpuContext, Logits, Scorer, Targets, XentError};
 
+use crate::out::{Out, json_f64, json_opt, outln};
 use crate::{BenchArgs, CliError};
 
 const DEFAULT_SHAPES: [(usize, usize); 4] =
     [(8192, 1000), (4096, 32000), (1024, 128256), (65536, 10)];
 const QUICK_SHAPES: [(usize, usize); 4] = [(1024, 1000), (256, 32000), (64, 128256), (16384, 10)];
 const WARMUP: usize = 5;
+/// The largest workgroup a `--kernel` may name (the device may allow less).
+const MAX_WORKGROUP: u32 = 1024;
+/// The most workgroups a `--kernel` may split a row across.
+const MAX_SPLIT: u32 = 64;
 
 /// Which kernel a benchmark row times.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -29,6 +36,7 @@ pub enum KernelChoice {
 
 impl FromStr for KernelChoice {
     type Err = String;
+    /// `auto`, `naive` or `WG/LANES/SPLIT/vec4|scalar[/sg]`, with every number in range.
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "auto" => return Ok(Self::Auto),
@@ -36,26 +44,52 @@ impl FromStr for KernelChoice {
             _ => {}
         }
         let parts: Vec<&str> = s.split('/').collect();
-        let bad = || {
-            format!(
-                "{s:?}: expected auto, naive or WG/LANES/SPLIT/vec4|scalar[/sg] (e.g. 256/4/1/vec4/sg)"
-            )
-        };
         let (wg, lanes, split, loads, subgroups) = match parts.as_slice() {
             [wg, lanes, split, loads] => (wg, lanes, split, loads, false),
-            [wg, lanes, split, loads, sg] if *sg == "sg" => (wg, lanes, split, loads, true),
-            _ => return Err(bad()),
+            [wg, lanes, split, loads, "sg"] => (wg, lanes, split, loads, true),
+            _ => {
+                return Err(format!(
+                    "{s:?}: expected auto, naive or WG/LANES/SPLIT/vec4|scalar[/sg] (e.g. 256/4/1/vec4/sg)"
+                ));
+            }
         };
-        let n = |v: &str| v.parse::<u32>().map_err(|_| bad());
+        let number = |text: &str, what: &str, rule: &str, ok: &dyn Fn(u32) -> bool| {
+            text.parse::<u32>()
+                .ok()
+                .filter(|&n| ok(n))
+                .ok_or_else(|| format!("{s:?}: {what} {text} is not {rule}"))
+        };
+        let power_of_two = |limit: u32| move |n: u32| n.is_power_of_two() && n <= limit;
+        let wg = number(
+            wg,
+            "workgroup size",
+            "a power of two up to 1024",
+            &power_of_two(MAX_WORKGROUP),
+        )?;
+        let lanes = number(
+            lanes,
+            "lanes per row",
+            "a power of two up to the workgroup size",
+            &power_of_two(wg),
+        )?;
+        let split = number(split, "split", "in 1..=64", &|n| {
+            (1..=MAX_SPLIT).contains(&n)
+        })?;
+        if split > 1 && lanes != wg {
+            return Err(format!(
+                "{s:?}: a row split across workgroups (SPLIT > 1) needs LANES = WG"
+            ));
+        }
+        let vec4 = match *loads {
+            "vec4" => true,
+            "scalar" => false,
+            other => return Err(format!("{s:?}: loads {other:?} are not vec4 or scalar")),
+        };
         Ok(Self::Fixed(Strategy {
-            workgroup_size: n(wg)?,
-            lanes_per_row: n(lanes)?,
-            split: n(split)?,
-            vec4: match *loads {
-                "vec4" => true,
-                "scalar" => false,
-                _ => return Err(bad()),
-            },
+            workgroup_size: wg,
+            lanes_per_row: lanes,
+            split,
+            vec4,
             subgroups,
         }))
     }
@@ -77,6 +111,74 @@ impl KernelChoice {
             Self::Fixed(_) => "fixed",
         }
     }
+
+    /// Refuses a strategy this device cannot run, naming it as `--kernel` spells it.
+    fn check(self, gpu: &GpuContext) -> Result<(), CliError> {
+        let (text, strategy) = match self {
+            Self::Auto => return Ok(()),
+            Self::Naive => ("naive".to_string(), Strategy::NAIVE),
+            Self::Fixed(s) => (spelling(&s), s),
+        };
+        strategy.check(gpu.facts()).map_err(|e| match e {
+            XentError::InvalidStrategy { why, .. } => {
+                CliError::input(format!("--kernel {text}: {why}"))
+            }
+            other => other.into(),
+        })
+    }
+}
+
+/// A strategy as `--kernel` spells it: `WG/LANES/SPLIT/vec4|scalar[/sg]`.
+fn spelling(s: &Strategy) -> String {
+    format!(
+        "{}/{}/{}/{}{}",
+        s.workgroup_size,
+        s.lanes_per_row,
+        s.split,
+        if s.vec4 { "vec4" } else { "scalar" },
+        if s.subgroups { "/sg" } else { "" }
+    )
+}
+
+/// Checks before any timing that `path` can be written, so a long benchmark never ends in a
+/// lost result: an existing file is opened for writing (not truncated); otherwise its
+/// directory must exist and take a probe file, removed at once.
+fn check_writable(path: &Path) -> Result<(), CliError> {
+    let fail =
+        |problem: String| CliError::input(format!("--json-out {}: {problem}", path.display()));
+    if path.exists() {
+        return OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map(drop)
+            .map_err(|e| fail(format!("cannot write: {e}")));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(fail(format!("directory {} does not exist", dir.display())));
+    }
+    let probe = dir.join(format!(".xent-json-out-probe-{}", std::process::id()));
+    File::create_new(&probe)
+        .map_err(|e| fail(format!("cannot write in {}: {e}", dir.display())))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// A zeroed vector of `n` values, or an error naming the shape when memory runs out
+/// (instead of the abort a plain allocation gives).
+fn allocate<T: Clone + Default>(n: usize, rows: usize, classes: usize) -> Result<Vec<T>, CliError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        CliError::input(format!(
+            "--shapes {rows}x{classes}: cannot allocate {:.1} GiB of host memory for the inputs",
+            (n * size_of::<T>()) as f64 / (1u64 << 30) as f64
+        ))
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
 }
 
 /// One row of the table.
@@ -104,27 +206,30 @@ struct Data {
 }
 
 impl Data {
-    fn new(rng: &mut StdRng, rows: usize, classes: usize, sets: usize) -> Self {
+    fn new(rng: &mut StdRng, rows: usize, classes: usize, sets: usize) -> Result<Self, CliError> {
         let n = rows * classes * sets;
         // Uniform in [-10, 10), as the peers were measured.
-        let logits = (0..n).map(|_| rng.random_range(-10.0f32..10.0)).collect();
+        let mut logits = allocate::<f32>(n, rows, classes)?;
+        logits
+            .iter_mut()
+            .for_each(|v| *v = rng.random_range(-10.0f32..10.0));
         let labels = (0..rows * sets)
             .map(|_| rng.random_range(0..classes as i64))
             .collect();
-        let mut probabilities = Vec::with_capacity(n);
-        for _ in 0..rows * sets {
-            let raw: Vec<f32> = (0..classes).map(|_| rng.random::<f32>()).collect();
-            let total: f32 = raw.iter().sum();
-            probabilities.extend(raw.iter().map(|v| v / total));
+        let mut probabilities = allocate::<f32>(n, rows, classes)?;
+        for row in probabilities.chunks_exact_mut(classes) {
+            row.iter_mut().for_each(|v| *v = rng.random::<f32>());
+            let total: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v /= total);
         }
-        Self {
+        Ok(Self {
             rows,
             classes,
             sets,
             logits,
             labels,
             probabilities,
-        }
+        })
     }
 
     fn set(&self, i: usize, soft: bool) -> (Logits<'_>, Targets<'_>) {
@@ -152,7 +257,15 @@ fn copies(bytes: u64, quick: bool) -> usize {
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), CliError> {
+    // Every argument is checked before any work, so a mistake costs no measuring.
+    if let Some(path) = &args.json_out {
+        check_writable(path)?;
+    }
     let gpu = GpuContext::new()?;
+    for kernel in &args.kernel {
+        kernel.check(&gpu)?;
+    }
+    let mut out = Out::lock();
     let device = gpu.describe();
     let timer = gpu.timer();
     let shapes: Vec<(usize, usize)> = if !args.shapes.is_empty() {
@@ -167,17 +280,19 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         gpu.measure_read_bandwidth(roofline_bytes, WARMUP, args.runs as usize)?;
     let roof_gbps = roofline.bytes_per_second() / 1e9;
     if !args.json {
-        println!("device: {device}");
-        println!(
+        outln!(out, "device: {device}")?;
+        outln!(
+            out,
             "read roofline: {roof_gbps:.1} GB/s (plain vec4 read of {} MiB, median of {}, {} timer)",
             roofline.bytes >> 20,
             roofline.timing.samples_ms.len(),
             timer.name()
-        );
+        )?;
         if timer.name() == "wall" {
-            println!(
+            outln!(
+                out,
                 "note: this adapter has no timestamp queries; times are wall clock around submit and wait"
-            );
+            )?;
         }
     }
 
@@ -189,7 +304,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     let mut table = Vec::new();
     for &(rows, classes) in &shapes {
         let set_bytes = (rows * classes * 4) as u64;
-        let data = Data::new(&mut rng, rows, classes, copies(set_bytes, args.quick));
+        let data = Data::new(&mut rng, rows, classes, copies(set_bytes, args.quick))?;
         for (target, soft) in [("hard", false), ("soft", true)] {
             let spec = CrossEntropy::new();
             // Bytes that must move: the logits, and the targets as the device reads them.
@@ -231,24 +346,35 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         }
     }
     let json = to_json(&table, &device, timer.name(), roof_gbps).to_string();
+    // The results go to stdout first: if the file cannot be written after all, they are not lost.
+    if args.json {
+        outln!(out, "{json}")?;
+    } else {
+        print_table(&mut out, &table)?;
+    }
+    out.finish()?;
     if let Some(path) = &args.json_out {
         std::fs::write(path, &json).map_err(|e| {
-            CliError::input(format!("--json-out {}: cannot write: {e}", path.display()))
+            CliError::runtime(format!("--json-out {}: cannot write: {e}", path.display()))
         })?;
-    }
-    if args.json {
-        println!("{json}");
-    } else {
-        print_table(&table);
     }
     Ok(())
 }
 
-fn print_table(table: &[Row]) {
-    println!(
+fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
+    outln!(
+        out,
         "{:>14} {:>6} {:>6} {:>22} {:>10} {:>9} {:>9} {:>10} {:>9}",
-        "N x C", "target", "kernel", "strategy", "ms", "GB/s", "roofline", "CPU ms", "vs naive"
-    );
+        "N x C",
+        "target",
+        "kernel",
+        "strategy",
+        "ms",
+        "GB/s",
+        "roofline",
+        "CPU ms",
+        "vs naive"
+    )?;
     for r in table {
         let naive = table.iter().find(|n| {
             n.kernel == "naive"
@@ -257,7 +383,8 @@ fn print_table(table: &[Row]) {
                 && n.target == r.target
         });
         let speedup = naive.map_or(String::from("-"), |n| format!("{:.2}x", n.ms / r.ms));
-        println!(
+        outln!(
+            out,
             "{:>14} {:>6} {:>6} {:>22} {:>10.4} {:>9.1} {:>9.3} {:>10} {:>9}",
             format!("{}x{}", r.rows, r.classes),
             r.target,
@@ -268,8 +395,9 @@ fn print_table(table: &[Row]) {
             r.roofline_fraction,
             r.cpu_ms.map_or(String::from("-"), |c| format!("{c:.1}")),
             speedup
-        );
+        )?;
     }
+    Ok(())
 }
 
 fn to_json(table: &[Row], device: &str, timer: &str, roof_gbps: f64) -> serde_json::Value {
@@ -283,11 +411,11 @@ fn to_json(table: &[Row], device: &str, timer: &str, roof_gbps: f64) -> serde_js
                 "task": "loss",
                 "kernel": r.kernel,
                 "strategy": r.strategy,
-                "ms": r.ms,
-                "gbps": r.gbps,
-                "roofline_fraction": r.roofline_fraction,
-                "roofline_gbps": roof_gbps,
-                "cpu_ms": r.cpu_ms,
+                "ms": json_f64(r.ms),
+                "gbps": json_f64(r.gbps),
+                "roofline_fraction": json_f64(r.roofline_fraction),
+                "roofline_gbps": json_f64(roof_gbps),
+                "cpu_ms": json_opt(r.cpu_ms),
                 "device": device,
                 "timer": timer,
             })

@@ -9,14 +9,16 @@ use xent::{
 };
 
 use crate::CliError;
+use crate::out::{Out, outln};
 
 const SEED: u64 = 20261127;
 
 pub fn run() -> Result<(), CliError> {
+    let mut out = Out::lock();
     let start = Instant::now();
     let mut rng = StdRng::seed_from_u64(SEED);
     let gpu = GpuContext::new()?;
-    println!("device: {}", gpu.describe());
+    outln!(out, "device: {}", gpu.describe())?;
 
     // Class indices: 4096 rows of 1000 classes, every 16th row ignored, smoothing 0.1.
     let (rows, classes) = (4096, 1000);
@@ -36,8 +38,11 @@ pub fn run() -> Result<(), CliError> {
         .with_ignore_index(-100)
         .with_label_smoothing(0.1);
     let z = Logits::new(&logits, rows, classes)?;
-    println!("\nclass indices: {rows} x {classes}, ignore_index -100, label smoothing 0.1, mean");
-    compare(&gpu, &spec, z, Targets::ClassIndices(&labels))?;
+    outln!(
+        out,
+        "\nclass indices: {rows} x {classes}, ignore_index -100, label smoothing 0.1, mean"
+    )?;
+    compare(&mut out, &gpu, &spec, z, Targets::ClassIndices(&labels))?;
 
     // Probabilities: peaked soft labels, where CE = H(p) + KL(p‖q).
     let rows = 1024;
@@ -49,20 +54,32 @@ pub fn run() -> Result<(), CliError> {
         probabilities.extend(raw.iter().map(|v| (v / total) as f32));
     }
     let spec = CrossEntropy::new().with_reduction(Reduction::Mean);
-    println!("\nprobabilities: {rows} x {classes}, mean");
-    let out = compare(&gpu, &spec, z, Targets::Probabilities(&probabilities))?;
-    if let (Some(ce), Some(h), Some(kl)) =
-        (out.loss, out.reduced_entropy(), out.reduced_kl_divergence())
-    {
-        println!("  CE(p, q) {ce:.6} = H(p) {h:.6} + KL(p‖q) {kl:.6}");
-        println!("  H(p) is fixed by the labels; training can only lower the KL part.");
+    outln!(out, "\nprobabilities: {rows} x {classes}, mean")?;
+    let probs = compare(
+        &mut out,
+        &gpu,
+        &spec,
+        z,
+        Targets::Probabilities(&probabilities),
+    )?;
+    if let (Some(ce), Some(h), Some(kl)) = (
+        probs.loss,
+        probs.reduced_entropy(),
+        probs.reduced_kl_divergence(),
+    ) {
+        outln!(out, "  CE(p, q) {ce:.6} = H(p) {h:.6} + KL(p‖q) {kl:.6}")?;
+        outln!(
+            out,
+            "  H(p) is fixed by the labels; training can only lower the KL part."
+        )?;
     }
-    println!("\ndone in {:.2} s", start.elapsed().as_secs_f64());
-    Ok(())
+    outln!(out, "\ndone in {:.2} s", start.elapsed().as_secs_f64())?;
+    out.finish()
 }
 
 /// Runs `spec` on both paths and prints the values and their agreement.
 fn compare(
+    out: &mut Out,
     gpu: &GpuContext,
     spec: &CrossEntropy,
     z: Logits<'_>,
@@ -81,12 +98,16 @@ fn compare(
         .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
         .fold(0.0, f64::max);
     let (gl, cl) = (g.loss.unwrap_or(f64::NAN), c.loss.unwrap_or(f64::NAN));
-    println!("  GPU loss {gl:.9}  ({gpu_ms:.1} ms, upload and read-back included)");
-    println!("  CPU loss {cl:.9}  ({cpu_ms:.1} ms, f64 reference)");
-    println!(
+    outln!(
+        out,
+        "  GPU loss {gl:.9}  ({gpu_ms:.1} ms, upload and read-back included)"
+    )?;
+    outln!(out, "  CPU loss {cl:.9}  ({cpu_ms:.1} ms, f64 reference)")?;
+    outln!(
+        out,
         "  agreement: |GPU - CPU| / |CPU| = {:.1e} reduced, {worst:.1e} worst row; {} ignored rows",
         (gl - cl).abs() / cl.abs(),
         g.ignored_rows
-    );
+    )?;
     Ok(g)
 }

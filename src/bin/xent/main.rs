@@ -4,8 +4,10 @@ mod bench;
 mod demo;
 mod info;
 mod npy;
+mod out;
 mod score;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,11 +17,18 @@ use xent::Reduction;
 /// Numerically stable log-softmax and cross-entropy on any GPU that wgpu reaches, with an f64
 /// CPU reference. The adapter comes from WGPU_BACKEND, WGPU_ADAPTER_NAME and WGPU_POWER_PREF.
 #[derive(Parser)]
-#[command(name = "xent", version, about)]
+#[command(name = "xent", version, about, after_help = EXIT_STATUS)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// The exit statuses, for `--help`.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  success (also when stdout is closed early, as by `xent info | head -1`)
+  1  no GPU adapter, a device failure, or stdout cannot be written
+  2  bad input: a file, an argument or WGPU_BACKEND; one line on stderr names it";
 
 #[derive(Subcommand)]
 enum Command {
@@ -48,22 +57,31 @@ pub struct ScoreArgs {
     #[arg(long, value_name = "I", allow_hyphen_values = true)]
     ignore_index: Option<i64>,
     /// Label smoothing ε in [0, 1].
-    #[arg(long, value_name = "E", default_value_t = 0.0)]
+    #[arg(
+        long,
+        value_name = "E",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     label_smoothing: f64,
     /// none, sum or mean (PyTorch's normalisation).
     #[arg(long, default_value = "mean")]
     reduction: Reduction,
-    /// Write the per-row losses here (.npy, float32, or float64 for float64 logits).
+    /// Write the per-row losses here (.npy, float32, or float64 for float64 logits), row by
+    /// row as batches finish; never one of the input files.
     #[arg(long, value_name = "OUT.npy")]
     per_row: Option<PathBuf>,
     /// Use the f64 CPU reference instead of the GPU.
     #[arg(long)]
     cpu: bool,
-    /// Rows read and scored per batch (default: as many as fit one GPU binding, at most
-    /// 256 MiB of logits). Bounds memory for files of any size.
-    #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u64).range(1..))]
-    batch_rows: Option<u64>,
-    /// Print one JSON object on stdout; its key "loss" holds the reduced value (null for none).
+    /// Rows read and scored per batch, at least 1 (default: as many as fit one GPU binding,
+    /// at most 256 MiB of logits, and at least one row). Memory stays O(batch) for files of
+    /// any size.
+    #[arg(long, value_name = "ROWS", allow_negative_numbers = true)]
+    batch_rows: Option<i64>,
+    /// Print one JSON object on stdout; its key "loss" holds the reduced value (null for
+    /// reduction none). Numbers that are not finite are the strings "inf", "-inf" and "nan";
+    /// null means absent.
     #[arg(long)]
     json: bool,
 }
@@ -73,45 +91,84 @@ pub struct BenchArgs {
     /// Smaller default shapes, for software adapters.
     #[arg(long)]
     quick: bool,
-    /// Shapes as ROWSxCLASSES, comma-separated.
+    /// Shapes as ROWSxCLASSES, comma-separated. ROWS and CLASSES are at least 1 and at most
+    /// 4294967295 (the kernels index with u32), and ROWS×CLASSES×4 bytes of logits at most
+    /// 64 GiB.
     #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
     shapes: Vec<(usize, usize)>,
     /// Kernels to time, comma-separated: auto (the planner's choice), naive (one 256-lane
     /// workgroup per row, scalar loads), or WG/LANES/SPLIT/vec4|scalar[/sg] (sg: subgroup
-    /// reductions).
+    /// reductions): WG and LANES powers of two with LANES ≤ WG ≤ 1024, SPLIT in 1..=64 (above
+    /// 1 only with LANES = WG). The device's own limits are checked before any timing.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     kernel: Vec<bench::KernelChoice>,
     /// Timed runs per shape and kernel (after warm-up; at least 20); the median is reported.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(20..))]
+    #[arg(
+        long,
+        default_value_t = 30,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(u64).range(20..)
+    )]
     runs: u64,
     /// Skip timing the CPU reference.
     #[arg(long)]
     no_cpu: bool,
-    /// Print one JSON array on stdout.
+    /// Print one JSON array on stdout (numbers that are not finite as "inf", "-inf", "nan").
     #[arg(long)]
     json: bool,
-    /// Also write the JSON array to this file (the table still goes to stdout).
+    /// Also write the JSON array to this file (the table still goes to stdout). Its directory
+    /// must exist and be writable; that is checked before any timing.
     #[arg(long, value_name = "FILE")]
     json_out: Option<PathBuf>,
 }
 
+/// The largest bench shape: bytes of float32 logits.
+const MAX_BENCH_BYTES: u64 = 64 << 30;
+
+/// `ROWSxCLASSES`, within the bounds `--shapes` documents.
 fn parse_shape(s: &str) -> Result<(usize, usize), String> {
     let (r, c) = s
         .split_once(['x', 'X'])
         .ok_or_else(|| format!("{s:?}: expected ROWSxCLASSES, e.g. 4096x32000"))?;
-    let n = |v: &str| v.trim().parse::<usize>().map_err(|e| format!("{s:?}: {e}"));
+    let n = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{s:?}: {v:?} is not a count ({e})"))
+    };
     let (rows, classes) = (n(r)?, n(c)?);
     if rows == 0 || classes == 0 {
         return Err(format!("{s:?}: rows and classes must be at least 1"));
     }
-    Ok((rows, classes))
+    let bytes = rows.checked_mul(classes).and_then(|n| n.checked_mul(4));
+    if rows > u32::MAX as u64
+        || classes > u32::MAX as u64
+        || bytes.is_none_or(|b| b > MAX_BENCH_BYTES)
+    {
+        return Err(format!(
+            "{s:?}: shape too large; rows and classes are at most {} and the logits at most {} GiB",
+            u32::MAX,
+            MAX_BENCH_BYTES >> 30
+        ));
+    }
+    Ok((rows as usize, classes as usize))
 }
 
-/// A failure: bad input (exit status 2) or a runtime failure such as no adapter (status 1).
+/// What kind of failure a [`CliError`] is; it decides the exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// Bad input (status 2).
+    Input,
+    /// No adapter, a device failure, an unwritable stdout (status 1).
+    Runtime,
+    /// Whoever reads stdout has closed it: stop quietly (status 0).
+    ClosedStdout,
+}
+
+/// A failure, with the one line that explains it.
 #[derive(Debug)]
 pub struct CliError {
     message: String,
-    input: bool,
+    kind: Failure,
 }
 
 impl CliError {
@@ -119,7 +176,7 @@ impl CliError {
     pub fn input(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
-            input: true,
+            kind: Failure::Input,
         }
     }
 
@@ -127,14 +184,30 @@ impl CliError {
     pub fn runtime(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
-            input: false,
+            kind: Failure::Runtime,
+        }
+    }
+
+    /// A failed write to stdout: a closed pipe ends the command quietly, anything else is a
+    /// runtime failure.
+    pub fn stdout(e: std::io::Error) -> Self {
+        Self {
+            message: format!("cannot write to stdout: {e}"),
+            kind: if e.kind() == std::io::ErrorKind::BrokenPipe {
+                Failure::ClosedStdout
+            } else {
+                Failure::Runtime
+            },
         }
     }
 }
 
 impl From<xent::XentError> for CliError {
     fn from(e: xent::XentError) -> Self {
-        Self::runtime(e.to_string())
+        match e {
+            xent::XentError::UnknownBackend { .. } => Self::input(e.to_string()),
+            e => Self::runtime(e.to_string()),
+        }
     }
 }
 
@@ -147,11 +220,13 @@ fn main() -> ExitCode {
         Command::Score(args) => score::run(&args),
         Command::Bench(args) => bench::run(&args),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xent: {}", e.message.replace('\n', " "));
-            ExitCode::from(if e.input { 2 } else { 1 })
-        }
+    let Err(e) = result else {
+        return ExitCode::SUCCESS;
+    };
+    if e.kind == Failure::ClosedStdout {
+        return ExitCode::SUCCESS;
     }
+    // Not eprintln!, which panics when stderr is closed too.
+    let _ = writeln!(std::io::stderr(), "xent: {}", e.message.replace('\n', " "));
+    ExitCode::from(if e.kind == Failure::Input { 2 } else { 1 })
 }

@@ -1,13 +1,23 @@
-//! Reading .npy inputs (whole, or row batches streamed from disk) and writing per-row results,
-//! with errors that name the file and the problem.
+//! Reading .npy inputs (whole, or row batches streamed from disk or a pipe) and writing
+//! per-row results as they come, with errors that name the file and the problem.
+//!
+//! The header is parsed here, not by npyz: npyz's header parser (py_literal's grammar) takes
+//! time exponential in the nesting depth of brackets, so a 176-byte header with `[]` nested
+//! 22 deep took 45 s. This parser reads each byte once, and takes only what NumPy writes and
+//! accepts: a dict of exactly 'descr', 'fortran_order' and 'shape'.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
-use npyz::{DType, Endianness, NpyHeader, Order, TypeChar};
-
 use crate::CliError;
+
+/// The largest header accepted (NumPy itself refuses headers over 10,000 bytes by default).
+const MAX_HEADER_BYTES: usize = 64 << 10;
+/// The most dimensions a shape may have (NumPy's limit before 2.0).
+const MAX_DIMS: usize = 32;
+/// The deepest nesting of brackets accepted inside the header.
+const MAX_DEPTH: usize = 8;
 
 /// The element types xent reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,42 +68,44 @@ impl NpyInput {
         let fail =
             |problem: String| CliError::input(format!("{role} {}: {problem}", path.display()));
         let file = File::open(path).map_err(|e| fail(format!("cannot open: {e}")))?;
-        let file_len = file
+        let metadata = file
             .metadata()
-            .map_err(|e| fail(format!("cannot read: {e}")))?
-            .len();
-        let mut reader = BufReader::new(file);
-        let header = NpyHeader::from_reader(&mut reader)
-            .map_err(|e| fail(format!("not a valid .npy file ({e})")))?;
-        let data_start = reader
-            .stream_position()
             .map_err(|e| fail(format!("cannot read: {e}")))?;
-        let (elem, big_endian) = element_type(&header.dtype()).ok_or_else(|| {
+        if metadata.is_dir() {
+            return Err(fail("is a directory, not an .npy file".into()));
+        }
+        let mut reader = BufReader::new(file);
+        let header =
+            read_header(&mut reader).map_err(|e| fail(format!("not a valid .npy file ({e})")))?;
+        let (elem, big_endian) = element_type(&header.descr).ok_or_else(|| {
             fail(format!(
                 "unsupported dtype {}; xent reads float32, float64, int32 and int64",
-                describe_dtype(&header.dtype())
+                header.descr
             ))
         })?;
-        if header.order() == Order::Fortran && header.shape().len() > 1 {
+        if header.fortran_order && header.shape.len() > 1 {
             return Err(fail("Fortran-ordered arrays are not supported; save with C order (np.ascontiguousarray)".into()));
         }
-        let shape: Vec<usize> = header.shape().iter().map(|&d| d as usize).collect();
-        let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
-        let expected = elements
-            .and_then(|n| n.checked_mul(elem.size() as u64))
+        let shape = header.shape;
+        let expected = shape
+            .iter()
+            .try_fold(elem.size() as u64, |n, &d| n.checked_mul(d as u64))
             .ok_or_else(|| fail(format!("shape {shape:?} is too large")))?;
-        let found = file_len - data_start;
-        if found < expected {
-            return Err(fail(format!(
-                "truncated: shape {shape:?} of {} needs {expected} bytes of data, the file has {found}",
-                elem.name()
-            )));
-        }
-        if found > expected {
-            return Err(fail(format!(
-                "{} bytes after the data for shape {shape:?}; not a valid .npy file",
-                found - expected
-            )));
+        // A regular file is checked whole now; a pipe as it is read (NpyInput::finish).
+        if metadata.is_file() {
+            let found = metadata.len().saturating_sub(header.data_start);
+            if found < expected {
+                return Err(fail(format!(
+                    "truncated: shape {shape:?} of {} needs {expected} bytes of data, the file has {found}",
+                    elem.name()
+                )));
+            }
+            if found > expected {
+                return Err(fail(format!(
+                    "{} bytes after the data for shape {shape:?}; not a valid .npy file",
+                    found - expected
+                )));
+            }
         }
         Ok(Self {
             role,
@@ -103,6 +115,18 @@ impl NpyInput {
             big_endian,
             reader,
         })
+    }
+
+    /// Checks that nothing follows the data (for pipes, whose length is only known at the end).
+    pub fn finish(&mut self) -> Result<(), CliError> {
+        match self.reader.read(&mut [0u8]) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(self.error(format!(
+                "bytes after the data for shape {:?}; not a valid .npy file",
+                self.shape
+            ))),
+            Err(e) => Err(self.error(format!("cannot read: {e}"))),
+        }
     }
 
     /// "targets T.npy", for messages.
@@ -116,9 +140,17 @@ impl NpyInput {
 
     fn read_raw(&mut self, count: usize) -> Result<Vec<u8>, CliError> {
         let mut bytes = vec![0u8; count * self.elem.size()];
-        self.reader
-            .read_exact(&mut bytes)
-            .map_err(|e| self.error(format!("cannot read the data: {e}")))?;
+        self.reader.read_exact(&mut bytes).map_err(|e| {
+            if e.kind() == ErrorKind::UnexpectedEof {
+                self.error(format!(
+                    "truncated: the data ends before the {} values of shape {:?}",
+                    self.elem.name(),
+                    self.shape
+                ))
+            } else {
+                self.error(format!("cannot read the data: {e}"))
+            }
+        })?;
         Ok(bytes)
     }
 
@@ -170,31 +202,513 @@ fn decode<const N: usize, T>(
         .collect()
 }
 
-fn element_type(dtype: &DType) -> Option<(Elem, bool)> {
-    let DType::Plain(t) = dtype else { return None };
-    let elem = match (t.type_char(), t.size_field()) {
-        (TypeChar::Float, 4) => Elem::F32,
-        (TypeChar::Float, 8) => Elem::F64,
-        (TypeChar::Int, 4) => Elem::I32,
-        (TypeChar::Int, 8) => Elem::I64,
+/// The element type and byte order (`true` for big-endian) of a dtype string NumPy writes
+/// for xent's types: `<f4`, `>f8`, `<i4`, `|i8` and the like.
+fn element_type(descr: &Descr) -> Option<(Elem, bool)> {
+    let Descr::Plain(text) = descr else {
+        return None;
+    };
+    let (order, code) = match text.as_bytes().first()? {
+        b'<' | b'>' | b'|' | b'=' => text.split_at(1),
+        _ => ("=", text.as_str()),
+    };
+    let elem = match code {
+        "f4" => Elem::F32,
+        "f8" => Elem::F64,
+        "i4" => Elem::I32,
+        "i8" => Elem::I64,
         _ => return None,
     };
-    Some((elem, t.endianness() == Endianness::Big))
+    let big_endian = match order {
+        ">" => true,
+        "<" => false,
+        _ => cfg!(target_endian = "big"),
+    };
+    Some((elem, big_endian))
 }
 
-fn describe_dtype(dtype: &DType) -> String {
-    match dtype {
-        DType::Plain(t) => t.to_string(),
-        other => format!("{other:?}"),
+/// The dtype of a header: a string such as `'<f4'`, or a list (a structured dtype).
+enum Descr {
+    Plain(String),
+    Structured,
+}
+
+impl std::fmt::Display for Descr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Descr::Plain(text) => write!(f, "{}", shorten(&format!("{text:?}"))),
+            Descr::Structured => write!(f, "(a structured dtype)"),
+        }
     }
 }
 
-/// Writes per-row values as a 1-D .npy of float32 or float64.
-pub fn write_per_row(path: &Path, values: &[f64], as_f64: bool) -> Result<(), CliError> {
-    let result = if as_f64 {
-        npyz::to_file_1d(path, values.iter().copied())
-    } else {
-        npyz::to_file_1d(path, values.iter().map(|&v| v as f32))
+/// What the header says.
+struct Header {
+    descr: Descr,
+    fortran_order: bool,
+    shape: Vec<usize>,
+    /// Where the data starts: the bytes before it.
+    data_start: u64,
+}
+
+/// Reads the magic string, the version, the header length and the header, and checks the
+/// header's dict; the reader is left at the first byte of data.
+fn read_header(r: &mut impl Read) -> Result<Header, String> {
+    let mut fill = |buf: &mut [u8], what: &str| {
+        r.read_exact(buf).map_err(|e| match e.kind() {
+            ErrorKind::UnexpectedEof => format!("truncated: the file ends inside {what}"),
+            _ => format!("cannot read {what}: {e}"),
+        })
     };
-    result.map_err(|e| CliError::input(format!("--per-row {}: cannot write: {e}", path.display())))
+    let mut start = [0u8; 8];
+    fill(&mut start, "the magic string")?;
+    if &start[..6] != b"\x93NUMPY" {
+        return Err("it does not start with the .npy magic string".into());
+    }
+    let length_bytes = match (start[6], start[7]) {
+        (1, 0) => 2,
+        (2, 0) | (3, 0) => 4,
+        (major, minor) => return Err(format!("unknown .npy version {major}.{minor}")),
+    };
+    let mut length = [0u8; 4];
+    fill(&mut length[..length_bytes], "the header length")?;
+    let length = u32::from_le_bytes(length) as usize;
+    if length > MAX_HEADER_BYTES {
+        return Err(format!(
+            "a header of {length} bytes; xent reads headers of at most {MAX_HEADER_BYTES}"
+        ));
+    }
+    let mut text = vec![0u8; length];
+    fill(&mut text, &format!("the header of {length} bytes"))?;
+    let mut header = parse_header(&text)?;
+    header.data_start = (8 + length_bytes + length) as u64;
+    Ok(header)
+}
+
+/// A Python literal as far as .npy headers use them.
+enum Literal {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+    /// A tuple (`true`) or a list (`false`).
+    Seq(Vec<Literal>, bool),
+}
+
+/// Checks the header's dict: exactly the keys 'descr', 'fortran_order' and 'shape', with a
+/// dtype, a bool and a tuple of at most 32 non-negative ints.
+fn parse_header(text: &[u8]) -> Result<Header, String> {
+    let mut parser = Parser { text, pos: 0 };
+    let entries = parser.dict()?;
+    let (mut descr, mut fortran_order, mut shape) = (None, None, None);
+    for (key, value) in entries {
+        let slot = match key.as_str() {
+            "descr" => &mut descr,
+            "fortran_order" => &mut fortran_order,
+            "shape" => &mut shape,
+            _ => {
+                return Err(format!(
+                    "the header has a key {}; a .npy header has exactly 'descr', 'fortran_order' and 'shape'",
+                    shorten(&format!("{key:?}"))
+                ));
+            }
+        };
+        if slot.replace(value).is_some() {
+            return Err(format!("the header has the key '{key}' twice"));
+        }
+    }
+    let missing = |key| format!("the header has no '{key}'");
+    let descr = match descr.ok_or_else(|| missing("descr"))? {
+        Literal::Str(s) => Descr::Plain(s),
+        Literal::Seq(_, false) => Descr::Structured,
+        _ => return Err("the header's 'descr' is not a dtype".into()),
+    };
+    let Literal::Bool(fortran_order) = fortran_order.ok_or_else(|| missing("fortran_order"))?
+    else {
+        return Err("the header's 'fortran_order' is not True or False".into());
+    };
+    let Literal::Seq(dims, true) = shape.ok_or_else(|| missing("shape"))? else {
+        return Err("the header's 'shape' is not a tuple".into());
+    };
+    if dims.len() > MAX_DIMS {
+        return Err(format!(
+            "the shape has {} dimensions; at most {MAX_DIMS} are allowed",
+            dims.len()
+        ));
+    }
+    let shape =
+        dims.iter()
+            .map(|d| match d {
+                Literal::Int(n) => usize::try_from(*n)
+                    .map_err(|_| format!("the shape has a negative dimension {n}")),
+                _ => Err("the shape holds something other than integers".into()),
+            })
+            .collect::<Result<_, _>>()?;
+    Ok(Header {
+        descr,
+        fortran_order,
+        shape,
+        data_start: 0,
+    })
+}
+
+/// A one-pass parser of the Python literals in a header: every byte is looked at once, and
+/// brackets nest at most [`MAX_DEPTH`] deep, so time and stack are linear and bounded.
+struct Parser<'a> {
+    text: &'a [u8],
+    pos: usize,
+}
+
+impl Parser<'_> {
+    fn peek(&mut self) -> Option<u8> {
+        while self.text.get(self.pos).is_some_and(u8::is_ascii_whitespace) {
+            self.pos += 1;
+        }
+        self.text.get(self.pos).copied()
+    }
+
+    fn unexpected(&self) -> String {
+        match self.text.get(self.pos) {
+            Some(&b) => format!(
+                "unexpected {} at byte {} of the header",
+                shorten(&format!("{:?}", b as char)),
+                self.pos
+            ),
+            None => "the header ends early".to_string(),
+        }
+    }
+
+    /// Consumes `byte` (after white space) if it is next.
+    fn eat(&mut self, byte: u8) -> bool {
+        let next = self.peek() == Some(byte);
+        self.pos += usize::from(next);
+        next
+    }
+
+    fn expect(&mut self, byte: u8) -> Result<(), String> {
+        if self.eat(byte) {
+            Ok(())
+        } else {
+            Err(self.unexpected())
+        }
+    }
+
+    /// `{key: value, ...}` with string keys, then only white space.
+    fn dict(&mut self) -> Result<Vec<(String, Literal)>, String> {
+        self.expect(b'{')?;
+        let mut entries = Vec::new();
+        while !self.eat(b'}') {
+            let Literal::Str(key) = self.value(1)? else {
+                return Err("a key of the header is not a string".into());
+            };
+            self.expect(b':')?;
+            entries.push((key, self.value(1)?));
+            if !self.eat(b',') {
+                self.expect(b'}')?;
+                break;
+            }
+        }
+        if self.peek().is_some() {
+            return Err(self.unexpected());
+        }
+        Ok(entries)
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Literal, String> {
+        match self.peek() {
+            Some(quote @ (b'\'' | b'"')) => self.string(quote),
+            Some(open @ (b'(' | b'[')) => {
+                if depth >= MAX_DEPTH {
+                    return Err(format!(
+                        "brackets nested more than {MAX_DEPTH} deep in the header"
+                    ));
+                }
+                self.pos += 1;
+                self.sequence(if open == b'(' { b')' } else { b']' }, depth + 1)
+            }
+            Some(b'-' | b'0'..=b'9') => self.int(),
+            Some(b'T' | b'F') => self.bool(),
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    /// The items up to `close`. A parenthesised single item without a comma is that item,
+    /// as in Python: `(3)` is 3, `(3,)` a tuple.
+    fn sequence(&mut self, close: u8, depth: usize) -> Result<Literal, String> {
+        let mut items = Vec::new();
+        let mut comma = false;
+        while !self.eat(close) {
+            items.push(self.value(depth)?);
+            comma = self.eat(b',');
+            if !comma {
+                self.expect(close)?;
+                break;
+            }
+        }
+        let tuple = close == b')';
+        if tuple && items.len() == 1 && !comma {
+            return Ok(items.remove(0));
+        }
+        Ok(Literal::Seq(items, tuple))
+    }
+
+    /// A string without escapes (a backslash is refused; dtype strings have none).
+    fn string(&mut self, quote: u8) -> Result<Literal, String> {
+        let start = self.pos + 1;
+        let len = self.text[start..]
+            .iter()
+            .position(|&b| b == quote || b == b'\\')
+            .ok_or("a string in the header is not closed")?;
+        if self.text[start + len] == b'\\' {
+            return Err("a string in the header has a backslash escape".into());
+        }
+        self.pos = start + len + 1;
+        Ok(Literal::Str(
+            String::from_utf8_lossy(&self.text[start..start + len]).into_owned(),
+        ))
+    }
+
+    fn int(&mut self) -> Result<Literal, String> {
+        let start = self.pos;
+        let negative = self.text[start] == b'-';
+        let digits_start = start + usize::from(negative);
+        let digits = self.text[digits_start..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        self.pos = digits_start + digits;
+        let text = std::str::from_utf8(&self.text[start..self.pos]).unwrap_or_default();
+        match text.parse::<i64>() {
+            Ok(n) => Ok(Literal::Int(n)),
+            Err(_) if digits == 0 => Err(self.unexpected()),
+            Err(_) => Err(format!(
+                "the number {} in the header is too large",
+                shorten(text)
+            )),
+        }
+    }
+
+    fn bool(&mut self) -> Result<Literal, String> {
+        for (word, value) in [(&b"True"[..], true), (b"False", false)] {
+            if self.text[self.pos..].starts_with(word) {
+                self.pos += word.len();
+                return Ok(Literal::Bool(value));
+            }
+        }
+        Err(self.unexpected())
+    }
+}
+
+/// `text`, cut to 40 characters for a message.
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+/// The per-row losses of a `--per-row` file, written as batches finish: a 1-D .npy whose
+/// header (the final length is known up front) comes first, then each batch's values, so
+/// nothing per row is kept in memory and a pipe works as well as a file. A file this writer
+/// created is removed again when the run fails before [`PerRowWriter::finish`].
+pub struct PerRowWriter {
+    path: PathBuf,
+    writer: BufWriter<File>,
+    as_f64: bool,
+    /// Values still to come.
+    remaining: usize,
+    /// Whether the file was created by this run (and so is removed on failure).
+    created: bool,
+    finished: bool,
+}
+
+impl PerRowWriter {
+    /// Creates `path` and writes the header of `rows` float32 values (float64 with `as_f64`).
+    pub fn create(path: &Path, rows: usize, as_f64: bool) -> Result<Self, CliError> {
+        let created = std::fs::symlink_metadata(path).is_err();
+        let file = File::create(path).map_err(|e| write_error(path, e))?;
+        let mut writer = Self {
+            path: path.to_path_buf(),
+            writer: BufWriter::new(file),
+            as_f64,
+            remaining: rows,
+            created,
+            finished: false,
+        };
+        let dict = format!(
+            "{{'descr': '<{}', 'fortran_order': False, 'shape': ({rows},), }}",
+            if as_f64 { "f8" } else { "f4" }
+        );
+        // Magic (6), version (2), length (2), dict, padding, newline: a multiple of 64 bytes.
+        let padded = (10 + dict.len() + 1).next_multiple_of(64) - 10;
+        let mut header = b"\x93NUMPY\x01\x00".to_vec();
+        header.extend_from_slice(&(padded as u16).to_le_bytes());
+        header.extend_from_slice(dict.as_bytes());
+        header.resize(10 + padded - 1, b' ');
+        header.push(b'\n');
+        writer.put(&header)?;
+        Ok(writer)
+    }
+
+    /// Appends the next rows' values.
+    pub fn write(&mut self, values: &[f64]) -> Result<(), CliError> {
+        self.remaining = self.remaining.saturating_sub(values.len());
+        let bytes: Vec<u8> = if self.as_f64 {
+            values.iter().flat_map(|v| v.to_le_bytes()).collect()
+        } else {
+            values
+                .iter()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect()
+        };
+        self.put(&bytes)
+    }
+
+    /// Flushes the file once every row is written.
+    pub fn finish(mut self) -> Result<(), CliError> {
+        debug_assert_eq!(self.remaining, 0, "the header promised more rows");
+        self.writer
+            .flush()
+            .map_err(|e| write_error(&self.path, e))?;
+        self.finished = true;
+        Ok(())
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<(), CliError> {
+        self.writer
+            .write_all(bytes)
+            .map_err(|e| write_error(&self.path, e))
+    }
+}
+
+impl Drop for PerRowWriter {
+    fn drop(&mut self) {
+        if !self.finished && self.created {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn write_error(path: &Path, e: std::io::Error) -> CliError {
+    CliError::input(format!("--per-row {}: cannot write: {e}", path.display()))
+}
+
+/// Whether `a` and `b` are the same existing regular file (through links too).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+        return false;
+    };
+    if !(ma.is_file() && mb.is_file()) {
+        return false;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        ma.dev() == mb.dev() && ma.ino() == mb.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(dict: &str) -> Result<Header, String> {
+        parse_header(dict.as_bytes())
+    }
+
+    #[test]
+    fn numpy_headers_parse() {
+        let h = header("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 3), }   \n").unwrap();
+        assert_eq!(h.shape, [4, 3]);
+        assert!(!h.fortran_order);
+        assert_eq!(element_type(&h.descr), Some((Elem::F32, false)));
+        let h = header("{\"shape\": (7,), \"fortran_order\": True, \"descr\": \">i8\"}").unwrap();
+        assert_eq!(h.shape, [7]);
+        assert_eq!(element_type(&h.descr), Some((Elem::I64, true)));
+        assert!(
+            header("{'descr': '<f8', 'fortran_order': False, 'shape': ()}")
+                .unwrap()
+                .shape
+                .is_empty()
+        );
+        let structured = header(
+            "{'descr': [('a', '<f4'), ('b', '<i4')], 'fortran_order': False, 'shape': (2,)}",
+        )
+        .unwrap();
+        assert!(matches!(structured.descr, Descr::Structured));
+    }
+
+    #[test]
+    fn what_numpy_refuses_is_refused() {
+        let bad = [
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 3), 'x': []}",
+                "key \"x\"",
+            ),
+            ("{'descr': '<f4', 'fortran_order': False}", "no 'shape'"),
+            (
+                "{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (1,)}",
+                "twice",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (4)}",
+                "not a tuple",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': [4]}",
+                "not a tuple",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (-1, 3)}",
+                "negative",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': 0, 'shape': (1,)}",
+                "True or False",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999,)}",
+                "too large",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1,)} x",
+                "unexpected",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1,",
+                "ends early",
+            ),
+            ("{'descr': '<f\\x34'}", "backslash"),
+        ];
+        for (text, fragment) in bad {
+            let e = header(text)
+                .err()
+                .unwrap_or_else(|| panic!("{text} was accepted"));
+            assert!(e.contains(fragment), "{text}: {e:?} lacks {fragment:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_headers_fail_fast_with_short_messages() {
+        let nested = format!(
+            "{{'descr': '<f4', 'fortran_order': False, 'shape': (1,), 'x': {}{}}}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        let e = header(&nested).err().unwrap();
+        assert!(e.contains("nested"), "{e}");
+        let dims = vec!["1"; 40_000].join(", ");
+        let wide = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims},)}}");
+        let e = header(&wide).err().unwrap();
+        assert!(e.contains("40000 dimensions") && e.len() < 100, "{e}");
+        let long_key = format!("{{'{}': 1}}", "k".repeat(5000));
+        let e = header(&long_key).err().unwrap();
+        assert!(e.len() < 200, "{e}");
+    }
 }
