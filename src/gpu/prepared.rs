@@ -149,6 +149,8 @@ pub struct PreparedLoss {
     empty: wgpu::Buffer,
     totals_back: wgpu::Buffer,
     rows_back: Option<wgpu::Buffer>,
+    /// The last call's per-row results were copied to `rows_back` with its totals.
+    rows_copied: bool,
     outputs_back: Option<wgpu::Buffer>,
     owned: wgpu::BindGroup,
     pipes: [Option<Pipes>; 2],
@@ -311,6 +313,7 @@ impl PreparedLoss {
                 empty,
                 totals_back,
                 rows_back: None,
+                rows_copied: false,
                 outputs_back: None,
                 owned,
                 pipes: [None, None],
@@ -703,7 +706,23 @@ impl PreparedLoss {
         }
         if finish {
             encoder.copy_buffer_to_buffer(&self.status, 0, &self.totals_back, 0, STATUS_BYTES);
+            // The host path reads every row: copy them now, so one wait brings back both.
+            self.rows_copied = self.setup.chunk_cap.is_some() && self.last_rows > 0;
+            if self.rows_copied {
+                let bytes = self.last_rows as u64 * ROW_RESULT_BYTES;
+                let back = self.rows_back_buffer();
+                encoder.copy_buffer_to_buffer(&self.row_results, 0, &back, 0, bytes);
+            }
         }
+    }
+
+    /// The read-back buffer of the per-row results, made on first use.
+    fn rows_back_buffer(&mut self) -> wgpu::Buffer {
+        let capacity = self.shape.max_rows() as u64 * ROW_RESULT_BYTES;
+        let gpu = &self.gpu;
+        self.rows_back
+            .get_or_insert_with(|| gpu.readback_buffer("xent row results read-back", capacity))
+            .clone()
     }
 
     /// Maps the status of the last call submitted and returns its totals, or the error the
@@ -716,7 +735,12 @@ impl PreparedLoss {
                 .read_back(&[(&self.totals_back, STATUS_BYTES)])?
                 .remove(0))
         })?;
-        let words: &[u32] = bytemuck::cast_slice(&bytes);
+        self.totals_from(&bytes)
+    }
+
+    /// The totals (or the device's error) from the status bytes.
+    fn totals_from(&self, bytes: &[u8]) -> Result<LossTotals> {
+        let words: &[u32] = bytemuck::cast_slice(bytes);
         if words[0] != 0 {
             let value = ((words[3] as u64) << 32 | words[2] as u64) as i64;
             let value = match self.setup.targets {
@@ -757,8 +781,18 @@ impl PreparedLoss {
     /// [`PreparedLoss::read_totals`], then the per-row results of the same call: the
     /// [`LossOutput`] the host-slice API returns.
     pub fn read(&mut self) -> Result<LossOutput> {
-        let totals = self.read_totals()?;
-        let rows = self.read_rows()?;
+        let (totals, rows) = if self.rows_copied {
+            let gpu = self.gpu.clone();
+            let back = self.rows_back_buffer();
+            let bytes = self.last_rows as u64 * ROW_RESULT_BYTES;
+            let data = gpu.scoped("reading the results", || {
+                gpu.read_back(&[(&self.totals_back, STATUS_BYTES), (&back, bytes)])
+            })?;
+            let rows: Vec<[f32; 4]> = bytemuck::cast_slice(&data[1]).to_vec();
+            (self.totals_from(&data[0])?, rows)
+        } else {
+            (self.read_totals()?, self.read_rows()?)
+        };
         let scale = self.weight_scale;
         let column = |c: usize, scale: f64| rows.iter().map(|r| r[c] as f64 / scale).collect();
         Ok(LossOutput::from_totals(
@@ -776,15 +810,12 @@ impl PreparedLoss {
             return Ok(Vec::new());
         }
         let gpu = self.gpu.clone();
-        let capacity = self.shape.max_rows() as u64 * ROW_RESULT_BYTES;
-        let back = self
-            .rows_back
-            .get_or_insert_with(|| gpu.readback_buffer("xent row results read-back", capacity));
+        let back = self.rows_back_buffer();
         let data = gpu.scoped("reading per-row results", || {
             let mut encoder = gpu.device.create_command_encoder(&Default::default());
-            encoder.copy_buffer_to_buffer(&self.row_results, 0, back, 0, bytes);
+            encoder.copy_buffer_to_buffer(&self.row_results, 0, &back, 0, bytes);
             gpu.queue.submit([encoder.finish()]);
-            Ok(gpu.read_back(&[(back, bytes)])?.remove(0))
+            Ok(gpu.read_back(&[(&back, bytes)])?.remove(0))
         })?;
         Ok(bytemuck::cast_slice(&data).to_vec())
     }

@@ -23,6 +23,27 @@ const MAX_WORKGROUP: u32 = 1024;
 /// The most workgroups a `--kernel` may split a row across.
 const MAX_SPLIT: u32 = 64;
 
+/// What a benchmark row times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PathChoice {
+    /// The passes alone, on device-resident inputs (timestamps).
+    Kernel,
+    /// Whole prepared calls on device-resident inputs, the totals read back (wall clock).
+    Resident,
+    /// Whole calls from host slices, upload included (wall clock).
+    Host,
+}
+
+impl PathChoice {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Resident => "resident",
+            Self::Host => "host",
+        }
+    }
+}
+
 /// Which kernel a benchmark row times.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum KernelChoice {
@@ -186,6 +207,7 @@ struct Row {
     rows: usize,
     classes: usize,
     target: &'static str,
+    path: &'static str,
     kernel: &'static str,
     strategy: String,
     ms: f64,
@@ -279,6 +301,12 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     let roofline: ReadBandwidth =
         gpu.measure_read_bandwidth(roofline_bytes, WARMUP, args.runs as usize)?;
     let roof_gbps = roofline.bytes_per_second() / 1e9;
+    let copy_gbps = if args.path.contains(&PathChoice::Host) {
+        let copy = gpu.measure_copy_bandwidth(roofline_bytes.min(256 << 20), WARMUP, 20)?;
+        Some(copy.bytes_per_second() / 1e9)
+    } else {
+        None
+    };
     if !args.json {
         outln!(out, "device: {device}")?;
         outln!(
@@ -288,6 +316,12 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             roofline.timing.samples_ms.len(),
             timer.name()
         )?;
+        if let Some(copy) = copy_gbps {
+            outln!(
+                out,
+                "host-to-device copy: {copy:.1} GB/s (write_buffer, submit and wait, wall clock)"
+            )?;
+        }
         if timer.name() == "wall" {
             outln!(
                 out,
@@ -310,28 +344,42 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             // Bytes that must move: the logits, and the targets as the device reads them.
             let bytes = set_bytes + if soft { set_bytes } else { rows as u64 * 4 };
             let first = table.len();
-            for &kernel in &args.kernel {
-                let strategy = kernel.strategy(&gpu, rows, classes);
-                let timing = gpu.time_cross_entropy(
-                    &spec,
-                    &data.sets(soft),
-                    strategy,
-                    WARMUP,
-                    args.runs as usize,
-                )?;
-                let ms = timing.median_ms();
+            let sets = data.sets(soft);
+            let runs = args.runs as usize;
+            let mut push = |path: PathChoice, kernel: KernelChoice, ms: f64| {
                 let gbps = bytes as f64 / (ms * 1e-3) / 1e9;
                 table.push(Row {
                     rows,
                     classes,
                     target,
+                    path: path.name(),
                     kernel: kernel.name(),
-                    strategy: strategy.name(),
+                    strategy: kernel.strategy(&gpu, rows, classes).name(),
                     ms,
                     gbps,
                     roofline_fraction: gbps / roof_gbps,
                     cpu_ms: None,
                 });
+            };
+            for &path in &args.path {
+                match path {
+                    PathChoice::Kernel => {
+                        for &kernel in &args.kernel {
+                            let strategy = kernel.strategy(&gpu, rows, classes);
+                            let timing =
+                                gpu.time_cross_entropy(&spec, &sets, strategy, WARMUP, runs)?;
+                            push(path, kernel, timing.median_ms());
+                        }
+                    }
+                    PathChoice::Resident => {
+                        let timing = gpu.time_resident_calls(&spec, &sets, WARMUP, runs)?;
+                        push(path, KernelChoice::Auto, timing.median_ms());
+                    }
+                    PathChoice::Host => {
+                        let timing = gpu.time_host_calls(&spec, &sets, WARMUP, runs)?;
+                        push(path, KernelChoice::Auto, timing.median_ms());
+                    }
+                }
             }
             // The CPU reference last, so the GPU never idles between upload and timing.
             if !args.no_cpu {
@@ -345,7 +393,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             }
         }
     }
-    let json = to_json(&table, &device, timer.name(), roof_gbps).to_string();
+    let json = to_json(&table, &device, timer.name(), roof_gbps, copy_gbps).to_string();
     // The results go to stdout first: if the file cannot be written after all, they are not lost.
     if args.json {
         outln!(out, "{json}")?;
@@ -364,9 +412,10 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
 fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
     outln!(
         out,
-        "{:>14} {:>6} {:>6} {:>22} {:>10} {:>9} {:>9} {:>10} {:>9}",
+        "{:>14} {:>6} {:>8} {:>6} {:>22} {:>10} {:>9} {:>9} {:>10} {:>9}",
         "N x C",
         "target",
+        "path",
         "kernel",
         "strategy",
         "ms",
@@ -378,6 +427,7 @@ fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
     for r in table {
         let naive = table.iter().find(|n| {
             n.kernel == "naive"
+                && n.path == r.path
                 && n.rows == r.rows
                 && n.classes == r.classes
                 && n.target == r.target
@@ -385,9 +435,10 @@ fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
         let speedup = naive.map_or(String::from("-"), |n| format!("{:.2}x", n.ms / r.ms));
         outln!(
             out,
-            "{:>14} {:>6} {:>6} {:>22} {:>10.4} {:>9.1} {:>9.3} {:>10} {:>9}",
+            "{:>14} {:>6} {:>8} {:>6} {:>22} {:>10.4} {:>9.1} {:>9.3} {:>10} {:>9}",
             format!("{}x{}", r.rows, r.classes),
             r.target,
+            r.path,
             r.kernel,
             r.strategy,
             r.ms,
@@ -400,7 +451,13 @@ fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
     Ok(())
 }
 
-fn to_json(table: &[Row], device: &str, timer: &str, roof_gbps: f64) -> serde_json::Value {
+fn to_json(
+    table: &[Row],
+    device: &str,
+    timer: &str,
+    roof_gbps: f64,
+    copy_gbps: Option<f64>,
+) -> serde_json::Value {
     let rows: Vec<_> = table
         .iter()
         .map(|r| {
@@ -409,6 +466,7 @@ fn to_json(table: &[Row], device: &str, timer: &str, roof_gbps: f64) -> serde_js
                 "classes": r.classes,
                 "target": r.target,
                 "task": "loss",
+                "path": r.path,
                 "kernel": r.kernel,
                 "strategy": r.strategy,
                 "ms": json_f64(r.ms),
@@ -416,8 +474,10 @@ fn to_json(table: &[Row], device: &str, timer: &str, roof_gbps: f64) -> serde_js
                 "roofline_fraction": json_f64(r.roofline_fraction),
                 "roofline_gbps": json_f64(roof_gbps),
                 "cpu_ms": json_opt(r.cpu_ms),
+                "copy_gbps": json_opt(copy_gbps),
+                "copy_fraction": json_opt(copy_gbps.filter(|_| r.path == "host").map(|c| r.gbps / c)),
                 "device": device,
-                "timer": timer,
+                "timer": if r.path == "kernel" { timer } else { "wall" },
             })
         })
         .collect();

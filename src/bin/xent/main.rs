@@ -102,6 +102,13 @@ pub struct BenchArgs {
     /// 1 only with LANES = WG). The device's own limits are checked before any timing.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     kernel: Vec<bench::KernelChoice>,
+    /// What to time, comma-separated: kernel (the passes on inputs already on the device,
+    /// timestamp queries; every --kernel), resident (whole prepared calls on device inputs:
+    /// record, submit, read the totals; wall clock; the planner's kernel), host (whole calls
+    /// from host slices, upload included; wall clock; with the host-to-device copy bandwidth
+    /// measured in the same run).
+    #[arg(long, value_delimiter = ',', default_value = "kernel")]
+    path: Vec<bench::PathChoice>,
     /// Timed runs per shape and kernel (after warm-up; at least 20); the median is reported.
     #[arg(
         long,
