@@ -98,6 +98,21 @@ pub struct Gpu {
     pub(crate) pipelines: Pipelines,
     pub(crate) facts: DeviceFacts,
     lost: Arc<Mutex<Option<String>>>,
+    /// On GL, held through each [`Gpu::scoped`] call so that one call at a time drives the
+    /// device; `None` on other backends.
+    ///
+    /// wgpu-hal's GLES backend guards its one GL context with a lock that waits at most six
+    /// seconds before panicking with "Could not lock adapter context. This is most-likely a
+    /// deadlock." (`AdapterContext::lock`, `CONTEXT_LOCK_TIMEOUT_SECS` in `gles/egl.rs`).
+    /// `Queue::submit` holds that lock while it replays the commands, and llvmpipe runs
+    /// `glDispatchCompute` to completion before returning; the fence wait
+    /// (`glClientWaitSync`, up to 2.1 s a call) and buffer mapping hold it too. So one
+    /// thread's long dispatch made another thread's `create_buffer` panic. Waiting here
+    /// instead has no timeout. Vulkan, Metal and DX12 are free-threaded, and serialising
+    /// them would only cost throughput. Construction compiles the modules before any other
+    /// thread can see the context; a context on a caller's device serialises only its own
+    /// calls, not the caller's.
+    serial: Option<Mutex<()>>,
 }
 
 impl Gpu {
@@ -171,6 +186,7 @@ impl Gpu {
         })?;
         Ok(Self {
             pipelines,
+            serial: (info.backend == wgpu::Backend::Gl).then(Mutex::default),
             device,
             queue,
             info,
@@ -180,8 +196,13 @@ impl Gpu {
     }
 
     /// Runs `work` with wgpu's errors captured as [`XentError`]s, failing first if the device
-    /// was lost.
+    /// was lost. Every device operation of a call runs in here (pipelines compile on first use
+    /// inside it too), so on GL this is where calls from several threads queue up.
     pub(crate) fn scoped<T>(&self, what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _serial = self
+            .serial
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
         self.check_lost()?;
         let result = with_error_scopes(&self.device, what, work);
         self.check_lost()?;
