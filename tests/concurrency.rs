@@ -2,7 +2,7 @@
 //! from two threads each. Every call must give exactly the bits it gives alone: the plan
 //! depends only on the shape and the device, and calls share nothing but the pipelines.
 //!
-//! On GL this also covers xent's serialisation of device work (`Gpu::serial`): wgpu-hal's GL
+//! On GL this also covers xent's serialisation of device work (`GL_SERIAL`): wgpu-hal's GL
 //! context lock panics after six seconds' wait, and llvmpipe holds it through a whole dispatch.
 
 mod common;
