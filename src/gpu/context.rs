@@ -1,7 +1,7 @@
 //! The GPU context: adapter choice, device, pipelines, and error capture.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Result, XentError};
 
@@ -147,6 +147,30 @@ pub struct Gpu {
     buffers_created: AtomicU64,
 }
 
+/// On GL, one call at a time drives the device, in the whole process.
+///
+/// wgpu-hal's GLES backend guards its GL context with a lock that waits at most six seconds
+/// before panicking with "Could not lock adapter context. This is most-likely a deadlock."
+/// (`AdapterContext::lock`, `CONTEXT_LOCK_TIMEOUT_SECS` in `gles/egl.rs`). `Queue::submit`
+/// holds that lock while it replays the commands, and llvmpipe runs `glDispatchCompute` to
+/// completion before returning; the fence wait (`glClientWaitSync`, up to 2.1 s a call) and
+/// buffer mapping hold it too. So one thread's long dispatch made another thread's
+/// `create_buffer` panic. Waiting here instead has no timeout.
+///
+/// One lock for all contexts, not one each: every adapter a wgpu instance enumerates on GL
+/// gets a lock of its own but makes the instance's one EGL context current
+/// (`enumerate_adapters` in `gles/egl.rs`), so two devices of one instance must not run at
+/// once either. Vulkan, Metal and DX12 are free-threaded, and serialising them would only cost
+/// throughput. Opening a device and compiling its modules take the lock too; dropping a
+/// context does not, and a context on a caller's device does not serialise the caller's own
+/// use of it.
+static GL_SERIAL: Mutex<()> = Mutex::new(());
+
+/// [`GL_SERIAL`], taken on GL; nothing elsewhere.
+fn serialise(info: &wgpu::AdapterInfo) -> Option<MutexGuard<'static, ()>> {
+    (info.backend == wgpu::Backend::Gl).then(|| GL_SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 impl Gpu {
     pub(crate) fn open(options: &GpuOptions) -> Result<Self> {
         let adapter = select_adapter()?;
@@ -159,6 +183,7 @@ impl Gpu {
             required_limits: adapter.limits(),
             ..Default::default()
         };
+        let serial = serialise(&info);
         let (device, queue) =
             pollster::block_on(adapter.request_device(&descriptor)).map_err(|e| {
                 XentError::RequestDevice {
@@ -177,6 +202,7 @@ impl Gpu {
         // wgpu's default handler panics; every operation here runs inside error scopes, so
         // anything that still escapes is logged rather than taking the program down.
         device.on_uncaptured_error(Arc::new(|e| log::error!("uncaptured wgpu error: {e}")));
+        drop(serial);
         Self::build(device, queue, info, options, lost)
     }
 
@@ -215,9 +241,11 @@ impl Gpu {
             binding_alignment: limits.min_storage_buffer_offset_alignment.max(16) as u64,
             max_workgroup_storage_bytes: limits.max_compute_workgroup_storage_size as u64,
         };
+        let serial = serialise(&info);
         let pipelines = with_error_scopes(&device, "compiling the shaders", || {
             Ok(Pipelines::new(&device, facts.subgroup_lanes))
         })?;
+        drop(serial);
         Ok(Self {
             pipelines,
             device,
@@ -313,8 +341,10 @@ impl Gpu {
     }
 
     /// Runs `work` with wgpu's errors captured as [`XentError`]s, failing first if the device
-    /// was lost.
+    /// was lost. Every device operation of a call runs in here (pipelines compile on first use
+    /// inside it too), so on GL this is where calls from several threads queue up.
     pub(crate) fn scoped<T>(&self, what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _serial = serialise(&self.info);
         self.check_lost()?;
         let result = with_error_scopes(&self.device, what, work);
         self.check_lost()?;

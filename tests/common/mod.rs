@@ -17,6 +17,11 @@ pub fn gpu() -> Option<&'static GpuContext> {
     GPU.get_or_init(|| open(GpuOptions::default())).as_ref()
 }
 
+/// A context of its own (its own device), not the shared one; `None` as for [`gpu`].
+pub fn fresh_gpu() -> Option<GpuContext> {
+    open(GpuOptions::default())
+}
+
 /// A context whose bindings are capped at `bytes`, so chunking runs on small inputs.
 pub fn gpu_with_binding_cap(bytes: u64) -> Option<GpuContext> {
     open(GpuOptions {
