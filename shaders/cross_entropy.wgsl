@@ -22,7 +22,7 @@ fn main(
         }
         return;
     }
-    var sums = vec4(0.0);
+    var sums = RowSums(vec4(0.0), 0.0);
     if r.lane == 0u && r.live {
         sums = finish_row(r.row, r.stats);
     }

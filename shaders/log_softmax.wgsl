@@ -2,8 +2,6 @@
 // log q_k = (z_k − m) − ln s, with m and ln s from the row's results (subtracting m first
 // keeps large offsets exact). Same grid as the statistics pass; no barriers.
 
-@group(0) @binding(4) var<storage, read_write> outputs: array<f32>;
-
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -18,7 +16,7 @@ fn main(
     // (0, lse, m, ln s) for a statistics pass without targets.
     let stats = results[params.first_row + r];
     let first = row_first(r);
-    let out = r * params.classes;
+    let out = params.outputs_offset + r * params.classes;
     let lanes = SPLIT * LANES_PER_ROW;
     for (var k = (group % SPLIT) * LANES_PER_ROW + lid % LANES_PER_ROW; k < params.classes; k += lanes) {
         outputs[out + k] = (logit(first + k) - stats.z) - stats.w;

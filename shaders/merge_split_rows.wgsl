@@ -13,7 +13,7 @@ fn main(
         return;
     }
     let row = group * WORKGROUP_SIZE + lid;
-    var sums = vec4(0.0);
+    var sums = RowSums(vec4(0.0), 0.0);
     if row < params.rows {
         var st = load_split_stats(row * SPLIT);
         for (var part = 1u; part < SPLIT; part++) {

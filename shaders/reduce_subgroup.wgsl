@@ -52,7 +52,8 @@ fn reduce_lanes(st: RowStats, lid: u32, lane: u32) -> RowStats {
     return total;
 }
 
-// Σ v over the workgroup, valid in lane 0.
+// Σ v over the workgroup, valid in lane 0. May be called again at once: the last barrier
+// keeps the next call's writes from racing this call's reads.
 fn sum_workgroup(v: vec4<f32>, lid: u32) -> vec4<f32> {
     var total = v;
     for (var mask = 1u; mask < SUBGROUP_LANES; mask *= 2u) {
@@ -67,6 +68,7 @@ fn sum_workgroup(v: vec4<f32>, lid: u32) -> vec4<f32> {
         for (var b = 1u; b < BLOCKS; b++) {
             total += block_sums[b];
         }
+        workgroupBarrier();
     }
     return total;
 }

@@ -28,18 +28,19 @@ fn add_pairs(x: Pair, y: Pair) -> Pair {
     return two_sum(s.hi, s.lo + (x.lo + y.lo));
 }
 
-@compute @workgroup_size(REDUCE_LANES)
-fn main(@builtin(local_invocation_index) lid: u32) {
+// Σ of one of the two vec4s of every workgroup sum (`half` 0 or 1), complete in lane 0.
+fn reduce_half(half: u32, lid: u32) -> Pair {
     let n = params.groups;
     let per_lane = (n + REDUCE_LANES - 1u) / REDUCE_LANES;
     let start = min(lid * per_lane, n);
     let end = min(start + per_lane, n);
     var acc = Pair(vec4(0.0), vec4(0.0));
     for (var i = start; i < end; i++) {
-        let t = two_sum(acc.hi, results[params.groups_at + i]);
+        let t = two_sum(acc.hi, results[params.groups_at + 2u * i + half]);
         acc.hi = t.hi;
         acc.lo += t.lo;
     }
+    workgroupBarrier();
     pairs[lid] = acc;
     workgroupBarrier();
     for (var stride = REDUCE_LANES / 2u; stride > 0u; stride /= 2u) {
@@ -48,9 +49,21 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         }
         workgroupBarrier();
     }
+    return pairs[0];
+}
+
+@compute @workgroup_size(REDUCE_LANES)
+fn main(@builtin(local_invocation_index) lid: u32) {
+    let first = reduce_half(0u, lid);
+    var second = Pair(vec4(0.0), vec4(0.0));
+    if ZLOSS {
+        second = reduce_half(1u, lid);
+    }
     if lid == 0u {
-        status.totals_hi = pairs[0].hi;
-        status.totals_lo = pairs[0].lo;
+        status.totals_hi = first.hi;
+        status.totals_lo = first.lo;
+        status.totals2_hi = second.hi;
+        status.totals2_lo = second.lo;
         let bad = atomicLoad(&status.bad_index);
         if bad != 0u {
             let r = results[0xffffffffu - bad];

@@ -22,8 +22,10 @@ fn reduce_lanes(st: RowStats, lid: u32, lane: u32) -> RowStats {
     return total;
 }
 
-// Σ v over the workgroup, valid in lane 0.
+// Σ v over the workgroup, valid in lane 0. May be called again at once: only lane 0 reads
+// the result, and the next call's first barrier comes before any write it could race.
 fn sum_workgroup(v: vec4<f32>, lid: u32) -> vec4<f32> {
+    workgroupBarrier();
     row_sums[lid] = v;
     workgroupBarrier();
     for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride /= 2u) {

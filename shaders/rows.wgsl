@@ -31,6 +31,12 @@ override HAS_WEIGHTS: bool = false;
 override HAS_SMOOTHING: bool = false;
 // Accumulate −Σ p̃·ln p̃ (probability targets without class weights).
 override ENTROPY: bool = false;
+// Logit soft-capping z' = cap·tanh(z / cap) before everything else (params.cap).
+override SOFTCAP: bool = false;
+// z-loss λ·lse² per counted row (params.z_loss).
+override ZLOSS: bool = false;
+// Keep (m, ln s, B, counted) per row for a gradient pass.
+override GRAD_STATS: bool = false;
 // Whether each logit carries a target weight a_k inside the loop (the class-index term
 // itself is added once per row, in finish_row).
 override FOLD_TARGETS: bool = TARGET_KIND == TARGET_PROBABILITIES || (TARGET_KIND == TARGET_CLASS_INDEX && HAS_SMOOTHING);
@@ -53,14 +59,28 @@ struct Params {
     // Global index of the chunk's first workgroup sum, and the call's number of them.
     group_base: u32,
     groups: u32,
-    // Where the workgroup sums and the split-row stats start in `results` (vec4 index).
+    // Where the workgroup sums, the split-row stats and the gradient's row stats start in
+    // `results` (vec4 index).
     groups_at: u32,
     split_at: u32,
+    rows2_at: u32,
+    // Rows of the whole call.
+    total_rows: u32,
+    // Element offset of the chunk's first output within the outputs binding.
+    outputs_offset: u32,
+    // Where the per-row upstream gradient starts in `class_weights` (reduction none).
+    upstream_at: u32,
     ignore_lo: u32,
     ignore_hi: u32,
     // ε and ε / C (label smoothing)
     smoothing: f32,
     smoothing_per_class: f32,
+    // Soft-capping and the z-loss λ.
+    cap: f32,
+    z_loss: f32,
+    // The gradient's scales of the cross-entropy and z-loss terms (gradient.wgsl).
+    grad_ce: f32,
+    grad_z: f32,
 }
 
 // Written by the kernels, read by the host: errors found on the device and the call's totals
@@ -73,12 +93,16 @@ struct Status {
     // The offending class index, low and high words.
     bad_lo: u32,
     bad_hi: u32,
-    // (Σ loss, Σ entropy, Σ mean denominator, ignored rows), high parts then low parts.
+    // (Σ loss, Σ entropy, Σ mean denominator, ignored rows) and (Σ z-loss, 0, 0, 0), high
+    // parts then low parts.
     totals_hi: vec4<f32>,
     totals_lo: vec4<f32>,
+    totals2_hi: vec4<f32>,
+    totals2_lo: vec4<f32>,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
+// Class weights [C], then (from params.upstream_at) the per-row upstream gradient.
 @group(0) @binding(1) var<storage, read> class_weights: array<f32>;
 // Three arrays in one binding (a stage may have only 8 storage bindings on some adapters):
 // - from 0, per row of the call: (loss, log-sum-exp, entropy of the target, 0); for a row
@@ -87,7 +111,10 @@ struct Status {
 // - from params.groups_at, per workgroup of the final pass over the call:
 //   (Σ loss, Σ entropy, Σ mean denominator, ignored rows);
 // - from params.split_at, per (row, part) of a split row within the chunk: its RowStats as
-//   two vec4s.
+//   two vec4s;
+// - from params.rows2_at, per row of the call, for a gradient pass: (m, ln s, B, counted).
+// Per row the first array holds (cross-entropy, lse, entropy, z-loss); workgroup sums take
+// two vec4s each: (Σ loss, Σ entropy, Σ denominator, ignored), (Σ z-loss, 0, 0, 0).
 @group(0) @binding(2) var<storage, read_write> results: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> status: Status;
 // Logits [rows, classes] of this chunk, row-major, from params.logits_offset: the whole vec4s
@@ -99,9 +126,30 @@ struct Status {
 // params.targets_offset; the same two views.
 @group(1) @binding(2) var<storage, read> targets: array<vec4<u32>>;
 @group(1) @binding(3) var<storage, read> targets1: array<u32>;
+// Elementwise outputs (log-probabilities, the gradient), from params.outputs_offset; for a
+// gradient in place, a view of the logits themselves.
+@group(1) @binding(4) var<storage, read_write> outputs: array<f32>;
 
-fn logit(i: u32) -> f32 {
+// Soft-capping of four logits (identity without SOFTCAP). tanh saturates to ±1 in f32 by
+// |x| = 9; clamping first keeps ±inf from reaching tanh.
+fn cap4(z: vec4<f32>) -> vec4<f32> {
+    if SOFTCAP {
+        return params.cap * tanh(clamp(z / params.cap, vec4(-15.0), vec4(15.0)));
+    }
+    return z;
+}
+
+fn cap1(z: f32) -> f32 {
+    return cap4(vec4(z, 0.0, 0.0, 0.0)).x;
+}
+
+fn raw_logit(i: u32) -> f32 {
     return logits1[i];
+}
+
+// Logit element i after soft-capping.
+fn logit(i: u32) -> f32 {
+    return cap1(logits1[i]);
 }
 
 fn target_word(i: u32) -> u32 {
@@ -194,14 +242,17 @@ fn targets4(v: u32, first: u32) -> vec4<f32> {
     return vec4(0.0);
 }
 
-// Whether any of z is finite and beyond ±LOGIT_LIMIT.
+// Whether any of z is finite and beyond ±LOGIT_LIMIT (soft-capped logits are bounded).
 fn wild4(z: vec4<f32>) -> bool {
+    if SOFTCAP {
+        return false;
+    }
     let a = abs(z);
     return any((a > vec4(LOGIT_LIMIT)) & (a <= vec4(F32_MAX)));
 }
 
 fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>) -> bool {
-    fold4(st, z, t, FOLD_TARGETS);
+    fold4(st, cap4(z), t, FOLD_TARGETS);
     if ENTROPY {
         let h = entropy_terms(t);
         (*st).h += (h.x + h.y) + (h.z + h.w);
@@ -214,8 +265,8 @@ fn fold_scalar(st: ptr<function, RowStats>, i: u32, k: u32) -> bool {
     if FOLD_TARGETS {
         t = target_weight1(i, k);
     }
-    let z = logit(i);
-    fold1(st, z, t, FOLD_TARGETS);
+    let z = raw_logit(i);
+    fold1(st, cap1(z), t, FOLD_TARGETS);
     if ENTROPY {
         (*st).h += entropy_terms(vec4(t, 0.0, 0.0, 0.0)).x;
     }
@@ -272,51 +323,76 @@ fn fold_row(r: u32, lane: u32, lanes: u32) -> RowStats {
     return st;
 }
 
-// Completes chunk row r from its merged stats: adds the class-index target term, writes the
-// row's results and returns its (loss, entropy, mean-denominator weight, ignored) for the
-// workgroup sums. An ignored row has loss 0 but still gets its log-sum-exp.
-fn finish_row(r: u32, st: RowStats) -> vec4<f32> {
+// What a row adds to its workgroup's sums: (loss, entropy, mean-denominator weight, ignored)
+// and its z-loss.
+struct RowSums {
+    sums: vec4<f32>,
+    z_loss: f32,
+}
+
+// Completes chunk row r from its merged stats: adds the class-index target term and the
+// z-loss, writes the row's results (and, for a gradient, its stats) and returns its sums. An
+// ignored row has loss 0 but still gets its log-sum-exp.
+fn finish_row(r: u32, st: RowStats) -> RowSums {
     let log_s = log(st.s);
     let lse = st.m + log_s;
     var a = st.a;
     var b = st.b;
     let row = params.first_row + r;
+    var counted = 1.0;
+    var sums = vec4(0.0);
     if TARGET_KIND == TARGET_CLASS_INDEX {
         let y = target_class(r);
         if y == -1 {
+            counted = 0.0;
+            b = 0.0;
             results[row] = vec4(0.0, lse, 0.0, 0.0);
-            return vec4(0.0, 0.0, 0.0, 1.0);
-        }
-        if y < 0 {
+            sums = vec4(0.0, 0.0, 0.0, 1.0);
+        } else if y < 0 {
             let nan = bitcast<f32>(0x7fc00000u);
             results[row].x = nan;
             results[row].y = lse;
-            return vec4(nan, 0.0, 0.0, 0.0);
+            return RowSums(vec4(nan, 0.0, 0.0, 0.0), 0.0);
+        } else {
+            let w_y = class_weight(u32(y));
+            let w = (1.0 - params.smoothing) * w_y;
+            a += w * (logit(row_first(r) + u32(y)) - st.m);
+            b += w;
+            let loss = b * log_s - a;
+            sums = vec4(loss, 0.0, w_y, 0.0);
         }
-        let w_y = class_weight(u32(y));
-        let w = (1.0 - params.smoothing) * w_y;
-        a += w * (logit(row_first(r) + u32(y)) - st.m);
-        b += w;
-        let loss = b * log_s - a;
-        results[row] = vec4(loss, lse, 0.0, 0.0);
-        return vec4(loss, 0.0, w_y, 0.0);
+    } else if TARGET_KIND == TARGET_PROBABILITIES {
+        sums = vec4(b * log_s - a, st.h, 1.0, 0.0);
     }
-    if TARGET_KIND == TARGET_PROBABILITIES {
-        let loss = b * log_s - a;
-        results[row] = vec4(loss, lse, st.h, 0.0);
-        return vec4(loss, st.h, 1.0, 0.0);
+    var z_loss = 0.0;
+    if ZLOSS {
+        z_loss = counted * params.z_loss * lse * lse;
     }
-    // Statistics only (log-sum-exp, log-softmax): m and ln s too.
-    results[row] = vec4(0.0, lse, st.m, log_s);
-    return vec4(0.0);
+    if TARGET_KIND == TARGET_NONE {
+        // Statistics only (log-sum-exp, log-softmax): m and ln s too.
+        results[row] = vec4(0.0, lse, st.m, log_s);
+    } else if counted > 0.0 {
+        results[row] = vec4(sums.x, lse, sums.y, z_loss);
+    }
+    if GRAD_STATS {
+        results[params.rows2_at + row] = vec4(st.m, log_s, b, counted);
+    }
+    return RowSums(sums, z_loss);
 }
 
 // Sums one value per row of this workgroup into group_sums, in a fixed order (no atomics:
 // bit-reproducible). Each row's lane 0 holds its value; every other lane holds 0.
-fn write_group_sum(v: vec4<f32>, group: u32, lid: u32) {
-    let total = sum_workgroup(v, lid);
+fn write_group_sum(v: RowSums, group: u32, lid: u32) {
+    let at = params.groups_at + 2u * (params.group_base + group);
+    let total = sum_workgroup(v.sums, lid);
     if lid == 0u {
-        results[params.groups_at + params.group_base + group] = total;
+        results[at] = total;
+    }
+    if ZLOSS {
+        let z = sum_workgroup(vec4(v.z_loss, 0.0, 0.0, 0.0), lid);
+        if lid == 0u {
+            results[at + 1u] = z;
+        }
     }
 }
 

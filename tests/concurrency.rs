@@ -46,7 +46,7 @@ impl Case {
         let mut r = Inputs::new(seed);
         let mut labels = r.classes(rows, classes);
         if let Call::Loss { spec, .. } = &call
-            && let Some(ignored) = spec.get_ignore_index()
+            && let Some(ignored) = spec.ignore_index()
         {
             // About one row in five ignored, never all of them (the mean would be NaN, and
             // NaN != NaN).
@@ -159,27 +159,27 @@ fn cases() -> Vec<Case> {
             (CrossEntropy::new(), false),
             (
                 CrossEntropy::new()
-                    .weights(weights.clone())
-                    .ignore_index(-100)
-                    .label_smoothing(0.1),
+                    .with_weights(weights.clone())
+                    .with_ignore_index(-100)
+                    .with_label_smoothing(0.1),
                 false,
             ),
             (
                 CrossEntropy::new()
-                    .reduction(Reduction::Sum)
-                    .ignore_index(0)
-                    .label_smoothing(0.25),
+                    .with_reduction(Reduction::Sum)
+                    .with_ignore_index(0)
+                    .with_label_smoothing(0.25),
                 false,
             ),
-            (CrossEntropy::new().reduction(Reduction::None), true),
+            (CrossEntropy::new().with_reduction(Reduction::None), true),
             (
                 CrossEntropy::new()
-                    .reduction(Reduction::Sum)
-                    .weights(weights)
-                    .label_smoothing(0.2),
+                    .with_reduction(Reduction::Sum)
+                    .with_weights(weights)
+                    .with_label_smoothing(0.2),
                 true,
             ),
-            (CrossEntropy::new().label_smoothing(0.05), true),
+            (CrossEntropy::new().with_label_smoothing(0.05), true),
         ];
         for (j, (spec, soft)) in specs.into_iter().enumerate() {
             all.push(Case::new(

@@ -3,85 +3,15 @@
 
 mod common;
 
-use common::{GoldenCase, assert_outputs_match, close, golden_cases, gpu, max_abs_per_row};
-use xent::{CpuReference, CrossEntropy, Logits, LossOutput, Reduction, Scorer, Targets};
-
-struct Inputs {
-    logits: Vec<f32>,
-    classes_idx: Vec<i64>,
-    probabilities: Vec<f32>,
-    soft: bool,
-    spec: CrossEntropy,
-}
-
-impl Inputs {
-    fn load(case: &GoldenCase) -> Self {
-        let soft = case.meta["soft_targets"].as_bool().unwrap();
-        let mut spec = CrossEntropy::new().with_label_smoothing(case.number("label_smoothing"));
-        if let Some(i) = case.meta["ignore_index"].as_i64() {
-            spec = spec.with_ignore_index(i);
-        }
-        if case.meta["class_weights"].as_bool().unwrap() {
-            spec = spec.with_weights(case.f32s("weights.npy"));
-        }
-        Self {
-            logits: case.f32s("logits.npy"),
-            classes_idx: if soft {
-                Vec::new()
-            } else {
-                case.i64s("targets.npy")
-            },
-            probabilities: if soft {
-                case.f32s("targets.npy")
-            } else {
-                Vec::new()
-            },
-            soft,
-            spec,
-        }
-    }
-
-    fn targets(&self) -> Targets<'_> {
-        if self.soft {
-            Targets::Probabilities(&self.probabilities)
-        } else {
-            Targets::ClassIndices(&self.classes_idx)
-        }
-    }
-
-    /// B per row: the total effective target weight (0 for an ignored row).
-    fn target_mass(&self, classes: usize) -> Vec<f64> {
-        let eps = self.spec.label_smoothing();
-        let w = |k: usize| self.spec.weights().map_or(1.0, |w| w[k] as f64);
-        let all: f64 = (0..classes).map(w).sum();
-        if self.soft {
-            self.probabilities
-                .chunks(classes)
-                .map(|p| {
-                    (0..classes)
-                        .map(|k| w(k) * ((1.0 - eps) * p[k] as f64 + eps / classes as f64))
-                        .sum()
-                })
-                .collect()
-        } else {
-            self.classes_idx
-                .iter()
-                .map(|&y| {
-                    if self.spec.is_ignored(y) {
-                        0.0
-                    } else {
-                        (1.0 - eps) * w(y as usize) + eps / classes as f64 * all
-                    }
-                })
-                .collect()
-        }
-    }
-}
+use common::{
+    GoldenCase, GoldenInputs, assert_outputs_match, close, golden_cases, gpu, max_abs_per_row,
+};
+use xent::{CpuReference, Logits, LossOutput, Reduction, Scorer};
 
 fn run(
     scorer: &dyn Scorer,
     case: &GoldenCase,
-    inputs: &Inputs,
+    inputs: &GoldenInputs,
     reduction: Reduction,
 ) -> LossOutput {
     let logits = Logits::new(&inputs.logits, case.rows(), case.classes()).unwrap();
@@ -132,7 +62,7 @@ fn golden_cases_are_present() {
 #[test]
 fn cpu_reference_reproduces_pytorch() {
     for case in golden_cases("cross_entropy") {
-        let inputs = Inputs::load(&case);
+        let inputs = GoldenInputs::load(&case);
         let max_abs = max_abs_per_row(&inputs.logits, case.classes());
         let mass = inputs.target_mass(case.classes());
         for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
@@ -165,7 +95,7 @@ fn cpu_reference_reproduces_pytorch() {
 fn gpu_reproduces_pytorch() {
     let Some(gpu) = gpu() else { return };
     for case in golden_cases("cross_entropy") {
-        let inputs = Inputs::load(&case);
+        let inputs = GoldenInputs::load(&case);
         let max_abs = max_abs_per_row(&inputs.logits, case.classes());
         let mass = inputs.target_mass(case.classes());
         for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {

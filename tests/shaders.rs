@@ -11,7 +11,7 @@
 use naga::back::{PipelineConstants, glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use naga::{Module, ResourceBinding, ShaderStage};
-use xent::gpu::pipelines::{Kernel, slot};
+use xent::gpu::pipelines::{Kernel, LossVariant, PipelineKey, TargetKind, slot};
 use xent::gpu::planner::{DeviceFacts, Strategy, choose_strategy};
 
 /// Parses `source` and validates it with `capabilities`, as `create_shader_module` does with
@@ -50,41 +50,74 @@ impl Variant {
 }
 
 /// Every kernel × reductions with and without subgroups × strategies at their corners × loss
-/// variants, with the constants `Pipelines` would give them (a subgroup size of 32).
+/// variants (every flag on in some), with the constants `Pipelines` gives them (a subgroup
+/// size of 32).
 fn variants() -> Vec<Variant> {
-    // (workgroup size, lanes per row, split, vec4)
-    let strategies = [
-        (256, 256, 1, 0),
-        (256, 1, 1, 1),
-        (64, 8, 1, 1),
-        (256, 256, 8, 1),
+    let strategy = |workgroup_size, lanes_per_row, split, vec4, subgroups| Strategy {
+        workgroup_size,
+        lanes_per_row,
+        split,
+        vec4,
+        subgroups,
+    };
+    let base = LossVariant::LSE_ONLY;
+    let losses = [
+        base,
+        LossVariant {
+            target: TargetKind::ClassIndex,
+            weights: true,
+            smoothing: true,
+            ignore: true,
+            ..base
+        },
+        LossVariant {
+            target: TargetKind::ClassIndex,
+            index_i64: true,
+            z_loss: true,
+            softcap: true,
+            grad_stats: true,
+            reduction: 0,
+            in_place: true,
+            ..base
+        },
+        LossVariant {
+            target: TargetKind::Probabilities,
+            smoothing: true,
+            entropy: true,
+            grad_stats: true,
+            scales_from_totals: true,
+            ..base
+        },
+        LossVariant {
+            target: TargetKind::Probabilities,
+            targets_aligned: false,
+            weights: true,
+            softcap: true,
+            z_loss: true,
+            reduction: 1,
+            ..base
+        },
     ];
-    // (target kind, weights, smoothing, entropy)
-    let losses = [(0, 0, 0, 0), (1, 1, 1, 0), (2, 0, 1, 1), (2, 1, 0, 0)];
     let mut all = Vec::new();
     for kernel in Kernel::ALL {
         for subgroups in [false, true] {
-            for (wg, lanes, split, vec4) in strategies {
-                for (target, weights, smoothing, entropy) in losses {
-                    let lanes = if kernel == Kernel::MergeSplitRows {
-                        1
-                    } else {
-                        lanes
+            for (wg, lanes, split, vec4) in [
+                (256, 256, 1, false),
+                (256, 1, 1, true),
+                (64, 8, 1, true),
+                (256, 256, 8, true),
+            ] {
+                for variant in losses {
+                    let key = PipelineKey {
+                        kernel,
+                        strategy: strategy(wg, lanes, split, vec4, subgroups),
+                        variant,
                     };
-                    let constants = [
-                        ("WORKGROUP_SIZE", wg),
-                        ("LANES_PER_ROW", lanes),
-                        ("SPLIT", split),
-                        ("VEC4", vec4),
-                        ("TARGET_KIND", target),
-                        ("HAS_WEIGHTS", weights),
-                        ("HAS_SMOOTHING", smoothing),
-                        ("ENTROPY", entropy),
-                    ]
-                    .into_iter()
-                    .chain(subgroups.then_some(("SUBGROUP_LANES", 32)))
-                    .map(|(k, v)| (k.to_string(), v as f64))
-                    .collect();
+                    let constants = key
+                        .constants(32)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect();
                     all.push(Variant {
                         kernel,
                         subgroups,
@@ -153,9 +186,26 @@ fn targets() -> Vec<Target> {
     ]
 }
 
-/// Whether a binding of `rows.wgsl` is read-only storage.
-fn read_only(binding: u32) -> bool {
-    matches!(binding, slot::LOGITS | slot::TARGETS | slot::WEIGHTS)
+/// Every binding of `rows.wgsl`, in (group, binding) order: group 0 what a prepared loss owns,
+/// group 1 a call's inputs and outputs.
+fn bindings() -> Vec<ResourceBinding> {
+    let group = |group, count| (0..count).map(move |binding| ResourceBinding { group, binding });
+    group(0, slot::OWNED_COUNT)
+        .chain(group(1, slot::INPUT_COUNT))
+        .collect()
+}
+
+/// Whether a binding is the uniform parameters.
+fn uniform(b: &ResourceBinding) -> bool {
+    b.group == 0 && b.binding == slot::PARAMS
+}
+
+/// Whether a binding is read-only storage.
+fn read_only(b: &ResourceBinding) -> bool {
+    match b.group {
+        0 => b.binding == slot::WEIGHTS,
+        _ => b.binding != slot::OUTPUTS,
+    }
 }
 
 /// The operands of a SPIR-V module's `OpCapability` instructions.
@@ -197,7 +247,8 @@ fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
         &variant.constants,
     )
     .map_err(|e| e.to_string())?;
-    let bindings = (0..slot::COUNT).map(|binding| ResourceBinding { group: 0, binding });
+    let bindings = bindings().into_iter().enumerate();
+    let count = slot::OWNED_COUNT + slot::INPUT_COUNT;
     let entry_point = || Some((ShaderStage::Compute, "main".to_string()));
     match target.language {
         Language::SpirV => {
@@ -209,10 +260,10 @@ fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
             // metal/device.rs: a buffer slot per binding, a sizes buffer for the runtime
             // arrays, bounds checks on, no faked bindings.
             let resources = bindings
-                .map(|b| {
+                .map(|(i, b)| {
                     let target = msl::BindTarget {
-                        buffer: Some(b.binding as u8),
-                        mutable: b.binding != slot::PARAMS && !read_only(b.binding),
+                        buffer: Some(i as u8),
+                        mutable: !uniform(&b) && !read_only(&b),
                         ..Default::default()
                     };
                     (b, target)
@@ -226,7 +277,7 @@ fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
                     msl::EntryPointResources {
                         resources,
                         immediates_buffer: None,
-                        sizes_buffer: Some(slot::COUNT as u8),
+                        sizes_buffer: Some(count as u8),
                     },
                 )]
                 .into(),
@@ -252,12 +303,12 @@ fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
             Ok(text.contains("simd_"))
         }
         Language::Hlsl(shader_model) => {
-            // dx12/device.rs: register = binding in space 0 (the register class follows the
-            // address space), no faked bindings.
+            // dx12/device.rs: a register space per bind group, register = binding (the
+            // register class follows the address space), no faked bindings.
             let binding_map = bindings
-                .map(|b| {
+                .map(|(_, b)| {
                     let target = hlsl::BindTarget {
-                        space: 0,
+                        space: b.group as u8,
                         register: b.binding,
                         ..Default::default()
                     };
@@ -284,14 +335,18 @@ fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
             Ok(text.contains("Wave"))
         }
         Language::Glsl(version) => {
-            // gles/device.rs: uniform and storage blocks numbered separately, in binding order.
+            // gles/device.rs: uniform and storage blocks numbered separately, in (group,
+            // binding) order.
+            let mut storage_units = 0u8;
             let binding_map = bindings
-                .map(|b| {
-                    let unit = match b.binding {
-                        slot::PARAMS => 0,
-                        storage => storage - 1,
+                .map(|(_, b)| {
+                    let unit = if uniform(&b) {
+                        0
+                    } else {
+                        storage_units += 1;
+                        storage_units - 1
                     };
-                    (b, unit as u8)
+                    (b, unit)
                 })
                 .collect();
             let options = glsl::Options {
@@ -330,12 +385,13 @@ fn every_variant_translates_wherever_wgpu_can_run_it() {
             let label = format!("{}: {}", target.name, variant.label());
             // Only a subgroup variant on a target without subgroups is out of reach, and
             // the_planner_never_picks_subgroups_without_them shows xent never asks for it.
-            let reachable = !variant.subgroups || target.subgroups;
+            let needs_subgroups = variant.subgroups && variant.kernel.lane_reductions();
+            let reachable = !needs_subgroups || target.subgroups;
             match translate(&target, variant) {
                 Ok(uses_subgroups) => {
                     assert!(reachable, "{label}: translated, but wgpu could not run it");
                     assert_eq!(
-                        uses_subgroups, variant.subgroups,
+                        uses_subgroups, needs_subgroups,
                         "{label}: subgroup operations in the output"
                     );
                 }
@@ -359,6 +415,8 @@ fn facts(subgroup_lanes: Option<u32>, cpu: bool, max_workgroup_size: u32) -> Dev
         max_workgroup_size,
         subgroup_lanes,
         cpu,
+        binding_alignment: 256,
+        max_workgroup_storage_bytes: 32_768,
     }
 }
 

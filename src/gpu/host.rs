@@ -1,16 +1,19 @@
 //! The host-slice path, as a client of the prepared loss: host slices are uploaded chunk by
 //! chunk into two staging buffers in turn, so the copy of chunk k+1 overlaps the passes on
-//! chunk k, and only the small results are read back.
+//! chunk k, and only the results are read back (an elementwise output chunk by chunk, while
+//! the next chunk runs).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::grad::Upstream;
 use crate::logits::Logits;
 use crate::output::LossOutput;
 use crate::spec::CrossEntropy;
 
 use super::context::Gpu;
-use super::prepared::{BoundInputs, ChunkSource, Output, PreparedLoss, Setup};
+use super::prepared::{BoundInputs, ChunkSource, Output, Passes, PreparedLoss, Setup};
 use super::views::{IndexType, LossShape, TargetLayout};
 
 /// Logits uploaded per chunk, about: large enough to amortise a submission, small enough
@@ -32,21 +35,47 @@ pub(crate) enum HostTargets<'a> {
     Probabilities(&'a [f32]),
 }
 
-impl HostTargets<'_> {
-    /// The bytes of rows `range`.
-    fn bytes(&self, range: std::ops::Range<usize>, classes: usize) -> &[u8] {
+impl<'a> HostTargets<'a> {
+    /// The device layout these upload to.
+    pub(crate) fn layout(&self) -> Option<TargetLayout> {
+        match self {
+            HostTargets::None => None,
+            HostTargets::ClassIndices(_) => Some(TargetLayout::ClassIndices(IndexType::I64)),
+            HostTargets::Probabilities(_) => Some(TargetLayout::Probabilities),
+        }
+    }
+
+    /// The targets of rows `range`.
+    fn rows(&self, range: Range<usize>, classes: usize) -> HostTargets<'a> {
+        match *self {
+            HostTargets::None => HostTargets::None,
+            HostTargets::ClassIndices(y) => HostTargets::ClassIndices(&y[range]),
+            HostTargets::Probabilities(p) => {
+                HostTargets::Probabilities(&p[range.start * classes..range.end * classes])
+            }
+        }
+    }
+
+    /// Their bytes.
+    fn bytes(&self) -> &'a [u8] {
         match *self {
             HostTargets::None => &[],
-            HostTargets::ClassIndices(y) => bytemuck::cast_slice(&y[range]),
-            HostTargets::Probabilities(p) => {
-                bytemuck::cast_slice(&p[range.start * classes..range.end * classes])
-            }
+            HostTargets::ClassIndices(y) => bytemuck::cast_slice(y),
+            HostTargets::Probabilities(p) => bytemuck::cast_slice(p),
         }
     }
 }
 
-/// Called after each chunk is submitted, with the chunk's rows.
-type EachChunk<'a> = dyn FnMut(&mut PreparedLoss, std::ops::Range<usize>) -> Result<()> + 'a;
+/// Receives an elementwise output chunk by chunk: the chunk's rows within the call, and its
+/// values.
+type Sink<'a> = dyn FnMut(Range<usize>, &[f32]) + 'a;
+
+/// The staging buffers of one turn: inputs up, an elementwise output and its read-back.
+struct Staging {
+    logits: wgpu::Buffer,
+    targets: wgpu::Buffer,
+    outputs: Option<(wgpu::Buffer, wgpu::Buffer)>,
+}
 
 /// A prepared loss with its staging buffers, for one spec, width and setup.
 pub(crate) struct HostLoss {
@@ -54,8 +83,8 @@ pub(crate) struct HostLoss {
     setup: Setup,
     classes: usize,
     loss: PreparedLoss,
-    /// Two (logits, targets) staging buffers, used by chunks in turn.
-    staging: [(wgpu::Buffer, wgpu::Buffer); 2],
+    /// Two sets of staging buffers, used by chunks in turn.
+    staging: [Staging; 2],
     /// The staging buffers bound for calls of the last few row counts.
     bound: Vec<BoundInputs>,
 }
@@ -101,12 +130,16 @@ impl HostLoss {
         let targets_bytes = setup
             .targets
             .map_or(0, |t| chunk * t.row_bytes(classes) + 16);
-        let copy = wgpu::BufferUsages::COPY_DST;
-        let staging = [0, 1].map(|_| {
-            (
-                gpu.storage_buffer("xent logits upload", logits_bytes, copy),
-                gpu.storage_buffer("xent targets upload", targets_bytes, copy),
-            )
+        let copy_dst = wgpu::BufferUsages::COPY_DST;
+        let staging = [0, 1].map(|_| Staging {
+            logits: gpu.storage_buffer("xent logits upload", logits_bytes, copy_dst),
+            targets: gpu.storage_buffer("xent targets upload", targets_bytes, copy_dst),
+            outputs: (setup.output != Output::Loss).then(|| {
+                (
+                    gpu.storage_buffer("xent outputs", logits_bytes, wgpu::BufferUsages::COPY_SRC),
+                    gpu.readback_buffer("xent outputs read-back", logits_bytes),
+                )
+            }),
         });
         Ok(Self {
             spec: spec.clone(),
@@ -125,82 +158,122 @@ impl HostLoss {
             && self.spec == *spec
     }
 
+    /// The staging buffers bound for a call of `rows` rows (bound once per row count).
+    fn bound(&mut self, rows: usize) -> Result<usize> {
+        if let Some(i) = self.bound.iter().position(|b| b.rows() == rows) {
+            return Ok(i);
+        }
+        let classes = self.classes;
+        let target_row = self.setup.targets.map_or(0, |t| t.row_bytes(classes));
+        let sources: Vec<ChunkSource<'_>> = self
+            .loss
+            .chunk_ranges(rows)
+            .enumerate()
+            .map(|(k, range)| {
+                let (l, t) = chunk_offsets(range.start, classes, target_row);
+                let s = &self.staging[k % 2];
+                ChunkSource {
+                    logits: (&s.logits, l),
+                    targets: self.setup.targets.map(|_| (&s.targets, t)),
+                    outputs: s.outputs.as_ref().map(|(o, _)| (o, l)),
+                }
+            })
+            .collect();
+        let bound = self.loss.bind_sources(rows, &sources, None)?;
+        if self.bound.len() == 2 {
+            self.bound.remove(0);
+        }
+        self.bound.push(bound);
+        Ok(self.bound.len() - 1)
+    }
+
     /// Uploads and records one call of `logits` (at most the prepared rows), submitting chunk
-    /// by chunk; with `each_chunk`, waits after each chunk and hands it the chunk's rows.
+    /// by chunk; an elementwise output goes to `sink` chunk by chunk, each read back while the
+    /// next chunk runs.
     fn run_call(
         &mut self,
         logits: Logits<'_>,
         targets: HostTargets<'_>,
-        mut each_chunk: Option<&mut EachChunk<'_>>,
+        passes: Passes,
+        mut sink: Option<&mut Sink<'_>>,
     ) -> Result<()> {
         let rows = logits.rows();
         let classes = logits.classes();
         let ranges: Vec<_> = self.loss.chunk_ranges(rows).collect();
         let target_row = self.setup.targets.map_or(0, |t| t.row_bytes(classes));
-        // Chunk k starts at the alignment its rows have within the call, so a chunk's rows
-        // are read exactly as in one binding of the whole call.
-        let phase = |start: usize| (start * classes % 4) as u64 * 4;
-        let offsets: Vec<(u64, u64)> = ranges
-            .iter()
-            .map(|r| {
-                let p = phase(r.start);
-                let t = if target_row == 4 * classes as u64 {
-                    p
-                } else {
-                    0
-                };
-                (p, t)
-            })
-            .collect();
-        let sources: Vec<ChunkSource<'_>> = ranges
-            .iter()
-            .zip(&offsets)
-            .enumerate()
-            .map(|(k, (_, &(l, t)))| {
-                let (logits_buf, targets_buf) = &self.staging[k % 2];
-                ChunkSource {
-                    logits: (logits_buf, l),
-                    targets: self.setup.targets.map(|_| (targets_buf, t)),
-                }
-            })
-            .collect();
-        let index = match self.bound.iter().position(|b| b.rows() == rows) {
-            Some(i) => i,
-            None => {
-                let bound = self.loss.bind_sources(rows, &sources)?;
-                if self.bound.len() == 2 {
-                    self.bound.remove(0);
-                }
-                self.bound.push(bound);
-                self.bound.len() - 1
-            }
-        };
-        let call = &self.bound[index];
+        let index = self.bound(rows)?;
         let gpu = self.loss.gpu().clone();
         let last = ranges.len().saturating_sub(1);
+        let mut pending: Option<(usize, Range<usize>)> = None;
         for (k, range) in ranges.iter().enumerate() {
-            let (logits_buf, targets_buf) = &self.staging[k % 2];
-            let (l, t) = offsets[k];
+            let s = &self.staging[k % 2];
+            let (l, t) = chunk_offsets(range.start, classes, target_row);
             gpu.scoped("uploading a chunk", || {
                 let values = logits.slice_rows(range.clone()).values();
                 gpu.queue
-                    .write_buffer(logits_buf, l, bytemuck::cast_slice(values));
-                let target_bytes = targets.bytes(range.clone(), classes);
+                    .write_buffer(&s.logits, l, bytemuck::cast_slice(values));
+                let target_bytes = targets.rows(range.clone(), classes).bytes();
                 if !target_bytes.is_empty() {
-                    gpu.queue.write_buffer(targets_buf, t, target_bytes);
+                    gpu.queue.write_buffer(&s.targets, t, target_bytes);
                 }
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
-                self.loss
-                    .record_call(&mut encoder, call, k..k + 1, k == 0, k == last, None);
+                let call = &self.bound[index];
+                self.loss.record_call(
+                    &mut encoder,
+                    call,
+                    k..k + 1,
+                    k == 0,
+                    k == last,
+                    passes,
+                    None,
+                );
+                if let Some((outputs, back)) = &s.outputs {
+                    let bytes = (range.len() * classes) as u64 * 4;
+                    encoder.copy_buffer_to_buffer(outputs, l, back, 0, bytes);
+                }
                 gpu.queue.submit([encoder.finish()]);
                 Ok(())
             })?;
-            if let Some(f) = each_chunk.as_mut() {
-                f(&mut self.loss, range.clone())?;
+            // The previous chunk's output, while this one runs.
+            if let (Some(f), Some((turn, done))) = (sink.as_mut(), pending.take()) {
+                self.drain(turn, done, f)?;
             }
+            if s.outputs.is_some() {
+                pending = Some((k % 2, range.clone()));
+            }
+        }
+        if let (Some(f), Some((turn, done))) = (sink.as_mut(), pending.take()) {
+            self.drain(turn, done, f)?;
         }
         Ok(())
     }
+
+    /// Reads the output of the chunk of rows `range` back from staging turn `turn`.
+    fn drain(&self, turn: usize, range: Range<usize>, sink: &mut Sink<'_>) -> Result<()> {
+        let Some((_, back)) = &self.staging[turn].outputs else {
+            return Ok(());
+        };
+        let bytes = (range.len() * self.classes) as u64 * 4;
+        let gpu = self.loss.gpu();
+        let data = gpu.scoped("reading an output chunk", || {
+            gpu.read_back(&[(back, bytes)])
+        })?;
+        sink(range, bytemuck::cast_slice(&data[0]));
+        Ok(())
+    }
+}
+
+/// The byte offsets of a chunk in its staging buffers: each chunk starts at the alignment
+/// its rows have within the call (so its rows are read exactly as in one binding of the whole
+/// call); probabilities follow the logits, class indices start at 0.
+fn chunk_offsets(first_row: usize, classes: usize, target_row: u64) -> (u64, u64) {
+    let logits = (first_row * classes % 4) as u64 * 4;
+    let targets = if target_row == classes as u64 * 4 {
+        logits
+    } else {
+        0
+    };
+    (logits, targets)
 }
 
 impl super::GpuContext {
@@ -230,29 +303,55 @@ impl super::GpuContext {
         result
     }
 
-    /// Scores host slices through a pooled prepared loss, call by call.
+    /// Scores host slices through a pooled prepared loss, call by call; with `gradient`
+    /// (upstream, and the mean's (Σ w_y, counted rows) from the host), the gradient goes to
+    /// the returned vector, row-major.
     pub(crate) fn run_host(
         &self,
         spec: &CrossEntropy,
         logits: Logits<'_>,
         targets: HostTargets<'_>,
         setup: Setup,
-    ) -> Result<LossOutput> {
+        gradient: Option<(Upstream<'_>, (f64, f64))>,
+    ) -> Result<(LossOutput, Vec<f32>)> {
         let (rows, classes) = (logits.rows(), logits.classes());
-        self.with_host_loss(spec, classes, rows, setup, |host| {
+        let mut grad = Vec::new();
+        let out = self.with_host_loss(spec, classes, rows, setup, |host| {
             let per_call = host.loss.shape().max_rows();
             let mut out: Option<LossOutput> = None;
+            if gradient.is_some() {
+                grad = vec![0.0f32; rows * classes];
+            }
             for start in (0..rows).step_by(per_call) {
                 let range = start..(start + per_call).min(rows);
-                let block = logits.slice_rows(range.clone());
-                let block_targets = match targets {
-                    HostTargets::None => HostTargets::None,
-                    HostTargets::ClassIndices(y) => HostTargets::ClassIndices(&y[range.clone()]),
-                    HostTargets::Probabilities(p) => {
-                        HostTargets::Probabilities(&p[range.start * classes..range.end * classes])
+                let passes = match gradient {
+                    Some((upstream, mean)) => {
+                        let upstream = match upstream {
+                            Upstream::PerRow(g) => Upstream::PerRow(&g[range.clone()]),
+                            scalar => scalar,
+                        };
+                        host.loss.set_upstream(upstream, range.len(), Some(mean))?;
+                        Passes {
+                            gradient: true,
+                            log_softmax: false,
+                            scales_from_totals: false,
+                        }
                     }
+                    None => Passes {
+                        gradient: false,
+                        log_softmax: false,
+                        scales_from_totals: false,
+                    },
                 };
-                host.run_call(block, block_targets, None)?;
+                let block = logits.slice_rows(range.clone());
+                let block_targets = targets.rows(range.clone(), classes);
+                let base = range.start * classes;
+                let mut collect = |chunk: Range<usize>, values: &[f32]| {
+                    let at = base + chunk.start * classes;
+                    grad[at..at + values.len()].copy_from_slice(values);
+                };
+                let sink: Option<&mut Sink<'_>> = gradient.map(|_| &mut collect as &mut Sink<'_>);
+                host.run_call(block, block_targets, passes, sink)?;
                 let part = host.loss.read()?;
                 match out.as_mut() {
                     None => out = Some(part),
@@ -260,7 +359,8 @@ impl super::GpuContext {
                 }
             }
             Ok(out.expect("at least one row"))
-        })
+        })?;
+        Ok((out, grad))
     }
 
     /// Log-probabilities of host logits, chunk by chunk.
@@ -272,21 +372,45 @@ impl super::GpuContext {
         let (rows, classes) = (logits.rows(), logits.classes());
         let spec = CrossEntropy::new();
         self.with_host_loss(&spec, classes, rows, setup, |host| {
-            let per_call = host.loss.rows_per_chunk();
-            let mut out = Vec::with_capacity(rows * classes);
+            let per_call = host.loss.shape().max_rows();
+            let mut out = vec![0.0f32; rows * classes];
+            let passes = Passes {
+                gradient: false,
+                log_softmax: true,
+                scales_from_totals: false,
+            };
             for start in (0..rows).step_by(per_call) {
                 let range = start..(start + per_call).min(rows);
-                let mut collect = |loss: &mut PreparedLoss, chunk: std::ops::Range<usize>| {
-                    out.extend(loss.read_outputs(chunk.len())?);
-                    Ok(())
+                let base = range.start * classes;
+                let mut collect = |chunk: Range<usize>, values: &[f32]| {
+                    let at = base + chunk.start * classes;
+                    out[at..at + values.len()].copy_from_slice(values);
                 };
                 host.run_call(
                     logits.slice_rows(range),
                     HostTargets::None,
+                    passes,
                     Some(&mut collect),
                 )?;
             }
             Ok(out)
         })
+    }
+}
+
+/// The mean's denominator and counted rows of host targets, as the device would sum them
+/// (the host path gives them to the gradient pass, which then needs no device totals).
+pub(crate) fn host_mean(spec: &CrossEntropy, targets: &HostTargets<'_>, rows: usize) -> (f64, f64) {
+    match targets {
+        HostTargets::ClassIndices(y) => {
+            let mut denominator = 0.0;
+            let mut counted = 0usize;
+            for &v in y.iter().filter(|&&v| !spec.is_ignored(v)) {
+                denominator += spec.weights().map_or(1.0, |w| w[v as usize] as f64);
+                counted += 1;
+            }
+            (denominator, counted as f64)
+        }
+        _ => (rows as f64, rows as f64),
     }
 }

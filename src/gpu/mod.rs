@@ -14,7 +14,7 @@ pub use context::{
     GpuOptions, WANTED_FEATURES, describe_adapter, enumerate_adapters, select_adapter,
 };
 pub use planner::{DeviceFacts, Strategy};
-pub use prepared::{BoundInputs, PreparedLoss};
+pub use prepared::{BoundInputs, GradientOutput, PreparedLoss};
 pub use timing::{ReadBandwidth, Timer, Timing};
 pub use views::{DeviceLogits, DeviceTargets, IndexType, LossShape, TargetLayout};
 
@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::Scorer;
 use crate::error::Result;
+use crate::grad::Upstream;
 use crate::logits::Logits;
 use crate::output::LossOutput;
 use crate::spec::CrossEntropy;
@@ -156,13 +157,50 @@ impl GpuContext {
                 entropy,
             ));
         }
-        let host_targets = match targets {
-            Targets::ClassIndices(y) => HostTargets::ClassIndices(y),
-            Targets::Probabilities(p) => HostTargets::Probabilities(p),
-        };
-        let layout = host_targets_layout(&host_targets);
-        let setup = HostLoss::setup(strategy, logits.classes(), layout, Output::Loss);
-        self.run_host(spec, logits, host_targets, setup)
+        let targets = HostTargets::from(targets);
+        let setup = HostLoss::setup(strategy, logits.classes(), targets.layout(), Output::Loss);
+        Ok(self.run_host(spec, logits, targets, setup, None)?.0)
+    }
+
+    /// The loss and its gradient with respect to the logits (row-major f32, like the logits),
+    /// scaled by `upstream`: a scalar for sum and mean, one value per row for none. Two reads
+    /// and one write of the logits on the device.
+    pub fn cross_entropy_grad(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        targets: Targets<'_>,
+        upstream: Upstream<'_>,
+    ) -> Result<(LossOutput, Vec<f32>)> {
+        let strategy = self.plan(logits.rows(), logits.classes());
+        self.cross_entropy_grad_with(spec, logits, targets, upstream, strategy)
+    }
+
+    /// [`GpuContext::cross_entropy_grad`] with a strategy of the caller's choosing.
+    pub fn cross_entropy_grad_with(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        targets: Targets<'_>,
+        upstream: Upstream<'_>,
+        strategy: Strategy,
+    ) -> Result<(LossOutput, Vec<f32>)> {
+        spec.validate(&logits, &targets)?;
+        upstream.check(spec.reduction(), logits.rows())?;
+        strategy.check(&self.gpu.facts)?;
+        if logits.rows() == 0 {
+            let out = self.cross_entropy_with(spec, logits, targets, strategy)?;
+            return Ok((out, Vec::new()));
+        }
+        let targets = HostTargets::from(targets);
+        let mean = host::host_mean(spec, &targets, logits.rows());
+        let setup = HostLoss::setup(
+            strategy,
+            logits.classes(),
+            targets.layout(),
+            Output::Gradient,
+        );
+        self.run_host(spec, logits, targets, setup, Some((upstream, mean)))
     }
 
     /// Per-row log-sum-exp.
@@ -172,8 +210,8 @@ impl GpuContext {
         }
         let strategy = self.plan(logits.rows(), logits.classes());
         let setup = HostLoss::setup(strategy, logits.classes(), None, Output::Loss);
-        let out = self.run_host(&CrossEntropy::new(), logits, HostTargets::None, setup)?;
-        Ok(out.log_sum_exp)
+        let out = self.run_host(&CrossEntropy::new(), logits, HostTargets::None, setup, None)?;
+        Ok(out.0.log_sum_exp)
     }
 
     /// Log-softmax `z_k − lse(z)`, row-major like the logits.
@@ -187,11 +225,12 @@ impl GpuContext {
     }
 }
 
-fn host_targets_layout(t: &HostTargets<'_>) -> Option<TargetLayout> {
-    match t {
-        HostTargets::None => None,
-        HostTargets::ClassIndices(_) => Some(TargetLayout::ClassIndices(IndexType::I64)),
-        HostTargets::Probabilities(_) => Some(TargetLayout::Probabilities),
+impl<'a> From<Targets<'a>> for HostTargets<'a> {
+    fn from(targets: Targets<'a>) -> Self {
+        match targets {
+            Targets::ClassIndices(y) => HostTargets::ClassIndices(y),
+            Targets::Probabilities(p) => HostTargets::Probabilities(p),
+        }
     }
 }
 

@@ -26,15 +26,18 @@ pub enum Kernel {
     ReduceTotals,
     /// Log-probabilities from the row statistics (`log_softmax.wgsl`).
     LogSoftmax,
+    /// The gradient from the row statistics (`gradient.wgsl`).
+    Gradient,
 }
 
 impl Kernel {
     /// All kernels.
-    pub const ALL: [Kernel; 4] = [
+    pub const ALL: [Kernel; 5] = [
         Kernel::CrossEntropy,
         Kernel::MergeSplitRows,
         Kernel::ReduceTotals,
         Kernel::LogSoftmax,
+        Kernel::Gradient,
     ];
 
     /// The kernel's own WGSL file.
@@ -44,6 +47,7 @@ impl Kernel {
             Kernel::MergeSplitRows => "merge_split_rows.wgsl",
             Kernel::ReduceTotals => "reduce_totals.wgsl",
             Kernel::LogSoftmax => "log_softmax.wgsl",
+            Kernel::Gradient => "gradient.wgsl",
         }
     }
 
@@ -53,15 +57,22 @@ impl Kernel {
             Kernel::MergeSplitRows => include_str!("../../shaders/merge_split_rows.wgsl"),
             Kernel::ReduceTotals => include_str!("../../shaders/reduce_totals.wgsl"),
             Kernel::LogSoftmax => include_str!("../../shaders/log_softmax.wgsl"),
+            Kernel::Gradient => include_str!("../../shaders/gradient.wgsl"),
         }
     }
 
+    /// Whether the kernel reduces across lanes (and so has a subgroup variant).
+    pub fn lane_reductions(self) -> bool {
+        matches!(self, Kernel::CrossEntropy | Kernel::MergeSplitRows)
+    }
+
     /// The complete WGSL source: shared code, then the kernel. With `subgroups`, the lane
-    /// reductions use subgroup shuffles (the module then needs `Features::SUBGROUP`).
+    /// reductions of a kernel that has them use subgroup shuffles (the module then needs
+    /// `Features::SUBGROUP`).
     pub fn source(self, subgroups: bool) -> String {
         // Naga takes subgroup operations without WGSL's `enable subgroups;` (it rejects the
         // directive as unimplemented); the device feature gates them instead.
-        let reduce = if subgroups {
+        let reduce = if subgroups && self.lane_reductions() {
             REDUCE_SUBGROUP
         } else {
             REDUCE_WORKGROUP
@@ -98,6 +109,18 @@ pub struct LossVariant {
     pub smoothing: bool,
     /// Accumulate the target entropy.
     pub entropy: bool,
+    /// Logit soft-capping.
+    pub softcap: bool,
+    /// z-loss.
+    pub z_loss: bool,
+    /// Keep per-row stats for a gradient pass.
+    pub grad_stats: bool,
+    /// The gradient kernel's: how the upstream gradient comes (0 per row, 1 sum, 2 mean).
+    pub reduction: u8,
+    /// The gradient kernel's: the mean's scales from the device totals.
+    pub scales_from_totals: bool,
+    /// The gradient kernel's: overwrite the logits.
+    pub in_place: bool,
 }
 
 impl LossVariant {
@@ -110,6 +133,12 @@ impl LossVariant {
         weights: false,
         smoothing: false,
         entropy: false,
+        softcap: false,
+        z_loss: false,
+        grad_stats: false,
+        reduction: 2,
+        scales_from_totals: false,
+        in_place: false,
     };
 }
 
@@ -125,7 +154,9 @@ pub struct PipelineKey {
 }
 
 impl PipelineKey {
-    fn constants(&self, subgroup_lanes: u32) -> Vec<(&'static str, f64)> {
+    /// The pipeline-overridable constants of this pipeline, for a device whose smallest
+    /// subgroup has `subgroup_lanes` lanes.
+    pub fn constants(&self, subgroup_lanes: u32) -> Vec<(&'static str, f64)> {
         let s = &self.strategy;
         let lanes = match self.kernel {
             Kernel::MergeSplitRows | Kernel::ReduceTotals => 1,
@@ -145,8 +176,18 @@ impl PipelineKey {
             ("HAS_WEIGHTS", flag(v.weights)),
             ("HAS_SMOOTHING", flag(v.smoothing)),
             ("ENTROPY", flag(v.entropy)),
+            ("SOFTCAP", flag(v.softcap)),
+            ("ZLOSS", flag(v.z_loss)),
+            ("GRAD_STATS", flag(v.grad_stats)),
         ];
-        if s.subgroups {
+        if self.kernel == Kernel::Gradient {
+            constants.extend([
+                ("REDUCTION", v.reduction as f64),
+                ("SCALES_FROM_TOTALS", flag(v.scales_from_totals)),
+                ("IN_PLACE", flag(v.in_place)),
+            ]);
+        }
+        if s.subgroups && self.kernel.lane_reductions() {
             constants.push(("SUBGROUP_LANES", subgroup_lanes as f64));
         }
         constants
@@ -160,14 +201,12 @@ pub mod slot {
     pub const PARAMS: u32 = 0;
     /// Group 0: class weights.
     pub const WEIGHTS: u32 = 1;
-    /// Group 0: per-row results, workgroup sums and split-row stats.
+    /// Group 0: per-row results, workgroup sums and row stats.
     pub const RESULTS: u32 = 2;
     /// Group 0: status and totals.
     pub const STATUS: u32 = 3;
-    /// Group 0: elementwise outputs (log-probabilities).
-    pub const OUTPUTS: u32 = 4;
     /// Bindings in group 0.
-    pub const OWNED_COUNT: u32 = 5;
+    pub const OWNED_COUNT: u32 = 4;
     /// Group 1: the whole vec4s of the logits.
     pub const LOGITS4: u32 = 0;
     /// Group 1: the logits, element by element.
@@ -176,8 +215,10 @@ pub mod slot {
     pub const TARGETS4: u32 = 2;
     /// Group 1: the targets, word by word.
     pub const TARGETS: u32 = 3;
+    /// Group 1: elementwise outputs (log-probabilities, the gradient).
+    pub const OUTPUTS: u32 = 4;
     /// Bindings in group 1.
-    pub const INPUT_COUNT: u32 = 4;
+    pub const INPUT_COUNT: u32 = 5;
 }
 
 /// The shader modules, the two bind-group layouts, and the pipelines compiled so far.
@@ -230,7 +271,10 @@ impl Pipelines {
             })
             .collect();
         let inputs: Vec<_> = (0..slot::INPUT_COUNT)
-            .map(|binding| entry(binding, read, false))
+            .map(|binding| match binding {
+                slot::OUTPUTS => entry(binding, write, false),
+                _ => entry(binding, read, false),
+            })
             .collect();
         let owned_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some("xent owned"),
@@ -267,7 +311,10 @@ impl Pipelines {
                     device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                         label: Some(key.kernel.file_name()),
                         layout: Some(&self.layout),
-                        module: &self.modules[&(key.kernel, key.strategy.subgroups)],
+                        module: &self.modules[&(
+                            key.kernel,
+                            key.strategy.subgroups && key.kernel.lane_reductions(),
+                        )],
                         entry_point: Some("main"),
                         compilation_options: wgpu::PipelineCompilationOptions {
                             constants: &constants,

@@ -5,11 +5,15 @@
 //! The host-slice API is a client of this (src/gpu/host.rs): it uploads into buffers of its
 //! own and records the same passes.
 
+use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Result, XentError};
+use crate::grad::Upstream;
 use crate::output::{LossOutput, LossTotals};
 use crate::spec::{CrossEntropy, Reduction};
 
@@ -31,27 +35,38 @@ pub(crate) struct Params {
     groups: u32,
     groups_at: u32,
     split_at: u32,
+    rows2_at: u32,
+    total_rows: u32,
+    outputs_offset: u32,
+    upstream_at: u32,
     ignore_lo: u32,
     ignore_hi: u32,
     smoothing: f32,
     smoothing_per_class: f32,
+    cap: f32,
+    z_loss: f32,
+    grad_ce: f32,
+    grad_z: f32,
     _pad: [u32; 3],
 }
 
 /// Bytes of `Status` in `rows.wgsl`.
-const STATUS_BYTES: u64 = 48;
-/// Bytes of one row's results, `vec4<f32>` (and of one workgroup sum).
+const STATUS_BYTES: u64 = 80;
+/// Bytes of one row's results, `vec4<f32>` (and of one half of a workgroup sum).
 const ROW_RESULT_BYTES: u64 = 16;
-/// `vec4`s of one `RowStats` of a split row.
+/// `vec4`s of one `RowStats` of a split row, and of one workgroup sum.
 const ROW_STATS_VEC4S: u64 = 2;
+const GROUP_SUM_VEC4S: u64 = 2;
 
-/// What the passes compute.
+/// What the elementwise pass of a host call writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Output {
-    /// Loss, per-row results and totals.
+    /// Nothing: loss, per-row results and totals only.
     Loss,
-    /// Row statistics, then log-probabilities into the outputs buffer (chunk by chunk).
+    /// Log-probabilities (chunk by chunk).
     LogSoftmax,
+    /// The gradient (chunk by chunk).
+    Gradient,
 }
 
 /// How a prepared loss is set up, beyond the spec and the shape.
@@ -65,23 +80,49 @@ pub(crate) struct Setup {
     pub chunk_cap: Option<usize>,
 }
 
+/// Where the gradient goes on the device path.
+#[derive(Clone, Copy, Debug)]
+pub enum GradientOutput<'a> {
+    /// An f32 buffer laid out like the logits, from byte `offset` (needs `STORAGE`).
+    Buffer {
+        /// The buffer.
+        buffer: &'a wgpu::Buffer,
+        /// Byte offset of the first row's gradient (a multiple of 4).
+        offset: u64,
+    },
+    /// Over the logits themselves, which the call consumes (Liger's trick: no second N × C
+    /// buffer). Their buffer then needs `STORAGE` for writing too.
+    InPlace,
+}
+
 /// One chunk of a call: its parameters and its input bindings.
 struct Chunk {
     rows: usize,
     params: Params,
+    /// For the statistics (and a gradient that is not in place).
     inputs: wgpu::BindGroup,
+    /// For a gradient in place: the logits bound for writing only.
+    in_place: Option<wgpu::BindGroup>,
     /// Probability targets at the logits' alignment.
     aligned: bool,
 }
 
 /// Inputs bound for calls of one prepared loss: the bind groups and parameters of a call on
-/// one set of input buffers, made once by [`PreparedLoss::bind`] and recorded as often as
-/// wanted by [`PreparedLoss::record_bound`] (the buffers are held until it is dropped).
+/// one set of buffers, made once by [`PreparedLoss::bind`] and recorded as often as wanted by
+/// [`PreparedLoss::record_bound`] (the buffers are held until it is dropped).
 pub struct BoundInputs {
     /// The prepared loss these belong to.
     owner: u64,
     rows: usize,
     chunks: Vec<Chunk>,
+    gradient: Option<GradientMode>,
+}
+
+/// Where a bound call's gradient goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GradientMode {
+    Buffer,
+    InPlace,
 }
 
 impl BoundInputs {
@@ -89,25 +130,43 @@ impl BoundInputs {
     pub fn rows(&self) -> usize {
         self.rows
     }
+
+    /// Whether these inputs include a gradient output.
+    pub fn has_gradient(&self) -> bool {
+        self.gradient.is_some()
+    }
 }
 
 /// Tells prepared losses apart, so inputs bound for one are not recorded by another.
-static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Where one chunk's inputs lie: a buffer and the byte offset of the chunk's first row.
+/// Where one chunk's inputs lie: buffers and the byte offsets of the chunk's first row.
 #[derive(Clone, Copy)]
 pub(crate) struct ChunkSource<'a> {
     pub logits: (&'a wgpu::Buffer, u64),
     pub targets: Option<(&'a wgpu::Buffer, u64)>,
+    /// Log-probabilities or the gradient; `None` with `in_place` writes over the logits.
+    pub outputs: Option<(&'a wgpu::Buffer, u64)>,
 }
 
-/// The pipelines of one alignment of the targets.
+/// The pipelines of the statistics passes of one variant.
 #[derive(Clone)]
 struct Pipes {
     main: Arc<wgpu::ComputePipeline>,
     merge: Option<Arc<wgpu::ComputePipeline>>,
     reduce: Arc<wgpu::ComputePipeline>,
-    map: Option<Arc<wgpu::ComputePipeline>>,
+}
+
+/// What a call's passes need, beyond the bound inputs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Passes {
+    /// Keep per-row stats and run the gradient pass.
+    pub gradient: bool,
+    /// Run the log-softmax pass.
+    pub log_softmax: bool,
+    /// The gradient's mean scales come from the device totals (the pass then follows the
+    /// reduction); otherwise from the parameters, right after each chunk's statistics.
+    pub scales_from_totals: bool,
 }
 
 /// A loss made ready for one spec and shape on one GPU context: see
@@ -117,8 +176,8 @@ struct Pipes {
 /// nothing on the device. [`PreparedLoss::record`] binds the input buffers anew on each call
 /// (a bind group, no buffer); a loop over the same buffers can bind them once with
 /// [`PreparedLoss::bind`] and record with [`PreparedLoss::record_bound`]. Its outputs stay on
-/// the device: per-row results in [`PreparedLoss::row_results`],
-/// the totals and any error found on the device in a small status buffer that
+/// the device: per-row results in [`PreparedLoss::row_results`], the gradient where the call
+/// put it, and the totals and any error found on the device in a small status buffer that
 /// [`PreparedLoss::read_totals`] maps.
 ///
 /// Record at most one call per queue submission: a call's parameters are written with
@@ -133,27 +192,36 @@ pub struct PreparedLoss {
     setup: Setup,
     variant: LossVariant,
     smoothing: f64,
+    cap: f64,
+    z_loss: f64,
     weight_scale: f64,
     /// Rows per chunk at `shape.max_rows()`; calls use the same cut.
     rows_per_chunk: usize,
-    /// Where the workgroup sums and the split-row stats start in the results buffer.
+    /// Where the workgroup sums, split-row stats and gradient row stats start in `results`.
     groups_at: u32,
     split_at: u32,
+    rows2_at: u32,
+    /// Where the per-row upstream gradient starts in the weights buffer.
+    upstream_at: u32,
     params_stride: u64,
     params: wgpu::Buffer,
     written: Vec<Option<Params>>,
+    weights: wgpu::Buffer,
     row_results: wgpu::Buffer,
     status: wgpu::Buffer,
-    outputs: wgpu::Buffer,
-    /// A 16-byte stand-in for a vec4 view that covers no whole vec4.
+    /// 16-byte stand-ins for views that are not used: read-only, and written (a buffer
+    /// cannot be bound both ways in one dispatch).
     empty: wgpu::Buffer,
+    empty_out: wgpu::Buffer,
     totals_back: wgpu::Buffer,
     rows_back: Option<wgpu::Buffer>,
     /// The last call's per-row results were copied to `rows_back` with its totals.
     rows_copied: bool,
-    outputs_back: Option<wgpu::Buffer>,
     owned: wgpu::BindGroup,
-    pipes: [Option<Pipes>; 2],
+    pipes: HashMap<(bool, bool), Pipes>,
+    elementwise: HashMap<(Kernel, bool, u8, bool, bool), Arc<wgpu::ComputePipeline>>,
+    /// The gradient's scales for the next recording (cross-entropy and z-loss terms).
+    grad_scales: Option<(f32, f32)>,
     /// Rows of the last call recorded.
     last_rows: usize,
 }
@@ -183,7 +251,8 @@ impl PreparedLoss {
         setup: Setup,
     ) -> Result<Self> {
         let classes = shape.classes();
-        spec.validate_options(classes, setup.targets == Some(TargetLayout::Probabilities))?;
+        let probabilities = setup.targets == Some(TargetLayout::Probabilities);
+        spec.validate_options(classes, probabilities)?;
         setup.strategy.check(&gpu.facts)?;
         let max_rows = shape.max_rows().max(1);
         let plan = ChunkPlan::new(
@@ -194,7 +263,7 @@ impl PreparedLoss {
             &row_bytes(classes, &setup),
             setup.chunk_cap,
         )?;
-        let probabilities = setup.targets == Some(TargetLayout::Probabilities);
+        let has_targets = setup.targets.is_some();
         let variant = LossVariant {
             target: match setup.targets {
                 None => TargetKind::None,
@@ -202,11 +271,14 @@ impl PreparedLoss {
                 Some(TargetLayout::Probabilities) => TargetKind::Probabilities,
             },
             index_i64: setup.targets == Some(TargetLayout::ClassIndices(IndexType::I64)),
-            ignore: spec.ignore_index().is_some() && !probabilities && setup.targets.is_some(),
+            ignore: spec.ignore_index().is_some() && !probabilities && has_targets,
             targets_aligned: true,
-            weights: spec.weights().is_some() && setup.targets.is_some(),
-            smoothing: spec.label_smoothing() > 0.0 && setup.targets.is_some(),
+            weights: spec.weights().is_some() && has_targets,
+            smoothing: spec.label_smoothing() > 0.0 && has_targets,
             entropy: probabilities && spec.weights().is_none(),
+            softcap: spec.softcap().is_some() && has_targets,
+            z_loss: spec.z_loss() > 0.0 && has_targets,
+            ..LossVariant::LSE_ONLY
         };
         let scale = weight_scale(spec.weights());
         let chunks = max_rows.div_ceil(plan.rows_per_chunk);
@@ -214,81 +286,74 @@ impl PreparedLoss {
         let params_stride = (std::mem::size_of::<Params>() as u64)
             .next_multiple_of(gpu.device.limits().min_uniform_buffer_offset_alignment as u64);
         let s = &setup.strategy;
+        let split_vec4s = if s.split > 1 {
+            plan.rows_per_chunk as u64 * s.split as u64 * ROW_STATS_VEC4S
+        } else {
+            0
+        };
+        let rows = max_rows as u64;
+        let groups_at = rows;
+        let split_at = groups_at + groups * GROUP_SUM_VEC4S;
+        let rows2_at = split_at + split_vec4s;
+        let upstream_at = (classes as u64).next_multiple_of(4);
         gpu.scoped("preparing a loss", || {
-            let storage = |label, bytes: u64, extra| gpu.storage_buffer(label, bytes, extra);
             let copy_src = wgpu::BufferUsages::COPY_SRC;
-            let none = wgpu::BufferUsages::empty();
+            let copy_dst = wgpu::BufferUsages::COPY_DST;
             let params = gpu.buffer(
                 "xent params",
                 chunks as u64 * params_stride,
-                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                wgpu::BufferUsages::UNIFORM | copy_dst,
             );
-            let weights = storage(
-                "xent class weights",
-                classes as u64 * 4,
-                wgpu::BufferUsages::COPY_DST,
+            let weights = gpu.storage_buffer(
+                "xent class weights and upstream gradient",
+                (upstream_at + rows) * 4,
+                copy_dst,
             );
             if let Some(w) = spec.weights().filter(|_| variant.weights) {
                 let scaled: Vec<f32> = w.iter().map(|&v| (v as f64 * scale) as f32).collect();
                 gpu.queue
                     .write_buffer(&weights, 0, bytemuck::cast_slice(&scaled));
             }
-            let split_vec4s = if s.split > 1 {
-                plan.rows_per_chunk as u64 * s.split as u64 * ROW_STATS_VEC4S
-            } else {
-                0
-            };
-            let row_results = storage(
+            let row_results = gpu.storage_buffer(
                 "xent results",
-                (max_rows as u64 + groups + split_vec4s) * ROW_RESULT_BYTES,
+                (rows2_at + rows) * ROW_RESULT_BYTES,
                 copy_src,
             );
-            let status = storage(
-                "xent status",
-                STATUS_BYTES,
-                copy_src | wgpu::BufferUsages::COPY_DST,
-            );
-            let outputs_bytes = match setup.output {
-                Output::LogSoftmax => plan.rows_per_chunk as u64 * classes as u64 * 4,
-                Output::Loss => 0,
-            };
-            let outputs = storage("xent outputs", outputs_bytes, copy_src);
-            let empty = storage("xent empty view", 16, none);
-            let totals_back = gpu.buffer(
-                "xent totals read-back",
-                STATUS_BYTES,
-                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            );
+            let status = gpu.storage_buffer("xent status", STATUS_BYTES, copy_src | copy_dst);
+            let empty = gpu.storage_buffer("xent empty view", 16, wgpu::BufferUsages::empty());
+            let empty_out =
+                gpu.storage_buffer("xent empty output", 16, wgpu::BufferUsages::empty());
+            let totals_back = gpu.readback_buffer("xent totals read-back", STATUS_BYTES);
             let params_size = wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64);
-            let owned_buffers = [
-                (slot::WEIGHTS, &weights),
-                (slot::RESULTS, &row_results),
-                (slot::STATUS, &status),
-                (slot::OUTPUTS, &outputs),
-            ];
-            let mut entries = vec![wgpu::BindGroupEntry {
-                binding: slot::PARAMS,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &params,
-                    offset: 0,
-                    size: params_size,
-                }),
-            }];
-            entries.extend(
-                owned_buffers
-                    .iter()
-                    .map(|(binding, buffer)| wgpu::BindGroupEntry {
-                        binding: *binding,
-                        resource: buffer.as_entire_binding(),
+            let entries = [
+                wgpu::BindGroupEntry {
+                    binding: slot::PARAMS,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &params,
+                        offset: 0,
+                        size: params_size,
                     }),
-            );
+                },
+                wgpu::BindGroupEntry {
+                    binding: slot::WEIGHTS,
+                    resource: weights.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: slot::RESULTS,
+                    resource: row_results.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: slot::STATUS,
+                    resource: status.as_entire_binding(),
+                },
+            ];
             let owned = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("xent owned"),
                 layout: &gpu.pipelines.owned_layout,
                 entries: &entries,
             });
             let mut loss = Self {
-                id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 gpu: gpu.clone(),
                 reduction: spec.reduction(),
                 ignore_index: spec.ignore_index().filter(|_| variant.ignore),
@@ -300,40 +365,46 @@ impl PreparedLoss {
                 } else {
                     0.0
                 },
+                cap: spec.softcap().unwrap_or(1.0),
+                z_loss: spec.z_loss(),
                 weight_scale: scale,
                 rows_per_chunk: plan.rows_per_chunk,
-                groups_at: max_rows as u32,
-                split_at: (max_rows as u64 + groups) as u32,
+                groups_at: groups_at as u32,
+                split_at: split_at as u32,
+                rows2_at: rows2_at as u32,
+                upstream_at: upstream_at as u32,
                 params_stride,
                 params,
                 written: vec![None; chunks],
+                weights,
                 row_results,
                 status,
-                outputs,
                 empty,
+                empty_out,
                 totals_back,
                 rows_back: None,
                 rows_copied: false,
-                outputs_back: None,
                 owned,
-                pipes: [None, None],
+                pipes: HashMap::new(),
+                elementwise: HashMap::new(),
+                grad_scales: None,
                 last_rows: 0,
             };
-            loss.pipes(true);
+            loss.pipes(true, setup.output == Output::Gradient);
             Ok(loss)
         })
     }
 
-    /// The pipelines for targets at (`aligned`) or off the logits' alignment, compiled on
-    /// first use.
-    fn pipes(&mut self, aligned: bool) -> Pipes {
-        let index = aligned as usize;
-        if let Some(p) = &self.pipes[index] {
+    /// The statistics pipelines for targets at (`aligned`) or off the logits' alignment, with
+    /// or without per-row stats for a gradient; compiled on first use.
+    fn pipes(&mut self, aligned: bool, grad_stats: bool) -> Pipes {
+        if let Some(p) = self.pipes.get(&(aligned, grad_stats)) {
             return p.clone();
         }
         let gpu = &self.gpu;
         let variant = LossVariant {
             targets_aligned: aligned,
+            grad_stats,
             ..self.variant
         };
         let key = |kernel| PipelineKey {
@@ -346,10 +417,46 @@ impl PreparedLoss {
             main: get(Kernel::CrossEntropy),
             merge: (self.setup.strategy.split > 1).then(|| get(Kernel::MergeSplitRows)),
             reduce: get(Kernel::ReduceTotals),
-            map: (self.setup.output == Output::LogSoftmax).then(|| get(Kernel::LogSoftmax)),
         };
-        self.pipes[index] = Some(pipes.clone());
+        self.pipes.insert((aligned, grad_stats), pipes.clone());
         pipes
+    }
+
+    /// An elementwise pipeline (log-softmax or gradient) for one variant.
+    fn elementwise(
+        &mut self,
+        kernel: Kernel,
+        aligned: bool,
+        scales_from_totals: bool,
+        in_place: bool,
+    ) -> Arc<wgpu::ComputePipeline> {
+        let reduction = match self.reduction {
+            Reduction::None => 0,
+            Reduction::Sum => 1,
+            Reduction::Mean => 2,
+        };
+        let key = (kernel, aligned, reduction, scales_from_totals, in_place);
+        if let Some(p) = self.elementwise.get(&key) {
+            return p.clone();
+        }
+        let variant = LossVariant {
+            targets_aligned: aligned,
+            grad_stats: kernel == Kernel::Gradient,
+            reduction,
+            scales_from_totals,
+            in_place,
+            ..self.variant
+        };
+        let pipeline = self.gpu.pipelines.get(
+            &self.gpu.device,
+            PipelineKey {
+                kernel,
+                strategy: self.setup.strategy,
+                variant,
+            },
+        );
+        self.elementwise.insert(key, pipeline.clone());
+        pipeline
     }
 
     /// The shape it was prepared for.
@@ -363,56 +470,77 @@ impl PreparedLoss {
     }
 
     /// The power of two the class weights were multiplied by on the device (1 unless the
-    /// largest weight is beyond 2^±20): per-row losses in [`PreparedLoss::row_results`] carry
-    /// it; every value read back through xent has it divided out.
+    /// largest weight is beyond 2^±20): per-row cross-entropies in
+    /// [`PreparedLoss::row_results`] carry it; every value read back through xent, and the
+    /// gradient, have it divided out.
     pub fn weight_scale(&self) -> f64 {
         self.weight_scale
     }
 
-    /// Per-row results of the last call, one `vec4<f32>` per row: (loss × weight scale,
-    /// log-sum-exp, entropy of the target or 0, 0). A caller may copy or bind it.
+    /// Per-row results of the last call, one `vec4<f32>` per row: (cross-entropy × weight
+    /// scale, log-sum-exp, entropy of the target or 0, z-loss or 0). A caller may copy or bind
+    /// it.
     pub fn row_results(&self) -> &wgpu::Buffer {
         &self.row_results
     }
 
     /// Records one call on the caller's device buffers into `encoder`: clears the status,
-    /// then the row passes chunk by chunk, the reduction, and a copy of the 48-byte status to
-    /// the read-back buffer. Every input is checked first; nothing is recorded on an error.
+    /// then the row passes chunk by chunk, the reduction, and a copy of the status to the
+    /// read-back buffer. Every input is checked first; nothing is recorded on an error.
     pub fn record(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         logits: DeviceLogits<'_>,
         targets: DeviceTargets<'_>,
     ) -> Result<()> {
-        self.record_timed(encoder, logits, targets, None)
+        let bound = self.bind(logits, targets)?;
+        self.record_bound(encoder, &bound)
     }
 
-    /// [`PreparedLoss::record`] with timestamps around the compute pass (benchmarks).
-    pub(crate) fn record_timed(
+    /// [`PreparedLoss::record`], and the gradient of the loss with respect to the logits,
+    /// scaled by `upstream` (a scalar for sum and mean, one value per row for none), into
+    /// `gradient`. Two reads and one write of the logits in all.
+    pub fn record_gradient(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         logits: DeviceLogits<'_>,
         targets: DeviceTargets<'_>,
-        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        gradient: GradientOutput<'_>,
+        upstream: Upstream<'_>,
     ) -> Result<()> {
-        let bound = self.bind(logits, targets)?;
-        self.record_bound_timed(encoder, &bound, timestamps)
+        let bound = self.bind_gradient(logits, targets, gradient)?;
+        self.record_bound_gradient(encoder, &bound, upstream)
     }
 
     /// Records one call on inputs bound earlier by [`PreparedLoss::bind`]: as
-    /// [`PreparedLoss::record`], without making bind groups.
+    /// [`PreparedLoss::record`], without making bind groups (no gradient, even when the inputs
+    /// have a gradient output).
     pub fn record_bound(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         inputs: &BoundInputs,
     ) -> Result<()> {
-        self.record_bound_timed(encoder, inputs, None)
+        self.record_bound_timed(encoder, inputs, None, None)
     }
 
+    /// Records one call with its gradient on inputs bound by
+    /// [`PreparedLoss::bind_gradient`].
+    pub fn record_bound_gradient(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &BoundInputs,
+        upstream: Upstream<'_>,
+    ) -> Result<()> {
+        self.record_bound_timed(encoder, inputs, Some(upstream), None)
+    }
+
+    /// Records a call (with its gradient when `upstream` is given), with timestamps around
+    /// its compute pass (benchmarks).
     pub(crate) fn record_bound_timed(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         inputs: &BoundInputs,
+        upstream: Option<Upstream<'_>>,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
         if inputs.owner != self.id {
@@ -420,15 +548,93 @@ impl PreparedLoss {
                 "these inputs were bound by another prepared loss".into(),
             ));
         }
-        self.record_call(
-            encoder,
-            inputs,
-            0..inputs.chunks.len(),
-            true,
-            true,
-            timestamps,
-        );
+        let passes = match upstream {
+            None => Passes {
+                gradient: false,
+                log_softmax: false,
+                scales_from_totals: false,
+            },
+            Some(upstream) => {
+                if inputs.gradient.is_none() {
+                    return Err(XentError::NotPrepared(
+                        "these inputs were bound without a gradient output (use bind_gradient)"
+                            .into(),
+                    ));
+                }
+                self.set_upstream(upstream, inputs.rows, None)?;
+                Passes {
+                    gradient: true,
+                    log_softmax: false,
+                    scales_from_totals: self.reduction == Reduction::Mean,
+                }
+            }
+        };
+        let chunks = 0..inputs.chunks.len();
+        self.record_call(encoder, inputs, chunks, true, true, passes, timestamps);
         Ok(())
+    }
+
+    /// Writes the upstream gradient's scales into every chunk's parameters (recorded with the
+    /// next call): for the mean, `mean` gives (Σ w_y, counted rows) when the host knows them,
+    /// else the device's totals are used.
+    pub(crate) fn set_upstream(
+        &mut self,
+        upstream: Upstream<'_>,
+        rows: usize,
+        mean: Option<(f64, f64)>,
+    ) -> Result<()> {
+        upstream.check(self.reduction, rows)?;
+        let unscale = 1.0 / self.weight_scale;
+        let (ce, z) = match (self.reduction, upstream) {
+            (Reduction::None, Upstream::PerRow(g)) => {
+                let values: Vec<f32> = g.iter().map(|&v| v as f32).collect();
+                let offset = self.upstream_at as u64 * 4;
+                self.gpu
+                    .queue
+                    .write_buffer(&self.weights, offset, bytemuck::cast_slice(&values));
+                (unscale, 1.0)
+            }
+            (Reduction::Sum, Upstream::Scalar(g)) => (g * unscale, g),
+            (Reduction::Mean, Upstream::Scalar(g)) => match mean {
+                // The device's a_k and B carry the weight scale; the host's Σ w_y does not.
+                Some((denominator, counted)) => {
+                    (g / (denominator * self.weight_scale), g / counted)
+                }
+                // The device divides by its own totals (the weight scale cancels).
+                None => (g, g),
+            },
+            // Checked above.
+            _ => (0.0, 0.0),
+        };
+        self.grad_scales = Some((ce as f32, z as f32));
+        Ok(())
+    }
+
+    /// Records and submits one call on its own encoder (for callers that prefer that).
+    pub fn run(&mut self, logits: DeviceLogits<'_>, targets: DeviceTargets<'_>) -> Result<()> {
+        let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
+        self.record(&mut encoder, logits, targets)?;
+        self.submit(encoder)
+    }
+
+    /// [`PreparedLoss::record_gradient`] on its own encoder, submitted.
+    pub fn run_gradient(
+        &mut self,
+        logits: DeviceLogits<'_>,
+        targets: DeviceTargets<'_>,
+        gradient: GradientOutput<'_>,
+        upstream: Upstream<'_>,
+    ) -> Result<()> {
+        let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
+        self.record_gradient(&mut encoder, logits, targets, gradient, upstream)?;
+        self.submit(encoder)
+    }
+
+    fn submit(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
+        self.gpu.scoped("submitting a loss", || {
+            self.gpu.queue.submit([encoder.finish()]);
+            Ok(())
+        })
     }
 
     /// Checks device inputs and binds them for calls of this loss: the bind groups are made
@@ -438,18 +644,18 @@ impl PreparedLoss {
         logits: DeviceLogits<'_>,
         targets: DeviceTargets<'_>,
     ) -> Result<BoundInputs> {
-        self.bind_device(&logits, Some(&targets))
+        self.bind_device(&logits, &targets, None)
     }
 
-    /// Records and submits one call on its own encoder (for callers that prefer that).
-    pub fn run(&mut self, logits: DeviceLogits<'_>, targets: DeviceTargets<'_>) -> Result<()> {
-        let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
-        self.record(&mut encoder, logits, targets)?;
-        let gpu = self.gpu.clone();
-        gpu.scoped("submitting a loss", || {
-            gpu.queue.submit([encoder.finish()]);
-            Ok(())
-        })
+    /// [`PreparedLoss::bind`] with a gradient output, for
+    /// [`PreparedLoss::record_bound_gradient`].
+    pub fn bind_gradient(
+        &mut self,
+        logits: DeviceLogits<'_>,
+        targets: DeviceTargets<'_>,
+        gradient: GradientOutput<'_>,
+    ) -> Result<BoundInputs> {
+        self.bind_device(&logits, &targets, Some(gradient))
     }
 
     /// Checks a call's shape against the prepared one.
@@ -485,34 +691,53 @@ impl PreparedLoss {
     fn bind_device(
         &mut self,
         logits: &DeviceLogits<'_>,
-        targets: Option<&DeviceTargets<'_>>,
+        targets: &DeviceTargets<'_>,
+        gradient: Option<GradientOutput<'_>>,
     ) -> Result<BoundInputs> {
         let (rows, classes) = (logits.rows(), logits.classes());
-        self.check_shape(rows, classes, targets.map(|t| t.layout()))?;
-        let logit_bytes = rows as u64 * classes as u64 * 4;
-        check_view("logits", logits.buffer(), logits.offset(), logit_bytes)?;
-        if let Some(t) = targets {
-            let bytes = rows as u64 * t.layout().row_bytes(classes);
-            check_view("targets", t.buffer(), t.offset(), bytes)?;
-        }
+        self.check_shape(rows, classes, Some(targets.layout()))?;
         let logit_row = classes as u64 * 4;
-        let target_row = self.setup.targets.map_or(0, |t| t.row_bytes(classes));
+        check_view(
+            "logits",
+            logits.buffer(),
+            logits.offset(),
+            rows as u64 * logit_row,
+        )?;
+        let target_row = targets.layout().row_bytes(classes);
+        check_view(
+            "targets",
+            targets.buffer(),
+            targets.offset(),
+            rows as u64 * target_row,
+        )?;
+        if let Some(GradientOutput::Buffer { buffer, offset }) = gradient {
+            check_view("gradient", buffer, offset, rows as u64 * logit_row)?;
+        }
         let sources: Vec<ChunkSource<'_>> = self
             .chunk_ranges(rows)
-            .map(|range| ChunkSource {
-                logits: (
-                    logits.buffer(),
-                    logits.offset() + range.start as u64 * logit_row,
-                ),
-                targets: targets
-                    .map(|t| (t.buffer(), t.offset() + range.start as u64 * target_row)),
+            .map(|range| {
+                let at = |offset: u64, row: u64| offset + range.start as u64 * row;
+                ChunkSource {
+                    logits: (logits.buffer(), at(logits.offset(), logit_row)),
+                    targets: Some((targets.buffer(), at(targets.offset(), target_row))),
+                    outputs: match gradient {
+                        Some(GradientOutput::Buffer { buffer, offset }) => {
+                            Some((buffer, at(offset, logit_row)))
+                        }
+                        _ => None,
+                    },
+                }
             })
             .collect();
-        self.bind_sources(rows, &sources)
+        let mode = gradient.map(|g| match g {
+            GradientOutput::Buffer { .. } => GradientMode::Buffer,
+            GradientOutput::InPlace => GradientMode::InPlace,
+        });
+        self.bind_sources(rows, &sources, mode)
     }
 
     /// The row ranges of a call of `rows` rows.
-    pub(crate) fn chunk_ranges(&self, rows: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    pub(crate) fn chunk_ranges(&self, rows: usize) -> impl Iterator<Item = Range<usize>> {
         let per = self.rows_per_chunk;
         (0..rows).step_by(per).map(move |s| s..(s + per).min(rows))
     }
@@ -528,12 +753,20 @@ impl PreparedLoss {
         &mut self,
         rows: usize,
         sources: &[ChunkSource<'_>],
+        gradient: Option<GradientMode>,
     ) -> Result<BoundInputs> {
         let gpu = self.gpu.clone();
-        gpu.scoped("binding the inputs", || self.make_call(rows, sources))
+        gpu.scoped("binding the inputs", || {
+            self.make_call(rows, sources, gradient)
+        })
     }
 
-    fn make_call(&mut self, rows: usize, sources: &[ChunkSource<'_>]) -> Result<BoundInputs> {
+    fn make_call(
+        &mut self,
+        rows: usize,
+        sources: &[ChunkSource<'_>],
+        gradient: Option<GradientMode>,
+    ) -> Result<BoundInputs> {
         let classes = self.shape.classes();
         let unit = self.setup.strategy.rows_per_final_group() as usize;
         let ranges: Vec<_> = self.chunk_ranges(rows).collect();
@@ -543,42 +776,58 @@ impl PreparedLoss {
             .ignore_index
             .map_or((0, 0), |i| (i as u32, (i >> 32) as u32));
         let target_row = self.setup.targets.map_or(0, |t| t.row_bytes(classes));
+        let logit_bytes = |n: usize| n as u64 * classes as u64 * 4;
         let mut group_base = 0;
         let mut chunks = Vec::with_capacity(ranges.len());
         for (range, source) in ranges.iter().zip(sources) {
             let n = range.len();
-            let logits = self.views(
-                source.logits.0,
-                source.logits.1,
-                n as u64 * classes as u64 * 4,
-                align,
-            );
+            let (lb, lo) = source.logits;
+            let logits = self.views(lb, lo, logit_bytes(n), align);
             let targets = match source.targets {
                 Some((buffer, offset)) => self.views(buffer, offset, n as u64 * target_row, align),
-                None => self.views(source.logits.0, source.logits.1, 4, align),
+                None => self.unused_views(),
+            };
+            let outputs = match source.outputs {
+                Some((buffer, offset)) => self.views(buffer, offset, logit_bytes(n), align),
+                None => Views {
+                    vec4: self.empty_out.as_entire_buffer_binding(),
+                    scalar: self.empty_out.as_entire_buffer_binding(),
+                    element_offset: 0,
+                },
             };
             let aligned = (logits.element_offset as i64 - targets.element_offset as i64) % 4 == 0;
-            let entries = [
-                (slot::LOGITS4, logits.vec4),
-                (slot::LOGITS, logits.scalar),
-                (slot::TARGETS4, targets.vec4),
-                (slot::TARGETS, targets.scalar),
-            ];
-            let entries: Vec<_> = entries
-                .iter()
-                .map(|(binding, b)| wgpu::BindGroupEntry {
-                    binding: *binding,
-                    resource: wgpu::BindingResource::Buffer(b.clone()),
-                })
-                .collect();
-            let inputs = self
-                .gpu
-                .device
-                .create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("xent inputs"),
-                    layout: &self.gpu.pipelines.input_layout,
-                    entries: &entries,
-                });
+            let bind = |logits: &Views<'_>, outputs: &Views<'_>| {
+                let entries = [
+                    (slot::LOGITS4, logits.vec4.clone()),
+                    (slot::LOGITS, logits.scalar.clone()),
+                    (slot::TARGETS4, targets.vec4.clone()),
+                    (slot::TARGETS, targets.scalar.clone()),
+                    (slot::OUTPUTS, outputs.scalar.clone()),
+                ];
+                let entries: Vec<_> = entries
+                    .into_iter()
+                    .map(|(binding, b)| wgpu::BindGroupEntry {
+                        binding,
+                        resource: wgpu::BindingResource::Buffer(b),
+                    })
+                    .collect();
+                self.gpu
+                    .device
+                    .create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("xent inputs"),
+                        layout: &self.gpu.pipelines.input_layout,
+                        entries: &entries,
+                    })
+            };
+            let inputs = bind(&logits, &outputs);
+            // In place: the logits bound once, for writing, and no read-only view of them.
+            let in_place = (gradient == Some(GradientMode::InPlace))
+                .then(|| bind(&self.unused_views(), &logits));
+            let outputs_offset = if gradient == Some(GradientMode::InPlace) {
+                logits.element_offset
+            } else {
+                outputs.element_offset
+            };
             chunks.push(Chunk {
                 rows: n,
                 params: Params {
@@ -591,24 +840,31 @@ impl PreparedLoss {
                     groups: groups as u32,
                     groups_at: self.groups_at,
                     split_at: self.split_at,
+                    rows2_at: self.rows2_at,
+                    total_rows: rows as u32,
+                    outputs_offset,
+                    upstream_at: self.upstream_at,
                     ignore_lo,
                     ignore_hi,
                     smoothing: self.smoothing as f32,
                     smoothing_per_class: (self.smoothing / classes as f64) as f32,
+                    cap: self.cap as f32,
+                    z_loss: self.z_loss as f32,
+                    grad_ce: 0.0,
+                    grad_z: 0.0,
                     _pad: [0; 3],
                 },
                 inputs,
+                in_place,
                 aligned,
             });
             group_base += n.div_ceil(unit);
-        }
-        if chunks.iter().any(|c| !c.aligned) {
-            self.pipes(false);
         }
         Ok(BoundInputs {
             owner: self.id,
             rows,
             chunks,
+            gradient,
         })
     }
 
@@ -644,18 +900,41 @@ impl PreparedLoss {
         }
     }
 
+    /// Views of the 16-byte stand-in, for an input a call does not have.
+    fn unused_views(&self) -> Views<'_> {
+        Views {
+            vec4: self.empty.as_entire_buffer_binding(),
+            scalar: self.empty.as_entire_buffer_binding(),
+            element_offset: 0,
+        }
+    }
+
     /// Records chunks `chunks` of a call: with `begin`, the status is cleared first; with
-    /// `finish`, the reduction and the status copy follow.
+    /// `finish`, the reduction and the status copy follow. `passes` says which elementwise
+    /// pass runs (the gradient before the reduction, chunk by chunk, unless its scales come
+    /// from the totals).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn record_call(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         call: &BoundInputs,
-        chunks: std::ops::Range<usize>,
+        chunks: Range<usize>,
         begin: bool,
         finish: bool,
+        passes: Passes,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) {
-        for (k, p) in call.chunks.iter().map(|c| c.params).enumerate() {
+        let (grad_ce, grad_z) = if passes.gradient {
+            self.grad_scales.unwrap_or((0.0, 0.0))
+        } else {
+            (0.0, 0.0)
+        };
+        for (k, chunk) in call.chunks.iter().enumerate() {
+            let p = Params {
+                grad_ce,
+                grad_z,
+                ..chunk.params
+            };
             if self.written[k] != Some(p) {
                 let offset = k as u64 * self.params_stride;
                 self.gpu
@@ -668,42 +947,74 @@ impl PreparedLoss {
         if begin {
             encoder.clear_buffer(&self.status, 0, None);
         }
+        // Every pipeline this call needs, before the pass borrows the encoder.
+        let in_place = call.gradient == Some(GradientMode::InPlace);
+        let mut stats = Vec::with_capacity(chunks.len());
+        let mut elementwise = Vec::with_capacity(chunks.len());
+        for k in chunks.clone() {
+            let aligned = call.chunks[k].aligned;
+            stats.push(self.pipes(aligned, passes.gradient));
+            elementwise.push(if passes.gradient {
+                Some(self.elementwise(
+                    Kernel::Gradient,
+                    aligned,
+                    passes.scales_from_totals,
+                    in_place,
+                ))
+            } else if passes.log_softmax {
+                Some(self.elementwise(Kernel::LogSoftmax, aligned, false, false))
+            } else {
+                None
+            });
+        }
         let s = self.setup.strategy;
         let max_dim = self.gpu.facts.max_groups_per_dimension;
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("xent"),
-                timestamp_writes: timestamps,
-            });
-            let mut last = None;
-            for k in chunks {
+        let stride = self.params_stride;
+        let owned = &self.owned;
+        let main_groups = |rows: usize| (rows as u32).div_ceil(s.rows_per_group()) * s.split;
+        let elementwise_pass =
+            |pass: &mut wgpu::ComputePass<'_>, k: usize, pipeline: &wgpu::ComputePipeline| {
                 let chunk = &call.chunks[k];
-                let pipes = self.pipes[chunk.aligned as usize]
-                    .as_ref()
-                    .expect("pipelines made when the call was bound");
-                pass.set_bind_group(0, &self.owned, &[(k as u64 * self.params_stride) as u32]);
-                pass.set_bind_group(1, &chunk.inputs, &[]);
-                pass.set_pipeline(&pipes.main);
-                let main_groups = (chunk.rows as u32).div_ceil(s.rows_per_group()) * s.split;
-                let (x, y) = grid(main_groups, max_dim);
+                pass.set_bind_group(0, owned, &[(k as u64 * stride) as u32]);
+                pass.set_bind_group(1, chunk.in_place.as_ref().unwrap_or(&chunk.inputs), &[]);
+                pass.set_pipeline(pipeline);
+                let (x, y) = grid(main_groups(chunk.rows), max_dim);
                 pass.dispatch_workgroups(x, y, 1);
-                if let Some(merge) = &pipes.merge {
-                    pass.set_pipeline(merge);
-                    let (x, y) = grid((chunk.rows as u32).div_ceil(s.workgroup_size), max_dim);
-                    pass.dispatch_workgroups(x, y, 1);
-                }
-                if let Some(map) = &pipes.map {
-                    pass.set_pipeline(map);
-                    let (x, y) = grid(main_groups, max_dim);
-                    pass.dispatch_workgroups(x, y, 1);
-                }
-                last = Some(pipes);
+            };
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("xent"),
+            timestamp_writes: timestamps,
+        });
+        let late = passes.gradient && passes.scales_from_totals;
+        for (i, k) in chunks.clone().enumerate() {
+            let chunk = &call.chunks[k];
+            let pipes = &stats[i];
+            pass.set_bind_group(0, owned, &[(k as u64 * stride) as u32]);
+            pass.set_bind_group(1, &chunk.inputs, &[]);
+            pass.set_pipeline(&pipes.main);
+            let (x, y) = grid(main_groups(chunk.rows), max_dim);
+            pass.dispatch_workgroups(x, y, 1);
+            if let Some(merge) = &pipes.merge {
+                pass.set_pipeline(merge);
+                let (x, y) = grid((chunk.rows as u32).div_ceil(s.workgroup_size), max_dim);
+                pass.dispatch_workgroups(x, y, 1);
             }
-            if finish && let Some(pipes) = last {
-                pass.set_pipeline(&pipes.reduce);
-                pass.dispatch_workgroups(1, 1, 1);
+            if let (false, Some(p)) = (late, &elementwise[i]) {
+                elementwise_pass(&mut pass, k, p);
             }
         }
+        if finish && let Some(pipes) = stats.last() {
+            pass.set_pipeline(&pipes.reduce);
+            pass.dispatch_workgroups(1, 1, 1);
+        }
+        if late {
+            for (i, k) in chunks.enumerate() {
+                if let Some(p) = &elementwise[i] {
+                    elementwise_pass(&mut pass, k, p);
+                }
+            }
+        }
+        drop(pass);
         if finish {
             encoder.copy_buffer_to_buffer(&self.status, 0, &self.totals_back, 0, STATUS_BYTES);
             // The host path reads every row: copy them now, so one wait brings back both.
@@ -760,19 +1071,31 @@ impl PreparedLoss {
             });
         }
         let floats: &[f32] = bytemuck::cast_slice(&bytes[16..]);
+        // Unevaluated pairs hi + lo: (loss, entropy, denominator, ignored), (z-loss, ...).
         let total = |i: usize| {
             let (hi, lo) = (floats[i] as f64, floats[4 + i] as f64);
             if hi.is_finite() { hi + lo } else { hi }
         };
+        let z_total = {
+            let (hi, lo) = (floats[8] as f64, floats[12] as f64);
+            if hi.is_finite() { hi + lo } else { hi }
+        };
         let scale = self.weight_scale;
-        let (sum, denominator) = (total(0) / scale, total(2) / scale);
+        let (ce_sum, denominator) = (total(0) / scale, total(2) / scale);
+        let ignored = total(3) as usize;
+        let z_loss_sum = self.variant.z_loss.then_some(z_total);
+        let sum = ce_sum + z_loss_sum.unwrap_or(0.0);
+        let counted = self.last_rows.saturating_sub(ignored);
         Ok(LossTotals {
             reduction: self.reduction,
-            loss: self.reduction.apply(sum, denominator),
+            loss: self
+                .reduction
+                .apply_with_z_loss(sum, denominator, z_loss_sum, counted),
             sum,
             mean_denominator: denominator,
             entropy_sum: self.variant.entropy.then(|| total(1)),
-            ignored_rows: total(3) as usize,
+            z_loss_sum,
+            ignored_rows: ignored,
             rows: self.last_rows,
             classes: self.shape.classes(),
         })
@@ -794,12 +1117,18 @@ impl PreparedLoss {
             (self.read_totals()?, self.read_rows()?)
         };
         let scale = self.weight_scale;
-        let column = |c: usize, scale: f64| rows.iter().map(|r| r[c] as f64 / scale).collect();
-        Ok(LossOutput::from_totals(
+        let z = self.variant.z_loss;
+        let per_row = rows
+            .iter()
+            .map(|r| r[0] as f64 / scale + if z { r[3] as f64 } else { 0.0 })
+            .collect();
+        let column = |c: usize| rows.iter().map(|r| r[c] as f64).collect();
+        Ok(LossOutput::from_totals_with_z_loss(
             totals,
-            column(0, scale),
-            column(1, 1.0),
-            self.variant.entropy.then(|| column(2, 1.0)),
+            per_row,
+            column(1),
+            self.variant.entropy.then(|| column(2)),
+            z.then(|| column(3)),
         ))
     }
 
@@ -816,23 +1145,6 @@ impl PreparedLoss {
             encoder.copy_buffer_to_buffer(&self.row_results, 0, &back, 0, bytes);
             gpu.queue.submit([encoder.finish()]);
             Ok(gpu.read_back(&[(&back, bytes)])?.remove(0))
-        })?;
-        Ok(bytemuck::cast_slice(&data).to_vec())
-    }
-
-    /// Copies the log-probabilities of the last chunk recorded (`rows` rows) back.
-    pub(crate) fn read_outputs(&mut self, rows: usize) -> Result<Vec<f32>> {
-        let bytes = rows as u64 * self.shape.classes() as u64 * 4;
-        let gpu = self.gpu.clone();
-        let capacity = self.rows_per_chunk as u64 * self.shape.classes() as u64 * 4;
-        let back = self
-            .outputs_back
-            .get_or_insert_with(|| gpu.readback_buffer("xent outputs read-back", capacity));
-        let data = gpu.scoped("reading log-probabilities", || {
-            let mut encoder = gpu.device.create_command_encoder(&Default::default());
-            encoder.copy_buffer_to_buffer(&self.outputs, 0, back, 0, bytes);
-            gpu.queue.submit([encoder.finish()]);
-            Ok(gpu.read_back(&[(back, bytes)])?.remove(0))
         })?;
         Ok(bytemuck::cast_slice(&data).to_vec())
     }
@@ -858,7 +1170,7 @@ fn row_bytes(classes: usize, setup: &Setup) -> Vec<u64> {
     if let Some(t) = setup.targets {
         bytes.push(t.row_bytes(classes));
     }
-    if setup.output == Output::LogSoftmax {
+    if setup.output != Output::Loss {
         bytes.push(logits);
     }
     bytes

@@ -331,7 +331,8 @@ impl ResidentSets {
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
         let inputs = &self.bound[run % self.bound.len()];
-        self.loss.record_bound_timed(encoder, inputs, timestamps)
+        self.loss
+            .record_bound_timed(encoder, inputs, None, timestamps)
     }
 }
 

@@ -380,3 +380,76 @@ impl Problem {
         got
     }
 }
+
+/// A golden cross-entropy case's inputs and spec.
+pub struct GoldenInputs {
+    pub logits: Vec<f32>,
+    pub classes_idx: Vec<i64>,
+    pub probabilities: Vec<f32>,
+    pub soft: bool,
+    pub spec: CrossEntropy,
+}
+
+impl GoldenInputs {
+    pub fn load(case: &GoldenCase) -> Self {
+        let soft = case.meta["soft_targets"].as_bool().unwrap();
+        let mut spec = CrossEntropy::new().with_label_smoothing(case.number("label_smoothing"));
+        if let Some(i) = case.meta["ignore_index"].as_i64() {
+            spec = spec.with_ignore_index(i);
+        }
+        if case.meta["class_weights"].as_bool().unwrap() {
+            spec = spec.with_weights(case.f32s("weights.npy"));
+        }
+        Self {
+            logits: case.f32s("logits.npy"),
+            classes_idx: if soft {
+                Vec::new()
+            } else {
+                case.i64s("targets.npy")
+            },
+            probabilities: if soft {
+                case.f32s("targets.npy")
+            } else {
+                Vec::new()
+            },
+            soft,
+            spec,
+        }
+    }
+
+    pub fn targets(&self) -> Targets<'_> {
+        if self.soft {
+            Targets::Probabilities(&self.probabilities)
+        } else {
+            Targets::ClassIndices(&self.classes_idx)
+        }
+    }
+
+    /// B per row: the total effective target weight (0 for an ignored row).
+    pub fn target_mass(&self, classes: usize) -> Vec<f64> {
+        let eps = self.spec.label_smoothing();
+        let w = |k: usize| self.spec.weights().map_or(1.0, |w| w[k] as f64);
+        let all: f64 = (0..classes).map(w).sum();
+        if self.soft {
+            self.probabilities
+                .chunks(classes)
+                .map(|p| {
+                    (0..classes)
+                        .map(|k| w(k) * ((1.0 - eps) * p[k] as f64 + eps / classes as f64))
+                        .sum()
+                })
+                .collect()
+        } else {
+            self.classes_idx
+                .iter()
+                .map(|&y| {
+                    if self.spec.is_ignored(y) {
+                        0.0
+                    } else {
+                        (1.0 - eps) * w(y as usize) + eps / classes as f64 * all
+                    }
+                })
+                .collect()
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! The gradient on the GPU: against PyTorch's golden gradients, against the f64 CPU
+//! reference for every option (z-loss and soft-capping included) and reduction, on the device
+//! path into a separate buffer and in place, with exact zeros where the math has them, and
+//! bit-identical reruns.
+
+mod common;
+
+use common::{GoldenInputs, Problem, golden_cases, gpu, max_abs_per_row, ulp_f32};
+use wgpu::util::DeviceExt;
+use xent::{
+    CrossEntropy, DeviceLogits, DeviceTargets, GpuContext, GradientOutput, IndexType, Logits,
+    LossShape, Reduction, Strategy, Upstream, cpu,
+};
+
+/// The tolerance of one GPU gradient element against an f64 reference, for a row whose
+/// gradient is scaled by `scale`, with target mass `mass` and largest |logit| `max_abs`.
+///
+/// An element is s·(B·q_k − a_k) (+ the z-loss term). The GPU computes q_k = exp((z_k − m) −
+/// ln s) in f32: z_k − m is off by up to an ulp of the largest |z|, and ln s by a few f32
+/// ulps, so q_k is off by q_k·(2·ulp(max|z|) + 1e-6) relatively; B·q_k − a_k adds a rounding of
+/// each term. Summed over the row, q_k ≤ 1: an absolute |s|·(1 + B)·(8·ulp(max|z|) + 4e-6)
+/// bounds every element with room to spare.
+fn element_tolerance(scale: f64, mass: f64, max_abs: f64) -> f64 {
+    scale.abs() * (1.0 + mass) * (8.0 * ulp_f32(max_abs) + 4e-6)
+}
+
+/// Asserts a GPU gradient against a reference, row by row.
+#[allow(clippy::too_many_arguments)]
+fn assert_gradient(
+    label: &str,
+    got: &[f32],
+    want: &[f64],
+    classes: usize,
+    scale: &dyn Fn(usize) -> f64,
+    mass: &[f64],
+    max_abs: &[f64],
+) {
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    for (i, (g, w)) in got.chunks(classes).zip(want.chunks(classes)).enumerate() {
+        let tol = element_tolerance(scale(i), mass[i], max_abs[i]);
+        for (k, (&g, &w)) in g.iter().zip(w).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= tol || (w.is_nan() && g.is_nan()),
+                "{label}: row {i} class {k}: {g} vs {w} (tolerance {tol:e})"
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_gradients_reproduce_pytorch() {
+    let Some(gpu) = gpu() else { return };
+    let cases = golden_cases("cross_entropy");
+    assert!(cases.len() >= 20);
+    for case in cases {
+        let inputs = GoldenInputs::load(&case);
+        let (rows, classes) = (case.rows(), case.classes());
+        let logits = Logits::new(&inputs.logits, rows, classes).unwrap();
+        // PyTorch's f64 gradient, stored as f32 (half an f32 ulp more, within the tolerance).
+        let want: Vec<f64> = case
+            .f32s("grad_mean.npy")
+            .iter()
+            .map(|&g| g as f64)
+            .collect();
+        let max_abs = max_abs_per_row(&inputs.logits, classes);
+        let mass = inputs.target_mass(classes);
+        let mean = inputs.spec.clone().with_reduction(Reduction::Mean);
+        let (out, got) = gpu
+            .cross_entropy_grad(&mean, logits, inputs.targets(), Upstream::Scalar(1.0))
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let denominator = out.mean_denominator;
+        let label = format!("{} mean", case.name);
+        assert_gradient(
+            &label,
+            &got,
+            &want,
+            classes,
+            &|_| 1.0 / denominator,
+            &mass,
+            &max_abs,
+        );
+        // Sum: the mean's gradient times the denominator; none with per-row upstream g_i: row i
+        // of the sum's gradient times g_i.
+        let sum = inputs.spec.clone().with_reduction(Reduction::Sum);
+        let (_, got) = gpu
+            .cross_entropy_grad(&sum, logits, inputs.targets(), Upstream::Scalar(2.5))
+            .unwrap();
+        let want_sum: Vec<f64> = want.iter().map(|g| g * denominator * 2.5).collect();
+        assert_gradient(
+            &format!("{} sum", case.name),
+            &got,
+            &want_sum,
+            classes,
+            &|_| 2.5,
+            &mass,
+            &max_abs,
+        );
+        let upstream: Vec<f64> = (0..rows).map(|i| 0.5 + (i % 7) as f64 * 0.25).collect();
+        let none = inputs.spec.clone().with_reduction(Reduction::None);
+        let (_, got) = gpu
+            .cross_entropy_grad(&none, logits, inputs.targets(), Upstream::PerRow(&upstream))
+            .unwrap();
+        let want_none: Vec<f64> = want
+            .iter()
+            .enumerate()
+            .map(|(e, g)| g * denominator * upstream[e / classes])
+            .collect();
+        assert_gradient(
+            &format!("{} none", case.name),
+            &got,
+            &want_none,
+            classes,
+            &|i| upstream[i],
+            &mass,
+            &max_abs,
+        );
+    }
+}
+
+/// Specs with every option, z-loss and soft-capping included.
+fn specs(classes: usize, soft: bool) -> Vec<CrossEntropy> {
+    let mut out = Vec::new();
+    for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+        let base = CrossEntropy::new().with_reduction(reduction);
+        out.push(base.clone());
+        out.push(base.clone().with_z_loss(1e-4));
+        out.push(base.clone().with_softcap(3.0).with_label_smoothing(0.1));
+        out.push(
+            base.clone()
+                .with_z_loss(0.01)
+                .with_softcap(30.0)
+                .with_weights(common::Inputs::new(3).weights(classes))
+                .with_label_smoothing(0.2),
+        );
+        if !soft {
+            out.push(base.clone().with_ignore_index(-100).with_z_loss(0.05));
+        }
+    }
+    out
+}
+
+fn upstream_for(spec: &CrossEntropy, rows: usize) -> (Vec<f64>, f64) {
+    let per_row = (0..rows).map(|i| 1.0 - (i % 5) as f64 * 0.3).collect();
+    (
+        per_row,
+        if spec.reduction() == Reduction::Sum {
+            0.75
+        } else {
+            1.0
+        },
+    )
+}
+
+fn upstream<'a>(spec: &CrossEntropy, per_row: &'a [f64], scalar: f64) -> Upstream<'a> {
+    match spec.reduction() {
+        Reduction::None => Upstream::PerRow(per_row),
+        _ => Upstream::Scalar(scalar),
+    }
+}
+
+#[test]
+fn gpu_gradients_match_the_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (seed, (rows, classes)) in [(5, 1), (33, 3), (17, 1000), (4, 4099)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut p = Problem::random(seed as u64 + 50, rows, classes, 6.0, 0.0);
+        p.labels[rows / 2] = -100;
+        for soft in [false, true] {
+            for spec in specs(classes, soft) {
+                if spec.ignore_index().is_none() && p.labels.contains(&-100) && !soft {
+                    p.labels[rows / 2] = 0;
+                }
+                let (per_row, scalar) = upstream_for(&spec, rows);
+                let up = upstream(&spec, &per_row, scalar);
+                let (want_out, want) =
+                    cpu::cross_entropy_grad(&spec, p.logits(), p.targets(soft), up).unwrap();
+                for strategy in [gpu.plan(rows, classes), Strategy::NAIVE] {
+                    let (out, got) = gpu
+                        .cross_entropy_grad_with(&spec, p.logits(), p.targets(soft), up, strategy)
+                        .unwrap();
+                    let label = format!("{rows}x{classes} soft={soft} {spec:?} {strategy:?}");
+                    let mass = p.mass(&spec, soft);
+                    let max_abs = max_abs_per_row(&p.logits, classes);
+                    let scale = |i: usize| match spec.reduction() {
+                        Reduction::None => per_row[i],
+                        Reduction::Sum => scalar,
+                        // The z-loss part is scaled by 1 / counted rows, never more than the
+                        // CE part's 1 / Σw_y by much here (weights ≥ 0.1).
+                        Reduction::Mean => 10.0 / want_out.mean_denominator.min(rows as f64),
+                    };
+                    assert_gradient(&label, &got, &want, classes, &scale, &mass, &max_abs);
+                    let (g, w) = (out.loss, want_out.loss);
+                    if let (Some(g), Some(w)) = (g, w) {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * w.abs() + 1e-5,
+                            "{label}: loss {g} vs {w}"
+                        );
+                    }
+                    if spec.z_loss() > 0.0 {
+                        let (gz, wz) = (out.z_loss_sum.unwrap(), want_out.z_loss_sum.unwrap());
+                        assert!(
+                            (gz - wz).abs() <= 1e-5 * wz.abs() + 1e-6,
+                            "{label}: z-loss {gz} vs {wz}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn zeros_where_the_math_has_zeros_and_stable_offsets() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (6, 7);
+    let mut p = Problem::random(77, rows, classes, 4.0, 0.0);
+    p.labels[2] = -100;
+    p.logits[3 * classes + 4] = f32::NEG_INFINITY;
+    let spec = CrossEntropy::new()
+        .with_ignore_index(-100)
+        .with_z_loss(0.01);
+    let (_, g) = gpu
+        .cross_entropy_grad(&spec, p.logits(), p.targets(false), Upstream::Scalar(1.0))
+        .unwrap();
+    assert!(
+        g[2 * classes..3 * classes].iter().all(|&v| v == 0.0),
+        "ignored row: {:?}",
+        &g[2 * classes..3 * classes]
+    );
+    assert_eq!(g[3 * classes + 4], 0.0, "masked class");
+    // Offsets of 1e6: the same gradient as without, up to the f32 rounding of the offset
+    // logits themselves (an ulp of 1e6 is 0.0625, so the inputs differ by up to 0.03).
+    let offset: Vec<f32> = p.logits.iter().map(|z| z + 1e6).collect();
+    let shifted = Logits::new(&offset, rows, classes).unwrap();
+    let (_, g_off) = gpu
+        .cross_entropy_grad(&spec, shifted, p.targets(false), Upstream::Scalar(1.0))
+        .unwrap();
+    let (_, want) =
+        cpu::cross_entropy_grad(&spec, shifted, p.targets(false), Upstream::Scalar(1.0)).unwrap();
+    for (k, (&g, &w)) in g_off.iter().zip(&want).enumerate() {
+        // The z-loss term grows with lse ≈ 1e6: 2λ·lse·q, relative f32 error in lse.
+        let tol = 1e-5 + 2.0 * 0.01 * 1e6 * 4.0 * f32::EPSILON as f64;
+        assert!(
+            (g as f64 - w).abs() <= tol,
+            "offset 1e6, element {k}: {g} vs {w}"
+        );
+    }
+    // Bit-identical reruns.
+    let again = gpu
+        .cross_entropy_grad(&spec, p.logits(), p.targets(false), Upstream::Scalar(1.0))
+        .unwrap()
+        .1;
+    assert_eq!(
+        g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        again.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+}
+
+/// A storage buffer holding `data` that tests can copy back.
+fn device_buffer(gpu: &GpuContext, data: &[u8]) -> wgpu::Buffer {
+    gpu.device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("test"),
+            contents: data,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+}
+
+fn read_f32(gpu: &GpuContext, buffer: &wgpu::Buffer, offset: u64, count: usize) -> Vec<f32> {
+    let bytes = count as u64 * 4;
+    let back = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: bytes,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, offset, &back, 0, bytes);
+    gpu.queue().submit([encoder.finish()]);
+    back.slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    gpu.device()
+        .poll(wgpu::PollType::wait_indefinitely())
+        .unwrap();
+    let view = back.slice(..).get_mapped_range().unwrap();
+    bytemuck::cast_slice(&view).to_vec()
+}
+
+#[test]
+fn device_gradient_into_a_buffer_and_in_place() {
+    let Some(gpu) = gpu() else { return };
+    for (rows, classes) in [(9, 5), (40, 1000)] {
+        let p = Problem::random(88, rows, classes, 5.0, 0.0);
+        for spec in [
+            CrossEntropy::new()
+                .with_z_loss(0.02)
+                .with_label_smoothing(0.1),
+            CrossEntropy::new()
+                .with_reduction(Reduction::Sum)
+                .with_softcap(4.0),
+            CrossEntropy::new().with_reduction(Reduction::None),
+        ] {
+            let (per_row, scalar) = upstream_for(&spec, rows);
+            let up = upstream(&spec, &per_row, scalar);
+            let (host_out, host) = gpu
+                .cross_entropy_grad(&spec, p.logits(), p.targets(false), up)
+                .unwrap();
+            let logits_bytes: &[u8] = bytemuck::cast_slice(&p.logits);
+            let logits = device_buffer(gpu, logits_bytes);
+            let targets = device_buffer(gpu, bytemuck::cast_slice(&p.labels));
+            let grad = device_buffer(gpu, &vec![0u8; logits_bytes.len() + 256]);
+            let mut loss = gpu
+                .prepare(
+                    &spec,
+                    LossShape::class_indices(rows, classes, IndexType::I64),
+                )
+                .unwrap();
+            let view = DeviceLogits::new(&logits, 0, rows, classes);
+            let t = DeviceTargets::class_indices(&targets, 0, IndexType::I64);
+            let out = GradientOutput::Buffer {
+                buffer: &grad,
+                offset: 256,
+            };
+            loss.run_gradient(view, t, out, up).unwrap();
+            let device_out = loss.read().unwrap();
+            let separate = read_f32(gpu, &grad, 256, rows * classes);
+            let label = format!("{rows}x{classes} {spec:?}");
+            assert_eq!(
+                format!("{device_out:?}"),
+                format!("{host_out:?}"),
+                "{label}: loss"
+            );
+            for (k, (&d, &h)) in separate.iter().zip(&host).enumerate() {
+                // The mean's scales: the device divides by its own totals, the host path by
+                // the host's exact sums; the rest is the same arithmetic.
+                assert!(
+                    (d - h).abs() <= 2.0 * f32::EPSILON * h.abs(),
+                    "{label}: element {k}: device {d} vs host {h}"
+                );
+            }
+            // In place: the logits buffer ends up holding the same gradient.
+            loss.run_gradient(view, t, GradientOutput::InPlace, up)
+                .unwrap();
+            let in_place = read_f32(gpu, &logits, 0, rows * classes);
+            assert_eq!(
+                in_place.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                separate.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{label}: in place"
+            );
+        }
+    }
+}
