@@ -93,7 +93,28 @@ pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
 /// Picks the adapter: the one whose name contains `WGPU_ADAPTER_NAME` (case-insensitive) if
 /// that is set, otherwise wgpu's choice for `WGPU_POWER_PREF` (high performance by default),
 /// among the backends in `WGPU_BACKEND`.
+///
+/// The same environment gives the same adapter object for the whole process, so every
+/// context opens its device on it: on GL, wgpu-hal guards the instance's one EGL context with
+/// a lock per adapter, and two adapters of one instance would make that context current on two
+/// threads at once (EGL's `BadAccess`), for instance when one thread drops a buffer while
+/// another runs a call.
 pub fn select_adapter() -> Result<wgpu::Adapter> {
+    type Chosen = Vec<([Option<String>; 3], wgpu::Adapter)>;
+    static CHOSEN: Mutex<Chosen> = Mutex::new(Vec::new());
+    let key =
+        ["WGPU_BACKEND", "WGPU_ADAPTER_NAME", "WGPU_POWER_PREF"].map(|v| std::env::var(v).ok());
+    let mut chosen = CHOSEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, adapter)) = chosen.iter().find(|(k, _)| *k == key) {
+        return Ok(adapter.clone());
+    }
+    let adapter = find_adapter()?;
+    chosen.push((key, adapter.clone()));
+    Ok(adapter)
+}
+
+/// [`select_adapter`]'s search.
+fn find_adapter() -> Result<wgpu::Adapter> {
     // A bad WGPU_BACKEND is an error before any backend is probed.
     env_backends(wgpu::Backends::all())?;
     if let Ok(wanted) = std::env::var("WGPU_ADAPTER_NAME") {
@@ -166,9 +187,70 @@ pub struct Gpu {
 /// use of it.
 static GL_SERIAL: Mutex<()> = Mutex::new(());
 
-/// [`GL_SERIAL`], taken on GL; nothing elsewhere.
-fn serialise(info: &wgpu::AdapterInfo) -> Option<MutexGuard<'static, ()>> {
-    (info.backend == wgpu::Backend::Gl).then(|| GL_SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+thread_local! {
+    /// Whether this thread holds [`GL_SERIAL`] (so taking it again is a no-op, not a deadlock).
+    static SERIALISED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// [`GL_SERIAL`] held by this thread, or nothing (other backends, or already held).
+pub(crate) struct Serial(Option<MutexGuard<'static, ()>>);
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            SERIALISED.with(|s| s.set(false));
+        }
+    }
+}
+
+/// [`GL_SERIAL`], taken on GL (once per thread); nothing elsewhere.
+fn serialise_backend(backend: wgpu::Backend) -> Serial {
+    if backend != wgpu::Backend::Gl || SERIALISED.with(|s| s.get()) {
+        return Serial(None);
+    }
+    let guard = GL_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    SERIALISED.with(|s| s.set(true));
+    Serial(Some(guard))
+}
+
+fn serialise(info: &wgpu::AdapterInfo) -> Serial {
+    serialise_backend(info.backend)
+}
+
+/// A value whose drop touches the device (buffers, bind groups): dropped under the GL
+/// serialisation, like every other use of the device, whichever thread drops it.
+pub(crate) struct Serialised<T> {
+    value: Option<T>,
+    backend: wgpu::Backend,
+}
+
+impl<T> Serialised<T> {
+    pub(crate) fn new(gpu: &Gpu, value: T) -> Self {
+        Self {
+            value: Some(value),
+            backend: gpu.info.backend,
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Serialised<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.value.as_ref().expect("present until dropped")
+    }
+}
+
+impl<T> std::ops::DerefMut for Serialised<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.value.as_mut().expect("present until dropped")
+    }
+}
+
+impl<T> Drop for Serialised<T> {
+    fn drop(&mut self) {
+        let _serial = serialise_backend(self.backend);
+        drop(self.value.take());
+    }
 }
 
 impl Gpu {
@@ -343,6 +425,11 @@ impl Gpu {
     /// Runs `work` with wgpu's errors captured as [`XentError`]s, failing first if the device
     /// was lost. Every device operation of a call runs in here (pipelines compile on first use
     /// inside it too), so on GL this is where calls from several threads queue up.
+    /// Holds the GL serialisation (on GL) until the returned value is dropped.
+    pub(crate) fn serial(&self) -> Serial {
+        serialise(&self.info)
+    }
+
     pub(crate) fn scoped<T>(&self, what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
         let _serial = serialise(&self.info);
         self.check_lost()?;

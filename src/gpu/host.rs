@@ -12,7 +12,7 @@ use crate::logits::Logits;
 use crate::output::LossOutput;
 use crate::spec::CrossEntropy;
 
-use super::context::Gpu;
+use super::context::{Gpu, Serialised};
 use super::prepared::{BoundInputs, ChunkSource, Output, Passes, PreparedLoss, Setup};
 use super::views::{IndexType, LossShape, TargetLayout};
 
@@ -84,7 +84,7 @@ pub(crate) struct HostLoss {
     classes: usize,
     loss: PreparedLoss,
     /// Two sets of staging buffers, used by chunks in turn.
-    staging: [Staging; 2],
+    staging: Serialised<[Staging; 2]>,
     /// The staging buffers bound for calls of the last few row counts.
     bound: Vec<BoundInputs>,
 }
@@ -131,16 +131,23 @@ impl HostLoss {
             .targets
             .map_or(0, |t| chunk * t.row_bytes(classes) + 16);
         let copy_dst = wgpu::BufferUsages::COPY_DST;
-        let staging = [0, 1].map(|_| Staging {
-            logits: gpu.storage_buffer("xent logits upload", logits_bytes, copy_dst),
-            targets: gpu.storage_buffer("xent targets upload", targets_bytes, copy_dst),
-            outputs: (setup.output != Output::Loss).then(|| {
-                (
-                    gpu.storage_buffer("xent outputs", logits_bytes, wgpu::BufferUsages::COPY_SRC),
-                    gpu.readback_buffer("xent outputs read-back", logits_bytes),
-                )
-            }),
-        });
+        let staging = gpu.scoped("making staging buffers", || {
+            Ok([0, 1].map(|_| Staging {
+                logits: gpu.storage_buffer("xent logits upload", logits_bytes, copy_dst),
+                targets: gpu.storage_buffer("xent targets upload", targets_bytes, copy_dst),
+                outputs: (setup.output != Output::Loss).then(|| {
+                    (
+                        gpu.storage_buffer(
+                            "xent outputs",
+                            logits_bytes,
+                            wgpu::BufferUsages::COPY_SRC,
+                        ),
+                        gpu.readback_buffer("xent outputs read-back", logits_bytes),
+                    )
+                }),
+            }))
+        })?;
+        let staging = Serialised::new(&gpu, staging);
         Ok(Self {
             spec: spec.clone(),
             setup,

@@ -17,7 +17,7 @@ use crate::grad::Upstream;
 use crate::output::{LossOutput, LossTotals};
 use crate::spec::{CrossEntropy, Reduction};
 
-use super::context::Gpu;
+use super::context::{Gpu, Serialised};
 use super::pipelines::{Kernel, LossVariant, PipelineKey, TargetKind, slot};
 use super::planner::{ChunkPlan, Strategy, grid};
 use super::views::{DeviceLogits, DeviceTargets, IndexType, LossShape, TargetLayout, check_view};
@@ -114,7 +114,7 @@ pub struct BoundInputs {
     /// The prepared loss these belong to.
     owner: u64,
     rows: usize,
-    chunks: Vec<Chunk>,
+    chunks: Serialised<Vec<Chunk>>,
     gradient: Option<GradientMode>,
 }
 
@@ -204,8 +204,20 @@ pub struct PreparedLoss {
     /// Where the per-row upstream gradient starts in the weights buffer.
     upstream_at: u32,
     params_stride: u64,
-    params: wgpu::Buffer,
     written: Vec<Option<Params>>,
+    /// The last call's per-row results were copied to `rows_back` with its totals.
+    rows_copied: bool,
+    /// The gradient's scales for the next recording (cross-entropy and z-loss terms).
+    grad_scales: Option<(f32, f32)>,
+    /// Rows of the last call recorded.
+    last_rows: usize,
+    /// Every device object, dropped under the GL serialisation.
+    res: Serialised<Resources>,
+}
+
+/// The device objects of a prepared loss.
+struct Resources {
+    params: wgpu::Buffer,
     weights: wgpu::Buffer,
     row_results: wgpu::Buffer,
     status: wgpu::Buffer,
@@ -215,15 +227,9 @@ pub struct PreparedLoss {
     empty_out: wgpu::Buffer,
     totals_back: wgpu::Buffer,
     rows_back: Option<wgpu::Buffer>,
-    /// The last call's per-row results were copied to `rows_back` with its totals.
-    rows_copied: bool,
     owned: wgpu::BindGroup,
     pipes: HashMap<(bool, bool), Pipes>,
     elementwise: HashMap<(Kernel, bool, u8, bool, bool), Arc<wgpu::ComputePipeline>>,
-    /// The gradient's scales for the next recording (cross-entropy and z-loss terms).
-    grad_scales: Option<(f32, f32)>,
-    /// Rows of the last call recorded.
-    last_rows: usize,
 }
 
 /// Multiplies class weights by a power of two that brings the largest near 1, when it lies
@@ -374,20 +380,25 @@ impl PreparedLoss {
                 rows2_at: rows2_at as u32,
                 upstream_at: upstream_at as u32,
                 params_stride,
-                params,
                 written: vec![None; chunks],
-                weights,
-                row_results,
-                status,
-                empty,
-                empty_out,
-                totals_back,
-                rows_back: None,
                 rows_copied: false,
-                owned,
-                pipes: HashMap::new(),
-                elementwise: HashMap::new(),
                 grad_scales: None,
+                res: Serialised::new(
+                    &gpu,
+                    Resources {
+                        params,
+                        weights,
+                        row_results,
+                        status,
+                        empty,
+                        empty_out,
+                        totals_back,
+                        rows_back: None,
+                        owned,
+                        pipes: HashMap::new(),
+                        elementwise: HashMap::new(),
+                    },
+                ),
                 last_rows: 0,
             };
             loss.pipes(true, setup.output == Output::Gradient);
@@ -398,7 +409,7 @@ impl PreparedLoss {
     /// The statistics pipelines for targets at (`aligned`) or off the logits' alignment, with
     /// or without per-row stats for a gradient; compiled on first use.
     fn pipes(&mut self, aligned: bool, grad_stats: bool) -> Pipes {
-        if let Some(p) = self.pipes.get(&(aligned, grad_stats)) {
+        if let Some(p) = self.res.pipes.get(&(aligned, grad_stats)) {
             return p.clone();
         }
         let gpu = &self.gpu;
@@ -418,7 +429,7 @@ impl PreparedLoss {
             merge: (self.setup.strategy.split > 1).then(|| get(Kernel::MergeSplitRows)),
             reduce: get(Kernel::ReduceTotals),
         };
-        self.pipes.insert((aligned, grad_stats), pipes.clone());
+        self.res.pipes.insert((aligned, grad_stats), pipes.clone());
         pipes
     }
 
@@ -436,7 +447,7 @@ impl PreparedLoss {
             Reduction::Mean => 2,
         };
         let key = (kernel, aligned, reduction, scales_from_totals, in_place);
-        if let Some(p) = self.elementwise.get(&key) {
+        if let Some(p) = self.res.elementwise.get(&key) {
             return p.clone();
         }
         let variant = LossVariant {
@@ -455,7 +466,7 @@ impl PreparedLoss {
                 variant,
             },
         );
-        self.elementwise.insert(key, pipeline.clone());
+        self.res.elementwise.insert(key, pipeline.clone());
         pipeline
     }
 
@@ -481,7 +492,7 @@ impl PreparedLoss {
     /// scale, log-sum-exp, entropy of the target or 0, z-loss or 0). A caller may copy or bind
     /// it.
     pub fn row_results(&self) -> &wgpu::Buffer {
-        &self.row_results
+        &self.res.row_results
     }
 
     /// Records one call on the caller's device buffers into `encoder`: clears the status,
@@ -584,14 +595,17 @@ impl PreparedLoss {
         mean: Option<(f64, f64)>,
     ) -> Result<()> {
         upstream.check(self.reduction, rows)?;
+        let _serial = self.gpu.serial();
         let unscale = 1.0 / self.weight_scale;
         let (ce, z) = match (self.reduction, upstream) {
             (Reduction::None, Upstream::PerRow(g)) => {
                 let values: Vec<f32> = g.iter().map(|&v| v as f32).collect();
                 let offset = self.upstream_at as u64 * 4;
-                self.gpu
-                    .queue
-                    .write_buffer(&self.weights, offset, bytemuck::cast_slice(&values));
+                self.gpu.queue.write_buffer(
+                    &self.res.weights,
+                    offset,
+                    bytemuck::cast_slice(&values),
+                );
                 (unscale, 1.0)
             }
             (Reduction::Sum, Upstream::Scalar(g)) => (g * unscale, g),
@@ -790,8 +804,8 @@ impl PreparedLoss {
             let outputs = match source.outputs {
                 Some((buffer, offset)) => self.views(buffer, offset, logit_bytes(n), align),
                 None => Views {
-                    vec4: self.empty_out.as_entire_buffer_binding(),
-                    scalar: self.empty_out.as_entire_buffer_binding(),
+                    vec4: self.res.empty_out.as_entire_buffer_binding(),
+                    scalar: self.res.empty_out.as_entire_buffer_binding(),
                     element_offset: 0,
                 },
             };
@@ -863,7 +877,7 @@ impl PreparedLoss {
         Ok(BoundInputs {
             owner: self.id,
             rows,
-            chunks,
+            chunks: Serialised::new(&self.gpu, chunks),
             gradient,
         })
     }
@@ -887,7 +901,7 @@ impl PreparedLoss {
                 size: wgpu::BufferSize::new(whole),
             }
         } else {
-            self.empty.as_entire_buffer_binding()
+            self.res.empty.as_entire_buffer_binding()
         };
         Views {
             vec4,
@@ -903,8 +917,8 @@ impl PreparedLoss {
     /// Views of the 16-byte stand-in, for an input a call does not have.
     fn unused_views(&self) -> Views<'_> {
         Views {
-            vec4: self.empty.as_entire_buffer_binding(),
-            scalar: self.empty.as_entire_buffer_binding(),
+            vec4: self.res.empty.as_entire_buffer_binding(),
+            scalar: self.res.empty.as_entire_buffer_binding(),
             element_offset: 0,
         }
     }
@@ -924,6 +938,8 @@ impl PreparedLoss {
         passes: Passes,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) {
+        // Writing parameters and compiling pipelines use the device.
+        let _serial = self.gpu.serial();
         let (grad_ce, grad_z) = if passes.gradient {
             self.grad_scales.unwrap_or((0.0, 0.0))
         } else {
@@ -939,13 +955,13 @@ impl PreparedLoss {
                 let offset = k as u64 * self.params_stride;
                 self.gpu
                     .queue
-                    .write_buffer(&self.params, offset, bytemuck::bytes_of(&p));
+                    .write_buffer(&self.res.params, offset, bytemuck::bytes_of(&p));
                 self.written[k] = Some(p);
             }
         }
         self.last_rows = call.rows;
         if begin {
-            encoder.clear_buffer(&self.status, 0, None);
+            encoder.clear_buffer(&self.res.status, 0, None);
         }
         // Every pipeline this call needs, before the pass borrows the encoder.
         let in_place = call.gradient == Some(GradientMode::InPlace);
@@ -970,7 +986,7 @@ impl PreparedLoss {
         let s = self.setup.strategy;
         let max_dim = self.gpu.facts.max_groups_per_dimension;
         let stride = self.params_stride;
-        let owned = &self.owned;
+        let owned = &self.res.owned;
         let main_groups = |rows: usize| (rows as u32).div_ceil(s.rows_per_group()) * s.split;
         let elementwise_pass =
             |pass: &mut wgpu::ComputePass<'_>, k: usize, pipeline: &wgpu::ComputePipeline| {
@@ -1016,13 +1032,19 @@ impl PreparedLoss {
         }
         drop(pass);
         if finish {
-            encoder.copy_buffer_to_buffer(&self.status, 0, &self.totals_back, 0, STATUS_BYTES);
+            encoder.copy_buffer_to_buffer(
+                &self.res.status,
+                0,
+                &self.res.totals_back,
+                0,
+                STATUS_BYTES,
+            );
             // The host path reads every row: copy them now, so one wait brings back both.
             self.rows_copied = self.setup.chunk_cap.is_some() && self.last_rows > 0;
             if self.rows_copied {
                 let bytes = self.last_rows as u64 * ROW_RESULT_BYTES;
                 let back = self.rows_back_buffer();
-                encoder.copy_buffer_to_buffer(&self.row_results, 0, &back, 0, bytes);
+                encoder.copy_buffer_to_buffer(&self.res.row_results, 0, &back, 0, bytes);
             }
         }
     }
@@ -1031,7 +1053,8 @@ impl PreparedLoss {
     fn rows_back_buffer(&mut self) -> wgpu::Buffer {
         let capacity = self.shape.max_rows() as u64 * ROW_RESULT_BYTES;
         let gpu = &self.gpu;
-        self.rows_back
+        self.res
+            .rows_back
             .get_or_insert_with(|| gpu.readback_buffer("xent row results read-back", capacity))
             .clone()
     }
@@ -1043,7 +1066,7 @@ impl PreparedLoss {
         let gpu = self.gpu.clone();
         let bytes = gpu.scoped("reading the totals", || {
             Ok(gpu
-                .read_back(&[(&self.totals_back, STATUS_BYTES)])?
+                .read_back(&[(&self.res.totals_back, STATUS_BYTES)])?
                 .remove(0))
         })?;
         self.totals_from(&bytes)
@@ -1109,7 +1132,7 @@ impl PreparedLoss {
             let back = self.rows_back_buffer();
             let bytes = self.last_rows as u64 * ROW_RESULT_BYTES;
             let data = gpu.scoped("reading the results", || {
-                gpu.read_back(&[(&self.totals_back, STATUS_BYTES), (&back, bytes)])
+                gpu.read_back(&[(&self.res.totals_back, STATUS_BYTES), (&back, bytes)])
             })?;
             let rows: Vec<[f32; 4]> = bytemuck::cast_slice(&data[1]).to_vec();
             (self.totals_from(&data[0])?, rows)
@@ -1142,7 +1165,7 @@ impl PreparedLoss {
         let back = self.rows_back_buffer();
         let data = gpu.scoped("reading per-row results", || {
             let mut encoder = gpu.device.create_command_encoder(&Default::default());
-            encoder.copy_buffer_to_buffer(&self.row_results, 0, &back, 0, bytes);
+            encoder.copy_buffer_to_buffer(&self.res.row_results, 0, &back, 0, bytes);
             gpu.queue.submit([encoder.finish()]);
             Ok(gpu.read_back(&[(&back, bytes)])?.remove(0))
         })?;
