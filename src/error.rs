@@ -69,6 +69,31 @@ pub enum XentError {
     /// Label smoothing must lie in `[0, 1]`.
     #[error("label smoothing {0} is outside [0, 1]")]
     LabelSmoothing(f64),
+    /// The z-loss coefficient λ must be finite and non-negative.
+    #[error("z-loss coefficient {0} must be finite and >= 0 (0 turns the z-loss off)")]
+    ZLoss(f64),
+    /// The soft-capping bound must be finite and positive.
+    #[error("logit soft-cap {0} must be finite and > 0")]
+    Softcap(f64),
+    /// The upstream gradient is not the kind the reduction takes: a scalar for `sum` and
+    /// `mean`, one value per row for `none` (as autograd passes `grad_output`).
+    #[error("upstream gradient: reduction {reduction} takes {expected}, got {got}")]
+    UpstreamKind {
+        /// The reduction in force (`none`, `sum` or `mean`).
+        reduction: &'static str,
+        /// What it takes, in words.
+        expected: &'static str,
+        /// What was given, in words.
+        got: &'static str,
+    },
+    /// A per-row upstream gradient (reduction `none`) does not have one value per row.
+    #[error("upstream gradient: expected {expected} values (one per row), got {got}")]
+    UpstreamLength {
+        /// The number of rows.
+        expected: usize,
+        /// Values given.
+        got: usize,
+    },
     /// A single row is larger than what one GPU binding can hold.
     #[error(
         "a row of {classes} classes needs {row_bytes} bytes, more than one GPU binding can hold ({limit} bytes)"

@@ -27,6 +27,39 @@ impl Reduction {
             Reduction::Mean => Some(sum / mean_denominator),
         }
     }
+
+    /// The reduced value when the per-row losses include a z-loss `λ·lse_i²`: the one formula
+    /// every output (CPU, GPU, appended batches) uses.
+    ///
+    /// `sum` is `Σ_i l_i` with the z-loss included, `z_loss_sum` is `Σ_{i not ignored} λ·lse_i²`
+    /// (`None` without z-loss), `counted_rows` is the number of rows not ignored. The mean is
+    /// `(sum − z_loss_sum) / mean_denominator + z_loss_sum / counted_rows`: the cross-entropy
+    /// part over PyTorch's (weighted) denominator, the z-loss averaged over the rows not ignored,
+    /// unweighted even with class weights (as Liger's `lse_square_scale`). Without z-loss this is
+    /// exactly [`Reduction::apply`]. NaN when every row is ignored.
+    pub fn apply_with_z_loss(
+        self,
+        sum: f64,
+        mean_denominator: f64,
+        z_loss_sum: Option<f64>,
+        counted_rows: usize,
+    ) -> Option<f64> {
+        match (self, z_loss_sum) {
+            (Reduction::Mean, Some(z)) => {
+                Some((sum - z) / mean_denominator + z / counted_rows as f64)
+            }
+            _ => self.apply(sum, mean_denominator),
+        }
+    }
+
+    /// The name PyTorch gives it: `none`, `sum` or `mean`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reduction::None => "none",
+            Reduction::Sum => "sum",
+            Reduction::Mean => "mean",
+        }
+    }
 }
 
 impl std::str::FromStr for Reduction {
@@ -61,12 +94,17 @@ impl std::str::FromStr for Reduction {
 /// |---|---|
 /// | class index `y` | `(1−ε)·w_y·[k=y] + (ε/C)·w_k` |
 /// | probabilities `p` | `w_k·((1−ε)·p_k + ε/C)` |
+///
+/// Two training options extend it: a z-loss `λ·lse²` per row ([`CrossEntropy::with_z_loss`])
+/// and logit soft-capping `z' = cap·tanh(z/cap)` ([`CrossEntropy::with_softcap`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CrossEntropy {
     reduction: Reduction,
     weights: Option<Vec<f32>>,
     ignore_index: Option<i64>,
     label_smoothing: f64,
+    z_loss: f64,
+    softcap: Option<f64>,
 }
 
 impl CrossEntropy {
@@ -98,6 +136,42 @@ impl CrossEntropy {
     pub fn with_label_smoothing(mut self, epsilon: f64) -> Self {
         self.label_smoothing = epsilon;
         self
+    }
+
+    /// Adds the z-loss `λ·lse_i²` to every row not ignored (PaLM, OLMo; Liger's
+    /// `lse_square_scale`); `lse_i` is the row's log-sum-exp (after soft-capping). It is summed
+    /// under `sum` and, under `mean`, averaged over the rows not ignored (an unweighted count,
+    /// even with class weights), while the cross-entropy keeps PyTorch's denominator:
+    /// `loss = Σ_i CE_i / Σ_{i not ignored} w_{y_i} + λ·Σ_{i not ignored} lse_i² / n_not_ignored`.
+    /// Every row counts as not ignored with probability targets. `λ = 0` (the default) turns it
+    /// off; λ must be finite and ≥ 0. The outputs report it separately
+    /// ([`crate::LossOutput::z_loss`]) and include it in the loss.
+    pub fn with_z_loss(mut self, lambda: f64) -> Self {
+        self.z_loss = lambda;
+        self
+    }
+
+    /// Soft-caps every logit before anything else: `z' = cap·tanh(z/cap)` (Gemma 2 uses 30).
+    /// The loss, the log-sum-exp and the z-loss are those of `z'`; the gradient carries the
+    /// chain rule `dz'/dz = 1 − tanh²(z/cap)`. `cap` must be finite and > 0.
+    ///
+    /// Note that a −inf logit (a masked class) becomes `−cap`, a finite logit: the class is no
+    /// longer masked (its probability is `exp(−cap − lse) > 0`), which is what `cap·tanh(z/cap)`
+    /// gives (and what PyTorch gives for the same expression); its gradient is exactly 0
+    /// because `tanh' (−inf) = 0`. Mask after capping if a mask must stay a mask.
+    pub fn with_softcap(mut self, cap: f64) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+
+    /// The z-loss coefficient λ (0 when off).
+    pub fn z_loss(&self) -> f64 {
+        self.z_loss
+    }
+
+    /// The soft-capping bound, if any.
+    pub fn softcap(&self) -> Option<f64> {
+        self.softcap
     }
 
     /// The reduction in force.
@@ -166,7 +240,8 @@ impl CrossEntropy {
     }
 
     /// Checks the options that do not depend on the data: smoothing in `[0, 1]`, one finite
-    /// weight per class, no ignore index with probability targets.
+    /// weight per class, no ignore index with probability targets, a finite z-loss λ ≥ 0, a
+    /// finite soft-cap > 0.
     pub fn validate_options(&self, classes: usize, probabilities: bool) -> Result<()> {
         if classes == 0 {
             return Err(XentError::NoClasses);
@@ -174,6 +249,13 @@ impl CrossEntropy {
         let eps = self.label_smoothing;
         if !(0.0..=1.0).contains(&eps) {
             return Err(XentError::LabelSmoothing(eps));
+        }
+        let lambda = self.z_loss;
+        if !(lambda.is_finite() && lambda >= 0.0) {
+            return Err(XentError::ZLoss(lambda));
+        }
+        if let Some(cap) = self.softcap.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(XentError::Softcap(cap));
         }
         if let Some(w) = &self.weights {
             if w.len() != classes {
