@@ -4,9 +4,10 @@
 
 use crate::Scorer;
 use crate::error::Result;
+use crate::grad::Upstream;
 use crate::logits::Logits;
 use crate::output::LossOutput;
-use crate::spec::CrossEntropy;
+use crate::spec::{CrossEntropy, Reduction};
 use crate::targets::Targets;
 
 /// The CPU reference as a [`Scorer`].
@@ -35,14 +36,16 @@ impl Scorer for CpuReference {
 /// `log Σ_k exp z_k`, with `max` subtracted first. A row of only −inf gives −inf (as
 /// `torch.logsumexp`); NaN or +inf in the row gives NaN.
 pub fn log_sum_exp_row(z: &[f32]) -> f64 {
-    let m = z
-        .iter()
-        .map(|&v| v as f64)
-        .fold(f64::NEG_INFINITY, f64::max);
+    log_sum_exp_f64(z.iter().map(|&v| v as f64))
+}
+
+/// [`log_sum_exp_row`] of values already in f64.
+fn log_sum_exp_f64(z: impl Iterator<Item = f64> + Clone) -> f64 {
+    let m = z.clone().fold(f64::NEG_INFINITY, f64::max);
     if m == f64::NEG_INFINITY {
         return m;
     }
-    m + z.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+    m + z.map(|v| (v - m).exp()).sum::<f64>().ln()
 }
 
 /// Per-row log-sum-exp.
@@ -63,11 +66,69 @@ pub fn log_softmax(logits: Logits<'_>) -> Vec<f64> {
     out
 }
 
+/// A row of logits as the loss sees it: widened to f64 and, with a soft-cap, mapped through
+/// `z' = cap·tanh(z/cap)` (so −inf becomes −cap).
+fn effective_row(spec: &CrossEntropy, z: &[f32]) -> Vec<f64> {
+    match spec.softcap() {
+        Some(cap) => z.iter().map(|&v| cap * (v as f64 / cap).tanh()).collect(),
+        None => z.iter().map(|&v| v as f64).collect(),
+    }
+}
+
+/// `dz'/dz = 1 − tanh²(z/cap)`, computed as `1/cosh²(z/cap)`, which does not cancel where
+/// `tanh` is near ±1 and is exactly 0 at ±inf.
+fn softcap_slope(z: f32, cap: f64) -> f64 {
+    let c = (z as f64 / cap).cosh();
+    1.0 / (c * c)
+}
+
+/// Row `i`'s effective target weights `a_k` (DESIGN.md, "One pass, one statistic"); `None`
+/// for an ignored row.
+///
+/// Class index `y`: `(1−ε)·w_y·[k=y] + (ε/C)·w_k` (the smoothing part only when ε > 0, as
+/// PyTorch); probabilities `p`: `w_k·((1−ε)·p_k + ε/C)`.
+fn target_weights(
+    spec: &CrossEntropy,
+    logits: &Logits<'_>,
+    targets: &Targets<'_>,
+    i: usize,
+) -> Option<Vec<f64>> {
+    let classes = logits.classes();
+    let eps = spec.label_smoothing();
+    let per_class = eps / classes as f64;
+    let weight = |k: usize| spec.weights().map_or(1.0, |w| w[k] as f64);
+    match *targets {
+        Targets::ClassIndices(y) if spec.is_ignored(y[i]) => None,
+        Targets::ClassIndices(y) => {
+            let mut a: Vec<f64> = if eps > 0.0 {
+                (0..classes).map(|k| per_class * weight(k)).collect()
+            } else {
+                vec![0.0; classes]
+            };
+            let yi = y[i] as usize;
+            a[yi] += (1.0 - eps) * weight(yi);
+            Some(a)
+        }
+        Targets::Probabilities(_) => {
+            let p = targets.probabilities_row(logits, i).unwrap_or_default();
+            Some(
+                (0..classes)
+                    .map(|k| weight(k) * ((1.0 - eps) * p[k] as f64 + per_class))
+                    .collect(),
+            )
+        }
+    }
+}
+
 /// `torch.nn.functional.cross_entropy` in f64.
 ///
 /// Class index `y`, weights `w` (default 1), smoothing ε, ignored rows contributing 0:
 /// `l = (1−ε)·w_y·(lse − z_y) + (ε/C)·Σ_k w_k·(lse − z_k)`, mean over `Σ w_y`.
 /// Probabilities `p`: `l = −Σ_k w_k·((1−ε)·p_k + ε/C)·(z_k − lse)`, mean over `N`.
+///
+/// With a soft-cap, `z` is `z' = cap·tanh(z/cap)` throughout (the reported log-sum-exp is
+/// that of `z'`). With a z-loss λ > 0, every row not ignored adds `λ·lse²` to `l`; under `mean`
+/// that part is averaged over the rows not ignored ([`CrossEntropy::with_z_loss`]).
 pub fn cross_entropy(
     spec: &CrossEntropy,
     logits: Logits<'_>,
@@ -78,36 +139,38 @@ pub fn cross_entropy(
     let eps = spec.label_smoothing();
     let per_class = eps / classes as f64;
     let weight = |k: usize| spec.weights().map_or(1.0, |w| w[k] as f64);
+    let lambda = spec.z_loss();
 
-    let lse = log_sum_exp(logits);
     let mut per_row = Vec::with_capacity(logits.rows());
+    let mut lse = Vec::with_capacity(logits.rows());
     let mut denominator = 0.0;
     let mut ignored = 0;
     let mut entropy = match targets {
         Targets::Probabilities(_) if spec.weights().is_none() => Some(Vec::new()),
         _ => None,
     };
+    let mut z_loss = (lambda > 0.0).then(Vec::new);
 
-    for (i, &lse_i) in lse.iter().enumerate() {
-        let z = logits.row(i);
-        let loss = match targets {
+    for i in 0..logits.rows() {
+        let z = effective_row(spec, logits.row(i));
+        let lse_i = log_sum_exp_f64(z.iter().copied());
+        lse.push(lse_i);
+        let (loss, counted) = match targets {
             Targets::ClassIndices(y) if spec.is_ignored(y[i]) => {
                 ignored += 1;
-                0.0
+                (0.0, false)
             }
             Targets::ClassIndices(y) => {
                 let yi = y[i] as usize;
                 denominator += weight(yi);
-                let nll = weight(yi) * (lse_i - z[yi] as f64);
+                let nll = weight(yi) * (lse_i - z[yi]);
                 // PyTorch adds the smoothing term only when ε > 0 (so 0·inf never arises).
                 let smooth: f64 = if eps > 0.0 {
-                    (0..classes)
-                        .map(|k| weight(k) * (lse_i - z[k] as f64))
-                        .sum()
+                    (0..classes).map(|k| weight(k) * (lse_i - z[k])).sum()
                 } else {
                     0.0
                 };
-                (1.0 - eps) * nll + per_class * smooth
+                ((1.0 - eps) * nll + per_class * smooth, true)
             }
             Targets::Probabilities(_) => {
                 denominator += 1.0;
@@ -122,12 +185,20 @@ pub fn cross_entropy(
                             .sum::<f64>(),
                     );
                 }
-                -(0..classes)
-                    .map(|k| weight(k) * smoothed(k) * (z[k] as f64 - lse_i))
-                    .sum::<f64>()
+                let loss = -(0..classes)
+                    .map(|k| weight(k) * smoothed(k) * (z[k] - lse_i))
+                    .sum::<f64>();
+                (loss, true)
             }
         };
-        per_row.push(loss);
+        match z_loss.as_mut() {
+            Some(zl) => {
+                let zi = if counted { lambda * lse_i * lse_i } else { 0.0 };
+                zl.push(zi);
+                per_row.push(loss + zi);
+            }
+            None => per_row.push(loss),
+        }
     }
     Ok(LossOutput::from_parts(
         spec.reduction(),
@@ -136,6 +207,72 @@ pub fn cross_entropy(
         per_row,
         lse,
         entropy,
+        z_loss,
         ignored,
     ))
+}
+
+/// The loss ([`cross_entropy`]) and its gradient with respect to the logits, in f64,
+/// row-major like the logits, scaled by the `upstream` gradient as autograd passes it
+/// (`Upstream::Scalar(1.0)` gives the gradient of the loss itself).
+///
+/// Per row `i` not ignored, with `z'` the (soft-capped) logits, `q = softmax(z')`, `a_k` the
+/// effective target weights and `B = Σ_k a_k` (DESIGN.md):
+///
+/// `∂l_i/∂z_k = (s_ce·(B·q_k − a_k) + s_z·2λ·lse_i·q_k) · dz'_k/dz_k`
+///
+/// where `dz'/dz = 1 − tanh²(z/cap)` with a soft-cap (else 1), and the reduction's scales are
+/// `s_ce = s_z = g_i` for `none` (`Upstream::PerRow`), `s_ce = s_z = g` for `sum`,
+/// `s_ce = g / Σ_{i not ignored} w_{y_i}` (`g / N` for probabilities) and
+/// `s_z = g / n_not_ignored` for `mean`. An ignored row's gradient is exactly 0 (so a batch
+/// with every row ignored has a zero gradient under `mean`, as in PyTorch, though its loss is
+/// NaN).
+///
+/// A −inf logit without a soft-cap has `q_k = 0`, so its gradient is exactly 0 when its target
+/// weight `a_k` is 0. If `a_k > 0` there (the target, or smoothing mass, on a masked class) the
+/// loss is +inf and the gradient there is what the formula gives, `−s_ce·a_k`. With a
+/// soft-cap a −inf logit becomes `−cap` and its gradient is exactly 0 (`dz'/dz = 0` there).
+///
+/// Errors: every error of [`cross_entropy`]; [`crate::XentError::UpstreamKind`] when a
+/// per-row upstream is given with `sum`/`mean` or a scalar with `none`;
+/// [`crate::XentError::UpstreamLength`] when a per-row upstream does not have N values.
+pub fn cross_entropy_grad(
+    spec: &CrossEntropy,
+    logits: Logits<'_>,
+    targets: Targets<'_>,
+    upstream: Upstream<'_>,
+) -> Result<(LossOutput, Vec<f64>)> {
+    spec.validate(&logits, &targets)?;
+    upstream.check(spec.reduction(), logits.rows())?;
+    let out = cross_entropy(spec, logits, targets)?;
+    let lambda = spec.z_loss();
+    let counted = out.counted_rows() as f64;
+    let mut grad = Vec::with_capacity(logits.values().len());
+    for i in 0..logits.rows() {
+        let Some(a) = target_weights(spec, &logits, &targets, i) else {
+            grad.extend(std::iter::repeat_n(0.0, logits.classes()));
+            continue;
+        };
+        let g = upstream.at(i);
+        let (ce_scale, z_scale) = match spec.reduction() {
+            Reduction::None | Reduction::Sum => (g, g),
+            Reduction::Mean => (g / out.mean_denominator, g / counted),
+        };
+        let raw = logits.row(i);
+        let z = effective_row(spec, raw);
+        let lse = out.log_sum_exp[i];
+        let b: f64 = a.iter().sum();
+        for k in 0..z.len() {
+            let q = (z[k] - lse).exp();
+            let mut d = ce_scale * (b * q - a[k]);
+            if lambda > 0.0 {
+                d += z_scale * 2.0 * lambda * lse * q;
+            }
+            if let Some(cap) = spec.softcap() {
+                d *= softcap_slope(raw[k], cap);
+            }
+            grad.push(d);
+        }
+    }
+    Ok((out, grad))
 }

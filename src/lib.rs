@@ -25,6 +25,9 @@
 //!   implement [`Scorer`].
 //! - [`CrossEntropy`]: the loss spec (reduction, class weights, ignore index, smoothing).
 //! - [`Targets`]: class indices or probabilities; [`LossOutput`]: what comes back.
+//! - Training: [`cpu::cross_entropy_grad`] gives the loss and its gradient with respect to
+//!   the logits, scaled by an [`Upstream`] gradient; [`CrossEntropy::with_z_loss`] and
+//!   [`CrossEntropy::with_softcap`] add a z-loss and logit soft-capping.
 //! - Inputs already on the GPU: [`GpuContext::prepare`] gives a [`PreparedLoss`] that
 //!   records its passes on [`DeviceLogits`] and [`DeviceTargets`] (views of the caller's
 //!   `wgpu::Buffer`s) into the caller's command encoder, allocates nothing per call, and reads
@@ -35,6 +38,7 @@
 pub mod cpu;
 mod error;
 pub mod gpu;
+mod grad;
 mod logits;
 mod output;
 mod spec;
@@ -42,6 +46,7 @@ mod targets;
 
 pub use cpu::CpuReference;
 pub use error::{Result, XentError};
+pub use grad::Upstream;
 pub use gpu::{
     BoundInputs, DeviceLogits, DeviceTargets, GpuContext, GpuOptions, IndexType, LossShape,
     PreparedLoss, Strategy, TargetLayout,

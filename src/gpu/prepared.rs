@@ -772,6 +772,7 @@ impl PreparedLoss {
             sum,
             mean_denominator: denominator,
             entropy_sum: self.variant.entropy.then(|| total(1)),
+            z_loss_sum: None,
             ignored_rows: total(3) as usize,
             rows: self.last_rows,
             classes: self.shape.classes(),
