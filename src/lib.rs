@@ -46,11 +46,11 @@ mod targets;
 
 pub use cpu::CpuReference;
 pub use error::{Result, XentError};
-pub use grad::Upstream;
 pub use gpu::{
     BoundInputs, DeviceLogits, DeviceTargets, GpuContext, GpuOptions, IndexType, LossShape,
     PreparedLoss, Strategy, TargetLayout,
 };
+pub use grad::Upstream;
 pub use logits::Logits;
 pub use output::{LossOutput, LossTotals};
 pub use spec::{CrossEntropy, Reduction};

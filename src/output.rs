@@ -79,7 +79,8 @@ pub struct LossOutput {
     pub mean_denominator: f64,
     /// `l_i`, one per row, z-loss included.
     pub per_row: Vec<f64>,
-    /// `lse_i = log Σ_k exp z_ik`, one per row (ignored rows included).
+    /// `lse_i = log Σ_k exp z_ik`, one per row (ignored rows included); of the soft-capped
+    /// logits `z'` when the spec soft-caps.
     pub log_sum_exp: Vec<f64>,
     /// `H(p̃_i)` per row, for probability targets without class weights.
     pub entropy: Option<Vec<f64>>,
@@ -372,9 +373,18 @@ mod tests {
 
     #[test]
     fn without_z_loss_the_mean_is_unchanged() {
-        assert_eq!(Reduction::Mean.apply_with_z_loss(7.0, 3.0, None, 2), Some(7.0 / 3.0));
-        assert_eq!(Reduction::Sum.apply_with_z_loss(7.0, 3.0, Some(1.0), 2), Some(7.0));
-        assert_eq!(Reduction::None.apply_with_z_loss(7.0, 3.0, Some(1.0), 2), None);
+        assert_eq!(
+            Reduction::Mean.apply_with_z_loss(7.0, 3.0, None, 2),
+            Some(7.0 / 3.0)
+        );
+        assert_eq!(
+            Reduction::Sum.apply_with_z_loss(7.0, 3.0, Some(1.0), 2),
+            Some(7.0)
+        );
+        assert_eq!(
+            Reduction::None.apply_with_z_loss(7.0, 3.0, Some(1.0), 2),
+            None
+        );
         // Every row ignored: NaN, as PyTorch's mean.
         let all_ignored = Reduction::Mean.apply_with_z_loss(0.0, 0.0, Some(0.0), 0);
         assert!(all_ignored.unwrap().is_nan());
