@@ -199,6 +199,7 @@ impl LossOutput {
 
     /// The totals with the per-row values of the same call (no per-row z-loss; see
     /// [`LossOutput::from_totals_with_z_loss`]).
+    #[allow(dead_code)] // the GPU path calls one or the other, depending on its z-loss support
     pub(crate) fn from_totals(
         totals: LossTotals,
         per_row: Vec<f64>,
@@ -209,7 +210,7 @@ impl LossOutput {
     }
 
     /// The totals with the per-row values of the same call, the per-row z-loss included.
-    #[allow(dead_code)] // for the GPU path's z-loss
+    #[allow(dead_code)] // the GPU path calls one or the other, depending on its z-loss support
     pub(crate) fn from_totals_with_z_loss(
         totals: LossTotals,
         per_row: Vec<f64>,
