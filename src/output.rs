@@ -79,7 +79,8 @@ pub struct LossOutput {
     pub mean_denominator: f64,
     /// `l_i`, one per row, z-loss included.
     pub per_row: Vec<f64>,
-    /// `lse_i = log Σ_k exp z_ik`, one per row (ignored rows included).
+    /// `lse_i = log Σ_k exp z_ik`, one per row (ignored rows included); of the soft-capped
+    /// logits `z'` when the spec soft-caps.
     pub log_sum_exp: Vec<f64>,
     /// `H(p̃_i)` per row, for probability targets without class weights.
     pub entropy: Option<Vec<f64>>,
@@ -198,6 +199,7 @@ impl LossOutput {
 
     /// The totals with the per-row values of the same call (no per-row z-loss; see
     /// [`LossOutput::from_totals_with_z_loss`]).
+    #[allow(dead_code)] // the GPU path calls one or the other, depending on its z-loss support
     pub(crate) fn from_totals(
         totals: LossTotals,
         per_row: Vec<f64>,
@@ -208,7 +210,7 @@ impl LossOutput {
     }
 
     /// The totals with the per-row values of the same call, the per-row z-loss included.
-    #[allow(dead_code)] // for the GPU path's z-loss
+    #[allow(dead_code)] // the GPU path calls one or the other, depending on its z-loss support
     pub(crate) fn from_totals_with_z_loss(
         totals: LossTotals,
         per_row: Vec<f64>,
@@ -331,5 +333,131 @@ mod tests {
         for value in [out.sum, out.loss.unwrap(), out.entropy_sum.unwrap()] {
             assert!(value == 0.0 && value.is_sign_positive(), "{value}");
         }
+        let out = LossOutput::empty_with_z_loss(Reduction::Sum, 3, false, true);
+        let z = out.z_loss_sum.unwrap();
+        assert!(z == 0.0 && z.is_sign_positive(), "{z}");
+        assert_eq!(out.z_loss, Some(Vec::new()));
+        assert!(LossOutput::empty(Reduction::Sum, 3, false).z_loss.is_none());
+    }
+
+    /// Three rows, the middle one ignored; the class weights make the denominator 5 while two
+    /// rows count, so the two means differ.
+    fn with_z_loss(reduction: Reduction) -> LossOutput {
+        LossOutput::from_parts(
+            reduction,
+            4,
+            5.0,
+            vec![2.0 + 0.5, 0.0, 7.0 + 1.5],
+            vec![1.0, 2.0, 3.0],
+            None,
+            Some(vec![0.5, 0.0, 1.5]),
+            1,
+        )
+    }
+
+    #[test]
+    fn the_mean_averages_the_z_loss_over_counted_rows() {
+        let mean = with_z_loss(Reduction::Mean);
+        assert_eq!(mean.counted_rows(), 2);
+        assert_eq!(mean.sum, 11.0);
+        assert_eq!(mean.z_loss_sum, Some(2.0));
+        // (11 − 2)/5 + 2/2, not 11/5.
+        assert_eq!(mean.loss, Some(9.0 / 5.0 + 1.0));
+        assert_eq!(mean.mean(), 9.0 / 5.0 + 1.0);
+        assert_eq!(mean.reduced_z_loss(), Some(1.0));
+        let sum = with_z_loss(Reduction::Sum);
+        assert_eq!((sum.loss, sum.reduced_z_loss()), (Some(11.0), Some(2.0)));
+        assert_eq!(sum.mean(), mean.mean());
+        let none = with_z_loss(Reduction::None);
+        assert_eq!((none.loss, none.reduced_z_loss()), (None, None));
+    }
+
+    #[test]
+    fn without_z_loss_the_mean_is_unchanged() {
+        assert_eq!(
+            Reduction::Mean.apply_with_z_loss(7.0, 3.0, None, 2),
+            Some(7.0 / 3.0)
+        );
+        assert_eq!(
+            Reduction::Sum.apply_with_z_loss(7.0, 3.0, Some(1.0), 2),
+            Some(7.0)
+        );
+        assert_eq!(
+            Reduction::None.apply_with_z_loss(7.0, 3.0, Some(1.0), 2),
+            None
+        );
+        // Every row ignored: NaN, as PyTorch's mean.
+        let all_ignored = Reduction::Mean.apply_with_z_loss(0.0, 0.0, Some(0.0), 0);
+        assert!(all_ignored.unwrap().is_nan());
+    }
+
+    #[test]
+    fn appending_batches_gives_the_whole() {
+        let whole = with_z_loss(Reduction::Mean);
+        let mut first = LossOutput::from_parts(
+            Reduction::Mean,
+            4,
+            2.0,
+            vec![2.5, 0.0],
+            vec![1.0, 2.0],
+            None,
+            Some(vec![0.5, 0.0]),
+            1,
+        );
+        let second = LossOutput::from_parts(
+            Reduction::Mean,
+            4,
+            3.0,
+            vec![8.5],
+            vec![3.0],
+            None,
+            Some(vec![1.5]),
+            0,
+        );
+        first.append(second);
+        assert_eq!(first, whole);
+    }
+
+    #[test]
+    fn totals_reduce_like_outputs() {
+        let out = with_z_loss(Reduction::Mean);
+        let totals = LossTotals {
+            reduction: out.reduction,
+            loss: None,
+            sum: out.sum,
+            mean_denominator: out.mean_denominator,
+            entropy_sum: None,
+            z_loss_sum: out.z_loss_sum,
+            ignored_rows: out.ignored_rows,
+            rows: out.rows,
+            classes: out.classes,
+        };
+        assert_eq!(totals.counted_rows(), 2);
+        assert_eq!(totals.reduced_loss(), out.loss);
+        assert_eq!(totals.reduced_z_loss(), out.reduced_z_loss());
+        let back = LossOutput::from_totals_with_z_loss(
+            totals,
+            out.per_row.clone(),
+            out.log_sum_exp.clone(),
+            None,
+            out.z_loss.clone(),
+        );
+        assert_eq!(back, out);
+    }
+
+    #[test]
+    fn kl_divergence_leaves_out_the_z_loss() {
+        let out = LossOutput::from_parts(
+            Reduction::Mean,
+            2,
+            2.0,
+            vec![3.0, 5.0],
+            vec![1.0, 2.0],
+            Some(vec![0.25, 0.5]),
+            Some(vec![1.0, 2.0]),
+            0,
+        );
+        assert_eq!(out.kl_divergence(), Some(vec![1.75, 2.5]));
+        assert_eq!(out.reduced_kl_divergence(), Some(4.0 - 1.5 - 0.375));
     }
 }

@@ -247,7 +247,7 @@ fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
         &variant.constants,
     )
     .map_err(|e| e.to_string())?;
-    let bindings = bindings().into_iter().enumerate();
+    let bindings = bindings().into_iter();
     let count = slot::OWNED_COUNT + slot::INPUT_COUNT;
     let entry_point = || Some((ShaderStage::Compute, "main".to_string()));
     match target.language {
@@ -260,6 +260,7 @@ fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
             // metal/device.rs: a buffer slot per binding, a sizes buffer for the runtime
             // arrays, bounds checks on, no faked bindings.
             let resources = bindings
+                .enumerate()
                 .map(|(i, b)| {
                     let target = msl::BindTarget {
                         buffer: Some(i as u8),
@@ -306,7 +307,7 @@ fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
             // dx12/device.rs: a register space per bind group, register = binding (the
             // register class follows the address space), no faked bindings.
             let binding_map = bindings
-                .map(|(_, b)| {
+                .map(|b| {
                     let target = hlsl::BindTarget {
                         space: b.group as u8,
                         register: b.binding,
@@ -339,7 +340,7 @@ fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
             // binding) order.
             let mut storage_units = 0u8;
             let binding_map = bindings
-                .map(|(_, b)| {
+                .map(|b| {
                     let unit = if uniform(&b) {
                         0
                     } else {

@@ -15,7 +15,7 @@ pub use context::{
 };
 pub use planner::{DeviceFacts, Strategy};
 pub use prepared::{BoundInputs, GradientOutput, PreparedLoss};
-pub use timing::{ReadBandwidth, Timer, Timing};
+pub use timing::{ReadBandwidth, Task, Timer, Timing};
 pub use views::{DeviceLogits, DeviceTargets, IndexType, LossShape, TargetLayout};
 
 use std::sync::{Arc, Mutex};

@@ -17,10 +17,11 @@ use crate::targets::Targets;
 
 use super::context::Gpu;
 use super::planner::{Strategy, grid};
-use super::prepared::BoundInputs;
+use super::prepared::{BoundInputs, GradientOutput};
 use super::{
     DeviceLogits, DeviceTargets, GpuContext, IndexType, LossShape, PreparedLoss, TargetLayout,
 };
+use crate::grad::Upstream;
 
 /// How a time was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,7 +107,23 @@ impl GpuContext {
         warmup: usize,
         runs: usize,
     ) -> Result<Timing> {
-        let mut resident = self.resident_sets(spec, sets, strategy)?;
+        self.time_task(spec, sets, strategy, Task::Loss, warmup, runs)
+    }
+
+    /// Times the passes of `task` with `strategy` on device-resident inputs, as
+    /// [`GpuContext::time_cross_entropy`]. The gradient tasks use an upstream gradient of 1
+    /// (the spec's reduction must be sum or mean); in place, later runs read the gradient the
+    /// earlier ones wrote, which costs the same.
+    pub fn time_task(
+        &self,
+        spec: &CrossEntropy,
+        sets: &[(Logits<'_>, Targets<'_>)],
+        strategy: Strategy,
+        task: Task,
+        warmup: usize,
+        runs: usize,
+    ) -> Result<Timing> {
+        let mut resident = self.resident_sets(spec, sets, strategy, task)?;
         time_passes(&self.gpu, warmup, runs, |encoder, run, timestamps| {
             resident.record(encoder, run, timestamps)
         })
@@ -122,7 +139,7 @@ impl GpuContext {
         runs: usize,
     ) -> Result<Timing> {
         let (rows, classes) = sets.first().map_or((0, 1), |s| (s.0.rows(), s.0.classes()));
-        let mut resident = self.resident_sets(spec, sets, self.plan(rows, classes))?;
+        let mut resident = self.resident_sets(spec, sets, self.plan(rows, classes), Task::Loss)?;
         let mut call = |run: usize| -> Result<()> {
             let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
             resident.record(&mut encoder, run, None)?;
@@ -183,6 +200,7 @@ impl GpuContext {
         spec: &CrossEntropy,
         sets: &[(Logits<'_>, Targets<'_>)],
         strategy: Strategy,
+        task: Task,
     ) -> Result<ResidentSets> {
         let gpu = &self.gpu;
         let Some(&(first, first_targets)) = sets.first() else {
@@ -212,26 +230,49 @@ impl GpuContext {
                 Targets::ClassIndices(y) => bytemuck::cast_slice(y),
                 Targets::Probabilities(p) => bytemuck::cast_slice(p),
             };
-            let pair = gpu.scoped("uploading benchmark inputs", || {
+            let logit_bytes: &[u8] = bytemuck::cast_slice(logits.values());
+            let buffers = gpu.scoped("uploading benchmark inputs", || {
                 let upload = |label, bytes: &[u8]| {
                     let b =
                         gpu.storage_buffer(label, bytes.len() as u64, wgpu::BufferUsages::COPY_DST);
                     gpu.queue.write_buffer(&b, 0, bytes);
                     b
                 };
+                let gradient = (task == Task::Gradient).then(|| {
+                    gpu.storage_buffer(
+                        "xent bench gradient",
+                        logit_bytes.len() as u64,
+                        wgpu::BufferUsages::empty(),
+                    )
+                });
                 Ok((
-                    upload("xent bench logits", bytemuck::cast_slice(logits.values())),
+                    upload("xent bench logits", logit_bytes),
                     upload("xent bench targets", target_bytes),
+                    gradient,
                 ))
             })?;
-            let view = DeviceLogits::new(&pair.0, 0, rows, classes);
+            let view = DeviceLogits::new(&buffers.0, 0, rows, classes);
             let targets = match layout {
-                TargetLayout::ClassIndices(t) => DeviceTargets::class_indices(&pair.1, 0, t),
-                TargetLayout::Probabilities => DeviceTargets::probabilities(&pair.1, 0),
+                TargetLayout::ClassIndices(t) => DeviceTargets::class_indices(&buffers.1, 0, t),
+                TargetLayout::Probabilities => DeviceTargets::probabilities(&buffers.1, 0),
             };
-            bound.push(loss.bind(view, targets)?);
+            bound.push(match (task, &buffers.2) {
+                (Task::Loss, _) => loss.bind(view, targets)?,
+                (Task::GradientInPlace, _) => {
+                    loss.bind_gradient(view, targets, GradientOutput::InPlace)?
+                }
+                (Task::Gradient, gradient) => {
+                    let buffer = gradient.as_ref().expect("made for this task");
+                    let out = GradientOutput::Buffer { buffer, offset: 0 };
+                    loss.bind_gradient(view, targets, out)?
+                }
+            });
         }
-        Ok(ResidentSets { loss, bound })
+        Ok(ResidentSets {
+            loss,
+            bound,
+            gradient: task != Task::Loss,
+        })
     }
     /// Measures the read bandwidth with `read_bandwidth.wgsl` over a buffer of about `bytes`
     /// (capped at one binding) filled with non-zero data.
@@ -316,10 +357,41 @@ fn bandwidth_pipeline(gpu: &Gpu, bytes: u64) -> (wgpu::ComputePipeline, wgpu::Bi
     (pipeline, bind_group)
 }
 
+/// What a benchmark times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// The loss: one read of the logits.
+    Loss,
+    /// The loss and its gradient into a separate buffer: two reads and one write.
+    Gradient,
+    /// The loss and its gradient over the logits.
+    GradientInPlace,
+}
+
+impl Task {
+    /// `loss`, `grad` or `grad-inplace`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Loss => "loss",
+            Task::Gradient => "grad",
+            Task::GradientInPlace => "grad-inplace",
+        }
+    }
+
+    /// Times the logits are read or written: 1 for the loss, 3 with the gradient.
+    pub fn logit_passes(self) -> u64 {
+        match self {
+            Task::Loss => 1,
+            _ => 3,
+        }
+    }
+}
+
 /// Device-resident input sets and the prepared loss that scores them (each set bound once).
 struct ResidentSets {
     loss: PreparedLoss,
     bound: Vec<BoundInputs>,
+    gradient: bool,
 }
 
 impl ResidentSets {
@@ -331,8 +403,9 @@ impl ResidentSets {
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
         let inputs = &self.bound[run % self.bound.len()];
+        let upstream = self.gradient.then_some(Upstream::Scalar(1.0));
         self.loss
-            .record_bound_timed(encoder, inputs, None, timestamps)
+            .record_bound_timed(encoder, inputs, upstream, timestamps)
     }
 }
 

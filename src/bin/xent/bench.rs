@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use xent::gpu::{ReadBandwidth, Strategy};
+use xent::gpu::{ReadBandwidth, Strategy, Task};
 use xent::{CpuReference, CrossEntropy, GpuContext, Logits, Scorer, Targets, XentError};
 
 use crate::out::{Out, json_f64, json_opt, outln};
@@ -40,6 +40,27 @@ impl PathChoice {
             Self::Kernel => "kernel",
             Self::Resident => "resident",
             Self::Host => "host",
+        }
+    }
+}
+
+/// Which task a kernel-path row times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TaskChoice {
+    /// The loss.
+    Loss,
+    /// Loss and gradient into a separate buffer.
+    Grad,
+    /// Loss and gradient over the logits.
+    GradInplace,
+}
+
+impl TaskChoice {
+    fn task(self) -> Task {
+        match self {
+            Self::Loss => Task::Loss,
+            Self::Grad => Task::Gradient,
+            Self::GradInplace => Task::GradientInPlace,
         }
     }
 }
@@ -207,6 +228,7 @@ struct Row {
     rows: usize,
     classes: usize,
     target: &'static str,
+    task: &'static str,
     path: &'static str,
     kernel: &'static str,
     strategy: String,
@@ -340,18 +362,27 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         let set_bytes = (rows * classes * 4) as u64;
         let data = Data::new(&mut rng, rows, classes, copies(set_bytes, args.quick))?;
         for (target, soft) in [("hard", false), ("soft", true)] {
-            let spec = CrossEntropy::new();
-            // Bytes that must move: the logits, and the targets as the device reads them.
-            let bytes = set_bytes + if soft { set_bytes } else { rows as u64 * 4 };
+            let mut spec = CrossEntropy::new();
+            if let Some(lambda) = args.z_loss {
+                spec = spec.with_z_loss(lambda);
+            }
+            if let Some(cap) = args.softcap {
+                spec = spec.with_softcap(cap);
+            }
+            // Bytes that must move: the logits (once for the loss; read twice and written once
+            // with the gradient), and the targets as the device reads them.
+            let target_bytes = if soft { set_bytes } else { rows as u64 * 8 };
             let first = table.len();
             let sets = data.sets(soft);
             let runs = args.runs as usize;
-            let mut push = |path: PathChoice, kernel: KernelChoice, ms: f64| {
+            let mut push = |task: Task, path: PathChoice, kernel: KernelChoice, ms: f64| {
+                let bytes = task.logit_passes() * set_bytes + target_bytes;
                 let gbps = bytes as f64 / (ms * 1e-3) / 1e9;
                 table.push(Row {
                     rows,
                     classes,
                     target,
+                    task: task.name(),
                     path: path.name(),
                     kernel: kernel.name(),
                     strategy: kernel.strategy(&gpu, rows, classes).name(),
@@ -364,20 +395,28 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             for &path in &args.path {
                 match path {
                     PathChoice::Kernel => {
-                        for &kernel in &args.kernel {
-                            let strategy = kernel.strategy(&gpu, rows, classes);
-                            let timing =
-                                gpu.time_cross_entropy(&spec, &sets, strategy, WARMUP, runs)?;
-                            push(path, kernel, timing.median_ms());
+                        for &task in &args.task {
+                            for &kernel in &args.kernel {
+                                let strategy = kernel.strategy(&gpu, rows, classes);
+                                let timing = gpu.time_task(
+                                    &spec,
+                                    &sets,
+                                    strategy,
+                                    task.task(),
+                                    WARMUP,
+                                    runs,
+                                )?;
+                                push(task.task(), path, kernel, timing.median_ms());
+                            }
                         }
                     }
                     PathChoice::Resident => {
                         let timing = gpu.time_resident_calls(&spec, &sets, WARMUP, runs)?;
-                        push(path, KernelChoice::Auto, timing.median_ms());
+                        push(Task::Loss, path, KernelChoice::Auto, timing.median_ms());
                     }
                     PathChoice::Host => {
                         let timing = gpu.time_host_calls(&spec, &sets, WARMUP, runs)?;
-                        push(path, KernelChoice::Auto, timing.median_ms());
+                        push(Task::Loss, path, KernelChoice::Auto, timing.median_ms());
                     }
                 }
             }
@@ -412,9 +451,10 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
 fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
     outln!(
         out,
-        "{:>14} {:>6} {:>8} {:>6} {:>22} {:>10} {:>9} {:>9} {:>10} {:>9}",
+        "{:>14} {:>6} {:>12} {:>8} {:>6} {:>22} {:>10} {:>9} {:>9} {:>10} {:>9}",
         "N x C",
         "target",
+        "task",
         "path",
         "kernel",
         "strategy",
@@ -428,6 +468,7 @@ fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
         let naive = table.iter().find(|n| {
             n.kernel == "naive"
                 && n.path == r.path
+                && n.task == r.task
                 && n.rows == r.rows
                 && n.classes == r.classes
                 && n.target == r.target
@@ -435,9 +476,10 @@ fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
         let speedup = naive.map_or(String::from("-"), |n| format!("{:.2}x", n.ms / r.ms));
         outln!(
             out,
-            "{:>14} {:>6} {:>8} {:>6} {:>22} {:>10.4} {:>9.1} {:>9.3} {:>10} {:>9}",
+            "{:>14} {:>6} {:>12} {:>8} {:>6} {:>22} {:>10.4} {:>9.1} {:>9.3} {:>10} {:>9}",
             format!("{}x{}", r.rows, r.classes),
             r.target,
+            r.task,
             r.path,
             r.kernel,
             r.strategy,
@@ -465,7 +507,7 @@ fn to_json(
                 "rows": r.rows,
                 "classes": r.classes,
                 "target": r.target,
-                "task": "loss",
+                "task": r.task,
                 "path": r.path,
                 "kernel": r.kernel,
                 "strategy": r.strategy,

@@ -109,6 +109,17 @@ pub struct BenchArgs {
     /// measured in the same run).
     #[arg(long, value_delimiter = ',', default_value = "kernel")]
     path: Vec<bench::PathChoice>,
+    /// Tasks to time on the kernel path, comma-separated: loss (one read of the logits), grad
+    /// (loss and gradient of the mean into a separate buffer: two reads and one write), or
+    /// grad-inplace (the gradient over the logits).
+    #[arg(long, value_delimiter = ',', default_value = "loss")]
+    task: Vec<bench::TaskChoice>,
+    /// Adds a z-loss λ·lse² to the timed loss.
+    #[arg(long, value_name = "λ", allow_negative_numbers = true)]
+    z_loss: Option<f64>,
+    /// Soft-caps the logits, cap·tanh(z / cap), in the timed loss.
+    #[arg(long, value_name = "CAP", allow_negative_numbers = true)]
+    softcap: Option<f64>,
     /// Timed runs per shape and kernel (after warm-up; at least 20); the median is reported.
     #[arg(
         long,
