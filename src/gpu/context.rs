@@ -438,6 +438,18 @@ impl Gpu {
         result
     }
 
+    /// Maps and reads `buffers` with as little around it as possible (no error scopes, no
+    /// extra polls): the per-call read of a prepared loss. The wait's own poll delivers a
+    /// device-lost callback, which is checked after it.
+    pub(crate) fn fetch(&self, buffers: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>> {
+        let _serial = self.serial();
+        let result = self.read_back(buffers);
+        if let Some(why) = &*self.lost.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Err(XentError::DeviceLost(why.clone()));
+        }
+        result
+    }
+
     fn check_lost(&self) -> Result<()> {
         // A poll delivers a pending device-lost callback.
         let _ = self.device.poll(wgpu::PollType::Poll);

@@ -1063,12 +1063,10 @@ impl PreparedLoss {
     /// device found (an out-of-range class index, naming its row and value; a logit beyond
     /// f32's safe range). Waits for the device.
     pub fn read_totals(&mut self) -> Result<LossTotals> {
-        let gpu = self.gpu.clone();
-        let bytes = gpu.scoped("reading the totals", || {
-            Ok(gpu
-                .read_back(&[(&self.res.totals_back, STATUS_BYTES)])?
-                .remove(0))
-        })?;
+        let bytes = self
+            .gpu
+            .fetch(&[(&self.res.totals_back, STATUS_BYTES)])?
+            .remove(0);
         self.totals_from(&bytes)
     }
 
@@ -1131,9 +1129,7 @@ impl PreparedLoss {
             let gpu = self.gpu.clone();
             let back = self.rows_back_buffer();
             let bytes = self.last_rows as u64 * ROW_RESULT_BYTES;
-            let data = gpu.scoped("reading the results", || {
-                gpu.read_back(&[(&self.res.totals_back, STATUS_BYTES), (&back, bytes)])
-            })?;
+            let data = gpu.fetch(&[(&self.res.totals_back, STATUS_BYTES), (&back, bytes)])?;
             let rows: Vec<[f32; 4]> = bytemuck::cast_slice(&data[1]).to_vec();
             (self.totals_from(&data[0])?, rows)
         } else {

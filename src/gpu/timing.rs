@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 /// The least time of back-to-back warm-up work before timed runs.
 const WARMUP_TIME: Duration = Duration::from_millis(250);
+/// The most warm-up before timing anyway.
+const MAX_WARMUP_TIME: Duration = Duration::from_secs(3);
+/// Warm-up batches are grown to at least this much work, so their times mean something.
+const WARMUP_BATCH_TIME: Duration = Duration::from_millis(20);
 
 use crate::error::{Result, XentError};
 use crate::logits::Logits;
@@ -454,12 +458,16 @@ fn time_passes(
                     detail: e.to_string(),
                 })
         };
-        // Warm up for at least WARMUP_TIME of back-to-back work: a GPU that idled during the
-        // host's uploads has lowered its clocks, and a few runs do not bring them back.
+        // Warm up with back-to-back work until the time per run settles (two batches of at
+        // least WARMUP_BATCH_TIME within 3 %), for at least WARMUP_TIME: a GPU that idled
+        // during the host's work has lowered its clocks, and on an H200 they took longer than
+        // 250 ms to come back (a first run measured 3x slow).
         let start = Instant::now();
         let mut done = 0;
-        while done < warmup || start.elapsed() < WARMUP_TIME {
-            let batch = warmup.max(1);
+        let mut batch = warmup.max(1);
+        let mut last: Option<f64> = None;
+        loop {
+            let clock = Instant::now();
             let mut encoder = gpu.device.create_command_encoder(&Default::default());
             for run in done..done + batch {
                 record(&mut encoder, run, None)?;
@@ -467,6 +475,21 @@ fn time_passes(
             gpu.queue.submit([encoder.finish()]);
             wait()?;
             done += batch;
+            let took = clock.elapsed();
+            let per_run = took.as_secs_f64() / batch as f64;
+            let settled = took >= WARMUP_BATCH_TIME
+                && last.is_some_and(|l| (per_run - l).abs() <= 0.03 * l);
+            if took < WARMUP_BATCH_TIME && batch < 1 << 14 {
+                batch *= 2;
+                last = None;
+            } else {
+                last = Some(per_run);
+            }
+            let elapsed = start.elapsed();
+            if done >= warmup && elapsed >= WARMUP_TIME && (settled || elapsed >= MAX_WARMUP_TIME)
+            {
+                break;
+            }
         }
         let warmup = done;
         if !gpu
