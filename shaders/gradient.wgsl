@@ -12,6 +12,48 @@ override SCALES_FROM_TOTALS: bool = false;
 // The gradient overwrites the logits: read them through `outputs`.
 override IN_PLACE: bool = false;
 
+// What one lane needs to write a row's gradient.
+struct RowGradient {
+    // (m, ln s, B, counted)
+    st: vec4<f32>,
+    lse: f32,
+    s_ce: f32,
+    s_z: f32,
+    y: i32,
+    w_y: f32,
+    first: u32,
+}
+
+fn load_logit(g: RowGradient, out: u32, k: u32) -> f32 {
+    if IN_PLACE {
+        return outputs[out + k];
+    }
+    return raw_logit(g.first + k);
+}
+
+// The gradient of class k of the row from its raw logit z.
+fn gradient_of(g: RowGradient, z: f32, k: u32) -> f32 {
+    let zc = cap1(z);
+    let q = exp((zc - g.st.x) - g.st.y);
+    var a = 0.0;
+    if FOLD_TARGETS {
+        a = target_weight1(g.first + k, k);
+    }
+    if i32(k) == g.y {
+        a += g.w_y;
+    }
+    var d = g.s_ce * (g.st.z * q - a);
+    if ZLOSS {
+        d += g.s_z * 2.0 * params.z_loss * g.lse * q;
+    }
+    if SOFTCAP {
+        let t = zc / params.cap;
+        d *= 1.0 - t * t;
+    }
+    // Exactly 0 for an ignored row.
+    return select(0.0, d, g.st.w > 0.0);
+}
+
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -24,55 +66,44 @@ fn main(
         return;
     }
     let row = params.first_row + r;
-    // (m, ln s, B, counted)
-    let st = results[params.rows2_at + row];
-    let lse = st.x + st.y;
-    var s_ce = params.grad_ce;
-    var s_z = params.grad_z;
+    var g: RowGradient;
+    g.st = results[params.rows2_at + row];
+    g.lse = g.st.x + g.st.y;
+    g.s_ce = params.grad_ce;
+    g.s_z = params.grad_z;
     if REDUCTION == REDUCTION_NONE {
-        let g = class_weights[params.upstream_at + row];
-        s_ce *= g;
-        s_z *= g;
+        let up = class_weights[params.upstream_at + row];
+        g.s_ce *= up;
+        g.s_z *= up;
     } else if SCALES_FROM_TOTALS {
         let denominator = status.totals_hi.z + status.totals_lo.z;
         let counted = f32(params.total_rows) - (status.totals_hi.w + status.totals_lo.w);
-        s_ce /= denominator;
-        s_z /= counted;
+        g.s_ce /= denominator;
+        g.s_z /= counted;
     }
-    var y = -1;
-    var w_y = 0.0;
-    if TARGET_KIND == TARGET_CLASS_INDEX && st.w > 0.0 {
-        y = target_class(r);
-        w_y = (1.0 - params.smoothing) * class_weight(u32(max(y, 0)));
+    g.y = -1;
+    g.w_y = 0.0;
+    if TARGET_KIND == TARGET_CLASS_INDEX && g.st.w > 0.0 {
+        g.y = target_class(r);
+        g.w_y = (1.0 - params.smoothing) * class_weight(u32(max(g.y, 0)));
     }
-    let first = row_first(r);
+    g.first = row_first(r);
     let out = params.outputs_offset + r * params.classes;
-    let lanes = SPLIT * LANES_PER_ROW;
-    for (var k = (group % SPLIT) * LANES_PER_ROW + lid % LANES_PER_ROW; k < params.classes; k += lanes) {
-        var z: f32;
-        if IN_PLACE {
-            z = outputs[out + k];
-        } else {
-            z = raw_logit(first + k);
-        }
-        let zc = cap1(z);
-        let q = exp((zc - st.x) - st.y);
-        var a = 0.0;
-        if FOLD_TARGETS {
-            a = target_weight1(first + k, k);
-        }
-        if i32(k) == y {
-            a += w_y;
-        }
-        var g = s_ce * (st.z * q - a);
-        if ZLOSS {
-            g += s_z * 2.0 * params.z_loss * lse * q;
-        }
-        if SOFTCAP {
-            let t = zc / params.cap;
-            g *= 1.0 - t * t;
-        }
-        // Exactly 0 for an ignored row.
-        outputs[out + k] = select(0.0, g, st.w > 0.0);
+    let step = SPLIT * LANES_PER_ROW;
+    let end = params.classes;
+    // Four loads in flight per lane before any is used.
+    var k = (group % SPLIT) * LANES_PER_ROW + lid % LANES_PER_ROW;
+    for (; k + 3u * step < end; k += 4u * step) {
+        let z0 = load_logit(g, out, k);
+        let z1 = load_logit(g, out, k + step);
+        let z2 = load_logit(g, out, k + 2u * step);
+        let z3 = load_logit(g, out, k + 3u * step);
+        outputs[out + k] = gradient_of(g, z0, k);
+        outputs[out + k + step] = gradient_of(g, z1, k + step);
+        outputs[out + k + 2u * step] = gradient_of(g, z2, k + 2u * step);
+        outputs[out + k + 3u * step] = gradient_of(g, z3, k + 3u * step);
+    }
+    for (; k < end; k += step) {
+        outputs[out + k] = gradient_of(g, load_logit(g, out, k), k);
     }
 }
