@@ -254,9 +254,10 @@ pub fn cross_entropy_grad(
             continue;
         };
         let g = upstream.at(i);
-        let (ce_scale, z_scale) = match spec.reduction() {
-            Reduction::None | Reduction::Sum => (g, g),
-            Reduction::Mean => (g / out.mean_denominator, g / counted),
+        let (ce_scale, z_scale) = match (spec.reduction(), upstream.mean_over()) {
+            (Reduction::None | Reduction::Sum, _) => (g, g),
+            (Reduction::Mean, Some((denominator, counted))) => (g / denominator, g / counted),
+            (Reduction::Mean, None) => (g / out.mean_denominator, g / counted),
         };
         let raw = logits.row(i);
         let z = effective_row(spec, raw);

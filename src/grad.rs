@@ -12,6 +12,19 @@ pub enum Upstream<'a> {
     Scalar(f64),
     /// `∂objective/∂l_i`, one per row, for [`Reduction::None`].
     PerRow(&'a [f64]),
+    /// For [`Reduction::Mean`] over a larger batch of which this call is one part (gradient
+    /// accumulation over micro-batches, a file scored in pieces): `grad` times the gradient of
+    /// that batch's mean, whose cross-entropy part is divided by `denominator` (the whole
+    /// batch's Σ w_y, or its row count for probabilities) and whose z-loss part by
+    /// `counted_rows` (the whole batch's rows not ignored).
+    MeanOver {
+        /// `∂objective/∂loss`.
+        grad: f64,
+        /// The whole batch's mean denominator.
+        denominator: f64,
+        /// The whole batch's counted rows.
+        counted_rows: f64,
+    },
 }
 
 impl Upstream<'_> {
@@ -26,7 +39,17 @@ impl Upstream<'_> {
                 })
             }
             (Reduction::None, Upstream::PerRow(_))
-            | (Reduction::Sum | Reduction::Mean, Upstream::Scalar(_)) => Ok(()),
+            | (Reduction::Sum | Reduction::Mean, Upstream::Scalar(_))
+            | (Reduction::Mean, Upstream::MeanOver { .. }) => Ok(()),
+            (_, Upstream::MeanOver { .. }) => Err(XentError::UpstreamKind {
+                reduction: reduction.name(),
+                expected: if reduction == Reduction::None {
+                    "one value per row (Upstream::PerRow)"
+                } else {
+                    "a scalar (Upstream::Scalar)"
+                },
+                got: "the mean over a larger batch (Upstream::MeanOver)",
+            }),
             (Reduction::None, Upstream::Scalar(_)) => Err(XentError::UpstreamKind {
                 reduction: reduction.name(),
                 expected: "one value per row (Upstream::PerRow)",
@@ -46,8 +69,20 @@ impl Upstream<'_> {
     /// first.
     pub fn at(&self, i: usize) -> f64 {
         match *self {
-            Upstream::Scalar(g) => g,
+            Upstream::Scalar(g) | Upstream::MeanOver { grad: g, .. } => g,
             Upstream::PerRow(g) => g[i],
+        }
+    }
+
+    /// The mean's (denominator, counted rows) when they are given rather than this call's own.
+    pub(crate) fn mean_over(&self) -> Option<(f64, f64)> {
+        match *self {
+            Upstream::MeanOver {
+                denominator,
+                counted_rows,
+                ..
+            } => Some((denominator, counted_rows)),
+            _ => None,
         }
     }
 }

@@ -352,3 +352,67 @@ fn device_gradient_into_a_buffer_and_in_place() {
         }
     }
 }
+
+/// A mean over a batch scored in two parts (`Upstream::MeanOver`, as in gradient accumulation)
+/// gives the whole batch's gradient, on the CPU reference and on the GPU.
+#[test]
+fn mean_over_parts_equals_the_mean_of_the_whole() {
+    let (rows, classes) = (40, 33);
+    let mut p = Problem::random(99, rows, classes, 4.0, 0.0);
+    p.labels[3] = -100;
+    p.labels[30] = -100;
+    let spec = CrossEntropy::new()
+        .with_ignore_index(-100)
+        .with_weights(common::Inputs::new(4).weights(classes))
+        .with_z_loss(0.01);
+    let (whole_out, whole) =
+        cpu::cross_entropy_grad(&spec, p.logits(), p.targets(false), Upstream::Scalar(1.5))
+            .unwrap();
+    let over = Upstream::MeanOver {
+        grad: 1.5,
+        denominator: whole_out.mean_denominator,
+        counted_rows: whole_out.counted_rows() as f64,
+    };
+    let parts = [0..17, 17..rows];
+    let mut cpu_parts = Vec::new();
+    let mut gpu_parts = Vec::new();
+    for range in parts {
+        let logits = p.logits().slice_rows(range.clone());
+        let targets = xent::Targets::ClassIndices(&p.labels[range]);
+        cpu_parts.extend(
+            cpu::cross_entropy_grad(&spec, logits, targets, over)
+                .unwrap()
+                .1,
+        );
+        if let Some(gpu) = gpu() {
+            gpu_parts.extend(
+                gpu.cross_entropy_grad(&spec, logits, targets, over)
+                    .unwrap()
+                    .1,
+            );
+        }
+    }
+    for (k, (&a, &b)) in cpu_parts.iter().zip(&whole).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-15 * (1.0 + b.abs()),
+            "CPU element {k}: {a} vs {b}"
+        );
+    }
+    let scale = 1.5 * 10.0 / whole_out.mean_denominator;
+    let mass = p.mass(&spec, false);
+    let max_abs = max_abs_per_row(&p.logits, classes);
+    if !gpu_parts.is_empty() {
+        assert_gradient(
+            "mean over parts",
+            &gpu_parts,
+            &whole,
+            classes,
+            &|_| scale,
+            &mass,
+            &max_abs,
+        );
+    }
+    // MeanOver belongs to the mean alone.
+    let sum = spec.clone().with_reduction(Reduction::Sum);
+    assert!(cpu::cross_entropy_grad(&sum, p.logits(), p.targets(false), over).is_err());
+}

@@ -193,7 +193,9 @@ impl GpuContext {
             return Ok((out, Vec::new()));
         }
         let targets = HostTargets::from(targets);
-        let mean = host::host_mean(spec, &targets, logits.rows());
+        let mean = upstream
+            .mean_over()
+            .unwrap_or_else(|| host::host_mean(spec, &targets, logits.rows()));
         let setup = HostLoss::setup(
             strategy,
             logits.classes(),

@@ -576,7 +576,8 @@ impl PreparedLoss {
                 Passes {
                     gradient: true,
                     log_softmax: false,
-                    scales_from_totals: self.reduction == Reduction::Mean,
+                    scales_from_totals: self.reduction == Reduction::Mean
+                        && upstream.mean_over().is_none(),
                 }
             }
         };
@@ -609,6 +610,10 @@ impl PreparedLoss {
                 (unscale, 1.0)
             }
             (Reduction::Sum, Upstream::Scalar(g)) => (g * unscale, g),
+            (Reduction::Mean, Upstream::MeanOver { grad, .. }) => {
+                let (denominator, counted) = upstream.mean_over().unwrap_or((1.0, 1.0));
+                (grad / (denominator * self.weight_scale), grad / counted)
+            }
             (Reduction::Mean, Upstream::Scalar(g)) => match mean {
                 // The device's a_k and B carry the weight scale; the host's Σ w_y does not.
                 Some((denominator, counted)) => {

@@ -477,8 +477,8 @@ fn time_passes(
             done += batch;
             let took = clock.elapsed();
             let per_run = took.as_secs_f64() / batch as f64;
-            let settled = took >= WARMUP_BATCH_TIME
-                && last.is_some_and(|l| (per_run - l).abs() <= 0.03 * l);
+            let settled =
+                took >= WARMUP_BATCH_TIME && last.is_some_and(|l| (per_run - l).abs() <= 0.03 * l);
             if took < WARMUP_BATCH_TIME && batch < 1 << 14 {
                 batch *= 2;
                 last = None;
@@ -486,8 +486,7 @@ fn time_passes(
                 last = Some(per_run);
             }
             let elapsed = start.elapsed();
-            if done >= warmup && elapsed >= WARMUP_TIME && (settled || elapsed >= MAX_WARMUP_TIME)
-            {
+            if done >= warmup && elapsed >= WARMUP_TIME && (settled || elapsed >= MAX_WARMUP_TIME) {
                 break;
             }
         }
