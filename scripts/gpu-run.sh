@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the project root, after scripts/stage-gpu.sh here:
+#   scripts/gpu-run.sh again   as final without the host path and the peers (a re-measure)
 #   scripts/gpu-run.sh final   info, the GPU test binaries, and the benchmark: the loss on the
 #                              kernel, resident and host paths; loss + gradient (separate and in
 #                              place) beside the naive kernel; the gradient with z-loss and with
@@ -36,13 +37,17 @@ bench() { # label, then xent bench arguments
     [ -f "$out/one.json" ] && cat "$out/one.json" >> "$out/bench.json" && echo >> "$out/bench.json"
     rm -f "$out/one.json"
 }
-bench "loss: kernel, resident and host paths; naive beside auto" \
-    --path kernel,resident,host --kernel naive,auto --task loss
+if [ "$mode" = final ]; then
+    bench "loss: kernel, resident and host paths; naive beside auto" \
+        --path kernel,resident,host --kernel naive,auto --task loss
+else
+    bench "loss: kernel and resident paths" --path kernel,resident --task loss
+fi
 bench "loss + gradient of the mean (separate buffer, in place); naive beside auto" \
     --task grad,grad-inplace --kernel naive,auto
 bench "loss + gradient with z-loss 1e-4" --task grad --z-loss 1e-4
 bench "loss + gradient with soft-capping at 30" --task grad --softcap 30
 
-if [ -z "$quick" ]; then
+if [ -z "$quick" ] && [ "$mode" = final ]; then
     { timeout 240 python3 .gpu/peers/peers.py --dtype float32 2>&1; } | tee "$out/peers.txt"
 fi
