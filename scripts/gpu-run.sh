@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the project root, after scripts/stage-gpu.sh here:
 #   scripts/gpu-run.sh again   as final without the host path and the peers (a re-measure)
+#   scripts/gpu-run.sh probe   tests, then the gradient, and z-loss and soft-capping taken apart
 #   scripts/gpu-run.sh final   info, the GPU test binaries, and the benchmark: the loss on the
 #                              kernel, resident and host paths; loss + gradient (separate and in
 #                              place) beside the naive kernel; the gradient with z-loss and with
@@ -37,6 +38,17 @@ bench() { # label, then xent bench arguments
     [ -f "$out/one.json" ] && cat "$out/one.json" >> "$out/bench.json" && echo >> "$out/bench.json"
     rm -f "$out/one.json"
 }
+if [ "$mode" = probe ]; then
+    # Where z-loss and soft-capping lose time: the loss pass alone, and other workgroup shapes.
+    bench "gradient (separate, in place), plain" --task grad,grad-inplace
+    bench "loss alone with soft-capping at 30" --task loss --softcap 30
+    bench "loss alone with z-loss 1e-4" --task loss --z-loss 1e-4
+    for extra in "--z-loss 1e-4" "--softcap 30"; do
+        bench "gradient $extra, 4096x32000, four workgroup shapes" --task grad $extra \
+            --shapes 4096x32000 --kernel auto,256/64/1/vec4/sg,128/128/1/vec4/sg,512/512/1/vec4/sg
+    done
+    exit 0
+fi
 if [ "$mode" = final ]; then
     bench "loss: kernel, resident and host paths; naive beside auto" \
         --path kernel,resident,host --kernel naive,auto --task loss
