@@ -26,6 +26,7 @@ quick=${XENT_BENCH_QUICK:+--quick}
     xent info 2>&1
     echo "== GPU tests (against the CPU reference and PyTorch's golden cases)"
     for t in .gpu/bin/test-*; do
+        [ "$mode" = figures ] && break
         timeout 120 "$t" --test-threads 4 2>&1 | grep -E "^test result|FAILED|panicked" | sed "s#^#$(basename "$t"): #"
     done
 } 2>&1 | tee "$out/log.txt"
@@ -38,6 +39,14 @@ bench() { # label, then xent bench arguments
     [ -f "$out/one.json" ] && cat "$out/one.json" >> "$out/bench.json" && echo >> "$out/bench.json"
     rm -f "$out/one.json"
 }
+if [ "$mode" = figures ]; then
+    # The figures only (no tests), in three processes: plain, z-loss, soft-capping.
+    bench "loss and gradient: kernel path; loss: resident path" --path kernel,resident \
+        --task loss,grad,grad-inplace
+    bench "loss + gradient with z-loss 1e-4" --task grad --z-loss 1e-4
+    bench "loss + gradient with soft-capping at 30" --task grad --softcap 30
+    exit 0
+fi
 if [ "$mode" = probe ]; then
     # Where z-loss and soft-capping lose time: the loss pass alone, and other workgroup shapes.
     bench "gradient (separate, in place), plain" --task grad,grad-inplace

@@ -7,8 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-/// The least time of back-to-back warm-up work before timed runs.
-const WARMUP_TIME: Duration = Duration::from_millis(250);
+/// The least time of back-to-back warm-up work before timed runs. An H200 that idled for the
+/// host's data generation came back to full clocks in steps: two 20 ms batches could agree
+/// while still slow (the first shape measured up to 3x slow after 250 ms), so at least a
+/// second.
+const WARMUP_TIME: Duration = Duration::from_millis(1000);
 /// The most warm-up before timing anyway.
 const MAX_WARMUP_TIME: Duration = Duration::from_secs(3);
 /// Warm-up batches are grown to at least this much work, so their times mean something.
@@ -458,10 +461,9 @@ fn time_passes(
                     detail: e.to_string(),
                 })
         };
-        // Warm up with back-to-back work until the time per run settles (two batches of at
-        // least WARMUP_BATCH_TIME within 3 %), for at least WARMUP_TIME: a GPU that idled
-        // during the host's work has lowered its clocks, and on an H200 they took longer than
-        // 250 ms to come back (a first run measured 3x slow).
+        // Warm up with back-to-back work for at least WARMUP_TIME and until the time per run
+        // settles (two batches of at least WARMUP_BATCH_TIME within 3 %): a GPU that idled
+        // during the host's work has lowered its clocks.
         let start = Instant::now();
         let mut done = 0;
         let mut batch = warmup.max(1);
