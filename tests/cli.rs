@@ -1,7 +1,8 @@
 //! The `xent` binary: every golden case through `score` (GPU and --cpu) against PyTorch's
 //! values, every kind of bad input (status 2, one line naming the file or argument, nothing
 //! on stdout), hostile inputs (headers, shapes, pipes, closed stdout), and `info`, `demo` and
-//! `bench` running.
+//! `bench` running; training: `--grad` against PyTorch's gradients in one batch and in
+//! several, `--grad-output`, `--z-loss` and `--softcap` against the library.
 
 mod common;
 
@@ -981,4 +982,535 @@ fn per_row_refuses_to_overwrite_an_input() {
         &["--per-row", "--weights"],
     );
     assert_eq!(std::fs::read(b.p("z.npy")).unwrap(), before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training: --grad, --grad-output, --z-loss, --softcap
+// ---------------------------------------------------------------------------------------------
+
+/// An .npy that xent wrote: its dtype, shape and float32 values.
+fn read_gradient(path: &Path) -> (String, Vec<u64>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let file = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let (dtype, shape) = (file.dtype().descr(), file.shape().to_vec());
+    let values = file.into_vec().unwrap();
+    (dtype, shape, values)
+}
+
+/// Runs `score` on a golden case with `extra` arguments and returns its JSON.
+fn score_case(case: &GoldenCase, extra: &[&str]) -> serde_json::Value {
+    let args = score_args(case, extra);
+    json(&xent(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+}
+
+/// The paths to run: the GPU (when there is one) and --cpu.
+fn paths() -> Vec<bool> {
+    if gpu_available() {
+        vec![false, true]
+    } else {
+        vec![true]
+    }
+}
+
+/// What a golden case needs for gradient tolerances: the mean's denominator, and per row the
+/// largest |logit| and the target mass B.
+struct GradScale {
+    denominator: f64,
+    max_abs: Vec<f64>,
+    mass: Vec<f64>,
+}
+
+impl GradScale {
+    fn of(case: &GoldenCase) -> Self {
+        let inputs = common::GoldenInputs::load(case);
+        let logits = xent::Logits::new(&inputs.logits, case.rows(), case.classes()).unwrap();
+        let out = xent::cpu::cross_entropy(&inputs.spec, logits, inputs.targets()).unwrap();
+        Self {
+            denominator: out.mean_denominator,
+            max_abs: common::max_abs_per_row(&inputs.logits, case.classes()),
+            mass: inputs.target_mass(case.classes()),
+        }
+    }
+
+    /// The tolerance of element (row `i`) of a gradient scaled by `scale` (1/denominator for
+    /// the mean) against PyTorch's f64 gradient stored as float32 (`want`), `got` being ours,
+    /// also float32.
+    ///
+    /// Both files round to float32: half an ulp each, so one ulp of the larger value. On top:
+    /// - GPU: each element is s·(B·q_k − a_k) with q_k = exp(z_k − m − ln s) in f32; z_k − m is
+    ///   off by an ulp of the largest |z| and ln s by a few f32 ulps, so every element is within
+    ///   |s|·(1 + B)·(8·ulp(max|z|) + 4e-6) (tests/gradient.rs, element_tolerance);
+    /// - CPU: f64 throughout, differing from PyTorch's f64 only in rounding: the error of lse,
+    ///   a few f64 ulps of the largest |z|, carried into q_k and B·q_k − a_k:
+    ///   |s|·16·ε₆₄·(1 + max|z|)·(1 + B) (tests/gradient_cpu.rs, golden_tolerance).
+    fn tolerance(&self, cpu: bool, scale: f64, i: usize, got: f64, want: f64) -> f64 {
+        let rounding = common::ulp_f32(got.abs().max(want.abs()));
+        let (m, b) = (self.max_abs[i], self.mass[i]);
+        let computing = if cpu {
+            16.0 * f64::EPSILON * (1.0 + m) * (1.0 + b)
+        } else {
+            (1.0 + b) * (8.0 * common::ulp_f32(m) + 4e-6)
+        };
+        rounding + scale.abs() * computing
+    }
+}
+
+/// Asserts `got` (xent's float32 gradient) against `want` (PyTorch's, scaled), element by
+/// element; a zero denominator (every row ignored) must give exact zeros.
+fn assert_gradient_matches(
+    label: &str,
+    case: &GoldenCase,
+    cpu: bool,
+    scale: f64,
+    got: &[f32],
+    want: &[f64],
+) {
+    let classes = case.classes();
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    let s = GradScale::of(case);
+    if s.denominator == 0.0 {
+        assert!(
+            got.iter().all(|g| g.to_bits() == 0),
+            "{label}: every row is ignored, so the gradient is +0 everywhere"
+        );
+        return;
+    }
+    for (j, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let i = j / classes;
+        let tol = s.tolerance(cpu, scale, i, g as f64, w);
+        assert!(
+            close(g as f64, w, tol),
+            "{label}: row {i} class {}: {g:e} vs {w:e} (tolerance {tol:e})",
+            j % classes
+        );
+    }
+}
+
+/// Every golden case's gradient of the mean through `score --grad`, on the GPU and with
+/// --cpu, in one batch and in batches of 3 rows (the mean over the whole file, not of each
+/// batch): PyTorch's grad_mean.npy, shape [N, C], float32.
+#[test]
+fn golden_gradients_through_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = golden_cases("cross_entropy");
+    assert!(cases.len() >= 20, "golden cases missing");
+    for case in cases {
+        let want: Vec<f64> = case
+            .f32s("grad_mean.npy")
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let scale = 1.0 / GradScale::of(&case).denominator;
+        for cpu in paths() {
+            for batches in [&[][..], &["--batch-rows", "3"]] {
+                let out = dir.path().join(format!("{}-grad.npy", case.name));
+                let mut extra = vec!["--grad", path(&out)];
+                extra.extend_from_slice(batches);
+                if cpu {
+                    extra.push("--cpu");
+                }
+                let label = format!("{} cpu={cpu} {batches:?}", case.name);
+                let j = score_case(&case, &extra);
+                let mean = case.number("mean");
+                let loss = j["loss"].as_f64().unwrap_or(f64::NAN);
+                assert!(
+                    close(loss, mean, 1e-4 * mean.abs().max(1.0)),
+                    "{label}: loss {loss} vs {mean}"
+                );
+                let (dtype, shape, got) = read_gradient(&out);
+                assert_eq!(dtype, "'<f4'", "{label}");
+                assert_eq!(
+                    shape,
+                    [case.rows() as u64, case.classes() as u64],
+                    "{label}"
+                );
+                assert_gradient_matches(&label, &case, cpu, scale, &got, &want);
+                std::fs::remove_file(&out).unwrap();
+            }
+        }
+    }
+}
+
+/// `--reduction sum --grad-output 2` is 2·denominator·grad_mean, and so is `--reduction none
+/// --grad-output 2` (2 for every row), in batches too.
+#[test]
+fn sum_and_none_gradients_scale_with_grad_output() {
+    let dir = tempfile::tempdir().unwrap();
+    for case in golden_cases("cross_entropy") {
+        let s = GradScale::of(&case);
+        let denominator = s.denominator;
+        let want: Vec<f64> = case
+            .f32s("grad_mean.npy")
+            .iter()
+            .map(|&v| 2.0 * denominator * v as f64)
+            .collect();
+        for cpu in paths() {
+            for (reduction, batches) in [("sum", "1000"), ("sum", "3"), ("none", "2")] {
+                let out = dir.path().join(format!("{}-{reduction}.npy", case.name));
+                let mut extra = vec![
+                    "--reduction",
+                    reduction,
+                    "--grad",
+                    path(&out),
+                    "--grad-output",
+                    "2",
+                    "--batch-rows",
+                    batches,
+                ];
+                if cpu {
+                    extra.push("--cpu");
+                }
+                let label = format!("{} cpu={cpu} {reduction} batches of {batches}", case.name);
+                score_case(&case, &extra);
+                let (_, _, got) = read_gradient(&out);
+                assert_eq!(got.len(), want.len(), "{label}");
+                if denominator == 0.0 {
+                    assert!(got.iter().all(|g| g.to_bits() == 0), "{label}");
+                    continue;
+                }
+                for (j, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    let i = j / case.classes();
+                    // The golden's float32 rounding is scaled by 2·denominator too.
+                    let tol = s.tolerance(cpu, 2.0, i, g as f64, w)
+                        + 2.0 * denominator * common::ulp_f32(w / (2.0 * denominator));
+                    assert!(
+                        close(g as f64, w, tol),
+                        "{label}: element {j}: {g:e} vs {w:e} (tolerance {tol:e})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The f64 CPU reference's gradient of one whole batch, rounded to float32.
+fn library_gradient(
+    case: &GoldenCase,
+    spec: &xent::CrossEntropy,
+    upstream: xent::Upstream<'_>,
+) -> (xent::LossOutput, Vec<f32>) {
+    let inputs = common::GoldenInputs::load(case);
+    let logits = xent::Logits::new(&inputs.logits, case.rows(), case.classes()).unwrap();
+    let (out, grad) =
+        xent::cpu::cross_entropy_grad(spec, logits, inputs.targets(), upstream).unwrap();
+    (out, grad.into_iter().map(|g| g as f32).collect())
+}
+
+/// JSON `z_loss` is λ·Σ_{i not ignored} lse_i² / counted rows under mean (the sum under sum,
+/// null under none), computed here from the CPU library's log-sum-exp; the loss is PyTorch's
+/// mean plus it; and the gradient in batches of 1 and 3 rows (Upstream::MeanOver) is exactly
+/// the library's for the whole file in one call.
+#[test]
+fn z_loss_is_reported_and_batches_do_not_change_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let lambda = 0.01;
+    for name in ["hard_smoothing_weights_ignore", "hard_ignore", "soft_21x9"] {
+        let case = golden_cases("cross_entropy")
+            .into_iter()
+            .find(|c| c.name == name)
+            .unwrap();
+        let inputs = common::GoldenInputs::load(&case);
+        let logits = xent::Logits::new(&inputs.logits, case.rows(), case.classes()).unwrap();
+        let lse = xent::cpu::log_sum_exp(logits);
+        let counted: Vec<f64> = lse
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| inputs.soft || !inputs.spec.is_ignored(inputs.classes_idx[i]))
+            .map(|(_, &l)| l)
+            .collect();
+        assert!(
+            counted.len() < case.rows() || inputs.soft,
+            "{name}: no ignored row"
+        );
+        let z_sum: f64 = counted.iter().map(|l| lambda * l * l).sum();
+        let z_mean = z_sum / counted.len() as f64;
+        assert!(z_mean > 1e-3, "{name}: a z-loss too small to test");
+        let spec = inputs
+            .spec
+            .clone()
+            .with_reduction(xent::Reduction::Mean)
+            .with_z_loss(lambda);
+        let (_, want_grad) = library_gradient(&case, &spec, xent::Upstream::Scalar(1.0));
+        for cpu in paths() {
+            // The GPU's lse is within f32 rounding: 1e-5 relative covers λ·lse² (common::
+            // row_tolerance's relative part, doubled by the square).
+            let rel = if cpu { 1e-12 } else { 2e-5 };
+            for batches in ["1000", "3", "1"] {
+                let out = dir.path().join(format!("{name}-z{batches}.npy"));
+                let mut extra = vec![
+                    "--z-loss",
+                    "0.01",
+                    "--batch-rows",
+                    batches,
+                    "--grad",
+                    path(&out),
+                ];
+                if cpu {
+                    extra.push("--cpu");
+                }
+                let label = format!("{name} cpu={cpu} batches of {batches}");
+                let j = score_case(&case, &extra);
+                let z = j["z_loss"].as_f64().unwrap_or(f64::NAN);
+                assert!(
+                    close(z, z_mean, rel * z_mean),
+                    "{label}: z_loss {z} vs {z_mean}"
+                );
+                let z_sum_got = j["z_loss_sum"].as_f64().unwrap_or(f64::NAN);
+                assert!(close(z_sum_got, z_sum, rel * z_sum), "{label}: {j}");
+                let loss = j["loss"].as_f64().unwrap();
+                let want = case.number("mean") + z_mean;
+                assert!(
+                    close(loss, want, 1e-4 * want),
+                    "{label}: loss {loss} vs PyTorch's mean + z-loss {want}"
+                );
+                let (_, _, got) = read_gradient(&out);
+                if cpu {
+                    assert_eq!(got, want_grad, "{label}: gradient");
+                } else {
+                    let s = GradScale::of(&case);
+                    for (e, (&g, &w)) in got.iter().zip(&want_grad).enumerate() {
+                        // The z-loss term adds s_z·2λ·lse·q_k: its f32 error is that of q_k,
+                        // relative, at a scale of 2λ·|lse|·counted/denominator more.
+                        let i = e / case.classes();
+                        let extra_mass =
+                            2.0 * lambda * lse[i].abs() * s.denominator / counted.len() as f64;
+                        let tol = s.tolerance(
+                            false,
+                            (1.0 + extra_mass) / s.denominator,
+                            i,
+                            g as f64,
+                            w as f64,
+                        );
+                        assert!(
+                            close(g as f64, w as f64, tol),
+                            "{label}: element {e}: {g:e} vs {w:e} (tolerance {tol:e})"
+                        );
+                    }
+                }
+            }
+            // Sum: the z-loss summed; none: null, with z_loss_sum still reported.
+            let cpu_flag: &[&str] = if cpu { &["--cpu"] } else { &[] };
+            let j = score_case(
+                &case,
+                &[&["--z-loss", "0.01", "--reduction", "sum"][..], cpu_flag].concat(),
+            );
+            let z = j["z_loss"].as_f64().unwrap_or(f64::NAN);
+            assert!(close(z, z_sum, rel * z_sum), "{name} sum: {j}");
+            let j = score_case(
+                &case,
+                &[&["--z-loss", "0.01", "--reduction", "none"][..], cpu_flag].concat(),
+            );
+            assert!(j["z_loss"].is_null(), "{name} none: {j}");
+            assert!(j["z_loss_sum"].is_number(), "{name} none: {j}");
+        }
+        // Without --z-loss both keys are null; text output names the z-loss part.
+        let j = score_case(&case, &["--cpu"]);
+        assert!(j["z_loss"].is_null() && j["z_loss_sum"].is_null(), "{j}");
+        let args = score_args(&case, &["--cpu", "--z-loss", "0.01"]);
+        let args: Vec<&str> = args
+            .iter()
+            .map(String::as_str)
+            .filter(|&a| a != "--json")
+            .collect();
+        let text = stdout(&xent(&args));
+        assert!(
+            text.contains(&format!("  of which z-loss: {z_mean:.9}")),
+            "{text}"
+        );
+    }
+}
+
+/// --softcap changes the loss and the gradient as the library says: the loss of
+/// CAP·tanh(z/CAP), not of z.
+#[test]
+fn softcap_changes_the_loss_as_the_library_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = golden_cases("cross_entropy")
+        .into_iter()
+        .find(|c| c.name == "hard_31x1000")
+        .unwrap();
+    let inputs = common::GoldenInputs::load(&case);
+    let spec = inputs
+        .spec
+        .clone()
+        .with_reduction(xent::Reduction::Mean)
+        .with_softcap(2.0);
+    let (want, want_grad) = library_gradient(&case, &spec, xent::Upstream::Scalar(1.0));
+    let capped = want.loss.unwrap();
+    let plain = case.number("mean");
+    assert!(
+        (capped - plain).abs() > 0.1 * plain.abs(),
+        "a cap of 2 must change the loss: {capped} vs {plain}"
+    );
+    for cpu in paths() {
+        let out = dir.path().join("capped.npy");
+        let mut extra = vec!["--softcap", "2", "--grad", path(&out), "--batch-rows", "7"];
+        if cpu {
+            extra.push("--cpu");
+        }
+        let j = score_case(&case, &extra);
+        let loss = j["loss"].as_f64().unwrap();
+        let rel = if cpu { 1e-12 } else { 1e-5 };
+        assert!(
+            close(loss, capped, rel * capped.abs()),
+            "cpu={cpu}: {loss} vs the library's {capped}"
+        );
+        let (_, _, got) = read_gradient(&out);
+        if cpu {
+            assert_eq!(got, want_grad);
+        } else {
+            // Capped logits lie in (−2, 2): ulp(2) in the GPU's tolerance, times the slope ≤ 1.
+            let s = GradScale::of(&case);
+            for (e, (&g, &w)) in got.iter().zip(&want_grad).enumerate() {
+                let i = e / case.classes();
+                let tol = common::ulp_f32(w as f64)
+                    + (1.0 + s.mass[i]) * (8.0 * common::ulp_f32(2.0) + 4e-6) / s.denominator;
+                assert!(
+                    close(g as f64, w as f64, tol),
+                    "element {e}: {g:e} vs {w:e}"
+                );
+            }
+        }
+    }
+}
+
+/// Bad training options exit 2 naming the argument; --grad never writes over an input or the
+/// --per-row file, and a gradient file is removed when the run fails.
+#[test]
+fn training_options_are_checked() {
+    let b = BadInputs::new();
+    let base = ["--logits", "z.npy", "--targets", "y.npy"];
+    let with = |extra: &[&'static str]| [&base[..], extra].concat();
+    b.expect_error(
+        &with(&["--z-loss", "-1"]),
+        &["--z-loss", "z-loss coefficient -1 must be finite and >= 0"],
+    );
+    b.expect_error(&with(&["--z-loss", "nan"]), &["--z-loss", "NaN"]);
+    for cap in ["0", "-3", "inf"] {
+        b.expect_error(
+            &with(&["--softcap", cap]),
+            &["--softcap", "soft-cap", "must be finite and > 0"],
+        );
+    }
+    let before = std::fs::read(b.p("z.npy")).unwrap();
+    b.expect_error(
+        &with(&["--grad", "z.npy"]),
+        &["--grad", "z.npy", "is the --logits file"],
+    );
+    b.expect_error(
+        &with(&["--grad", "y.npy"]),
+        &["--grad", "y.npy", "is the --targets file"],
+    );
+    assert_eq!(std::fs::read(b.p("z.npy")).unwrap(), before);
+    b.expect_error(
+        &with(&["--grad", "/nonexistent/dir/g.npy"]),
+        &["--grad /nonexistent/dir/g.npy", "cannot write"],
+    );
+    b.expect_error(
+        &with(&["--grad", "g.npy", "--per-row", "g.npy"]),
+        &["--grad", "g.npy", "is the --per-row file"],
+    );
+    assert!(!b.p("g.npy").exists(), "a refused run left g.npy");
+    // An alias of a --per-row file that does not exist yet is found once it does.
+    std::os::unix::fs::symlink(b.p("rows.npy"), b.p("alias.npy")).unwrap();
+    b.expect_error(
+        &with(&["--per-row", "rows.npy", "--grad", "alias.npy"]),
+        &["--grad", "alias.npy", "is the --per-row file"],
+    );
+    assert!(!b.p("rows.npy").exists(), "a refused run left rows.npy");
+    b.expect_error(
+        &with(&["--grad", "g.npy", "--grad-output", "inf"]),
+        &["--grad-output inf: must be finite"],
+    );
+    // --grad-output without --grad is refused by clap (status 2).
+    let o = xent(&[
+        "score",
+        "--logits",
+        &b.s("z.npy"),
+        "--targets",
+        &b.s("y.npy"),
+        "--cpu",
+        "--grad-output",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--grad"), "{}", stderr(&o));
+    // A class index out of range in a later batch: under sum the gradient file was being
+    // written and is removed; under mean the targets are read first and nothing is created.
+    let (rows, classes) = (10_000usize, 30usize);
+    let mut y = vec![1i64; rows];
+    y[9_001] = 30;
+    write_npy(
+        &b.p("bigz.npy"),
+        &[rows as u64, classes as u64],
+        &vec![0.25f32; rows * classes],
+    );
+    write_npy(&b.p("bigy.npy"), &[rows as u64], &y);
+    for reduction in ["sum", "mean"] {
+        b.expect_error(
+            &[
+                "--logits",
+                "bigz.npy",
+                "--targets",
+                "bigy.npy",
+                "--batch-rows",
+                "1000",
+                "--reduction",
+                reduction,
+                "--grad",
+                "gbig.npy",
+            ],
+            &["targets", "bigy.npy", "row 9001", "class index 30"],
+        );
+        assert!(!b.p("gbig.npy").exists(), "{reduction}: gbig.npy was left");
+    }
+}
+
+/// Float64 logits give a float32 gradient, equal to that of the same values as float32; the
+/// text output says where it went.
+#[test]
+fn gradient_is_float32_for_float64_logits() {
+    let case = golden_cases("cross_entropy")
+        .into_iter()
+        .find(|c| c.name == "hard_31x1000")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let z64: Vec<f64> = case.f32s("logits.npy").iter().map(|&v| v as f64).collect();
+    let (zp, g32, g64) = (
+        dir.path().join("z.npy"),
+        dir.path().join("g32.npy"),
+        dir.path().join("g64.npy"),
+    );
+    write_npy(&zp, &[31, 1000], &z64);
+    let targets = case.dir.join("targets.npy");
+    let run = |logits: &Path, out: &Path| {
+        xent(&[
+            "score",
+            "--logits",
+            path(logits),
+            "--targets",
+            path(&targets),
+            "--cpu",
+            "--grad",
+            path(out),
+        ])
+    };
+    let o = run(&case.dir.join("logits.npy"), &g32);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&zp, &g64);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains(&format!(
+            "gradient: float32 [31, 1000] written to {}",
+            path(&g64)
+        )),
+        "{text}"
+    );
+    let (dtype, shape, from64) = read_gradient(&g64);
+    assert_eq!(
+        (dtype.as_str(), shape.as_slice()),
+        ("'<f4'", &[31u64, 1000][..])
+    );
+    assert_eq!(from64, read_gradient(&g32).2);
 }

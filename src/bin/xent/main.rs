@@ -71,6 +71,35 @@ pub struct ScoreArgs {
     /// row as batches finish; never one of the input files.
     #[arg(long, value_name = "OUT.npy")]
     per_row: Option<PathBuf>,
+    /// Write the gradient of the loss with respect to the logits here: .npy, float32 [N, C]
+    /// (float32 also for float64 logits; with --cpu, the f64 reference rounded to float32), row
+    /// by row as batches finish; never one of the input files. Under mean it is the gradient of
+    /// the mean over the whole file, whatever --batch-rows.
+    #[arg(long, value_name = "OUT.npy")]
+    grad: Option<PathBuf>,
+    /// The upstream gradient ∂objective/∂loss that --grad is scaled by (autograd's
+    /// grad_output; with reduction none, G for every row), finite [default: 1].
+    #[arg(
+        long,
+        value_name = "G",
+        allow_negative_numbers = true,
+        requires = "grad"
+    )]
+    grad_output: Option<f64>,
+    /// Add the z-loss λ·lse² of every row not ignored (PaLM; 1e-4 is typical), λ finite and
+    /// ≥ 0 (0: off). Summed under sum; under mean averaged over the rows not ignored
+    /// (unweighted), while the cross-entropy keeps its own denominator.
+    #[arg(
+        long,
+        value_name = "λ",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    z_loss: f64,
+    /// Soft-cap every logit first, CAP·tanh(z / CAP) (Gemma 2 uses 30), CAP finite and > 0;
+    /// the loss, the z-loss and the gradient are those of the capped logits.
+    #[arg(long, value_name = "CAP", allow_negative_numbers = true)]
+    softcap: Option<f64>,
     /// Use the f64 CPU reference instead of the GPU.
     #[arg(long)]
     cpu: bool,
@@ -80,8 +109,9 @@ pub struct ScoreArgs {
     #[arg(long, value_name = "ROWS", allow_negative_numbers = true)]
     batch_rows: Option<i64>,
     /// Print one JSON object on stdout; its key "loss" holds the reduced value (null for
-    /// reduction none). Numbers that are not finite are the strings "inf", "-inf" and "nan";
-    /// null means absent.
+    /// reduction none), "z_loss" the z-loss part of it (reduced like the loss: null for
+    /// reduction none or without --z-loss) and "z_loss_sum" Σ λ·lse² (null without --z-loss).
+    /// Numbers that are not finite are the strings "inf", "-inf" and "nan"; null means absent.
     #[arg(long)]
     json: bool,
 }

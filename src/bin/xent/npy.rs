@@ -506,11 +506,13 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// The per-row losses of a `--per-row` file, written as batches finish: a 1-D .npy whose
-/// header (the final length is known up front) comes first, then each batch's values, so
-/// nothing per row is kept in memory and a pipe works as well as a file. A file this writer
-/// created is removed again when the run fails before [`PerRowWriter::finish`].
-pub struct PerRowWriter {
+/// An output .npy written as batches finish (`--per-row`'s losses, `--grad`'s gradient): the
+/// header (the final shape is known up front) comes first, then each batch's values in row
+/// order, so nothing per row is kept in memory and a pipe works as well as a file. A file this
+/// writer created is removed again when the run fails before [`NpyWriter::finish`].
+pub struct NpyWriter {
+    /// The option that named the file ("--per-row", "--grad"), for messages.
+    flag: &'static str,
     path: PathBuf,
     writer: BufWriter<File>,
     as_f64: bool,
@@ -521,21 +523,36 @@ pub struct PerRowWriter {
     finished: bool,
 }
 
-impl PerRowWriter {
-    /// Creates `path` and writes the header of `rows` float32 values (float64 with `as_f64`).
-    pub fn create(path: &Path, rows: usize, as_f64: bool) -> Result<Self, CliError> {
+impl NpyWriter {
+    /// Creates `path` and writes the header of a float32 array (float64 with `as_f64`) of
+    /// `shape`, in C order.
+    pub fn create(
+        flag: &'static str,
+        path: &Path,
+        shape: &[usize],
+        as_f64: bool,
+    ) -> Result<Self, CliError> {
         let created = std::fs::symlink_metadata(path).is_err();
-        let file = File::create(path).map_err(|e| write_error(path, e))?;
+        let file = File::create(path).map_err(|e| write_error(flag, path, e))?;
         let mut writer = Self {
+            flag,
             path: path.to_path_buf(),
             writer: BufWriter::new(file),
             as_f64,
-            remaining: rows,
+            remaining: shape.iter().product(),
             created,
             finished: false,
         };
+        let dims: String = match shape {
+            [n] => format!("{n},"),
+            _ => shape
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
         let dict = format!(
-            "{{'descr': '<{}', 'fortran_order': False, 'shape': ({rows},), }}",
+            "{{'descr': '<{}', 'fortran_order': False, 'shape': ({dims}), }}",
             if as_f64 { "f8" } else { "f4" }
         );
         // Magic (6), version (2), length (2), dict, padding, newline: a multiple of 64 bytes.
@@ -549,7 +566,7 @@ impl PerRowWriter {
         Ok(writer)
     }
 
-    /// Appends the next rows' values.
+    /// Appends the next values (rounded to float32 unless the file is float64).
     pub fn write(&mut self, values: &[f64]) -> Result<(), CliError> {
         self.remaining = self.remaining.saturating_sub(values.len());
         let bytes: Vec<u8> = if self.as_f64 {
@@ -563,12 +580,25 @@ impl PerRowWriter {
         self.put(&bytes)
     }
 
-    /// Flushes the file once every row is written.
+    /// Appends the next float32 values (of a float32 file).
+    pub fn write_f32(&mut self, values: &[f32]) -> Result<(), CliError> {
+        debug_assert!(!self.as_f64, "float32 values into a float64 file");
+        self.remaining = self.remaining.saturating_sub(values.len());
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.put(&bytes)
+    }
+
+    /// The file being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Flushes the file once every value is written.
     pub fn finish(mut self) -> Result<(), CliError> {
-        debug_assert_eq!(self.remaining, 0, "the header promised more rows");
+        debug_assert_eq!(self.remaining, 0, "the header promised more values");
         self.writer
             .flush()
-            .map_err(|e| write_error(&self.path, e))?;
+            .map_err(|e| write_error(self.flag, &self.path, e))?;
         self.finished = true;
         Ok(())
     }
@@ -576,11 +606,11 @@ impl PerRowWriter {
     fn put(&mut self, bytes: &[u8]) -> Result<(), CliError> {
         self.writer
             .write_all(bytes)
-            .map_err(|e| write_error(&self.path, e))
+            .map_err(|e| write_error(self.flag, &self.path, e))
     }
 }
 
-impl Drop for PerRowWriter {
+impl Drop for NpyWriter {
     fn drop(&mut self) {
         if !self.finished && self.created {
             let _ = std::fs::remove_file(&self.path);
@@ -588,8 +618,8 @@ impl Drop for PerRowWriter {
     }
 }
 
-fn write_error(path: &Path, e: std::io::Error) -> CliError {
-    CliError::input(format!("--per-row {}: cannot write: {e}", path.display()))
+fn write_error(flag: &str, path: &Path, e: std::io::Error) -> CliError {
+    CliError::input(format!("{flag} {}: cannot write: {e}", path.display()))
 }
 
 /// Whether `a` and `b` are the same existing regular file (through links too).

@@ -1,17 +1,21 @@
 //! `xent score`: a .npy batch of any size, streamed through the GPU (or the CPU reference) in
 //! batches of rows that fit one binding, combined into one result. Memory is O(batch): only
-//! running sums are kept across batches, and per-row losses stream to `--per-row`.
+//! running sums are kept across batches, and per-row losses and the gradient stream to
+//! `--per-row` and `--grad`. (The gradient of a mean needs the whole file's denominator before
+//! its first batch: for class indices the targets, N integers, are read and held up front.)
 
+use std::borrow::Cow;
 use std::io::IsTerminal;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use xent::{
     CpuReference, CrossEntropy, GpuContext, Logits, LossOutput, Reduction, Scorer, Targets,
-    XentError,
+    Upstream, XentError,
 };
 
-use crate::npy::{Elem, NpyInput, PerRowWriter, same_file};
+use crate::npy::{Elem, NpyInput, NpyWriter, same_file};
 use crate::out::{Out, json_f64, json_opt, outln};
 use crate::{CliError, ScoreArgs};
 
@@ -28,22 +32,47 @@ struct Inputs {
     soft: bool,
 }
 
-fn open_inputs(args: &ScoreArgs) -> Result<(Inputs, Option<Vec<f32>>), CliError> {
-    if let Some(out) = &args.per_row {
+/// Refuses outputs that are inputs (under any name), and one file for both outputs.
+fn check_outputs(args: &ScoreArgs) -> Result<(), CliError> {
+    let outputs = [("--per-row", &args.per_row), ("--grad", &args.grad)];
+    for (out_flag, out) in outputs {
+        let Some(out) = out else { continue };
         let inputs = [
             ("--logits", Some(&args.logits)),
             ("--targets", Some(&args.targets)),
+            ("--weights", args.weights.as_ref()),
         ];
-        let weights = ("--weights", args.weights.as_ref());
-        for (flag, input) in inputs.into_iter().chain([weights]) {
+        for (flag, input) in inputs {
             if input.is_some_and(|input| same_file(out, input)) {
                 return Err(CliError::input(format!(
-                    "--per-row {}: is the {flag} file; xent does not write over its inputs",
+                    "{out_flag} {}: is the {flag} file; xent does not write over its inputs",
                     out.display()
                 )));
             }
         }
     }
+    if let (Some(per_row), Some(grad)) = (&args.per_row, &args.grad) {
+        if same_output(grad, per_row) {
+            return Err(same_output_error(grad));
+        }
+    }
+    Ok(())
+}
+
+/// Whether two outputs are one file: the same name, or the same existing file.
+fn same_output(a: &Path, b: &Path) -> bool {
+    a == b || same_file(a, b)
+}
+
+fn same_output_error(grad: &Path) -> CliError {
+    CliError::input(format!(
+        "--grad {}: is the --per-row file; the two outputs need two files",
+        grad.display()
+    ))
+}
+
+fn open_inputs(args: &ScoreArgs) -> Result<(Inputs, Option<Vec<f32>>), CliError> {
+    check_outputs(args)?;
     let logits = NpyInput::open("logits", &args.logits)?;
     if !logits.elem.is_float() {
         return Err(logits.error(format!(
@@ -153,6 +182,8 @@ fn blame(e: XentError, inputs: &Inputs, row_offset: usize) -> CliError {
             ))
         }
         XentError::LabelSmoothing(_) => CliError::input(format!("--label-smoothing: {e}")),
+        XentError::ZLoss(_) => CliError::input(format!("--z-loss: {e}")),
+        XentError::Softcap(_) => CliError::input(format!("--softcap: {e}")),
         XentError::IgnoreIndexWithProbabilities => CliError::input(format!(
             "--ignore-index: {e}; {} holds probabilities",
             inputs.targets.label()
@@ -211,6 +242,8 @@ struct Totals {
     sum: f64,
     mean_denominator: f64,
     ignored_rows: usize,
+    /// `Σ_{i not ignored} λ·lse_i²`, with a z-loss (included in `sum`).
+    z_loss_sum: Option<f64>,
     /// `Σ H(p̃_i)`, for probability targets without class weights.
     entropy_sum: Option<f64>,
     /// Why CE = H + KL is not shown although the entropy is known: the first target row that
@@ -219,7 +252,7 @@ struct Totals {
 }
 
 impl Totals {
-    fn new(reduction: Reduction, classes: usize, with_entropy: bool) -> Self {
+    fn new(reduction: Reduction, classes: usize, with_entropy: bool, with_z_loss: bool) -> Self {
         Self {
             reduction,
             rows: 0,
@@ -227,6 +260,7 @@ impl Totals {
             sum: 0.0,
             mean_denominator: 0.0,
             ignored_rows: 0,
+            z_loss_sum: with_z_loss.then_some(0.0),
             entropy_sum: with_entropy.then_some(0.0),
             not_distribution: None,
         }
@@ -238,19 +272,52 @@ impl Totals {
         self.sum += out.sum;
         self.mean_denominator += out.mean_denominator;
         self.ignored_rows += out.ignored_rows;
+        if let (Some(z), Some(more)) = (self.z_loss_sum.as_mut(), out.z_loss_sum) {
+            *z += more;
+        }
         if let (Some(h), Some(more)) = (self.entropy_sum.as_mut(), out.entropy_sum) {
             *h += more;
         }
     }
 
-    /// The reduced loss; `None` for reduction none.
-    fn loss(&self) -> Option<f64> {
-        self.reduction.apply(self.sum, self.mean_denominator)
+    /// The rows not ignored: the z-loss mean's denominator.
+    fn counted_rows(&self) -> usize {
+        self.rows - self.ignored_rows
     }
 
-    /// PyTorch's mean, whatever the reduction.
+    /// The reduced loss, by the library's one formula ([`Reduction::apply_with_z_loss`]);
+    /// `None` for reduction none.
+    fn loss(&self) -> Option<f64> {
+        self.reduction.apply_with_z_loss(
+            self.sum,
+            self.mean_denominator,
+            self.z_loss_sum,
+            self.counted_rows(),
+        )
+    }
+
+    /// PyTorch's mean (the z-loss part averaged over the counted rows), whatever the reduction.
     fn mean(&self) -> f64 {
-        self.sum / self.mean_denominator
+        Reduction::Mean
+            .apply_with_z_loss(
+                self.sum,
+                self.mean_denominator,
+                self.z_loss_sum,
+                self.counted_rows(),
+            )
+            .unwrap_or(f64::NAN)
+    }
+
+    /// The z-loss reduced like the loss (`LossOutput::reduced_z_loss`): the sum for sum, over
+    /// the counted rows for mean; `None` for reduction none or without z-loss.
+    fn z_loss(&self) -> Option<f64> {
+        self.reduction
+            .apply(self.z_loss_sum?, self.counted_rows() as f64)
+    }
+
+    /// The z-loss over the counted rows, whatever the reduction.
+    fn z_loss_mean(&self) -> Option<f64> {
+        Some(self.z_loss_sum? / self.counted_rows() as f64)
     }
 
     /// The entropy reduced like the loss, when every target row is a distribution.
@@ -262,9 +329,9 @@ impl Totals {
             .apply(self.entropy_sum?, self.mean_denominator)
     }
 
-    /// `loss − entropy`, when the entropy is shown.
+    /// `loss − entropy` (less the z-loss, if any), when the entropy is shown.
     fn kl_divergence(&self) -> Option<f64> {
-        Some(self.loss()? - self.entropy()?)
+        Some(self.loss()? - self.entropy()? - self.z_loss().unwrap_or(0.0))
     }
 }
 
@@ -292,12 +359,102 @@ fn not_a_distribution(p: &[f32], classes: usize, first_row: usize) -> Option<Str
     None
 }
 
+/// What computes: the GPU or the f64 CPU reference.
+enum Engine {
+    Gpu(Box<GpuContext>),
+    Cpu,
+}
+
+impl Engine {
+    fn scorer(&self) -> &dyn Scorer {
+        match self {
+            Engine::Gpu(gpu) => gpu.as_ref(),
+            Engine::Cpu => &CpuReference,
+        }
+    }
+
+    /// One batch's loss, and with an upstream gradient its gradient (float32; the CPU's f64
+    /// rounded).
+    fn score(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        targets: Targets<'_>,
+        upstream: Option<Upstream<'_>>,
+    ) -> Result<(LossOutput, Option<Vec<f32>>), XentError> {
+        let Some(upstream) = upstream else {
+            return Ok((self.scorer().cross_entropy(spec, logits, targets)?, None));
+        };
+        let (out, grad) = match self {
+            Engine::Gpu(gpu) => gpu.cross_entropy_grad(spec, logits, targets, upstream)?,
+            Engine::Cpu => {
+                let (out, grad) = xent::cpu::cross_entropy_grad(spec, logits, targets, upstream)?;
+                (out, grad.into_iter().map(|g| g as f32).collect())
+            }
+        };
+        Ok((out, Some(grad)))
+    }
+}
+
+/// The whole file's mean denominator (`Σ_{i not ignored} w_{y_i}`, or N for probabilities)
+/// and counted rows (N − ignored), summed in f64 in row order as the library sums them: the
+/// gradient of the mean over the whole file needs them before its first batch
+/// (`Upstream::MeanOver`). For class indices the targets are read here, checked, and returned
+/// to be scored from memory (N integers; a pipe cannot be read twice).
+fn whole_file_mean(
+    spec: &CrossEntropy,
+    inputs: &mut Inputs,
+) -> Result<(f64, f64, Option<Vec<i64>>), CliError> {
+    if inputs.soft {
+        let n = inputs.rows as f64;
+        return Ok((n, n, None));
+    }
+    const CHUNK: usize = 1 << 20;
+    let (rows, classes) = (inputs.rows, inputs.classes);
+    let mut labels = Vec::with_capacity(rows);
+    let (mut denominator, mut counted) = (0.0, 0usize);
+    while labels.len() < rows {
+        let first = labels.len();
+        let chunk = inputs.targets.read_i64(CHUNK.min(rows - first))?;
+        for (i, &y) in chunk.iter().enumerate() {
+            if spec.is_ignored(y) {
+                continue;
+            }
+            if !(0..classes as i64).contains(&y) {
+                let e = XentError::ClassIndexOutOfRange {
+                    row: first + i,
+                    value: y,
+                    classes,
+                    ignore_index: spec.ignore_index(),
+                };
+                return Err(blame(e, inputs, 0));
+            }
+            denominator += spec.weights().map_or(1.0, |w| w[y as usize] as f64);
+            counted += 1;
+        }
+        labels.extend(chunk);
+    }
+    Ok((denominator, counted as f64, Some(labels)))
+}
+
 pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
     let requested = requested_batch_rows(args)?;
+    let grad_output = match args.grad_output {
+        Some(g) if !g.is_finite() => {
+            return Err(CliError::input(format!(
+                "--grad-output {g}: must be finite"
+            )));
+        }
+        g => g.unwrap_or(1.0),
+    };
     let (mut inputs, weights) = open_inputs(args)?;
     let mut spec = CrossEntropy::new()
         .with_reduction(args.reduction)
-        .with_label_smoothing(args.label_smoothing);
+        .with_label_smoothing(args.label_smoothing)
+        .with_z_loss(args.z_loss);
+    if let Some(cap) = args.softcap {
+        spec = spec.with_softcap(cap);
+    }
     if let Some(i) = args.ignore_index {
         spec = spec.with_ignore_index(i);
     }
@@ -315,35 +472,65 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
     spec.validate(&none, &empty_targets)
         .map_err(|e| blame(e, &inputs, 0))?;
 
-    let gpu;
-    let (scorer, binding): (&dyn Scorer, Option<u64>) = if args.cpu {
-        (&CpuReference, None)
+    let engine = if args.cpu {
+        Engine::Cpu
     } else {
-        gpu = GpuContext::new()?;
-        let binding = gpu.facts().max_binding_bytes;
-        (&gpu, Some(binding))
+        Engine::Gpu(Box::new(GpuContext::new()?))
+    };
+    let binding = match &engine {
+        Engine::Gpu(gpu) => Some(gpu.facts().max_binding_bytes),
+        Engine::Cpu => None,
     };
     let batch_rows = batch_rows(classes, requested, binding).map_err(|e| blame(e, &inputs, 0))?;
 
+    // The gradient of a mean over the whole file: its denominators, before the first batch.
+    let (mean_over, held_labels) = if args.grad.is_some() && args.reduction == Reduction::Mean {
+        let (denominator, counted_rows, labels) = whole_file_mean(&spec, &mut inputs)?;
+        (Some((denominator, counted_rows)), labels)
+    } else {
+        (None, None)
+    };
+    let per_row_upstream = match (&args.grad, args.reduction) {
+        (Some(_), Reduction::None) => vec![grad_output; batch_rows.min(rows)],
+        _ => Vec::new(),
+    };
+
     let mut per_row = match &args.per_row {
-        Some(path) => Some(PerRowWriter::create(
+        Some(path) => Some(NpyWriter::create(
+            "--per-row",
             path,
-            rows,
+            &[rows],
             inputs.logits.elem == Elem::F64,
         )?),
         None => None,
     };
+    let mut grad = match &args.grad {
+        Some(path) => {
+            // The per-row file now exists: an alias of it is found by what it is.
+            if per_row
+                .as_ref()
+                .is_some_and(|w| same_output(path, w.path()))
+            {
+                return Err(same_output_error(path));
+            }
+            Some(NpyWriter::create("--grad", path, &[rows, classes], false)?)
+        }
+        None => None,
+    };
     let start = Instant::now();
-    let mut total = Totals::new(args.reduction, classes, soft && spec.weights().is_none());
+    let with_entropy = soft && spec.weights().is_none();
+    let mut total = Totals::new(args.reduction, classes, with_entropy, spec.z_loss() > 0.0);
     let mut progress: Option<ProgressBar> = None;
     let mut done = 0;
     while done < rows {
         let n = batch_rows.min(rows - done);
         let z = inputs.logits.read_f32(n * classes)?;
-        let (labels, probabilities) = if soft {
-            (Vec::new(), inputs.targets.read_f32(n * classes)?)
+        let (labels, probabilities): (Cow<[i64]>, Vec<f32>) = if soft {
+            (Cow::Borrowed(&[]), inputs.targets.read_f32(n * classes)?)
+        } else if let Some(all) = &held_labels {
+            (Cow::Borrowed(&all[done..done + n]), Vec::new())
         } else {
-            (inputs.targets.read_i64(n)?, Vec::new())
+            (Cow::Owned(inputs.targets.read_i64(n)?), Vec::new())
         };
         let targets = if soft {
             if total.entropy_sum.is_some() && total.not_distribution.is_none() {
@@ -353,12 +540,27 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
         } else {
             Targets::ClassIndices(&labels)
         };
+        let upstream = args
+            .grad
+            .as_ref()
+            .map(|_| match (args.reduction, mean_over) {
+                (Reduction::Mean, Some((denominator, counted_rows))) => Upstream::MeanOver {
+                    grad: grad_output,
+                    denominator,
+                    counted_rows,
+                },
+                (Reduction::None, _) => Upstream::PerRow(&per_row_upstream[..n]),
+                _ => Upstream::Scalar(grad_output),
+            });
         let logits = Logits::new(&z, n, classes).map_err(|e| blame(e, &inputs, done))?;
-        let out = scorer
-            .cross_entropy(&spec, logits, targets)
+        let (out, gradient) = engine
+            .score(&spec, logits, targets, upstream)
             .map_err(|e| blame(e, &inputs, done))?;
         if let Some(writer) = per_row.as_mut() {
             writer.write(&out.per_row)?;
+        }
+        if let (Some(writer), Some(gradient)) = (grad.as_mut(), gradient) {
+            writer.write_f32(&gradient)?;
         }
         total.add(&out);
         done += n;
@@ -372,8 +574,11 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
     if let Some(writer) = per_row {
         writer.finish()?;
     }
+    if let Some(writer) = grad {
+        writer.finish()?;
+    }
     let seconds = start.elapsed().as_secs_f64();
-    report(args, &total, &scorer.describe(), seconds)
+    report(args, &total, &engine.scorer().describe(), seconds)
 }
 
 /// A progress bar on stderr, only for a terminal and only once the job has run a second.
@@ -417,6 +622,8 @@ fn report(args: &ScoreArgs, total: &Totals, device: &str, seconds: f64) -> Resul
             "rows": total.rows,
             "classes": total.classes,
             "ignored_rows": total.ignored_rows,
+            "z_loss": json_opt(total.z_loss()),
+            "z_loss_sum": json_opt(total.z_loss_sum),
             "entropy": json_opt(total.entropy()),
             "kl_divergence": json_opt(total.kl_divergence()),
             "decomposition_note": total.not_distribution,
@@ -441,8 +648,20 @@ fn report(args: &ScoreArgs, total: &Totals, device: &str, seconds: f64) -> Resul
             total.mean()
         )?,
     }
+    match (total.z_loss(), total.z_loss_sum) {
+        (Some(z), _) => outln!(out, "  of which z-loss: {z:.9}")?,
+        (None, Some(sum)) => outln!(
+            out,
+            "  of which z-loss: sum {sum:.9}, mean {:.9}",
+            total.z_loss_mean().unwrap_or(f64::NAN)
+        )?,
+        (None, None) => {}
+    }
     if let (Some(h), Some(kl)) = (total.entropy(), total.kl_divergence()) {
-        outln!(out, "  = H(p) {h:.9} + KL(p‖q) {kl:.9}")?;
+        match total.z_loss() {
+            Some(z) => outln!(out, "  = H(p) {h:.9} + KL(p‖q) {kl:.9} + z-loss {z:.9}")?,
+            None => outln!(out, "  = H(p) {h:.9} + KL(p‖q) {kl:.9}")?,
+        }
     }
     if let Some(why) = &total.not_distribution {
         outln!(
@@ -457,6 +676,15 @@ fn report(args: &ScoreArgs, total: &Totals, device: &str, seconds: f64) -> Resul
         total.classes,
         total.ignored_rows
     )?;
+    if let Some(path) = &args.grad {
+        outln!(
+            out,
+            "gradient: float32 [{}, {}] written to {}",
+            total.rows,
+            total.classes,
+            path.display()
+        )?;
+    }
     outln!(out, "device: {device}")?;
     outln!(out, "time: {:.3} s", seconds)?;
     out.finish()
@@ -491,7 +719,7 @@ mod tests {
                     .unwrap()
             };
             let whole = score(0, rows);
-            let mut total = Totals::new(reduction, classes, true);
+            let mut total = Totals::new(reduction, classes, true, false);
             for (from, to) in [(0, 3), (3, 6), (6, 7)] {
                 total.add(&score(from, to));
             }
@@ -504,6 +732,55 @@ mod tests {
                 total.entropy().unwrap_or(0.0),
                 whole.reduced_entropy().unwrap_or(0.0)
             ));
+        }
+    }
+
+    /// With a z-loss and ignored rows, the running sums give the library's reduced loss, mean
+    /// and z-loss for the whole batch (Reduction::apply_with_z_loss), not a mean of batch means.
+    #[test]
+    fn totals_with_z_loss_match_the_whole() {
+        let (rows, classes) = (9, 4);
+        let z: Vec<f32> = (0..rows * classes)
+            .map(|i| ((i * 7) % 11) as f32 - 4.0)
+            .collect();
+        let y: Vec<i64> = (0..rows as i64)
+            .map(|i| if i % 4 == 1 { -100 } else { i % 4 })
+            .collect();
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            let spec = CrossEntropy::new()
+                .with_reduction(reduction)
+                .with_weights(vec![0.5, 2.0, 1.0, 3.0])
+                .with_ignore_index(-100)
+                .with_z_loss(0.1);
+            let score = |from: usize, to: usize| {
+                let logits = Logits::new(&z[from * classes..to * classes], to - from, classes);
+                CpuReference
+                    .cross_entropy(&spec, logits.unwrap(), Targets::ClassIndices(&y[from..to]))
+                    .unwrap()
+            };
+            let whole = score(0, rows);
+            let mut total = Totals::new(reduction, classes, false, true);
+            for (from, to) in [(0, 2), (2, 7), (7, 9)] {
+                total.add(&score(from, to));
+            }
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+            assert_eq!(total.counted_rows(), whole.counted_rows());
+            assert_eq!(total.loss().is_none(), whole.loss.is_none());
+            assert!(close(
+                total.loss().unwrap_or(0.0),
+                whole.loss.unwrap_or(0.0)
+            ));
+            assert!(close(total.mean(), whole.mean()), "{reduction:?}");
+            assert_eq!(total.z_loss().is_none(), whole.reduced_z_loss().is_none());
+            assert!(close(
+                total.z_loss().unwrap_or(0.0),
+                whole.reduced_z_loss().unwrap_or(0.0)
+            ));
+            // The batches' own means differ from the whole's: the check above can fail.
+            let mean_of_means = [score(0, 2), score(2, 7)].map(|o| o.mean());
+            assert!(
+                !close(mean_of_means[0], whole.mean()) || !close(mean_of_means[1], whole.mean())
+            );
         }
     }
 
@@ -524,7 +801,7 @@ mod tests {
         );
         // Float32 rounding is within the tolerance.
         assert_eq!(not_a_distribution(&[1.0 / 3.0; 3], 3, 0), None);
-        let mut totals = Totals::new(Reduction::Mean, 2, true);
+        let mut totals = Totals::new(Reduction::Mean, 2, true, false);
         totals.not_distribution = Some("row 0 sums to 5, not 1".into());
         assert_eq!((totals.entropy(), totals.kl_divergence()), (None, None));
     }
