@@ -416,3 +416,22 @@ fn mean_over_parts_equals_the_mean_of_the_whole() {
     let sum = spec.clone().with_reduction(Reduction::Sum);
     assert!(cpu::cross_entropy_grad(&sum, p.logits(), p.targets(false), over).is_err());
 }
+
+/// An empty batch: PyTorch's values, an empty gradient, and an (empty) z-loss on both paths.
+#[test]
+fn empty_batches_agree() {
+    let spec = CrossEntropy::new().with_z_loss(0.1);
+    let logits = Logits::new(&[], 0, 4).unwrap();
+    let targets = xent::Targets::ClassIndices(&[]);
+    let (cpu_out, cpu_grad) =
+        cpu::cross_entropy_grad(&spec, logits, targets, Upstream::Scalar(1.0)).unwrap();
+    assert!(cpu_grad.is_empty());
+    assert_eq!(cpu_out.z_loss_sum, Some(0.0));
+    if let Some(gpu) = gpu() {
+        let (out, grad) = gpu
+            .cross_entropy_grad(&spec, logits, targets, Upstream::Scalar(1.0))
+            .unwrap();
+        assert!(grad.is_empty());
+        assert_eq!(format!("{out:?}"), format!("{cpu_out:?}"));
+    }
+}

@@ -151,10 +151,11 @@ impl GpuContext {
         let probabilities = targets.is_probabilities();
         if logits.rows() == 0 {
             let entropy = probabilities && spec.weights().is_none();
-            return Ok(LossOutput::empty(
+            return Ok(LossOutput::empty_with_z_loss(
                 spec.reduction(),
                 logits.classes(),
                 entropy,
+                spec.z_loss() > 0.0,
             ));
         }
         let targets = HostTargets::from(targets);
