@@ -27,12 +27,52 @@ pub struct LossTotals {
 }
 
 impl LossTotals {
-    /// The rows not ignored, `rows − ignored_rows`: the z-loss mean's denominator.
+    /// The totals of no rows: sum 0, mean NaN; the entropy and z-loss sums present (0) when
+    /// asked for.
+    pub fn empty(
+        reduction: Reduction,
+        classes: usize,
+        with_entropy: bool,
+        with_z_loss: bool,
+    ) -> Self {
+        let mut totals = Self {
+            reduction,
+            loss: None,
+            sum: 0.0,
+            mean_denominator: 0.0,
+            entropy_sum: with_entropy.then_some(0.0),
+            z_loss_sum: with_z_loss.then_some(0.0),
+            ignored_rows: 0,
+            rows: 0,
+            classes,
+        };
+        totals.loss = totals.reduced_loss();
+        totals
+    }
+
+    /// Adds the totals of the rows that follow (a later batch of the same stream).
+    pub fn add(&mut self, next: &LossTotals) {
+        self.sum += next.sum;
+        self.mean_denominator += next.mean_denominator;
+        if let (Some(h), Some(more)) = (self.entropy_sum.as_mut(), next.entropy_sum) {
+            *h += more;
+        }
+        if let (Some(z), Some(more)) = (self.z_loss_sum.as_mut(), next.z_loss_sum) {
+            *z += more;
+        }
+        self.ignored_rows += next.ignored_rows;
+        self.rows += next.rows;
+        self.loss = self.reduced_loss();
+    }
+
+    /// The rows not ignored, `rows − ignored_rows` (all rows for probability targets): the
+    /// z-loss mean's denominator.
     pub fn counted_rows(&self) -> usize {
         self.rows - self.ignored_rows
     }
 
-    /// The reduced loss from these totals ([`Reduction::apply_with_z_loss`]).
+    /// The reduced loss from these totals ([`Reduction::apply_with_z_loss`]): the one place
+    /// every output gets `loss` from.
     pub fn reduced_loss(&self) -> Option<f64> {
         self.reduction.apply_with_z_loss(
             self.sum,
@@ -42,18 +82,40 @@ impl LossTotals {
         )
     }
 
+    /// PyTorch's mean, whatever the requested reduction (with a z-loss, the z-loss part
+    /// averaged over the counted rows).
+    pub fn mean(&self) -> f64 {
+        Reduction::Mean
+            .apply_with_z_loss(
+                self.sum,
+                self.mean_denominator,
+                self.z_loss_sum,
+                self.counted_rows(),
+            )
+            .unwrap_or(f64::NAN)
+    }
+
     /// The z-loss reduced like the loss: `z_loss_sum` for `sum`, `z_loss_sum / counted_rows`
     /// for `mean`, `None` for `none` or without z-loss.
     pub fn reduced_z_loss(&self) -> Option<f64> {
-        reduce_z_loss(self.reduction, self.z_loss_sum?, self.counted_rows())
+        match self.reduction {
+            Reduction::None => None,
+            Reduction::Sum => self.z_loss_sum,
+            Reduction::Mean => Some(self.z_loss_sum? / self.counted_rows() as f64),
+        }
     }
-}
 
-fn reduce_z_loss(reduction: Reduction, z_loss_sum: f64, counted_rows: usize) -> Option<f64> {
-    match reduction {
-        Reduction::None => None,
-        Reduction::Sum => Some(z_loss_sum),
-        Reduction::Mean => Some(z_loss_sum / counted_rows as f64),
+    /// The entropy reduced like the loss (`None` without entropy or for `Reduction::None`).
+    pub fn reduced_entropy(&self) -> Option<f64> {
+        self.reduction
+            .apply(self.entropy_sum?, self.mean_denominator)
+    }
+
+    /// The KL divergence reduced like the loss: `loss − entropy` (less the reduced z-loss, if
+    /// any).
+    pub fn reduced_kl_divergence(&self) -> Option<f64> {
+        let z = self.reduced_z_loss().unwrap_or(0.0);
+        Some(self.reduced_loss()? - z - self.reduced_entropy()?)
     }
 }
 
@@ -138,79 +200,37 @@ impl LossOutput {
     ) -> Self {
         // Folds from +0.0: `Iterator::sum` of no f64 is −0.0, which would print as "-0".
         let total = |v: &Vec<f64>| v.iter().fold(0.0, |a, b| a + b);
-        let sum = total(&per_row);
-        let entropy_sum = entropy.as_ref().map(total);
-        let z_loss_sum = z_loss.as_ref().map(total);
-        Self::with_sums(
-            reduction,
-            classes,
-            Sums {
-                sum,
-                mean_denominator,
-                entropy_sum,
-                z_loss_sum,
-                ignored_rows,
-            },
-            per_row,
-            log_sum_exp,
-            entropy,
-            z_loss,
-        )
-    }
-
-    fn with_sums(
-        reduction: Reduction,
-        classes: usize,
-        sums: Sums,
-        per_row: Vec<f64>,
-        log_sum_exp: Vec<f64>,
-        entropy: Option<Vec<f64>>,
-        z_loss: Option<Vec<f64>>,
-    ) -> Self {
-        let mut out = Self {
+        let mut totals = LossTotals {
             reduction,
             loss: None,
-            sum: sums.sum,
-            mean_denominator: sums.mean_denominator,
+            sum: total(&per_row),
+            mean_denominator,
+            entropy_sum: entropy.as_ref().map(total),
+            z_loss_sum: z_loss.as_ref().map(total),
+            ignored_rows,
             rows: per_row.len(),
-            per_row,
-            log_sum_exp,
-            entropy,
-            entropy_sum: sums.entropy_sum,
-            z_loss,
-            z_loss_sum: sums.z_loss_sum,
-            ignored_rows: sums.ignored_rows,
             classes,
         };
-        out.loss = out.reduced_loss();
-        out
+        totals.loss = totals.reduced_loss();
+        Self::from_totals_with_z_loss(totals, per_row, log_sum_exp, entropy, z_loss)
     }
 
-    /// The reduced loss from the sums ([`Reduction::apply_with_z_loss`]): the one place every
-    /// constructor gets `loss` from.
-    fn reduced_loss(&self) -> Option<f64> {
-        self.reduction.apply_with_z_loss(
-            self.sum,
-            self.mean_denominator,
-            self.z_loss_sum,
-            self.counted_rows(),
-        )
-    }
-
-    /// The totals with the per-row values of the same call (no per-row z-loss; see
-    /// [`LossOutput::from_totals_with_z_loss`]).
-    #[allow(dead_code)] // the GPU path calls one or the other, depending on its z-loss support
-    pub(crate) fn from_totals(
-        totals: LossTotals,
-        per_row: Vec<f64>,
-        log_sum_exp: Vec<f64>,
-        entropy: Option<Vec<f64>>,
-    ) -> Self {
-        Self::from_totals_with_z_loss(totals, per_row, log_sum_exp, entropy, None)
+    /// These rows' totals.
+    pub fn totals(&self) -> LossTotals {
+        LossTotals {
+            reduction: self.reduction,
+            loss: self.loss,
+            sum: self.sum,
+            mean_denominator: self.mean_denominator,
+            entropy_sum: self.entropy_sum,
+            z_loss_sum: self.z_loss_sum,
+            ignored_rows: self.ignored_rows,
+            rows: self.rows,
+            classes: self.classes,
+        }
     }
 
     /// The totals with the per-row values of the same call, the per-row z-loss included.
-    #[allow(dead_code)] // the GPU path calls one or the other, depending on its z-loss support
     pub(crate) fn from_totals_with_z_loss(
         totals: LossTotals,
         per_row: Vec<f64>,
@@ -218,70 +238,61 @@ impl LossOutput {
         entropy: Option<Vec<f64>>,
         z_loss: Option<Vec<f64>>,
     ) -> Self {
-        Self::with_sums(
-            totals.reduction,
-            totals.classes,
-            Sums {
-                sum: totals.sum,
-                mean_denominator: totals.mean_denominator,
-                entropy_sum: totals.entropy_sum,
-                z_loss_sum: totals.z_loss_sum,
-                ignored_rows: totals.ignored_rows,
-            },
+        Self {
+            reduction: totals.reduction,
+            loss: totals.reduced_loss(),
+            sum: totals.sum,
+            mean_denominator: totals.mean_denominator,
+            rows: per_row.len(),
             per_row,
             log_sum_exp,
             entropy,
+            entropy_sum: totals.entropy_sum,
             z_loss,
-        )
+            z_loss_sum: totals.z_loss_sum,
+            ignored_rows: totals.ignored_rows,
+            classes: totals.classes,
+        }
     }
 
     /// Appends the output of the rows that follow (a later batch of the same stream), so a
     /// file larger than memory can be scored batch by batch into one result.
     pub fn append(&mut self, next: LossOutput) {
-        self.sum += next.sum;
-        self.mean_denominator += next.mean_denominator;
+        let mut totals = self.totals();
+        totals.add(&next.totals());
         self.per_row.extend(next.per_row);
         self.log_sum_exp.extend(next.log_sum_exp);
         if let (Some(h), Some(more)) = (self.entropy.as_mut(), next.entropy) {
             h.extend(more);
         }
-        if let (Some(h), Some(more)) = (self.entropy_sum.as_mut(), next.entropy_sum) {
-            *h += more;
-        }
         if let (Some(z), Some(more)) = (self.z_loss.as_mut(), next.z_loss) {
             z.extend(more);
         }
-        if let (Some(z), Some(more)) = (self.z_loss_sum.as_mut(), next.z_loss_sum) {
-            *z += more;
-        }
-        self.ignored_rows += next.ignored_rows;
-        self.rows += next.rows;
-        self.loss = self.reduced_loss();
+        self.sum = totals.sum;
+        self.mean_denominator = totals.mean_denominator;
+        self.entropy_sum = totals.entropy_sum;
+        self.z_loss_sum = totals.z_loss_sum;
+        self.ignored_rows = totals.ignored_rows;
+        self.rows = totals.rows;
+        self.loss = totals.loss;
     }
 
     /// The rows not ignored, `rows − ignored_rows` (all rows for probability targets): the
     /// z-loss mean's denominator.
     pub fn counted_rows(&self) -> usize {
-        self.rows - self.ignored_rows
+        self.totals().counted_rows()
     }
 
     /// PyTorch's mean, whatever the requested reduction (with a z-loss, the z-loss part
     /// averaged over [`LossOutput::counted_rows`]).
     pub fn mean(&self) -> f64 {
-        Reduction::Mean
-            .apply_with_z_loss(
-                self.sum,
-                self.mean_denominator,
-                self.z_loss_sum,
-                self.counted_rows(),
-            )
-            .unwrap_or(f64::NAN)
+        self.totals().mean()
     }
 
     /// The z-loss reduced like the loss: `z_loss_sum` for `sum`, `z_loss_sum / counted_rows`
     /// for `mean`; `None` for `none` or without z-loss.
     pub fn reduced_z_loss(&self) -> Option<f64> {
-        reduce_z_loss(self.reduction, self.z_loss_sum?, self.counted_rows())
+        self.totals().reduced_z_loss()
     }
 
     /// `KL(p̃_i ‖ q_i) = l_i − H(p̃_i)` per row (less the row's z-loss, if any), when the
@@ -301,25 +312,14 @@ impl LossOutput {
 
     /// The entropy reduced like the loss (`None` without entropy or for `Reduction::None`).
     pub fn reduced_entropy(&self) -> Option<f64> {
-        self.reduction
-            .apply(self.entropy_sum?, self.mean_denominator)
+        self.totals().reduced_entropy()
     }
 
     /// The KL divergence reduced like the loss: `loss − entropy` (less the reduced z-loss, if
     /// any).
     pub fn reduced_kl_divergence(&self) -> Option<f64> {
-        let z = self.reduced_z_loss().unwrap_or(0.0);
-        Some(self.loss? - z - self.reduced_entropy()?)
+        self.totals().reduced_kl_divergence()
     }
-}
-
-/// The sums an output is assembled from.
-struct Sums {
-    sum: f64,
-    mean_denominator: f64,
-    entropy_sum: Option<f64>,
-    z_loss_sum: Option<f64>,
-    ignored_rows: usize,
 }
 
 #[cfg(test)]

@@ -5,11 +5,12 @@
 
 mod common;
 
-use common::{GoldenInputs, Problem, golden_cases, gpu, max_abs_per_row, ulp_f32};
-use wgpu::util::DeviceExt;
+use common::{
+    GoldenInputs, Problem, buffer_with, golden_cases, gpu, max_abs_per_row, read_f32, ulp_f32,
+};
 use xent::{
-    CrossEntropy, DeviceLogits, DeviceTargets, GpuContext, GradientOutput, IndexType, Logits,
-    LossShape, Reduction, Strategy, Upstream, cpu,
+    CrossEntropy, DeviceLogits, DeviceTargets, GradientOutput, IndexType, Logits, LossShape,
+    Reduction, Strategy, Upstream, cpu,
 };
 
 /// The tolerance of one GPU gradient element against an f64 reference, for a row whose
@@ -258,36 +259,6 @@ fn zeros_where_the_math_has_zeros_and_stable_offsets() {
     );
 }
 
-/// A storage buffer holding `data` that tests can copy back.
-fn device_buffer(gpu: &GpuContext, data: &[u8]) -> wgpu::Buffer {
-    gpu.device()
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("test"),
-            contents: data,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        })
-}
-
-fn read_f32(gpu: &GpuContext, buffer: &wgpu::Buffer, offset: u64, count: usize) -> Vec<f32> {
-    let bytes = count as u64 * 4;
-    let back = gpu.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: bytes,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = gpu.device().create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, offset, &back, 0, bytes);
-    gpu.queue().submit([encoder.finish()]);
-    back.slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
-    gpu.device()
-        .poll(wgpu::PollType::wait_indefinitely())
-        .unwrap();
-    let view = back.slice(..).get_mapped_range().unwrap();
-    bytemuck::cast_slice(&view).to_vec()
-}
-
 #[test]
 fn device_gradient_into_a_buffer_and_in_place() {
     let Some(gpu) = gpu() else { return };
@@ -308,9 +279,9 @@ fn device_gradient_into_a_buffer_and_in_place() {
                 .cross_entropy_grad(&spec, p.logits(), p.targets(false), up)
                 .unwrap();
             let logits_bytes: &[u8] = bytemuck::cast_slice(&p.logits);
-            let logits = device_buffer(gpu, logits_bytes);
-            let targets = device_buffer(gpu, bytemuck::cast_slice(&p.labels));
-            let grad = device_buffer(gpu, &vec![0u8; logits_bytes.len() + 256]);
+            let logits = buffer_with(gpu, 0, logits_bytes);
+            let targets = buffer_with(gpu, 0, bytemuck::cast_slice(&p.labels));
+            let grad = buffer_with(gpu, 0, &vec![0u8; logits_bytes.len() + 256]);
             let mut loss = gpu
                 .prepare(
                     &spec,

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{GoldenCase, golden_cases, max_abs_per_row, ulp_f32};
+use common::{GoldenCase, GoldenInputs, golden_cases, max_abs_per_row, ulp_f32};
 use xent::{CrossEntropy, Logits, LossOutput, Reduction, Targets, Upstream, XentError, cpu};
 
 const EPS: f64 = f64::EPSILON;
@@ -28,30 +28,15 @@ struct Case {
 
 impl Case {
     fn golden(case: &GoldenCase) -> Self {
-        let soft = case.meta["soft_targets"].as_bool().unwrap();
-        let mut spec = CrossEntropy::new().with_label_smoothing(case.number("label_smoothing"));
-        if let Some(i) = case.meta["ignore_index"].as_i64() {
-            spec = spec.with_ignore_index(i);
-        }
-        if case.meta["class_weights"].as_bool().unwrap() {
-            spec = spec.with_weights(case.f32s("weights.npy"));
-        }
+        let inputs = GoldenInputs::load(case);
         Self {
             rows: case.rows(),
             classes: case.classes(),
-            logits: case.f32s("logits.npy"),
-            labels: if soft {
-                Vec::new()
-            } else {
-                case.i64s("targets.npy")
-            },
-            probabilities: if soft {
-                case.f32s("targets.npy")
-            } else {
-                Vec::new()
-            },
-            soft,
-            spec,
+            logits: inputs.logits,
+            labels: inputs.classes_idx,
+            probabilities: inputs.probabilities,
+            soft: inputs.soft,
+            spec: inputs.spec,
         }
     }
 

@@ -8,25 +8,11 @@ mod common;
 #[path = "../examples/resident.rs"]
 mod resident_example;
 
-use common::{Inputs, Problem, assert_outputs_match, gpu, max_abs_per_row};
-use wgpu::util::DeviceExt;
+use common::{Inputs, Problem, assert_outputs_match, buffer_with, gpu, max_abs_per_row};
 use xent::{
     CrossEntropy, DeviceLogits, DeviceTargets, GpuContext, IndexType, Logits, LossShape, Reduction,
     Strategy, TargetLayout, Targets, XentError,
 };
-
-/// A storage buffer holding `pad` zero bytes, then `data`, then 64 more zero bytes.
-fn buffer_with(gpu: &GpuContext, pad: usize, data: &[u8]) -> wgpu::Buffer {
-    let mut bytes = vec![0u8; pad];
-    bytes.extend_from_slice(data);
-    bytes.extend_from_slice(&[0u8; 64]);
-    gpu.device()
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("test input"),
-            contents: &bytes,
-            usage: wgpu::BufferUsages::STORAGE,
-        })
-}
 
 /// Targets of one kind, as host targets and as device bytes.
 enum Kind {

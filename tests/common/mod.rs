@@ -453,3 +453,39 @@ impl GoldenInputs {
         }
     }
 }
+
+/// A storage buffer (that tests can copy back) holding `pad` zero bytes, then `data`, then 64
+/// more zero bytes.
+pub fn buffer_with(gpu: &GpuContext, pad: usize, data: &[u8]) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    let mut bytes = vec![0u8; pad];
+    bytes.extend_from_slice(data);
+    bytes.extend_from_slice(&[0u8; 64]);
+    gpu.device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("test input"),
+            contents: &bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+}
+
+/// `count` f32 values of `buffer` from byte `offset`, copied back.
+pub fn read_f32(gpu: &GpuContext, buffer: &wgpu::Buffer, offset: u64, count: usize) -> Vec<f32> {
+    let bytes = count as u64 * 4;
+    let back = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: bytes,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, offset, &back, 0, bytes);
+    gpu.queue().submit([encoder.finish()]);
+    back.slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.unwrap());
+    gpu.device()
+        .poll(wgpu::PollType::wait_indefinitely())
+        .unwrap();
+    let view = back.slice(..).get_mapped_range().unwrap();
+    bytemuck::cast_slice(&view).to_vec()
+}

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use xent::{
-    CpuReference, CrossEntropy, GpuContext, Logits, LossOutput, Reduction, Scorer, Targets,
-    Upstream, XentError,
+    CpuReference, CrossEntropy, GpuContext, Logits, LossOutput, LossTotals, Reduction, Scorer,
+    Targets, Upstream, XentError,
 };
 
 use crate::npy::{Elem, NpyInput, NpyWriter, same_file};
@@ -233,19 +233,11 @@ fn batch_rows(
     Ok(requested.map_or(fits, |r| r.min(fits)))
 }
 
-/// What is kept across batches: running sums only, whatever the number of rows.
+/// What is kept across batches: the library's running totals (no per-row values, whatever
+/// the number of rows), and whether the targets seen so far are distributions.
 #[derive(Clone, Debug, PartialEq)]
 struct Totals {
-    reduction: Reduction,
-    rows: usize,
-    classes: usize,
-    sum: f64,
-    mean_denominator: f64,
-    ignored_rows: usize,
-    /// `Σ_{i not ignored} λ·lse_i²`, with a z-loss (included in `sum`).
-    z_loss_sum: Option<f64>,
-    /// `Σ H(p̃_i)`, for probability targets without class weights.
-    entropy_sum: Option<f64>,
+    totals: LossTotals,
     /// Why CE = H + KL is not shown although the entropy is known: the first target row that
     /// is not a probability distribution.
     not_distribution: Option<String>,
@@ -254,84 +246,48 @@ struct Totals {
 impl Totals {
     fn new(reduction: Reduction, classes: usize, with_entropy: bool, with_z_loss: bool) -> Self {
         Self {
-            reduction,
-            rows: 0,
-            classes,
-            sum: 0.0,
-            mean_denominator: 0.0,
-            ignored_rows: 0,
-            z_loss_sum: with_z_loss.then_some(0.0),
-            entropy_sum: with_entropy.then_some(0.0),
+            totals: LossTotals::empty(reduction, classes, with_entropy, with_z_loss),
             not_distribution: None,
         }
     }
 
     /// Adds one batch's output (its per-row values are not kept).
     fn add(&mut self, out: &LossOutput) {
-        self.rows += out.rows;
-        self.sum += out.sum;
-        self.mean_denominator += out.mean_denominator;
-        self.ignored_rows += out.ignored_rows;
-        if let (Some(z), Some(more)) = (self.z_loss_sum.as_mut(), out.z_loss_sum) {
-            *z += more;
-        }
-        if let (Some(h), Some(more)) = (self.entropy_sum.as_mut(), out.entropy_sum) {
-            *h += more;
-        }
+        self.totals.add(&out.totals());
     }
 
-    /// The rows not ignored: the z-loss mean's denominator.
-    fn counted_rows(&self) -> usize {
-        self.rows - self.ignored_rows
-    }
-
-    /// The reduced loss, by the library's one formula ([`Reduction::apply_with_z_loss`]);
-    /// `None` for reduction none.
+    /// The reduced loss; `None` for reduction none.
     fn loss(&self) -> Option<f64> {
-        self.reduction.apply_with_z_loss(
-            self.sum,
-            self.mean_denominator,
-            self.z_loss_sum,
-            self.counted_rows(),
-        )
+        self.totals.reduced_loss()
     }
 
     /// PyTorch's mean (the z-loss part averaged over the counted rows), whatever the reduction.
     fn mean(&self) -> f64 {
-        Reduction::Mean
-            .apply_with_z_loss(
-                self.sum,
-                self.mean_denominator,
-                self.z_loss_sum,
-                self.counted_rows(),
-            )
-            .unwrap_or(f64::NAN)
+        self.totals.mean()
     }
 
-    /// The z-loss reduced like the loss (`LossOutput::reduced_z_loss`): the sum for sum, over
-    /// the counted rows for mean; `None` for reduction none or without z-loss.
+    /// The z-loss reduced like the loss; `None` for reduction none or without z-loss.
     fn z_loss(&self) -> Option<f64> {
-        self.reduction
-            .apply(self.z_loss_sum?, self.counted_rows() as f64)
+        self.totals.reduced_z_loss()
     }
 
     /// The z-loss over the counted rows, whatever the reduction.
     fn z_loss_mean(&self) -> Option<f64> {
-        Some(self.z_loss_sum? / self.counted_rows() as f64)
+        Some(self.totals.z_loss_sum? / self.totals.counted_rows() as f64)
     }
 
     /// The entropy reduced like the loss, when every target row is a distribution.
     fn entropy(&self) -> Option<f64> {
-        if self.not_distribution.is_some() {
-            return None;
-        }
-        self.reduction
-            .apply(self.entropy_sum?, self.mean_denominator)
+        self.not_distribution
+            .is_none()
+            .then(|| self.totals.reduced_entropy())
+            .flatten()
     }
 
     /// `loss − entropy` (less the z-loss, if any), when the entropy is shown.
     fn kl_divergence(&self) -> Option<f64> {
-        Some(self.loss()? - self.entropy()? - self.z_loss().unwrap_or(0.0))
+        self.entropy()?;
+        self.totals.reduced_kl_divergence()
     }
 }
 
@@ -533,7 +489,7 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
             (Cow::Owned(inputs.targets.read_i64(n)?), Vec::new())
         };
         let targets = if soft {
-            if total.entropy_sum.is_some() && total.not_distribution.is_none() {
+            if total.totals.entropy_sum.is_some() && total.not_distribution.is_none() {
                 total.not_distribution = not_a_distribution(&probabilities, classes, done);
             }
             Targets::Probabilities(&probabilities)
@@ -617,13 +573,13 @@ fn report(args: &ScoreArgs, total: &Totals, device: &str, seconds: f64) -> Resul
         let value = serde_json::json!({
             "loss": json_opt(total.loss()),
             "reduction": reduction,
-            "sum": json_f64(total.sum),
+            "sum": json_f64(total.totals.sum),
             "mean": json_f64(total.mean()),
-            "rows": total.rows,
-            "classes": total.classes,
-            "ignored_rows": total.ignored_rows,
+            "rows": total.totals.rows,
+            "classes": total.totals.classes,
+            "ignored_rows": total.totals.ignored_rows,
             "z_loss": json_opt(total.z_loss()),
-            "z_loss_sum": json_opt(total.z_loss_sum),
+            "z_loss_sum": json_opt(total.totals.z_loss_sum),
             "entropy": json_opt(total.entropy()),
             "kl_divergence": json_opt(total.kl_divergence()),
             "decomposition_note": total.not_distribution,
@@ -638,17 +594,17 @@ fn report(args: &ScoreArgs, total: &Totals, device: &str, seconds: f64) -> Resul
         None => outln!(
             out,
             "loss (none): {} per-row losses{} (sum {:.9}, mean {:.9})",
-            total.rows,
+            total.totals.rows,
             if args.per_row.is_some() {
                 " written"
             } else {
                 "; --per-row OUT.npy writes them"
             },
-            total.sum,
+            total.totals.sum,
             total.mean()
         )?,
     }
-    match (total.z_loss(), total.z_loss_sum) {
+    match (total.z_loss(), total.totals.z_loss_sum) {
         (Some(z), _) => outln!(out, "  of which z-loss: {z:.9}")?,
         (None, Some(sum)) => outln!(
             out,
@@ -672,16 +628,16 @@ fn report(args: &ScoreArgs, total: &Totals, device: &str, seconds: f64) -> Resul
     outln!(
         out,
         "rows: {}, classes: {}, ignored rows: {}",
-        total.rows,
-        total.classes,
-        total.ignored_rows
+        total.totals.rows,
+        total.totals.classes,
+        total.totals.ignored_rows
     )?;
     if let Some(path) = &args.grad {
         outln!(
             out,
             "gradient: float32 [{}, {}] written to {}",
-            total.rows,
-            total.classes,
+            total.totals.rows,
+            total.totals.classes,
             path.display()
         )?;
     }
@@ -723,9 +679,9 @@ mod tests {
             for (from, to) in [(0, 3), (3, 6), (6, 7)] {
                 total.add(&score(from, to));
             }
-            assert_eq!(total.rows, rows);
+            assert_eq!(total.totals.rows, rows);
             let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
-            assert!(close(total.sum, whole.sum));
+            assert!(close(total.totals.sum, whole.sum));
             assert!(close(total.mean(), whole.mean()));
             assert_eq!(total.loss().is_none(), whole.loss.is_none());
             assert!(close(
@@ -764,7 +720,7 @@ mod tests {
                 total.add(&score(from, to));
             }
             let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
-            assert_eq!(total.counted_rows(), whole.counted_rows());
+            assert_eq!(total.totals.counted_rows(), whole.counted_rows());
             assert_eq!(total.loss().is_none(), whole.loss.is_none());
             assert!(close(
                 total.loss().unwrap_or(0.0),
