@@ -11,7 +11,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
-use common::{GoldenCase, close, golden_cases, read_npy};
+use common::{GoldenCase, close, golden_case, golden_cases, read_npy};
 use npyz::WriterBuilder;
 
 fn xent(args: &[&str]) -> Output {
@@ -169,10 +169,7 @@ fn write_npy<T: npyz::AutoSerialize + npyz::Serialize>(path: &Path, shape: &[u64
 /// Float64 logits and int32 class indices are read too; per-row output follows the logits' type.
 #[test]
 fn float64_logits_and_int32_targets() {
-    let case = golden_cases("cross_entropy")
-        .into_iter()
-        .find(|c| c.name == "hard_31x1000")
-        .unwrap();
+    let case = golden_case("hard_31x1000");
     let dir = tempfile::tempdir().unwrap();
     let z64: Vec<f64> = case.f32s("logits.npy").iter().map(|&v| v as f64).collect();
     let y32: Vec<i32> = case.i64s("targets.npy").iter().map(|&v| v as i32).collect();
@@ -875,10 +872,7 @@ fn entropy_split_only_for_distributions() {
 /// Per-row losses written batch by batch match a single batch's.
 #[test]
 fn per_row_output_streams_across_batches() {
-    let case = golden_cases("cross_entropy")
-        .into_iter()
-        .find(|c| c.name == "soft_21x9")
-        .unwrap();
+    let case = golden_case("soft_21x9");
     let dir = tempfile::tempdir().unwrap();
     let mut results = Vec::new();
     for batch in ["3", "1000"] {
@@ -1325,10 +1319,7 @@ fn z_loss_is_reported_and_batches_do_not_change_it() {
 #[test]
 fn softcap_changes_the_loss_as_the_library_says() {
     let dir = tempfile::tempdir().unwrap();
-    let case = golden_cases("cross_entropy")
-        .into_iter()
-        .find(|c| c.name == "hard_31x1000")
-        .unwrap();
+    let case = golden_case("hard_31x1000");
     let inputs = common::GoldenInputs::load(&case);
     let spec = inputs
         .spec
@@ -1470,10 +1461,7 @@ fn training_options_are_checked() {
 /// text output says where it went.
 #[test]
 fn gradient_is_float32_for_float64_logits() {
-    let case = golden_cases("cross_entropy")
-        .into_iter()
-        .find(|c| c.name == "hard_31x1000")
-        .unwrap();
+    let case = golden_case("hard_31x1000");
     let dir = tempfile::tempdir().unwrap();
     let z64: Vec<f64> = case.f32s("logits.npy").iter().map(|&v| v as f64).collect();
     let (zp, g32, g64) = (
