@@ -4,7 +4,10 @@
 
 mod context;
 mod host;
+// Internals, public for the shader-translation and planner tests only.
+#[doc(hidden)]
 pub mod pipelines;
+#[doc(hidden)]
 pub mod planner;
 mod prepared;
 mod timing;
