@@ -1,5 +1,6 @@
-//! Concurrent calls: one context driven from eight threads, and three contexts driven at once
-//! from two threads each. Every call must give exactly the bits it gives alone: the plan
+//! Concurrent calls — host and device paths, losses, log-sum-exp, log-softmax and gradients —:
+//! one context driven from eight threads, and three contexts driven at once from two threads
+//! each. Every call must give exactly the bits it gives alone: the plan
 //! depends only on the shape and the device, and calls share nothing but the pipelines.
 //!
 //! On GL this also covers xent's serialisation of device work (`GL_SERIAL`): wgpu-hal's GL
@@ -10,8 +11,11 @@ mod common;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use common::{Inputs, assert_outputs_match, fresh_gpu, gpu, max_abs_per_row};
-use xent::{CrossEntropy, GpuContext, Logits, LossOutput, Reduction, Strategy, Targets, cpu};
+use common::{Inputs, assert_outputs_match, buffer_with, fresh_gpu, gpu, max_abs_per_row};
+use xent::{
+    CrossEntropy, DeviceLogits, DeviceTargets, GpuContext, IndexType, Logits, LossOutput,
+    LossShape, Reduction, Strategy, TargetLayout, Targets, Upstream, cpu,
+};
 
 /// What a call computes.
 enum Call {
@@ -21,6 +25,10 @@ enum Call {
     LogSumExp,
     /// Log-softmax.
     LogSoftmax,
+    /// Cross-entropy through a prepared loss on device buffers made for the call.
+    Resident { spec: CrossEntropy, soft: bool },
+    /// Loss and gradient of the host path.
+    Gradient { spec: CrossEntropy },
 }
 
 /// What a call returns.
@@ -29,6 +37,7 @@ enum Answer {
     Loss(LossOutput),
     LogSumExp(Vec<f64>),
     LogSoftmax(Vec<f32>),
+    Gradient(LossOutput, Vec<f32>),
 }
 
 /// One call with its inputs.
@@ -45,7 +54,8 @@ impl Case {
     fn new(seed: u64, rows: usize, classes: usize, call: Call) -> Self {
         let mut r = Inputs::new(seed);
         let mut labels = r.classes(rows, classes);
-        if let Call::Loss { spec, .. } = &call
+        if let Call::Loss { spec, .. } | Call::Resident { spec, .. } | Call::Gradient { spec } =
+            &call
             && let Some(ignored) = spec.ignore_index()
         {
             // About one row in five ignored, never all of them (the mean would be NaN, and
@@ -71,6 +81,8 @@ impl Case {
             Call::Loss { spec, soft } => format!("loss soft={soft} {spec:?}"),
             Call::LogSumExp => "log_sum_exp".into(),
             Call::LogSoftmax => "log_softmax".into(),
+            Call::Resident { spec, soft } => format!("resident soft={soft} {spec:?}"),
+            Call::Gradient { spec } => format!("gradient {spec:?}"),
         };
         format!("{}x{} {call}", self.rows, self.classes)
     }
@@ -100,6 +112,39 @@ impl Case {
             Call::LogSoftmax => gpu
                 .log_softmax(self.logits())
                 .map_or_else(fail, Answer::LogSoftmax),
+            Call::Resident { spec, soft } => {
+                let (rows, classes) = (self.rows, self.classes);
+                let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&self.logits));
+                let (targets, shape) = if *soft {
+                    (
+                        buffer_with(gpu, 0, bytemuck::cast_slice(&self.probabilities)),
+                        LossShape::probabilities(rows, classes),
+                    )
+                } else {
+                    (
+                        buffer_with(gpu, 0, bytemuck::cast_slice(&self.labels)),
+                        LossShape::class_indices(rows, classes, IndexType::I64),
+                    )
+                };
+                let view = DeviceLogits::new(&logits, 0, rows, classes);
+                let t = match shape.targets() {
+                    TargetLayout::ClassIndices(i) => DeviceTargets::class_indices(&targets, 0, i),
+                    TargetLayout::Probabilities => DeviceTargets::probabilities(&targets, 0),
+                };
+                let result = gpu.prepare(spec, shape).and_then(|mut loss| {
+                    loss.run(view, t)?;
+                    loss.read()
+                });
+                result.map_or_else(fail, Answer::Loss)
+            }
+            Call::Gradient { spec } => gpu
+                .cross_entropy_grad(
+                    spec,
+                    self.logits(),
+                    self.targets(false),
+                    Upstream::Scalar(1.0),
+                )
+                .map_or_else(fail, |(out, grad)| Answer::Gradient(out, grad)),
         }
     }
 
@@ -115,7 +160,20 @@ impl Case {
             );
         };
         match (&self.call, answer) {
-            (Call::Loss { spec, soft }, Answer::Loss(got)) => {
+            (Call::Gradient { spec }, Answer::Gradient(got, grad)) => {
+                let (want, want_grad) = cpu::cross_entropy_grad(
+                    spec,
+                    self.logits(),
+                    self.targets(false),
+                    Upstream::Scalar(1.0),
+                )
+                .unwrap();
+                near(got.loss.unwrap(), want.loss.unwrap(), "reduced loss");
+                for (&g, &w) in grad.iter().zip(&want_grad) {
+                    near(g as f64, w, "gradient");
+                }
+            }
+            (Call::Loss { spec, soft } | Call::Resident { spec, soft }, Answer::Loss(got)) => {
                 let want = cpu::cross_entropy(spec, self.logits(), self.targets(*soft)).unwrap();
                 assert_eq!(got.rows, want.rows, "{label}: rows");
                 assert_eq!(got.ignored_rows, want.ignored_rows, "{label}: ignored rows");
@@ -191,6 +249,18 @@ fn cases() -> Vec<Case> {
         }
         all.push(Case::new(seed + 20, rows, classes, Call::LogSumExp));
         all.push(Case::new(seed + 21, rows, classes, Call::LogSoftmax));
+        let smoothed = CrossEntropy::new().with_label_smoothing(0.1);
+        for (j, soft) in [false, true].into_iter().enumerate() {
+            let spec = smoothed.clone();
+            all.push(Case::new(
+                seed + 30 + j as u64,
+                rows,
+                classes,
+                Call::Resident { spec, soft },
+            ));
+        }
+        let spec = smoothed.with_ignore_index(-100).with_z_loss(1e-3);
+        all.push(Case::new(seed + 40, rows, classes, Call::Gradient { spec }));
     }
     all
 }
