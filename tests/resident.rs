@@ -480,3 +480,42 @@ fn the_resident_example_scores_what_the_cpu_scores() {
     let want = reference.loss.unwrap();
     assert!((loss - want).abs() <= 1e-4 * want.abs(), "{loss} vs {want}");
 }
+
+/// A call of no rows gives PyTorch's empty values; a gradient buffer that is also an input is
+/// refused before anything is recorded.
+#[test]
+fn empty_calls_and_a_gradient_over_an_input() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (5, 7);
+    let inputs = Problem::random(12, rows, classes, 5.0, 0.0);
+    let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&inputs.logits));
+    // Room for a gradient after the indices too, so that only the aliasing is wrong below.
+    let mut target_bytes = bytemuck::cast_slice::<i64, u8>(&inputs.labels).to_vec();
+    target_bytes.resize(rows * classes * 4, 0);
+    let targets = buffer_with(gpu, 0, &target_bytes);
+    let spec = CrossEntropy::new();
+    let mut loss = gpu
+        .prepare(
+            &spec,
+            LossShape::class_indices(rows, classes, IndexType::I64),
+        )
+        .unwrap();
+    let t = DeviceTargets::class_indices(&targets, 0, IndexType::I64);
+    loss.run(DeviceLogits::new(&logits, 0, 0, classes), t)
+        .unwrap();
+    let empty = loss.read().unwrap();
+    assert_eq!(empty.rows, 0);
+    assert_eq!(empty.sum, 0.0);
+    assert!(empty.loss.unwrap().is_nan());
+    let view = DeviceLogits::new(&logits, 0, rows, classes);
+    for buffer in [&logits, &targets] {
+        let out = xent::GradientOutput::Buffer { buffer, offset: 0 };
+        let err = loss
+            .run_gradient(view, t, out, xent::Upstream::Scalar(1.0))
+            .unwrap_err();
+        assert!(err.to_string().contains("also an input"), "{err}");
+    }
+    loss.run(view, t).unwrap();
+    let want = xent::cpu::cross_entropy(&spec, inputs.logits(), inputs.targets(false)).unwrap();
+    assert!((loss.read_totals().unwrap().loss.unwrap() - want.loss.unwrap()).abs() < 1e-5);
+}

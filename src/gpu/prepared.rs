@@ -731,6 +731,15 @@ impl PreparedLoss {
         )?;
         if let Some(GradientOutput::Buffer { buffer, offset }) = gradient {
             check_view("gradient", buffer, offset, rows as u64 * logit_row)?;
+            // One buffer cannot be read and written by the same dispatch.
+            if buffer == logits.buffer() || buffer == targets.buffer() {
+                return Err(XentError::DeviceBuffer {
+                    what: "gradient",
+                    why: "the gradient buffer is also an input of the call; give another \
+                          buffer, or GradientOutput::InPlace to write over the logits"
+                        .into(),
+                });
+            }
         }
         let sources: Vec<ChunkSource<'_>> = self
             .chunk_ranges(rows)
