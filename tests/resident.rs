@@ -515,6 +515,17 @@ fn empty_calls_and_a_gradient_over_an_input() {
             .unwrap_err();
         assert!(err.to_string().contains("also an input"), "{err}");
     }
+    // In place, the targets may not share the logits' buffer.
+    let shared = DeviceTargets::class_indices(&logits, 0, IndexType::I64);
+    let err = loss
+        .run_gradient(
+            view,
+            shared,
+            xent::GradientOutput::InPlace,
+            xent::Upstream::Scalar(1.0),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("another buffer"), "{err}");
     loss.run(view, t).unwrap();
     let want = xent::cpu::cross_entropy(&spec, inputs.logits(), inputs.targets(false)).unwrap();
     assert!((loss.read_totals().unwrap().loss.unwrap() - want.loss.unwrap()).abs() < 1e-5);

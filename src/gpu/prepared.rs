@@ -741,6 +741,14 @@ impl PreparedLoss {
                 });
             }
         }
+        if matches!(gradient, Some(GradientOutput::InPlace)) && targets.buffer() == logits.buffer()
+        {
+            return Err(XentError::DeviceBuffer {
+                what: "gradient",
+                why: "in place, the logits are written, so the targets must lie in another buffer"
+                    .into(),
+            });
+        }
         let sources: Vec<ChunkSource<'_>> = self
             .chunk_ranges(rows)
             .map(|range| {
