@@ -372,12 +372,12 @@ fn distill_row(divergence: Divergence, lp: &[f64], lq: &[f64], with_grad: bool) 
                 grad: with_grad.then(forward_grad),
             }
         }
-        Divergence::Jsd { beta } if beta == 0.0 => DistillRow {
+        Divergence::Jsd { beta: 0.0 } => DistillRow {
             loss: forward_kl(),
             forward: None,
             grad: with_grad.then(forward_grad),
         },
-        Divergence::Jsd { beta } if beta == 1.0 => {
+        Divergence::Jsd { beta: 1.0 } => {
             let (loss, grad) = reverse();
             DistillRow {
                 loss,
@@ -920,8 +920,8 @@ pub fn sequence_scores(
                 is_greedy: true,
                 tokens: w[1] - w[0],
             };
-            for i in w[0]..w[1] {
-                let t = token_row(logits.row(i), Some(targets[i] as usize), 1)
+            for (i, &y) in (w[0]..w[1]).zip(&targets[w[0]..w[1]]) {
+                let t = token_row(logits.row(i), Some(y as usize), 1)
                     .target
                     .expect("a target was given");
                 score.loglikelihood += t.log_prob;

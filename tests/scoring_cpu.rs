@@ -416,14 +416,14 @@ fn jsd_ends_are_forward_and_reverse_kl_and_its_limits_agree() {
     let jsd1 = d.loss(&spec.with_divergence(Divergence::Jsd { beta: 1.0 }));
     assert_eq!(jsd0.terms, DistillationTerms::DivergenceOnly);
     let (_, forward_kl) = forward_terms(&forward);
-    for i in 0..d.rows {
+    for (i, &forward_kl) in forward_kl.iter().enumerate() {
         let r = i * d.classes..(i + 1) * d.classes;
         let p = softmax(&d.teacher[r.clone()], 2.0);
         let q = softmax(&d.student[r], 2.0);
         let tol = value_tolerance(1.0, d.m(i, 2.0));
         // β = 0: KL(p ‖ q), teacher first; β = 1: KL(q ‖ p), student first.
         assert_close("β=0 is KL(p‖q)", jsd0.per_row[i], kl(&p, &q), tol);
-        assert_close("β=0 is the forward KL", jsd0.per_row[i], forward_kl[i], tol);
+        assert_close("β=0 is the forward KL", jsd0.per_row[i], forward_kl, tol);
         assert_close("β=1 is KL(q‖p)", jsd1.per_row[i], kl(&q, &p), tol);
         assert_close(
             "β=1 is the reverse KL",
@@ -759,11 +759,12 @@ fn one_token_sequences_are_the_token_log_probabilities() {
     let offsets: Vec<usize> = (0..=n).collect();
     let scores = scoring::sequence_scores(logits, &y, &offsets).unwrap();
     let metrics = scoring::token_metrics(logits, &y, None, 1).unwrap();
-    for i in 0..n {
-        let t = metrics.rows[i].target.unwrap();
-        assert_eq!(scores[i].loglikelihood, t.log_prob);
-        assert_eq!(scores[i].is_greedy, t.correct);
-        assert_eq!(scores[i].tokens, 1);
+    assert_eq!(scores.len(), n);
+    for (score, row) in scores.iter().zip(&metrics.rows) {
+        let t = row.target.unwrap();
+        assert_eq!(score.loglikelihood, t.log_prob);
+        assert_eq!(score.is_greedy, t.correct);
+        assert_eq!(score.tokens, 1);
     }
     // A sequence of no tokens: loglikelihood 0, greedy, perplexity NaN.
     let s = scoring::sequence_scores(logits, &y, &[0, 0, 3, 3, n]).unwrap();
