@@ -16,6 +16,17 @@ use xent::scoring::{
 use xent::{Logits, Reduction, Upstream, XentError};
 
 const EPS: f64 = f64::EPSILON;
+
+thread_local! {
+    /// The largest |got − want| / tolerance seen by `assert_close` on this test's thread.
+    static WORST: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
+/// Reports (with --nocapture) and resets the worst error / tolerance so far.
+fn report_worst(label: &str) {
+    let w = WORST.with(|w| w.replace(0.0));
+    eprintln!("{label}: worst error / tolerance {w:.2e}");
+}
 const REDUCTIONS: [Reduction; 3] = [Reduction::None, Reduction::Sum, Reduction::Mean];
 
 fn max_abs(v: &[f32]) -> f64 {
@@ -45,6 +56,9 @@ fn grad_tolerance(got: f64, want: f64, m: f64, mass: f64) -> f64 {
 }
 
 fn assert_close(label: &str, got: f64, want: f64, tol: f64) {
+    if want.is_finite() && tol > 0.0 {
+        WORST.with(|w| w.set(w.get().max((got - want).abs() / tol)));
+    }
     assert!(
         common::close(got, want, tol),
         "{label}: {got:e} vs {want:e} (difference {:e}, tolerance {tol:e})",
@@ -147,6 +161,7 @@ fn distillation_reproduces_pytorch_golden_cases() {
             tol / n,
         );
 
+        report_worst(&format!("{} values", case.name));
         let want = case.f32s("grad_sum.npy");
         assert_eq!(grad.len(), want.len());
         for (j, (&g, &w)) in grad.iter().zip(&want).enumerate() {
@@ -159,6 +174,7 @@ fn distillation_reproduces_pytorch_golden_cases() {
                 tol,
             );
         }
+        report_worst(&format!("{} gradient", case.name));
     }
 }
 
@@ -224,6 +240,7 @@ fn sparse_targets_reproduce_pytorch_golden_case() {
         tol / rows as f64,
     );
 
+    report_worst("sparse_top8 values");
     let want = case.f32s("grad_sum.npy");
     for (j, (&g, &w)) in grad.iter().zip(&want).enumerate() {
         let i = j / classes;
@@ -235,6 +252,7 @@ fn sparse_targets_reproduce_pytorch_golden_case() {
             tol,
         );
     }
+    report_worst("sparse_top8 gradient");
 }
 
 #[test]
