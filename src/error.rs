@@ -180,6 +180,36 @@ pub enum XentError {
         /// The variable's value.
         value: String,
     },
+    /// A distillation temperature must be finite and > 0.
+    #[error("distillation: temperature {0} must be finite and > 0")]
+    Temperature(f64),
+    /// The generalised Jensen–Shannon weight β must lie in `[0, 1]`.
+    #[error("distillation: JSD weight beta {0} is outside [0, 1]")]
+    JsdBeta(f64),
+    /// A row of top-k sparse targets names one class twice.
+    #[error("sparse targets: row {row} names class {class} more than once")]
+    SparseDuplicateIndex {
+        /// The offending row.
+        row: usize,
+        /// The repeated class index.
+        class: i64,
+    },
+    /// A class index of top-k sparse targets is outside `[0, C)`.
+    #[error("sparse targets: row {row} has class index {value}, outside [0, {classes})")]
+    SparseIndexOutOfRange {
+        /// The offending row.
+        row: usize,
+        /// Its class index.
+        value: i64,
+        /// The number of classes.
+        classes: usize,
+    },
+    /// Sequence offsets must start at 0, never decrease and end at the number of rows.
+    #[error("sequence offsets: {0}")]
+    SequenceOffsets(String),
+    /// The inputs of a multiple-choice evaluation do not fit together.
+    #[error("multiple choice: {0}")]
+    MultipleChoice(String),
 }
 
 fn ignore_note(ignore_index: Option<i64>) -> String {

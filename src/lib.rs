@@ -32,6 +32,9 @@
 //!   records its passes on [`DeviceLogits`] and [`DeviceTargets`] (views of the caller's
 //!   `wgpu::Buffer`s) into the caller's command encoder, allocates nothing per call, and reads
 //!   back only the [`LossTotals`] (or, on request, the per-row results).
+//! - Batched scoring in f64 ([`scoring`]): knowledge distillation ([`Distillation`]: forward
+//!   and reverse KL, generalised JSD), top-k [`SparseTargets`], token metrics (accuracy, rank,
+//!   perplexity) and sequence log-likelihoods with multiple choice, as lm-evaluation-harness.
 
 #![warn(missing_docs)]
 
@@ -41,6 +44,7 @@ pub mod gpu;
 mod grad;
 mod logits;
 mod output;
+pub mod scoring;
 mod spec;
 mod targets;
 
@@ -53,6 +57,7 @@ pub use gpu::{
 pub use grad::Upstream;
 pub use logits::Logits;
 pub use output::{LossOutput, LossTotals};
+pub use scoring::{Distillation, Divergence, SparseTargets};
 pub use spec::{CrossEntropy, Reduction};
 pub use targets::Targets;
 
