@@ -527,3 +527,37 @@ fn nan_probability_gives_nan_entropy_on_both_paths() {
         assert!((h[1] - 2f64.ln()).abs() < 1e-6, "{h:?}");
     }
 }
+
+/// More rows than one prepared call of the host path holds (2^20): the rows go through several
+/// calls, summed in f64, and the gradient of the mean keeps the whole batch's scale.
+#[test]
+fn more_rows_than_one_host_call() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = ((1 << 20) + 4099, 2);
+    let mut p = Problem::random(61, rows, classes, 4.0, 0.0);
+    for y in p.labels.iter_mut().step_by(7) {
+        *y = -100;
+    }
+    let spec = CrossEntropy::new()
+        .with_ignore_index(-100)
+        .with_weights(vec![0.5, 2.0])
+        .with_z_loss(1e-3);
+    p.check(gpu, &spec, false, None, "two host calls");
+    let up = xent::Upstream::Scalar(1.0);
+    let (out, grad) = gpu
+        .cross_entropy_grad(&spec, p.logits(), p.targets(false), up)
+        .unwrap();
+    let (want_out, want) =
+        cpu::cross_entropy_grad(&spec, p.logits(), p.targets(false), up).unwrap();
+    assert!(
+        (out.loss.unwrap() - want_out.loss.unwrap()).abs() <= 1e-5 * want_out.loss.unwrap().abs()
+    );
+    // Each element is s·(B·q − a) with s = 1/Σw_y ≈ 1e-6: an absolute 1e-5·s·(1 + B) covers f32.
+    let s = 1.0 / want_out.mean_denominator;
+    for (k, (&g, &w)) in grad.iter().zip(&want).enumerate() {
+        assert!(
+            (g as f64 - w).abs() <= 1e-5 * s * 3.0,
+            "element {k}: {g} vs {w}"
+        );
+    }
+}
