@@ -39,8 +39,12 @@ pub fn log_sum_exp_row(z: &[f32]) -> f64 {
     log_sum_exp_f64(z.iter().map(|&v| v as f64))
 }
 
-/// [`log_sum_exp_row`] of values already in f64.
-fn log_sum_exp_f64(z: impl Iterator<Item = f64> + Clone) -> f64 {
+/// [`log_sum_exp_row`] of values already in f64 (NaN anywhere gives NaN: `f64::max` alone
+/// would skip it, and a row of only NaN would come out −inf).
+pub(crate) fn log_sum_exp_f64(z: impl Iterator<Item = f64> + Clone) -> f64 {
+    if z.clone().any(|v| v.is_nan()) {
+        return f64::NAN;
+    }
     let m = z.clone().fold(f64::NEG_INFINITY, f64::max);
     if m == f64::NEG_INFINITY {
         return m;

@@ -24,16 +24,9 @@ use crate::spec::Reduction;
 // ---------------------------------------------------------------------------------------------
 
 /// `log Σ exp v` with the maximum subtracted; −inf for a row of only −inf, NaN if any value is
-/// NaN or +inf.
+/// NaN or +inf (the CPU reference's one log-sum-exp).
 fn log_sum_exp(v: &[f64]) -> f64 {
-    if v.iter().any(|x| x.is_nan()) {
-        return f64::NAN;
-    }
-    let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if m == f64::NEG_INFINITY {
-        return m;
-    }
-    m + v.iter().map(|&x| (x - m).exp()).sum::<f64>().ln()
+    crate::cpu::log_sum_exp_f64(v.iter().copied())
 }
 
 /// `log_softmax(z / t)` of one row, in f64.
