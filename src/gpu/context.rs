@@ -377,6 +377,17 @@ impl Gpu {
         )
     }
 
+    /// Waits until the device has done all the work submitted so far.
+    pub(crate) fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| XentError::Gpu {
+                context: "waiting for the device".into(),
+                detail: e.to_string(),
+            })
+    }
+
     /// Maps `buffers` (each with the byte count wanted), waits, and copies their contents out.
     pub(crate) fn read_back(&self, buffers: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>> {
         let receivers: Vec<_> = buffers
@@ -391,12 +402,7 @@ impl Gpu {
                 rx
             })
             .collect();
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| XentError::Gpu {
-                context: "waiting for the device".into(),
-                detail: e.to_string(),
-            })?;
+        self.wait()?;
         let mut out = Vec::with_capacity(buffers.len());
         for ((buffer, bytes), rx) in buffers.iter().zip(receivers) {
             match pollster::block_on(rx.receive()) {

@@ -188,13 +188,7 @@ impl GpuContext {
             gpu.scoped("timing a copy", || {
                 gpu.queue.write_buffer(&target, 0, &data);
                 gpu.queue.submit([]);
-                gpu.device
-                    .poll(wgpu::PollType::wait_indefinitely())
-                    .map(|_| ())
-                    .map_err(|e| XentError::Gpu {
-                        context: "waiting for the device".into(),
-                        detail: e.to_string(),
-                    })
+                gpu.wait()
             })
         };
         let timing = wall_clock(warmup, runs, &mut copy)?;
@@ -453,14 +447,6 @@ fn time_passes(
     ) -> Result<()>,
 ) -> Result<Timing> {
     gpu.scoped("timing GPU work", || {
-        let wait = || {
-            gpu.device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| XentError::Gpu {
-                    context: "waiting for the device".into(),
-                    detail: e.to_string(),
-                })
-        };
         // Warm up with back-to-back work for at least WARMUP_TIME and until the time per run
         // settles (two batches of at least WARMUP_BATCH_TIME within 3 %): a GPU that idled
         // during the host's work has lowered its clocks.
@@ -475,7 +461,7 @@ fn time_passes(
                 record(&mut encoder, run, None)?;
             }
             gpu.queue.submit([encoder.finish()]);
-            wait()?;
+            gpu.wait()?;
             done += batch;
             let took = clock.elapsed();
             let per_run = took.as_secs_f64() / batch as f64;
@@ -504,7 +490,7 @@ fn time_passes(
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
                 record(&mut encoder, warmup + run, None)?;
                 gpu.queue.submit([encoder.finish()]);
-                wait()?;
+                gpu.wait()?;
                 samples_ms.push(start.elapsed().as_secs_f64() * 1e3);
             }
             return Ok(Timing {
