@@ -1,7 +1,7 @@
 //! The upstream gradient a loss's backward pass is scaled by.
 
 use crate::error::{Result, XentError};
-use crate::spec::Reduction;
+use crate::spec::{CrossEntropy, Reduction};
 
 /// The gradient of the final objective with respect to the loss, as autograd passes it to a
 /// loss's backward (`grad_output`): one scalar for `sum` and `mean`, one value per row for
@@ -83,6 +83,60 @@ impl Upstream<'_> {
                 ..
             } => Some((denominator, counted_rows)),
             _ => None,
+        }
+    }
+}
+
+/// A mean's normalisers over a batch scored in parts, gathered part by part in row order: the
+/// `denominator` and `counted_rows` of [`Upstream::MeanOver`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MeanNormalisers {
+    /// `Σ_{i not ignored} w_{y_i}` for class indices; the row count for probabilities.
+    pub denominator: f64,
+    /// Rows not ignored.
+    pub counted_rows: usize,
+}
+
+impl MeanNormalisers {
+    /// Adds the class indices of rows `first_row..` (of `classes` classes) under `spec`. An
+    /// index outside `[0, classes)` that is not the ignore index is an error naming its row.
+    pub fn add_class_indices(
+        &mut self,
+        spec: &CrossEntropy,
+        classes: usize,
+        first_row: usize,
+        labels: &[i64],
+    ) -> Result<()> {
+        for (i, &y) in labels.iter().enumerate() {
+            if spec.is_ignored(y) {
+                continue;
+            }
+            if !(0..classes as i64).contains(&y) {
+                return Err(XentError::ClassIndexOutOfRange {
+                    row: first_row + i,
+                    value: y,
+                    classes,
+                    ignore_index: spec.ignore_index(),
+                });
+            }
+            self.denominator += spec.weights().map_or(1.0, |w| w[y as usize] as f64);
+            self.counted_rows += 1;
+        }
+        Ok(())
+    }
+
+    /// Adds `rows` rows of probability targets (each counts 1).
+    pub fn add_rows(&mut self, rows: usize) {
+        self.denominator += rows as f64;
+        self.counted_rows += rows;
+    }
+
+    /// `grad` times the gradient of the whole batch's mean.
+    pub fn upstream(&self, grad: f64) -> Upstream<'static> {
+        Upstream::MeanOver {
+            grad,
+            denominator: self.denominator,
+            counted_rows: self.counted_rows as f64,
         }
     }
 }

@@ -54,7 +54,7 @@ pub use gpu::{
     BoundInputs, DeviceLogits, DeviceTargets, GpuContext, GpuOptions, GradientOutput, IndexType,
     LossShape, PreparedLoss, Strategy, TargetLayout,
 };
-pub use grad::Upstream;
+pub use grad::{MeanNormalisers, Upstream};
 pub use logits::Logits;
 pub use output::{LossOutput, LossTotals};
 pub use scoring::{Distillation, Divergence, SparseTargets};

@@ -345,6 +345,14 @@ fn mean_over_parts_equals_the_mean_of_the_whole() {
         counted_rows: whole_out.counted_rows() as f64,
     };
     let parts = [0..17, 17..rows];
+    // The normalisers gathered part by part are the whole batch's.
+    let mut gathered = xent::MeanNormalisers::default();
+    for range in parts.clone() {
+        gathered
+            .add_class_indices(&spec, classes, range.start, &p.labels[range])
+            .unwrap();
+    }
+    assert_eq!(gathered.upstream(1.5), over);
     let mut cpu_parts = Vec::new();
     let mut gpu_parts = Vec::new();
     for range in parts {

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::grad::Upstream;
+use crate::grad::{MeanNormalisers, Upstream};
 use crate::logits::Logits;
 use crate::output::LossOutput;
 use crate::spec::CrossEntropy;
@@ -338,17 +338,9 @@ impl super::GpuContext {
                             scalar => scalar,
                         };
                         host.loss.set_upstream(upstream, range.len(), Some(mean))?;
-                        Passes {
-                            gradient: true,
-                            log_softmax: false,
-                            scales_from_totals: false,
-                        }
+                        Passes::gradient(false)
                     }
-                    None => Passes {
-                        gradient: false,
-                        log_softmax: false,
-                        scales_from_totals: false,
-                    },
+                    None => Passes::LOSS,
                 };
                 let block = logits.slice_rows(range.clone());
                 let block_targets = targets.rows(range.clone(), classes);
@@ -381,11 +373,7 @@ impl super::GpuContext {
         self.with_host_loss(&spec, classes, rows, setup, |host| {
             let per_call = host.loss.shape().max_rows();
             let mut out = vec![0.0f32; rows * classes];
-            let passes = Passes {
-                gradient: false,
-                log_softmax: true,
-                scales_from_totals: false,
-            };
+            let passes = Passes::LOG_SOFTMAX;
             for start in (0..rows).step_by(per_call) {
                 let range = start..(start + per_call).min(rows);
                 let base = range.start * classes;
@@ -407,17 +395,16 @@ impl super::GpuContext {
 
 /// The mean's denominator and counted rows of host targets, as the device would sum them
 /// (the host path gives them to the gradient pass, which then needs no device totals).
-pub(crate) fn host_mean(spec: &CrossEntropy, targets: &HostTargets<'_>, rows: usize) -> (f64, f64) {
+pub(crate) fn host_mean(
+    spec: &CrossEntropy,
+    targets: &HostTargets<'_>,
+    classes: usize,
+    rows: usize,
+) -> Result<MeanNormalisers> {
+    let mut mean = MeanNormalisers::default();
     match targets {
-        HostTargets::ClassIndices(y) => {
-            let mut denominator = 0.0;
-            let mut counted = 0usize;
-            for &v in y.iter().filter(|&&v| !spec.is_ignored(v)) {
-                denominator += spec.weights().map_or(1.0, |w| w[v as usize] as f64);
-                counted += 1;
-            }
-            (denominator, counted as f64)
-        }
-        _ => (rows as f64, rows as f64),
+        HostTargets::ClassIndices(y) => mean.add_class_indices(spec, classes, 0, y)?,
+        _ => mean.add_rows(rows),
     }
+    Ok(mean)
 }

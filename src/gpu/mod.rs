@@ -197,9 +197,13 @@ impl GpuContext {
             return Ok((out, Vec::new()));
         }
         let targets = HostTargets::from(targets);
-        let mean = upstream
-            .mean_over()
-            .unwrap_or_else(|| host::host_mean(spec, &targets, logits.rows()));
+        let mean = match upstream.mean_over() {
+            Some(given) => given,
+            None => {
+                let m = host::host_mean(spec, &targets, logits.classes(), logits.rows())?;
+                (m.denominator, m.counted_rows as f64)
+            }
+        };
         let setup = HostLoss::setup(
             strategy,
             logits.classes(),

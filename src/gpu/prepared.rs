@@ -169,6 +169,30 @@ pub(crate) struct Passes {
     pub scales_from_totals: bool,
 }
 
+impl Passes {
+    /// The loss alone.
+    pub const LOSS: Passes = Passes {
+        gradient: false,
+        log_softmax: false,
+        scales_from_totals: false,
+    };
+
+    /// The loss and log-probabilities.
+    pub const LOG_SOFTMAX: Passes = Passes {
+        log_softmax: true,
+        ..Passes::LOSS
+    };
+
+    /// The loss and its gradient.
+    pub fn gradient(scales_from_totals: bool) -> Passes {
+        Passes {
+            gradient: true,
+            scales_from_totals,
+            ..Passes::LOSS
+        }
+    }
+}
+
 /// A loss made ready for one spec and shape on one GPU context: see
 /// [`GpuContext::prepare`](crate::GpuContext::prepare).
 ///
@@ -560,11 +584,7 @@ impl PreparedLoss {
             ));
         }
         let passes = match upstream {
-            None => Passes {
-                gradient: false,
-                log_softmax: false,
-                scales_from_totals: false,
-            },
+            None => Passes::LOSS,
             Some(upstream) => {
                 if inputs.gradient.is_none() {
                     return Err(XentError::NotPrepared(
@@ -573,12 +593,9 @@ impl PreparedLoss {
                     ));
                 }
                 self.set_upstream(upstream, inputs.rows, None)?;
-                Passes {
-                    gradient: true,
-                    log_softmax: false,
-                    scales_from_totals: self.reduction == Reduction::Mean
-                        && upstream.mean_over().is_none(),
-                }
+                Passes::gradient(
+                    self.reduction == Reduction::Mean && upstream.mean_over().is_none(),
+                )
             }
         };
         let chunks = 0..inputs.chunks.len();
@@ -821,15 +838,11 @@ impl PreparedLoss {
             let logits = self.views(lb, lo, logit_bytes(n), align);
             let targets = match source.targets {
                 Some((buffer, offset)) => self.views(buffer, offset, n as u64 * target_row, align),
-                None => self.unused_views(),
+                None => Views::stand_in(&self.res.empty),
             };
             let outputs = match source.outputs {
                 Some((buffer, offset)) => self.views(buffer, offset, logit_bytes(n), align),
-                None => Views {
-                    vec4: self.res.empty_out.as_entire_buffer_binding(),
-                    scalar: self.res.empty_out.as_entire_buffer_binding(),
-                    element_offset: 0,
-                },
+                None => Views::stand_in(&self.res.empty_out),
             };
             let aligned = (logits.element_offset as i64 - targets.element_offset as i64) % 4 == 0;
             let bind = |logits: &Views<'_>, outputs: &Views<'_>| {
@@ -858,7 +871,7 @@ impl PreparedLoss {
             let inputs = bind(&logits, &outputs);
             // In place: the logits bound once, for writing, and no read-only view of them.
             let in_place = (gradient == Some(GradientMode::InPlace))
-                .then(|| bind(&self.unused_views(), &logits));
+                .then(|| bind(&Views::stand_in(&self.res.empty), &logits));
             let outputs_offset = if gradient == Some(GradientMode::InPlace) {
                 logits.element_offset
             } else {
@@ -936,15 +949,6 @@ impl PreparedLoss {
         }
     }
 
-    /// Views of the 16-byte stand-in, for an input a call does not have.
-    fn unused_views(&self) -> Views<'_> {
-        Views {
-            vec4: self.res.empty.as_entire_buffer_binding(),
-            scalar: self.res.empty.as_entire_buffer_binding(),
-            element_offset: 0,
-        }
-    }
-
     /// Records chunks `chunks` of a call: with `begin`, the status is cleared first; with
     /// `finish`, the reduction and the status copy follow. `passes` says which elementwise
     /// pass runs (the gradient before the reduction, chunk by chunk, unless its scales come
@@ -967,11 +971,12 @@ impl PreparedLoss {
         } else {
             (0.0, 0.0)
         };
-        for (k, chunk) in call.chunks.iter().enumerate() {
+        // A chunk's parameters take effect at the next submission, the one that runs it.
+        for k in chunks.clone() {
             let p = Params {
                 grad_ce,
                 grad_z,
-                ..chunk.params
+                ..call.chunks[k].params
             };
             if self.written[k] != Some(p) {
                 let offset = k as u64 * self.params_stride;
@@ -1202,6 +1207,17 @@ struct Views<'a> {
     scalar: wgpu::BufferBinding<'a>,
     /// Element (4-byte word) offset of the chunk's data within the views.
     element_offset: u32,
+}
+
+impl<'a> Views<'a> {
+    /// Both views of a 16-byte stand-in, for a binding a call does not use.
+    fn stand_in(buffer: &'a wgpu::Buffer) -> Self {
+        Views {
+            vec4: buffer.as_entire_buffer_binding(),
+            scalar: buffer.as_entire_buffer_binding(),
+            element_offset: 0,
+        }
+    }
 }
 
 /// Bytes one row takes in each input binding: the logits, the targets, and the outputs.

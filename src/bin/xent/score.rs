@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use xent::{
-    CpuReference, CrossEntropy, GpuContext, Logits, LossOutput, LossTotals, Reduction, Scorer,
-    Targets, Upstream, XentError,
+    CpuReference, CrossEntropy, GpuContext, Logits, LossOutput, LossTotals, MeanNormalisers,
+    Reduction, Scorer, Targets, Upstream, XentError,
 };
 
 use crate::npy::{Elem, NpyInput, NpyWriter, same_file};
@@ -352,45 +352,31 @@ impl Engine {
     }
 }
 
-/// The whole file's mean denominator (`Σ_{i not ignored} w_{y_i}`, or N for probabilities)
-/// and counted rows (N − ignored), summed in f64 in row order as the library sums them: the
-/// gradient of the mean over the whole file needs them before its first batch
-/// (`Upstream::MeanOver`). For class indices the targets are read here, checked, and returned
-/// to be scored from memory (N integers; a pipe cannot be read twice).
+/// The whole file's mean normalisers (`Σ_{i not ignored} w_{y_i}`, or N for probabilities, and
+/// the counted rows), summed in row order as the library sums them: the gradient of the mean
+/// over the whole file needs them before its first batch (`Upstream::MeanOver`). For class
+/// indices the targets are read here, checked, and returned to be scored from memory (N
+/// integers; a pipe cannot be read twice).
 fn whole_file_mean(
     spec: &CrossEntropy,
     inputs: &mut Inputs,
-) -> Result<(f64, f64, Option<Vec<i64>>), CliError> {
+) -> Result<(MeanNormalisers, Option<Vec<i64>>), CliError> {
+    let mut mean = MeanNormalisers::default();
     if inputs.soft {
-        let n = inputs.rows as f64;
-        return Ok((n, n, None));
+        mean.add_rows(inputs.rows);
+        return Ok((mean, None));
     }
     const CHUNK: usize = 1 << 20;
     let (rows, classes) = (inputs.rows, inputs.classes);
     let mut labels = Vec::with_capacity(rows);
-    let (mut denominator, mut counted) = (0.0, 0usize);
     while labels.len() < rows {
         let first = labels.len();
         let chunk = inputs.targets.read_i64(CHUNK.min(rows - first))?;
-        for (i, &y) in chunk.iter().enumerate() {
-            if spec.is_ignored(y) {
-                continue;
-            }
-            if !(0..classes as i64).contains(&y) {
-                let e = XentError::ClassIndexOutOfRange {
-                    row: first + i,
-                    value: y,
-                    classes,
-                    ignore_index: spec.ignore_index(),
-                };
-                return Err(blame(e, inputs, 0));
-            }
-            denominator += spec.weights().map_or(1.0, |w| w[y as usize] as f64);
-            counted += 1;
-        }
+        mean.add_class_indices(spec, classes, first, &chunk)
+            .map_err(|e| blame(e, inputs, 0))?;
         labels.extend(chunk);
     }
-    Ok((denominator, counted as f64, Some(labels)))
+    Ok((mean, Some(labels)))
 }
 
 pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
@@ -441,8 +427,8 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
 
     // The gradient of a mean over the whole file: its denominators, before the first batch.
     let (mean_over, held_labels) = if args.grad.is_some() && args.reduction == Reduction::Mean {
-        let (denominator, counted_rows, labels) = whole_file_mean(&spec, &mut inputs)?;
-        (Some((denominator, counted_rows)), labels)
+        let (mean, labels) = whole_file_mean(&spec, &mut inputs)?;
+        (Some(mean), labels)
     } else {
         (None, None)
     };
@@ -500,11 +486,7 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
             .grad
             .as_ref()
             .map(|_| match (args.reduction, mean_over) {
-                (Reduction::Mean, Some((denominator, counted_rows))) => Upstream::MeanOver {
-                    grad: grad_output,
-                    denominator,
-                    counted_rows,
-                },
+                (Reduction::Mean, Some(mean)) => mean.upstream(grad_output),
                 (Reduction::None, _) => Upstream::PerRow(&per_row_upstream[..n]),
                 _ => Upstream::Scalar(grad_output),
             });
