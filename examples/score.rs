@@ -42,7 +42,7 @@ fn main() -> Result<(), xent::XentError> {
             &hard,
             Targets::ClassIndices(&labels),
         ),
-        ("probabilities", &soft_spec, Targets::Probabilities(&soft)),
+        ("probabilities", &soft_spec, Targets::probabilities(&soft)),
     ] {
         let g = gpu.cross_entropy(spec, z, targets)?;
         let c = CpuReference.cross_entropy(spec, z, targets)?;

@@ -3,6 +3,13 @@
 // with q = softmax(z'), z' the soft-capped logits (dz'/dz = 1 − (z'/cap)²), a_k the effective
 // target weights, B = Σ a_k, and the reduction's scales s_ce, s_z (DESIGN.md). Ignored rows get
 // exactly 0. Same grid as the statistics pass; each lane writes its share of a row; no barriers.
+//
+// The gradient is computed in f32 (the target-class term included) and rounded once to the
+// logits' dtype, to nearest, ties to even. Halves are written as whole words: a word is
+// written by one lane only, the lane of the row holding its first value, which also computes
+// a second value that belongs to the next row (odd C). A word shared with the previous or the
+// next chunk (or lying partly outside the view) keeps its other half as it was: chunks run as
+// separate dispatches, so such a read-modify-write races with nothing.
 
 const REDUCTION_NONE: u32 = 0u;
 // The upstream gradient per row (reduction none), or one scalar (sum, mean).
@@ -11,6 +18,9 @@ override REDUCTION: u32 = 2u;
 override SCALES_FROM_TOTALS: bool = false;
 // The gradient overwrites the logits: read them through `outputs`.
 override IN_PLACE: bool = false;
+// The logits' and the outputs' element offsets have the same parity (halves): the logits of
+// an output word are one word of the logits binding.
+override PAIRED: bool = true;
 
 // What one lane needs to write a row's gradient.
 struct RowGradient {
@@ -21,12 +31,44 @@ struct RowGradient {
     s_z: f32,
     y: i32,
     w_y: f32,
+    // The row's first logit (logits binding) and first output (outputs binding), elements.
     first: u32,
+    out: u32,
 }
 
-fn load_logit(g: RowGradient, out: u32, k: u32) -> f32 {
+// The gradient context of chunk row r.
+fn row_gradient(r: u32) -> RowGradient {
+    let row = params.first_row + r;
+    var g: RowGradient;
+    g.st = results[params.rows2_at + row];
+    g.lse = g.st.x + g.st.y;
+    g.s_ce = params.grad_ce;
+    g.s_z = params.grad_z;
+    if REDUCTION == REDUCTION_NONE {
+        let up = class_weights[params.upstream_at + row];
+        g.s_ce *= up;
+        g.s_z *= up;
+    } else if SCALES_FROM_TOTALS {
+        let denominator = status.totals_hi.z + status.totals_lo.z;
+        let counted = f32(params.total_rows) - (status.totals_hi.w + status.totals_lo.w);
+        g.s_ce /= denominator;
+        g.s_z /= counted;
+    }
+    g.y = -1;
+    g.w_y = 0.0;
+    if TARGET_KIND == TARGET_CLASS_INDEX && g.st.w > 0.0 {
+        g.y = target_class(r);
+        g.w_y = (1.0 - params.smoothing) * class_weight(u32(max(g.y, 0)));
+    }
+    g.first = row_first(r);
+    g.out = params.outputs_offset + r * params.classes;
+    return g;
+}
+
+// Raw logit k of the row (f32 logits).
+fn load_logit(g: RowGradient, k: u32) -> f32 {
     if IN_PLACE {
-        return outputs[out + k];
+        return bitcast<f32>(outputs[g.out + k]);
     }
     return raw_logit(g.first + k);
 }
@@ -54,6 +96,143 @@ fn gradient_of(g: RowGradient, z: f32, k: u32) -> f32 {
     return select(0.0, d, g.st.w > 0.0);
 }
 
+// f32 → bf16 bits, to nearest, ties to even (NaN stays a quiet NaN).
+fn bf16_bits(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    if (b & 0x7fffffffu) > 0x7f800000u {
+        return (b >> 16u) | 0x40u;
+    }
+    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}
+
+// f32 → f16 bits, to nearest, ties to even, subnormals included (in integer arithmetic, so
+// the rounding is the same on every adapter).
+fn f16_bits(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    let sign = (b >> 16u) & 0x8000u;
+    let a = b & 0x7fffffffu;
+    if a > 0x7f800000u {
+        return sign | 0x7e00u;
+    }
+    // 65520 and above (halfway past 65504, the largest f16) round to infinity.
+    if a >= 0x477ff000u {
+        return sign | 0x7c00u;
+    }
+    // Normal f16 (2^-14 and above): rebias the exponent, round at bit 13.
+    if a >= 0x38800000u {
+        return sign | (((a + 0xfffu + ((a >> 13u) & 1u)) >> 13u) - (112u << 10u));
+    }
+    // Below half the smallest subnormal (2^-25, a tie, included): zero.
+    if a <= 0x33000000u {
+        return sign;
+    }
+    // Subnormal: the mantissa with its leading 1, in units of 2^-24.
+    let e = a >> 23u;
+    let m = (a & 0x7fffffu) | 0x800000u;
+    let shift = 126u - e;
+    let half_unit = 1u << (shift - 1u);
+    let rest = m & ((half_unit << 1u) - 1u);
+    var q = m >> shift;
+    if rest > half_unit || (rest == half_unit && (q & 1u) == 1u) {
+        q += 1u;
+    }
+    return sign | q;
+}
+
+// A gradient value as the 16 bits of the logits' dtype.
+fn half_bits(x: f32) -> u32 {
+    if DTYPE == DTYPE_BF16 {
+        return bf16_bits(x);
+    }
+    return f16_bits(x);
+}
+
+// f32 logits: element by element, four loads in flight per lane, neighbouring lanes on
+// neighbouring elements. (vec4 loads with four scalar stores each measured 1.8x slower on an
+// H200: every store instruction of a warp then touches four times the sectors.)
+fn write_row_f32(g: RowGradient, lane: u32, lanes: u32) {
+    let end = params.classes;
+    let out = g.out;
+    var k = lane;
+    for (; k + 3u * lanes < end; k += 4u * lanes) {
+        let z0 = load_logit(g, k);
+        let z1 = load_logit(g, k + lanes);
+        let z2 = load_logit(g, k + 2u * lanes);
+        let z3 = load_logit(g, k + 3u * lanes);
+        outputs[out + k] = bitcast<u32>(gradient_of(g, z0, k));
+        outputs[out + k + lanes] = bitcast<u32>(gradient_of(g, z1, k + lanes));
+        outputs[out + k + 2u * lanes] = bitcast<u32>(gradient_of(g, z2, k + 2u * lanes));
+        outputs[out + k + 3u * lanes] = bitcast<u32>(gradient_of(g, z3, k + 3u * lanes));
+    }
+    for (; k < end; k += lanes) {
+        outputs[out + k] = bitcast<u32>(gradient_of(g, load_logit(g, k), k));
+    }
+}
+
+// The two logits of output word w (elements 2w, 2w + 1 of the outputs binding), whose first
+// value is class k of the row.
+fn load_pair(g: RowGradient, w: u32, k: u32) -> vec2<f32> {
+    if IN_PLACE {
+        return widen2(outputs[w]);
+    }
+    let i = g.first + k;
+    if PAIRED {
+        return widen2(logits1[i / 2u]);
+    }
+    return vec2(raw_logit(i), raw_logit(i + 1u));
+}
+
+// Halves: the lanes of chunk row r walk the output words the row owns.
+fn write_row_half(r: u32, g: RowGradient, lane: u32, lanes: u32) {
+    let o = g.out;
+    let end = o + params.classes;
+    // Words whose first value is in the row, and for the chunk's first row the word holding
+    // its first value.
+    var w_first = (o + 1u) / 2u;
+    if r == 0u {
+        w_first = o / 2u;
+    }
+    let w_end = (end + 1u) / 2u;
+    for (var w = w_first + lane; w < w_end; w += lanes) {
+        let e = 2u * w;
+        if e >= o && e + 1u < end {
+            // Both values in the row.
+            let k = e - o;
+            let z = load_pair(g, w, k);
+            let lo = half_bits(gradient_of(g, z.x, k));
+            let hi = half_bits(gradient_of(g, z.y, k + 1u));
+            outputs[w] = lo | (hi << 16u);
+        } else {
+            // A word at the row's start (the chunk's first row) or end: each value from its
+            // own row, or kept.
+            let old = outputs[w];
+            var lo = old & 0xffffu;
+            var hi = old >> 16u;
+            if e >= o {
+                let k = e - o;
+                lo = half_bits(gradient_of(g, element_of(load_one(g, k, old, 0u), 0u), k));
+                if r + 1u < params.rows {
+                    let n = row_gradient(r + 1u);
+                    hi = half_bits(gradient_of(n, element_of(load_one(n, 0u, old, 1u), 0u), 0u));
+                }
+            } else {
+                hi = half_bits(gradient_of(g, element_of(load_one(g, 0u, old, 1u), 0u), 0u));
+            }
+            outputs[w] = lo | (hi << 16u);
+        }
+    }
+}
+
+// The logit of class k of the row as the low half of a word; `old` is the output word and
+// `half` which half of it holds that logit in place.
+fn load_one(g: RowGradient, k: u32, old: u32, half: u32) -> u32 {
+    if IN_PLACE {
+        return old >> (16u * half);
+    }
+    let i = g.first + k;
+    return logits1[i / 2u] >> ((i & 1u) * 16u);
+}
+
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -65,48 +244,12 @@ fn main(
     if r >= params.rows {
         return;
     }
-    let row = params.first_row + r;
-    var g: RowGradient;
-    g.st = results[params.rows2_at + row];
-    g.lse = g.st.x + g.st.y;
-    g.s_ce = params.grad_ce;
-    g.s_z = params.grad_z;
-    if REDUCTION == REDUCTION_NONE {
-        let up = class_weights[params.upstream_at + row];
-        g.s_ce *= up;
-        g.s_z *= up;
-    } else if SCALES_FROM_TOTALS {
-        let denominator = status.totals_hi.z + status.totals_lo.z;
-        let counted = f32(params.total_rows) - (status.totals_hi.w + status.totals_lo.w);
-        g.s_ce /= denominator;
-        g.s_z /= counted;
-    }
-    g.y = -1;
-    g.w_y = 0.0;
-    if TARGET_KIND == TARGET_CLASS_INDEX && g.st.w > 0.0 {
-        g.y = target_class(r);
-        g.w_y = (1.0 - params.smoothing) * class_weight(u32(max(g.y, 0)));
-    }
-    g.first = row_first(r);
-    let out = params.outputs_offset + r * params.classes;
+    let g = row_gradient(r);
     let lane = (group % SPLIT) * LANES_PER_ROW + lid % LANES_PER_ROW;
     let lanes = SPLIT * LANES_PER_ROW;
-    // Element by element, four loads in flight per lane, neighbouring lanes on neighbouring
-    // elements. (vec4 loads with four scalar stores each measured 1.8x slower on an H200:
-    // every store instruction of a warp then touches four times the sectors.)
-    let end = params.classes;
-    var k = lane;
-    for (; k + 3u * lanes < end; k += 4u * lanes) {
-        let z0 = load_logit(g, out, k);
-        let z1 = load_logit(g, out, k + lanes);
-        let z2 = load_logit(g, out, k + 2u * lanes);
-        let z3 = load_logit(g, out, k + 3u * lanes);
-        outputs[out + k] = gradient_of(g, z0, k);
-        outputs[out + k + lanes] = gradient_of(g, z1, k + lanes);
-        outputs[out + k + 2u * lanes] = gradient_of(g, z2, k + 2u * lanes);
-        outputs[out + k + 3u * lanes] = gradient_of(g, z3, k + 3u * lanes);
-    }
-    for (; k < end; k += lanes) {
-        outputs[out + k] = gradient_of(g, load_logit(g, out, k), k);
+    if DTYPE == DTYPE_F32 {
+        write_row_f32(g, lane, lanes);
+    } else {
+        write_row_half(r, g, lane, lanes);
     }
 }

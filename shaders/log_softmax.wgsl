@@ -1,6 +1,7 @@
 // Log-softmax, after the row statistics: each lane writes its share of a row,
 // log q_k = (z_k − m) − ln s, with m and ln s from the row's results (subtracting m first
-// keeps large offsets exact). Same grid as the statistics pass; no barriers.
+// keeps large offsets exact), as f32 whatever the logits' dtype. Same grid as the statistics
+// pass; no barriers.
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn main(
@@ -19,6 +20,6 @@ fn main(
     let out = params.outputs_offset + r * params.classes;
     let lanes = SPLIT * LANES_PER_ROW;
     for (var k = (group % SPLIT) * LANES_PER_ROW + lid % LANES_PER_ROW; k < params.classes; k += lanes) {
-        outputs[out + k] = (logit(first + k) - stats.z) - stats.w;
+        outputs[out + k] = bitcast<u32>((logit(first + k) - stats.z) - stats.w);
     }
 }

@@ -15,6 +15,19 @@ override SPLIT: u32 = 1u;
 // Aligned 16-byte loads for the body of each row, scalar loads for its ragged ends.
 override VEC4: bool = true;
 
+// The logits' dtype (src/gpu/pipelines.rs mirrors these numbers). Every binding of values is
+// read as u32 words: an f32 is one word; bf16 and f16 values are two to a word, the element
+// with the even index in the low half. bf16 widens by a shift; f16 by `widen_f16`
+// (f16_unpack.wgsl or f16_native.wgsl, prepended by the host).
+const DTYPE_F32: u32 = 0u;
+const DTYPE_BF16: u32 = 1u;
+const DTYPE_F16: u32 = 2u;
+override DTYPE: u32 = DTYPE_F32;
+// Probability targets in the logits' (half) dtype rather than f32.
+override TARGETS_HALF: bool = false;
+// Elements of the logits per 16-byte load.
+override PER_VEC: u32 = select(4u, 8u, DTYPE != DTYPE_F32);
+
 // What the targets are (src/gpu/pipelines.rs mirrors these numbers).
 const TARGET_NONE: u32 = 0u;
 const TARGET_CLASS_INDEX: u32 = 1u;
@@ -25,7 +38,8 @@ override INDEX_I64: bool = false;
 // A class index equal to (params.ignore_lo, params.ignore_hi) skips its row.
 override HAS_IGNORE: bool = false;
 // Probability targets lie at the logits' alignment (their element offsets differ by a
-// multiple of 4), so a vec4 of logits has a vec4 of targets beside it.
+// multiple of 4, of 2 for half targets), so four aligned logits have their four targets in
+// one vec4 (two words).
 override TARGETS_ALIGNED: bool = true;
 override HAS_WEIGHTS: bool = false;
 override HAS_SMOOTHING: bool = false;
@@ -54,7 +68,8 @@ struct Params {
     first_row: u32,
     // Element offset of the chunk's first logit within the logits binding.
     logits_offset: u32,
-    // Word offset of the chunk's first target within the targets binding.
+    // Element offset of the chunk's first target within the targets binding (words for class
+    // indices, values for probabilities).
     targets_offset: u32,
     // Global index of the chunk's first workgroup sum, and the call's number of them.
     group_base: u32,
@@ -117,18 +132,18 @@ struct Status {
 // two vec4s each: (Σ loss, Σ entropy, Σ denominator, ignored), (Σ z-loss, 0, 0, 0).
 @group(0) @binding(2) var<storage, read_write> results: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> status: Status;
-// Logits [rows, classes] of this chunk, row-major, from params.logits_offset: the whole vec4s
-// of the binding (aligned loads of row bodies), and every element (ragged ends). Two views of
-// one buffer, because a binding's last partial vec4 cannot be read as a vec4.
-@group(1) @binding(0) var<storage, read> logits: array<vec4<f32>>;
-@group(1) @binding(1) var<storage, read> logits1: array<f32>;
+// Logits [rows, classes] of this chunk, row-major, from params.logits_offset: the whole
+// 16-byte words of the binding (aligned loads of row bodies), and every word (ragged ends).
+// Two views of one buffer, because a binding's last partial vec4 cannot be read as a vec4.
+@group(1) @binding(0) var<storage, read> logits: array<vec4<u32>>;
+@group(1) @binding(1) var<storage, read> logits1: array<u32>;
 // Probabilities laid out like the logits, or one class index per row, from
 // params.targets_offset; the same two views.
 @group(1) @binding(2) var<storage, read> targets: array<vec4<u32>>;
 @group(1) @binding(3) var<storage, read> targets1: array<u32>;
-// Elementwise outputs (log-probabilities, the gradient), from params.outputs_offset; for a
-// gradient in place, a view of the logits themselves.
-@group(1) @binding(4) var<storage, read_write> outputs: array<f32>;
+// Elementwise outputs (f32 log-probabilities, the gradient in the logits' dtype), from
+// params.outputs_offset; for a gradient in place, a view of the logits themselves.
+@group(1) @binding(4) var<storage, read_write> outputs: array<u32>;
 
 // Soft-capping of four logits (identity without SOFTCAP). tanh saturates to ±1 in f32 by
 // |x| = 9; clamping first keeps ±inf from reaching tanh.
@@ -143,13 +158,38 @@ fn cap1(z: f32) -> f32 {
     return cap4(vec4(z, 0.0, 0.0, 0.0)).x;
 }
 
+// The two values of a word of halves of the logits' dtype, low half first.
+fn widen2(w: u32) -> vec2<f32> {
+    if DTYPE == DTYPE_BF16 {
+        return vec2(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u));
+    }
+    return widen_f16(w);
+}
+
+// Value i of a binding of the logits' dtype, given its word.
+fn element_of(word: u32, i: u32) -> f32 {
+    if DTYPE == DTYPE_F32 {
+        return bitcast<f32>(word);
+    }
+    return widen2(word >> ((i & 1u) * 16u)).x;
+}
+
+// The word holding value i of a binding of the logits' dtype.
+fn word_index(i: u32) -> u32 {
+    if DTYPE == DTYPE_F32 {
+        return i;
+    }
+    return i / 2u;
+}
+
+// Logit element i of the logits binding.
 fn raw_logit(i: u32) -> f32 {
-    return logits1[i];
+    return element_of(logits1[word_index(i)], i);
 }
 
 // Logit element i after soft-capping.
 fn logit(i: u32) -> f32 {
-    return cap1(logits1[i]);
+    return cap1(raw_logit(i));
 }
 
 fn target_word(i: u32) -> u32 {
@@ -199,24 +239,35 @@ fn class_weights4(k: u32) -> vec4<f32> {
     return vec4(1.0);
 }
 
+// Target value j of the targets binding (f32, or the logits' half dtype).
+fn target_value(j: u32) -> f32 {
+    if TARGETS_HALF {
+        return widen2(target_word(j / 2u) >> ((j & 1u) * 16u)).x;
+    }
+    return bitcast<f32>(target_word(j));
+}
+
 // The probability beside logit element i (of the logits binding).
 fn probability(i: u32) -> f32 {
-    return bitcast<f32>(target_word(i - params.logits_offset + params.targets_offset));
+    return target_value(i - params.logits_offset + params.targets_offset);
 }
 
-// The probabilities beside the logits vec4 v.
-fn probabilities4(v: u32) -> vec4<f32> {
-    let i = v * 4u - params.logits_offset + params.targets_offset;
+// The probabilities beside the four logits from element e (a multiple of 4).
+fn probabilities4(e: u32) -> vec4<f32> {
+    let j = e - params.logits_offset + params.targets_offset;
     if TARGETS_ALIGNED {
-        return bitcast<vec4<f32>>(targets[i / 4u]);
+        if TARGETS_HALF {
+            return vec4(widen2(target_word(j / 2u)), widen2(target_word(j / 2u + 1u)));
+        }
+        return bitcast<vec4<f32>>(targets[j / 4u]);
     }
-    return bitcast<vec4<f32>>(vec4(target_word(i), target_word(i + 1u), target_word(i + 2u), target_word(i + 3u)));
+    return vec4(target_value(j), target_value(j + 1u), target_value(j + 2u), target_value(j + 3u));
 }
 
-// Effective target weights a_k of the four logits of vec4 v, whose first class is k.
-fn target_weights4(v: u32, k: u32) -> vec4<f32> {
+// Effective target weights a_k of the four logits from element e, whose first class is k.
+fn target_weights4(e: u32, k: u32) -> vec4<f32> {
     if TARGET_KIND == TARGET_PROBABILITIES {
-        let p = probabilities4(v);
+        let p = probabilities4(e);
         return class_weights4(k) * (p * (1.0 - params.smoothing) + params.smoothing_per_class);
     }
     return class_weights4(k) * params.smoothing_per_class;
@@ -234,10 +285,10 @@ fn entropy_terms(t: vec4<f32>) -> vec4<f32> {
     return select(-t * log(t), vec4(0.0), t <= vec4(0.0));
 }
 
-// Effective target weights of the four logits at vec4 index v of a row starting at `first`.
-fn targets4(v: u32, first: u32) -> vec4<f32> {
+// Effective target weights of the four logits from element e of a row starting at `first`.
+fn targets4(e: u32, first: u32) -> vec4<f32> {
     if FOLD_TARGETS {
-        return target_weights4(v, v * 4u - first);
+        return target_weights4(e, e - first);
     }
     return vec4(0.0);
 }
@@ -258,6 +309,17 @@ fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>) -> bool 
         (*st).h += (h.x + h.y) + (h.z + h.w);
     }
     return wild4(z);
+}
+
+// Folds the PER_VEC logits of the 16-byte load q, the vec4 v of the logits binding.
+fn fold_vector(st: ptr<function, RowStats>, q: vec4<u32>, v: u32, first: u32) -> bool {
+    let e = v * PER_VEC;
+    if DTYPE == DTYPE_F32 {
+        return fold_loaded(st, bitcast<vec4<f32>>(q), targets4(e, first));
+    }
+    let lo = fold_loaded(st, vec4(widen2(q.x), widen2(q.y)), targets4(e, first));
+    let hi = fold_loaded(st, vec4(widen2(q.z), widen2(q.w)), targets4(e + 4u, first));
+    return lo || hi;
 }
 
 fn fold_scalar(st: ptr<function, RowStats>, i: u32, k: u32) -> bool {
@@ -291,25 +353,23 @@ fn fold_row(r: u32, lane: u32, lanes: u32) -> RowStats {
             wild = fold_scalar(&st, i, i - first) || wild;
         }
     } else {
-        // Whole vec4s inside the row, then the ≤ 3 logits before and the ≤ 3 after them.
-        let v_first = (first + 3u) / 4u;
-        let v_end = max(end / 4u, v_first);
+        // Whole 16-byte loads inside the row, then the < PER_VEC logits before and after them.
+        let v_first = (first + PER_VEC - 1u) / PER_VEC;
+        let v_end = max(end / PER_VEC, v_first);
         // Two loads in flight per lane before either is used.
         var v = v_first + lane;
         for (; v + lanes < v_end; v += 2u * lanes) {
-            let z0 = logits[v];
-            let z1 = logits[v + lanes];
-            let t0 = targets4(v, first);
-            let t1 = targets4(v + lanes, first);
-            wild = fold_loaded(&st, z0, t0) || wild;
-            wild = fold_loaded(&st, z1, t1) || wild;
+            let q0 = logits[v];
+            let q1 = logits[v + lanes];
+            wild = fold_vector(&st, q0, v, first) || wild;
+            wild = fold_vector(&st, q1, v + lanes, first) || wild;
         }
         if v < v_end {
-            wild = fold_loaded(&st, logits[v], targets4(v, first)) || wild;
+            wild = fold_vector(&st, logits[v], v, first) || wild;
         }
-        // A row shorter than the gap to the next aligned vec4 is all head and has no tail.
-        let head_end = min(v_first * 4u, end);
-        let tail_start = min(max(v_end * 4u, head_end), end);
+        // A row shorter than the gap to the next aligned load is all head and has no tail.
+        let head_end = min(v_first * PER_VEC, end);
+        let tail_start = min(max(v_end * PER_VEC, head_end), end);
         let head = head_end - first;
         let ragged = head + (end - tail_start);
         for (var q = lane; q < ragged; q += lanes) {

@@ -55,7 +55,7 @@ pub(crate) fn log_sum_exp_f64(z: impl Iterator<Item = f64> + Clone) -> f64 {
 /// Per-row log-sum-exp.
 pub fn log_sum_exp(logits: Logits<'_>) -> Vec<f64> {
     (0..logits.rows())
-        .map(|i| log_sum_exp_row(logits.row(i)))
+        .map(|i| log_sum_exp_row(&logits.row(i)))
         .collect()
 }
 
@@ -64,7 +64,7 @@ pub fn log_softmax(logits: Logits<'_>) -> Vec<f64> {
     let mut out = Vec::with_capacity(logits.values().len());
     for i in 0..logits.rows() {
         let z = logits.row(i);
-        let lse = log_sum_exp_row(z);
+        let lse = log_sum_exp_row(&z);
         out.extend(z.iter().map(|&v| v as f64 - lse));
     }
     out
@@ -156,7 +156,7 @@ pub fn cross_entropy(
     let mut z_loss = (lambda > 0.0).then(Vec::new);
 
     for i in 0..logits.rows() {
-        let z = effective_row(spec, logits.row(i));
+        let z = effective_row(spec, &logits.row(i));
         let lse_i = log_sum_exp_f64(z.iter().copied());
         lse.push(lse_i);
         let (loss, counted) = match targets {
@@ -264,7 +264,7 @@ pub fn cross_entropy_grad(
             (Reduction::Mean, None) => (g / out.mean_denominator, g / counted),
         };
         let raw = logits.row(i);
-        let z = effective_row(spec, raw);
+        let z = effective_row(spec, &raw);
         let lse = out.log_sum_exp[i];
         let b: f64 = a.iter().sum();
         for k in 0..z.len() {

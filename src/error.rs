@@ -33,6 +33,16 @@ pub enum XentError {
         /// What the expected shape is, in words.
         what: String,
     },
+    /// Probability targets must be f32 or of the logits' dtype.
+    #[error(
+        "targets: probabilities of {targets} cannot go with {logits} logits (use f32 or {logits})"
+    )]
+    TargetsDtype {
+        /// The logits' dtype.
+        logits: crate::Dtype,
+        /// The probabilities' dtype.
+        targets: crate::Dtype,
+    },
     /// A class index is outside `[0, C)` and is not the ignore index.
     #[error("targets: row {row} has class index {value}, outside [0, {classes}){}", ignore_note(*.ignore_index))]
     ClassIndexOutOfRange {

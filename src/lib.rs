@@ -39,6 +39,7 @@
 #![warn(missing_docs)]
 
 pub mod cpu;
+mod dtype;
 mod error;
 pub mod gpu;
 mod grad;
@@ -49,12 +50,14 @@ mod spec;
 mod targets;
 
 pub use cpu::CpuReference;
+pub use dtype::{Dtype, Element, ElementVec, Elements};
 pub use error::{Result, XentError};
 pub use gpu::{
     BoundInputs, DeviceLogits, DeviceTargets, GpuContext, GpuOptions, GradientOutput, IndexType,
     LossShape, PreparedLoss, Strategy, TargetLayout,
 };
 pub use grad::{MeanNormalisers, Upstream};
+pub use half::{bf16, f16};
 pub use logits::Logits;
 pub use output::{LossOutput, LossTotals};
 pub use scoring::{Distillation, Divergence, SparseTargets};

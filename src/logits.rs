@@ -1,19 +1,27 @@
 //! A checked view of a logits matrix.
 
+use std::borrow::Cow;
+
+use crate::dtype::{Dtype, Element, Elements};
 use crate::error::{Result, XentError};
 
-/// Logits `[rows, classes]`, row-major f32.
+/// Logits `[rows, classes]`, row-major, of f32, bf16 or f16 ([`Element`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Logits<'a> {
-    values: &'a [f32],
+    values: Elements<'a>,
     rows: usize,
     classes: usize,
 }
 
 impl<'a> Logits<'a> {
-    /// Views `values` as `[rows, classes]`; errors unless `values.len() == rows × classes`
-    /// and `classes ≥ 1`.
-    pub fn new(values: &'a [f32], rows: usize, classes: usize) -> Result<Self> {
+    /// Views `values` (`f32`, `half::bf16` or `half::f16`) as `[rows, classes]`; errors
+    /// unless `values.len() == rows × classes` and `classes ≥ 1`.
+    pub fn new<T: Element>(values: &'a [T], rows: usize, classes: usize) -> Result<Self> {
+        Self::from_elements(T::elements(values), rows, classes)
+    }
+
+    /// [`Logits::new`] for values whose type is known at run time.
+    pub fn from_elements(values: Elements<'a>, rows: usize, classes: usize) -> Result<Self> {
         if classes == 0 {
             return Err(XentError::NoClasses);
         }
@@ -32,8 +40,13 @@ impl<'a> Logits<'a> {
     }
 
     /// All values, row-major.
-    pub fn values(&self) -> &'a [f32] {
+    pub fn values(&self) -> Elements<'a> {
         self.values
+    }
+
+    /// The values' type.
+    pub fn dtype(&self) -> Dtype {
+        self.values.dtype()
     }
 
     /// N.
@@ -46,15 +59,27 @@ impl<'a> Logits<'a> {
         self.classes
     }
 
-    /// Row `i`.
-    pub fn row(&self, i: usize) -> &'a [f32] {
-        &self.values[i * self.classes..(i + 1) * self.classes]
+    /// N × C.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Row `i`, widened exactly to f32 (borrowed for f32 logits).
+    pub fn row(&self, i: usize) -> Cow<'a, [f32]> {
+        self.values.to_f32(i * self.classes..(i + 1) * self.classes)
     }
 
     /// Rows `range` as logits of their own.
     pub fn slice_rows(&self, range: std::ops::Range<usize>) -> Logits<'a> {
         Logits {
-            values: &self.values[range.start * self.classes..range.end * self.classes],
+            values: self
+                .values
+                .slice(range.start * self.classes..range.end * self.classes),
             rows: range.len(),
             classes: self.classes,
         }

@@ -428,7 +428,7 @@ fn distill_impl(
     let mut grad = Vec::new();
     for i in 0..rows {
         let lp = log_softmax_scaled(&teacher[i * classes..(i + 1) * classes], t);
-        let lq = log_softmax_scaled(student.row(i), t);
+        let lq = log_softmax_scaled(&student.row(i), t);
         let row = distill_row(spec.divergence, &lp, &lq, upstream.is_some());
         per_row.push(scale * row.loss);
         if let Some((h, d)) = row.forward {
@@ -830,7 +830,7 @@ pub fn token_metrics(
     let rows = (0..logits.rows())
         .map(|i| {
             let y = (ignore_index != Some(targets[i])).then_some(targets[i] as usize);
-            let row = token_row(logits.row(i), y, top_k);
+            let row = token_row(&logits.row(i), y, top_k);
             match row.target {
                 Some(t) => {
                     summary.counted_rows += 1;
@@ -914,7 +914,7 @@ pub fn sequence_scores(
                 tokens: w[1] - w[0],
             };
             for (i, &y) in (w[0]..w[1]).zip(&targets[w[0]..w[1]]) {
-                let t = token_row(logits.row(i), Some(y as usize), 1)
+                let t = token_row(&logits.row(i), Some(y as usize), 1)
                     .target
                     .expect("a target was given");
                 score.loglikelihood += t.log_prob;

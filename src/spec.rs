@@ -1,5 +1,6 @@
 //! The loss specification: `torch.nn.functional.cross_entropy`'s options, as a builder.
 
+use crate::dtype::Dtype;
 use crate::error::{Result, XentError};
 use crate::logits::Logits;
 use crate::targets::Targets;
@@ -227,9 +228,15 @@ impl CrossEntropy {
                 }
             }
             Targets::Probabilities(p) => {
-                if p.len() != logits.values().len() {
+                if p.dtype() != Dtype::F32 && p.dtype() != logits.dtype() {
+                    return Err(XentError::TargetsDtype {
+                        logits: logits.dtype(),
+                        targets: p.dtype(),
+                    });
+                }
+                if p.len() != logits.len() {
                     return Err(XentError::TargetsShape {
-                        expected: logits.values().len(),
+                        expected: logits.len(),
                         got: p.len(),
                         what: format!("probabilities shaped like the logits, [{rows}, {classes}]"),
                     });

@@ -1,5 +1,8 @@
 //! What the logits are scored against.
 
+use std::borrow::Cow;
+
+use crate::dtype::{Element, Elements};
 use crate::logits::Logits;
 
 /// Targets, following PyTorch's rule: one integer per row is a class index; values shaped
@@ -8,25 +11,34 @@ use crate::logits::Logits;
 pub enum Targets<'a> {
     /// One class index per row, `[N]`; a value equal to the spec's ignore index skips the row.
     ClassIndices(&'a [i64]),
-    /// A probability (or any non-negative weight) per logit, `[N, C]` row-major.
-    Probabilities(&'a [f32]),
+    /// A probability (or any non-negative weight) per logit, `[N, C]` row-major, in f32 or
+    /// in the logits' dtype ([`Targets::probabilities`]).
+    Probabilities(Elements<'a>),
 }
 
 impl<'a> Targets<'a> {
+    /// Probabilities of any [`Element`] type (f32, or the logits' half type).
+    pub fn probabilities<T: Element>(values: &'a [T]) -> Self {
+        Targets::Probabilities(T::elements(values))
+    }
+
     /// The targets of rows `range` (of logits with `classes` columns).
     pub fn slice_rows(&self, range: std::ops::Range<usize>, classes: usize) -> Targets<'a> {
         match *self {
             Targets::ClassIndices(y) => Targets::ClassIndices(&y[range]),
             Targets::Probabilities(p) => {
-                Targets::Probabilities(&p[range.start * classes..range.end * classes])
+                Targets::Probabilities(p.slice(range.start * classes..range.end * classes))
             }
         }
     }
 
-    /// Row `i` of probability targets for `logits`, if these are probabilities.
-    pub fn probabilities_row(&self, logits: &Logits<'_>, i: usize) -> Option<&'a [f32]> {
+    /// Row `i` of probability targets for `logits` (widened exactly to f32), if these are
+    /// probabilities.
+    pub fn probabilities_row(&self, logits: &Logits<'_>, i: usize) -> Option<Cow<'a, [f32]>> {
         match *self {
-            Targets::Probabilities(p) => Some(&p[i * logits.classes()..(i + 1) * logits.classes()]),
+            Targets::Probabilities(p) => {
+                Some(p.to_f32(i * logits.classes()..(i + 1) * logits.classes()))
+            }
             Targets::ClassIndices(_) => None,
         }
     }

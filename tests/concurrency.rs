@@ -93,7 +93,7 @@ impl Case {
 
     fn targets(&self, soft: bool) -> Targets<'_> {
         if soft {
-            Targets::Probabilities(&self.probabilities)
+            Targets::probabilities(&self.probabilities)
         } else {
             Targets::ClassIndices(&self.labels)
         }
@@ -129,7 +129,7 @@ impl Case {
                 let view = DeviceLogits::new(&logits, 0, rows, classes);
                 let t = match shape.targets() {
                     TargetLayout::ClassIndices(i) => DeviceTargets::class_indices(&targets, 0, i),
-                    TargetLayout::Probabilities => DeviceTargets::probabilities(&targets, 0),
+                    TargetLayout::Probabilities(_) => DeviceTargets::probabilities(&targets, 0),
                 };
                 let result = gpu.prepare(spec, shape).and_then(|mut loss| {
                     loss.run(view, t)?;
@@ -144,6 +144,7 @@ impl Case {
                     self.targets(false),
                     Upstream::Scalar(1.0),
                 )
+                .map(|(o, g)| (o, g.to_f32()))
                 .map_or_else(fail, |(out, grad)| Answer::Gradient(out, grad)),
         }
     }

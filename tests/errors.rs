@@ -65,7 +65,7 @@ fn logits_of_the_wrong_length() {
 
 #[test]
 fn zero_classes() {
-    let err = Logits::new(&[], 4, 0).unwrap_err();
+    let err = Logits::new::<f32>(&[], 4, 0).unwrap_err();
     assert!(matches!(err, XentError::NoClasses), "{err}");
 }
 
@@ -93,7 +93,7 @@ fn targets_of_the_wrong_shape() {
         s.cross_entropy(
             &CrossEntropy::new(),
             logits(),
-            Targets::Probabilities(&[0.25; 8]),
+            Targets::probabilities(&[0.25; 8]),
         )
     });
     assert!(
@@ -166,7 +166,7 @@ fn class_index_out_of_range_names_row_and_value() {
 fn ignore_index_with_probabilities() {
     let p = [1.0 / 3.0; 12];
     let spec = CrossEntropy::new().with_ignore_index(-100);
-    let err = on_both(|s| s.cross_entropy(&spec, logits(), Targets::Probabilities(&p)));
+    let err = on_both(|s| s.cross_entropy(&spec, logits(), Targets::probabilities(&p)));
     assert!(
         matches!(err, XentError::IgnoreIndexWithProbabilities),
         "{err}"

@@ -6,24 +6,13 @@
 mod common;
 
 use common::{
-    GoldenInputs, Problem, buffer_with, golden_cases, gpu, max_abs_per_row, read_f32, ulp_f32,
+    GoldenInputs, Problem, buffer_with, element_tolerance, golden_cases, gpu, max_abs_per_row,
+    read_f32, ulp_f32,
 };
 use xent::{
     CrossEntropy, DeviceLogits, DeviceTargets, GradientOutput, IndexType, Logits, LossShape,
     Reduction, Strategy, Upstream, cpu,
 };
-
-/// The tolerance of one GPU gradient element against an f64 reference, for a row whose
-/// gradient is scaled by `scale`, with target mass `mass` and largest |logit| `max_abs`.
-///
-/// An element is s·(B·q_k − a_k) (+ the z-loss term). The GPU computes q_k = exp((z_k − m) −
-/// ln s) in f32: z_k − m is off by up to an ulp of the largest |z|, and ln s by a few f32
-/// ulps, so q_k is off by q_k·(2·ulp(max|z|) + 1e-6) relatively; B·q_k − a_k adds a rounding of
-/// each term. Summed over the row, q_k ≤ 1: an absolute |s|·(1 + B)·(8·ulp(max|z|) + 4e-6)
-/// bounds every element with room to spare.
-fn element_tolerance(scale: f64, mass: f64, max_abs: f64) -> f64 {
-    scale.abs() * (1.0 + mass) * (8.0 * ulp_f32(max_abs) + 4e-6)
-}
 
 /// Asserts a GPU gradient against a reference, row by row.
 #[allow(clippy::too_many_arguments)]
@@ -68,6 +57,7 @@ fn gpu_gradients_reproduce_pytorch() {
         let mean = inputs.spec.clone().with_reduction(Reduction::Mean);
         let (out, got) = gpu
             .cross_entropy_grad(&mean, logits, inputs.targets(), Upstream::Scalar(1.0))
+            .map(|(o, g)| (o, g.to_f32()))
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let denominator = out.mean_denominator;
         let label = format!("{} mean", case.name);
@@ -85,6 +75,7 @@ fn gpu_gradients_reproduce_pytorch() {
         let sum = inputs.spec.clone().with_reduction(Reduction::Sum);
         let (_, got) = gpu
             .cross_entropy_grad(&sum, logits, inputs.targets(), Upstream::Scalar(2.5))
+            .map(|(o, g)| (o, g.to_f32()))
             .unwrap();
         let want_sum: Vec<f64> = want.iter().map(|g| g * denominator * 2.5).collect();
         assert_gradient(
@@ -100,6 +91,7 @@ fn gpu_gradients_reproduce_pytorch() {
         let none = inputs.spec.clone().with_reduction(Reduction::None);
         let (_, got) = gpu
             .cross_entropy_grad(&none, logits, inputs.targets(), Upstream::PerRow(&upstream))
+            .map(|(o, g)| (o, g.to_f32()))
             .unwrap();
         let want_none: Vec<f64> = want
             .iter()
@@ -180,6 +172,7 @@ fn gpu_gradients_match_the_cpu_reference() {
                 for strategy in [gpu.plan(rows, classes), Strategy::NAIVE] {
                     let (out, got) = gpu
                         .cross_entropy_grad_with(&spec, p.logits(), p.targets(soft), up, strategy)
+                        .map(|(o, g)| (o, g.to_f32()))
                         .unwrap();
                     let label = format!("{rows}x{classes} soft={soft} {spec:?} {strategy:?}");
                     let mass = p.mass(&spec, soft);
@@ -224,6 +217,7 @@ fn zeros_where_the_math_has_zeros_and_stable_offsets() {
         .with_z_loss(0.01);
     let (_, g) = gpu
         .cross_entropy_grad(&spec, p.logits(), p.targets(false), Upstream::Scalar(1.0))
+        .map(|(o, g)| (o, g.to_f32()))
         .unwrap();
     assert!(
         g[2 * classes..3 * classes].iter().all(|&v| v == 0.0),
@@ -237,6 +231,7 @@ fn zeros_where_the_math_has_zeros_and_stable_offsets() {
     let shifted = Logits::new(&offset, rows, classes).unwrap();
     let (_, g_off) = gpu
         .cross_entropy_grad(&spec, shifted, p.targets(false), Upstream::Scalar(1.0))
+        .map(|(o, g)| (o, g.to_f32()))
         .unwrap();
     let (_, want) =
         cpu::cross_entropy_grad(&spec, shifted, p.targets(false), Upstream::Scalar(1.0)).unwrap();
@@ -251,6 +246,7 @@ fn zeros_where_the_math_has_zeros_and_stable_offsets() {
     // Bit-identical reruns.
     let again = gpu
         .cross_entropy_grad(&spec, p.logits(), p.targets(false), Upstream::Scalar(1.0))
+        .map(|(o, g)| (o, g.to_f32()))
         .unwrap()
         .1;
     assert_eq!(
@@ -277,6 +273,7 @@ fn device_gradient_into_a_buffer_and_in_place() {
             let up = upstream(&spec, &per_row, scalar);
             let (host_out, host) = gpu
                 .cross_entropy_grad(&spec, p.logits(), p.targets(false), up)
+                .map(|(o, g)| (o, g.to_f32()))
                 .unwrap();
             let logits_bytes: &[u8] = bytemuck::cast_slice(&p.logits);
             let logits = buffer_with(gpu, 0, logits_bytes);
@@ -366,6 +363,7 @@ fn mean_over_parts_equals_the_mean_of_the_whole() {
         if let Some(gpu) = gpu() {
             gpu_parts.extend(
                 gpu.cross_entropy_grad(&spec, logits, targets, over)
+                    .map(|(o, g)| (o, g.to_f32()))
                     .unwrap()
                     .1,
             );
@@ -400,7 +398,7 @@ fn mean_over_parts_equals_the_mean_of_the_whole() {
 #[test]
 fn empty_batches_agree() {
     let spec = CrossEntropy::new().with_z_loss(0.1);
-    let logits = Logits::new(&[], 0, 4).unwrap();
+    let logits = Logits::new::<f32>(&[], 0, 4).unwrap();
     let targets = xent::Targets::ClassIndices(&[]);
     let (cpu_out, cpu_grad) =
         cpu::cross_entropy_grad(&spec, logits, targets, Upstream::Scalar(1.0)).unwrap();
@@ -409,6 +407,7 @@ fn empty_batches_agree() {
     if let Some(gpu) = gpu() {
         let (out, grad) = gpu
             .cross_entropy_grad(&spec, logits, targets, Upstream::Scalar(1.0))
+            .map(|(o, g)| (o, g.to_f32()))
             .unwrap();
         assert!(grad.is_empty());
         assert_eq!(format!("{out:?}"), format!("{cpu_out:?}"));

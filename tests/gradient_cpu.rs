@@ -46,7 +46,7 @@ impl Case {
 
     fn targets(&self) -> Targets<'_> {
         if self.soft {
-            Targets::Probabilities(&self.probabilities)
+            Targets::probabilities(&self.probabilities)
         } else {
             Targets::ClassIndices(&self.labels)
         }
@@ -978,7 +978,7 @@ fn upstream_of_the_wrong_kind_or_length_is_an_error() {
 
 #[test]
 fn empty_batch_has_an_empty_gradient() {
-    let logits = Logits::new(&[], 0, 3).unwrap();
+    let logits = Logits::new::<f32>(&[], 0, 3).unwrap();
     for (reduction, upstream) in [
         (Reduction::None, Upstream::PerRow(&[])),
         (Reduction::Sum, Upstream::Scalar(1.0)),

@@ -45,7 +45,7 @@ fn resident(
         ),
         Kind::Probabilities => (
             bytemuck::cast_slice(&inputs.probabilities),
-            TargetLayout::Probabilities,
+            TargetLayout::PROBABILITIES,
         ),
     };
     let targets = buffer_with(gpu, offsets.1, bytes);
@@ -55,7 +55,7 @@ fn resident(
         TargetLayout::ClassIndices(t) => {
             DeviceTargets::class_indices(&targets, offsets.1 as u64, t)
         }
-        TargetLayout::Probabilities => DeviceTargets::probabilities(&targets, offsets.1 as u64),
+        TargetLayout::Probabilities(_) => DeviceTargets::probabilities(&targets, offsets.1 as u64),
     };
     loss.run(view, targets)?;
     loss.read()
@@ -63,7 +63,7 @@ fn resident(
 
 fn host_targets<'a>(inputs: &'a Problem, kind: &Kind) -> Targets<'a> {
     match kind {
-        Kind::Probabilities => Targets::Probabilities(&inputs.probabilities),
+        Kind::Probabilities => Targets::probabilities(&inputs.probabilities),
         _ => Targets::ClassIndices(&inputs.labels),
     }
 }
@@ -111,6 +111,7 @@ fn resident_is_bit_identical_to_the_host_path() {
                 split: 4,
                 vec4: true,
                 subgroups: false,
+                f16_builtin: false,
             },
         ];
         for kind in [Kind::I32, Kind::I64, Kind::Probabilities] {

@@ -289,7 +289,7 @@ fn sparse_targets_equal_dense_probabilities_and_scale_per_reduction() {
         let (dense_out, gd) = xent::cpu::cross_entropy_grad(
             &spec,
             logits,
-            xent::Targets::Probabilities(&dense),
+            xent::Targets::probabilities(&dense),
             upstream,
         )
         .unwrap();
@@ -590,12 +590,12 @@ fn distillation_mean_over_a_larger_batch_and_empty_batch() {
             1e-15 * a.abs(),
         );
     }
-    let empty = scoring::distillation(&spec, Logits::new(&[], 0, 5).unwrap(), &[]).unwrap();
+    let empty = scoring::distillation(&spec, Logits::new::<f32>(&[], 0, 5).unwrap(), &[]).unwrap();
     assert!(empty.loss.unwrap().is_nan());
     assert_eq!(empty.sum.to_bits(), 0);
     let sum = scoring::distillation(
         &spec.with_reduction(Reduction::Sum),
-        Logits::new(&[], 0, 5).unwrap(),
+        Logits::new::<f32>(&[], 0, 5).unwrap(),
         &[],
     )
     .unwrap();

@@ -11,7 +11,8 @@
 use naga::back::{PipelineConstants, glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use naga::{Module, ResourceBinding, ShaderStage};
-use xent::gpu::pipelines::{Kernel, LossVariant, PipelineKey, TargetKind, slot};
+use xent::Dtype;
+use xent::gpu::pipelines::{F16Widening, Kernel, LossVariant, PipelineKey, TargetKind, slot};
 use xent::gpu::planner::{DeviceFacts, Strategy, choose_strategy};
 
 /// Parses `source` and validates it with `capabilities`, as `create_shader_module` does with
@@ -28,8 +29,11 @@ fn validate(source: &str, capabilities: Capabilities) -> Result<(Module, ModuleI
 fn every_kernel_parses_and_validates() {
     for kernel in Kernel::ALL {
         for subgroups in [false, true] {
-            validate(&kernel.source(subgroups), Capabilities::all())
-                .unwrap_or_else(|e| panic!("{} subgroups={subgroups}: {e}", kernel.file_name()));
+            for f16 in [F16Widening::Integer, F16Widening::Unpack] {
+                validate(&kernel.source(subgroups, f16), Capabilities::all()).unwrap_or_else(|e| {
+                    panic!("{} subgroups={subgroups} {f16:?}: {e}", kernel.file_name())
+                });
+            }
         }
     }
 }
@@ -38,6 +42,7 @@ fn every_kernel_parses_and_validates() {
 struct Variant {
     kernel: Kernel,
     subgroups: bool,
+    f16: F16Widening,
     constants: PipelineConstants,
 }
 
@@ -45,7 +50,7 @@ impl Variant {
     fn label(&self) -> String {
         let mut constants: Vec<_> = self.constants.iter().collect();
         constants.sort_by(|a, b| a.0.cmp(b.0));
-        format!("{} {constants:?}", self.kernel.file_name())
+        format!("{} {:?} {constants:?}", self.kernel.file_name(), self.f16)
     }
 }
 
@@ -53,12 +58,13 @@ impl Variant {
 /// variants (every flag on in some), with the constants `Pipelines` gives them (a subgroup
 /// size of 32).
 fn variants() -> Vec<Variant> {
-    let strategy = |workgroup_size, lanes_per_row, split, vec4, subgroups| Strategy {
+    let strategy = |workgroup_size, lanes_per_row, split, vec4, subgroups, f16_builtin| Strategy {
         workgroup_size,
         lanes_per_row,
         split,
         vec4,
         subgroups,
+        f16_builtin,
     };
     let base = LossVariant::LSE_ONLY;
     let losses = [
@@ -97,6 +103,39 @@ fn variants() -> Vec<Variant> {
             reduction: 1,
             ..base
         },
+        LossVariant {
+            dtype: Dtype::Bf16,
+            target: TargetKind::Probabilities,
+            targets_half: true,
+            grad_stats: true,
+            in_place: true,
+            ..base
+        },
+        LossVariant {
+            dtype: Dtype::Bf16,
+            target: TargetKind::Probabilities,
+            targets_aligned: false,
+            grad_stats: true,
+            paired: false,
+            ..base
+        },
+        LossVariant {
+            dtype: Dtype::F16,
+            target: TargetKind::ClassIndex,
+            softcap: true,
+            grad_stats: true,
+            paired: false,
+            ..base
+        },
+        LossVariant {
+            dtype: Dtype::F16,
+            target: TargetKind::Probabilities,
+            targets_half: true,
+            targets_aligned: false,
+            grad_stats: true,
+            in_place: true,
+            ..base
+        },
     ];
     let mut all = Vec::new();
     for kernel in Kernel::ALL {
@@ -108,21 +147,27 @@ fn variants() -> Vec<Variant> {
                 (256, 256, 8, true),
             ] {
                 for variant in losses {
-                    let key = PipelineKey {
-                        kernel,
-                        strategy: strategy(wg, lanes, split, vec4, subgroups),
-                        variant,
-                    };
-                    let constants = key
-                        .constants(32)
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v))
-                        .collect();
-                    all.push(Variant {
-                        kernel,
-                        subgroups,
-                        constants,
-                    });
+                    for native in [false, true] {
+                        let key = PipelineKey {
+                            kernel,
+                            strategy: strategy(wg, lanes, split, vec4, subgroups, native),
+                            variant,
+                        };
+                        if native && key.f16_widening() != F16Widening::Unpack {
+                            continue;
+                        }
+                        let constants = key
+                            .constants(32)
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect();
+                        all.push(Variant {
+                            kernel,
+                            subgroups,
+                            f16: key.f16_widening(),
+                            constants,
+                        });
+                    }
                 }
             }
         }
@@ -234,12 +279,13 @@ const GROUP_NON_UNIFORM: std::ops::RangeInclusive<u32> = 61..=68;
 /// applies the constants, and writes it with the options wgpu-hal uses. Returns whether the
 /// output uses subgroup operations.
 fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
-    let capabilities = if target.subgroups {
-        Capabilities::SUBGROUP
-    } else {
-        Capabilities::empty()
-    };
-    let (module, info) = validate(&variant.kernel.source(variant.subgroups), capabilities)?;
+    // wgpu grants f16 packing (DownlevelFlags::SHADER_F16_IN_F32) on every target here.
+    let mut capabilities = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+    if target.subgroups {
+        capabilities |= Capabilities::SUBGROUP;
+    }
+    let source = variant.kernel.source(variant.subgroups, variant.f16);
+    let (module, info) = validate(&source, capabilities)?;
     let (module, info) = naga::back::pipeline_constants::process_overrides(
         &module,
         &info,
@@ -418,6 +464,7 @@ fn facts(subgroup_lanes: Option<u32>, cpu: bool, max_workgroup_size: u32) -> Dev
         cpu,
         binding_alignment: 256,
         max_workgroup_storage_bytes: 32_768,
+        f16_builtin: false,
     }
 }
 

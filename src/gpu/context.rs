@@ -322,6 +322,7 @@ impl Gpu {
             cpu: info.device_type == wgpu::DeviceType::Cpu,
             binding_alignment: limits.min_storage_buffer_offset_alignment.max(16) as u64,
             max_workgroup_storage_bytes: limits.max_compute_workgroup_storage_size as u64,
+            f16_builtin: f16_builtin(&device, &info),
         };
         let serial = serialise(&info);
         let pipelines = with_error_scopes(&device, "compiling the shaders", || {
@@ -500,4 +501,12 @@ fn with_error_scopes<T>(
         });
     }
     result
+}
+
+/// Whether shaders may use `unpack2x16float`: wgpu grants it (`DownlevelFlags::SHADER_F16_IN_F32`)
+/// everywhere but on Vulkan's llvmpipe without `Features::SHADER_F16` (wgpu-hal's rule; the
+/// device alone does not tell its downlevel flags).
+fn f16_builtin(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> bool {
+    let llvmpipe = info.backend == wgpu::Backend::Vulkan && info.name.contains("llvmpipe");
+    !llvmpipe || device.features().contains(wgpu::Features::SHADER_F16)
 }

@@ -6,6 +6,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::dtype::{Dtype, ElementVec, Elements};
 use crate::error::Result;
 use crate::grad::{MeanNormalisers, Upstream};
 use crate::logits::Logits;
@@ -32,7 +33,7 @@ pub(crate) enum HostTargets<'a> {
     /// Class indices, uploaded as they are (i64).
     ClassIndices(&'a [i64]),
     /// Probabilities shaped like the logits.
-    Probabilities(&'a [f32]),
+    Probabilities(Elements<'a>),
 }
 
 impl<'a> HostTargets<'a> {
@@ -41,7 +42,7 @@ impl<'a> HostTargets<'a> {
         match self {
             HostTargets::None => None,
             HostTargets::ClassIndices(_) => Some(TargetLayout::ClassIndices(IndexType::I64)),
-            HostTargets::Probabilities(_) => Some(TargetLayout::Probabilities),
+            HostTargets::Probabilities(p) => Some(TargetLayout::Probabilities(p.dtype())),
         }
     }
 
@@ -51,7 +52,7 @@ impl<'a> HostTargets<'a> {
             HostTargets::None => HostTargets::None,
             HostTargets::ClassIndices(y) => HostTargets::ClassIndices(&y[range]),
             HostTargets::Probabilities(p) => {
-                HostTargets::Probabilities(&p[range.start * classes..range.end * classes])
+                HostTargets::Probabilities(p.slice(range.start * classes..range.end * classes))
             }
         }
     }
@@ -61,14 +62,18 @@ impl<'a> HostTargets<'a> {
         match *self {
             HostTargets::None => &[],
             HostTargets::ClassIndices(y) => bytemuck::cast_slice(y),
-            HostTargets::Probabilities(p) => bytemuck::cast_slice(p),
+            HostTargets::Probabilities(p) => p.bytes(),
         }
     }
 }
 
-/// Receives an elementwise output chunk by chunk: the chunk's rows within the call, and its
-/// values.
-type Sink<'a> = dyn FnMut(Range<usize>, &[f32]) + 'a;
+/// Receives an elementwise output chunk by chunk: the chunk's rows within the call, and the
+/// bytes of its values.
+type Sink<'a> = dyn FnMut(Range<usize>, &[u8]) + 'a;
+
+/// Bytes of slack in a staging buffer: a chunk starts at the 16-byte alignment its rows have
+/// within the call (up to 7 halves, whose f32 probabilities then start 28 bytes in).
+const SLACK: u64 = 32;
 
 /// The staging buffers of one turn: inputs up, an elementwise output and its read-back.
 struct Staging {
@@ -82,6 +87,7 @@ pub(crate) struct HostLoss {
     spec: CrossEntropy,
     setup: Setup,
     classes: usize,
+    dtype: Dtype,
     loss: PreparedLoss,
     /// Two sets of staging buffers, used by chunks in turn.
     staging: Serialised<[Staging; 2]>,
@@ -93,12 +99,13 @@ impl HostLoss {
     /// The setup the host path uses for a strategy and targets.
     pub(crate) fn setup(
         strategy: super::Strategy,
-        classes: usize,
+        logits: &Logits<'_>,
         targets: Option<TargetLayout>,
         output: Output,
     ) -> Setup {
         let unit = strategy.rows_per_final_group() as usize;
-        let per_chunk = (CHUNK_BYTES / (classes as u64 * 4)).max(1) as usize;
+        let row = logits.classes() as u64 * logits.dtype().bytes() as u64;
+        let per_chunk = (CHUNK_BYTES / row).max(1) as usize;
         Setup {
             strategy,
             targets,
@@ -110,7 +117,7 @@ impl HostLoss {
     fn new(
         gpu: Arc<Gpu>,
         spec: &CrossEntropy,
-        classes: usize,
+        (classes, dtype): (usize, Dtype),
         rows: usize,
         setup: Setup,
     ) -> Result<Self> {
@@ -121,15 +128,18 @@ impl HostLoss {
         let loss = PreparedLoss::new(
             gpu.clone(),
             spec,
-            LossShape::new(capacity, classes, layout),
+            LossShape::new(capacity, classes, layout).with_dtype(dtype),
             setup,
         )?;
         let chunk = loss.rows_per_chunk() as u64;
-        // 16 bytes of slack: a chunk keeps the alignment its rows have within the call.
-        let logits_bytes = chunk * classes as u64 * 4 + 16;
+        let logits_bytes = chunk * classes as u64 * dtype.bytes() as u64 + SLACK;
         let targets_bytes = setup
             .targets
-            .map_or(0, |t| chunk * t.row_bytes(classes) + 16);
+            .map_or(0, |t| chunk * t.row_bytes(classes) + SLACK);
+        let output_bytes = match setup.output {
+            Output::LogSoftmax => chunk * classes as u64 * 4 + SLACK,
+            _ => logits_bytes,
+        };
         let copy_dst = wgpu::BufferUsages::COPY_DST;
         let staging = gpu.scoped("making staging buffers", || {
             Ok([0, 1].map(|_| Staging {
@@ -139,10 +149,10 @@ impl HostLoss {
                     (
                         gpu.storage_buffer(
                             "xent outputs",
-                            logits_bytes,
+                            output_bytes,
                             wgpu::BufferUsages::COPY_SRC,
                         ),
-                        gpu.readback_buffer("xent outputs read-back", logits_bytes),
+                        gpu.readback_buffer("xent outputs read-back", output_bytes),
                     )
                 }),
             }))
@@ -152,15 +162,16 @@ impl HostLoss {
             spec: spec.clone(),
             setup,
             classes,
+            dtype,
             loss,
             staging,
             bound: Vec::new(),
         })
     }
 
-    fn fits(&self, spec: &CrossEntropy, classes: usize, rows: usize, setup: &Setup) -> bool {
+    fn fits(&self, spec: &CrossEntropy, shape: (usize, Dtype), rows: usize, setup: &Setup) -> bool {
         self.setup == *setup
-            && self.classes == classes
+            && (self.classes, self.dtype) == shape
             && self.loss.shape().max_rows() >= rows.min(CALL_ROWS)
             && self.spec == *spec
     }
@@ -170,19 +181,18 @@ impl HostLoss {
         if let Some(i) = self.bound.iter().position(|b| b.rows() == rows) {
             return Ok(i);
         }
-        let classes = self.classes;
-        let target_row = self.setup.targets.map_or(0, |t| t.row_bytes(classes));
+        let (classes, dtype, setup) = (self.classes, self.dtype, self.setup);
         let sources: Vec<ChunkSource<'_>> = self
             .loss
             .chunk_ranges(rows)
             .enumerate()
             .map(|(k, range)| {
-                let (l, t) = chunk_offsets(range.start, classes, target_row);
+                let at = ChunkOffsets::new(range.start, classes, dtype, &setup);
                 let s = &self.staging[k % 2];
                 ChunkSource {
-                    logits: (&s.logits, l),
-                    targets: self.setup.targets.map(|_| (&s.targets, t)),
-                    outputs: s.outputs.as_ref().map(|(o, _)| (o, l)),
+                    logits: (&s.logits, at.logits),
+                    targets: self.setup.targets.map(|_| (&s.targets, at.targets)),
+                    outputs: s.outputs.as_ref().map(|(o, _)| (o, at.outputs)),
                 }
             })
             .collect();
@@ -192,6 +202,19 @@ impl HostLoss {
         }
         self.bound.push(bound);
         Ok(self.bound.len() - 1)
+    }
+
+    /// Where a chunk from call row `first_row` lies in its staging buffers: each chunk starts
+    /// at the 16-byte alignment its rows have within the call (so its rows are read exactly as
+    /// in one binding of the whole call), and its probabilities and outputs at the same
+    /// element offset as its logits; class indices start at 0.
+    fn offsets(&self, first_row: usize) -> ChunkOffsets {
+        ChunkOffsets::new(first_row, self.classes, self.dtype, &self.setup)
+    }
+
+    /// Bytes per value of the elementwise output.
+    fn output_value(&self) -> usize {
+        output_value(self.dtype, &self.setup)
     }
 
     /// Uploads and records one call of `logits` (at most the prepared rows), submitting chunk
@@ -207,21 +230,20 @@ impl HostLoss {
         let rows = logits.rows();
         let classes = logits.classes();
         let ranges: Vec<_> = self.loss.chunk_ranges(rows).collect();
-        let target_row = self.setup.targets.map_or(0, |t| t.row_bytes(classes));
         let index = self.bound(rows)?;
         let gpu = self.loss.gpu().clone();
         let last = ranges.len().saturating_sub(1);
+        let output_value = self.output_value() as u64;
         let mut pending: Option<(usize, Range<usize>)> = None;
         for (k, range) in ranges.iter().enumerate() {
             let s = &self.staging[k % 2];
-            let (l, t) = chunk_offsets(range.start, classes, target_row);
+            let at = self.offsets(range.start);
             gpu.scoped("uploading a chunk", || {
-                let values = logits.slice_rows(range.clone()).values();
-                gpu.queue
-                    .write_buffer(&s.logits, l, bytemuck::cast_slice(values));
+                let values = logits.slice_rows(range.clone()).values().bytes();
+                write_words(&gpu.queue, &s.logits, at.logits, values);
                 let target_bytes = targets.rows(range.clone(), classes).bytes();
                 if !target_bytes.is_empty() {
-                    gpu.queue.write_buffer(&s.targets, t, target_bytes);
+                    write_words(&gpu.queue, &s.targets, at.targets, target_bytes);
                 }
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
                 let call = &self.bound[index];
@@ -235,8 +257,9 @@ impl HostLoss {
                     None,
                 );
                 if let Some((outputs, back)) = &s.outputs {
-                    let bytes = (range.len() * classes) as u64 * 4;
-                    encoder.copy_buffer_to_buffer(outputs, l, back, 0, bytes);
+                    let bytes = (range.len() * classes) as u64 * output_value;
+                    let (from, size) = words(at.outputs, bytes);
+                    encoder.copy_buffer_to_buffer(outputs, from, back, 0, size);
                 }
                 gpu.queue.submit([encoder.finish()]);
                 Ok(())
@@ -260,27 +283,71 @@ impl HostLoss {
         let Some((_, back)) = &self.staging[turn].outputs else {
             return Ok(());
         };
-        let bytes = (range.len() * self.classes) as u64 * 4;
+        let bytes = (range.len() * self.classes * self.output_value()) as u64;
+        let from = self.offsets(range.start).outputs;
+        let (word, size) = words(from, bytes);
         let gpu = self.loss.gpu();
-        let data = gpu.scoped("reading an output chunk", || {
-            gpu.read_back(&[(back, bytes)])
-        })?;
-        sink(range, bytemuck::cast_slice(&data[0]));
+        let data = gpu.scoped("reading an output chunk", || gpu.read_back(&[(back, size)]))?;
+        let skip = (from - word) as usize;
+        sink(range, &data[0][skip..skip + bytes as usize]);
         Ok(())
     }
 }
 
-/// The byte offsets of a chunk in its staging buffers: each chunk starts at the alignment
-/// its rows have within the call (so its rows are read exactly as in one binding of the whole
-/// call); probabilities follow the logits, class indices start at 0.
-fn chunk_offsets(first_row: usize, classes: usize, target_row: u64) -> (u64, u64) {
-    let logits = (first_row * classes % 4) as u64 * 4;
-    let targets = if target_row == classes as u64 * 4 {
-        logits
-    } else {
-        0
+/// Byte offsets of a chunk in its staging buffers.
+struct ChunkOffsets {
+    logits: u64,
+    targets: u64,
+    outputs: u64,
+}
+
+impl ChunkOffsets {
+    fn new(first_row: usize, classes: usize, dtype: Dtype, setup: &Setup) -> Self {
+        let value = dtype.bytes();
+        let element = (first_row * classes % (16 / value)) as u64;
+        let targets = match setup.targets {
+            Some(TargetLayout::Probabilities(d)) => element * d.bytes() as u64,
+            _ => 0,
+        };
+        ChunkOffsets {
+            logits: element * value as u64,
+            targets,
+            outputs: element * output_value(dtype, setup) as u64,
+        }
+    }
+}
+
+/// Bytes per value of the elementwise output: f32 log-probabilities, or the gradient in the
+/// logits' dtype.
+fn output_value(dtype: Dtype, setup: &Setup) -> usize {
+    match setup.output {
+        Output::LogSoftmax => 4,
+        _ => dtype.bytes(),
+    }
+}
+
+/// The whole 4-byte words that hold `bytes` bytes from `offset`: their first byte and size
+/// (copies and uploads move whole words).
+fn words(offset: u64, bytes: u64) -> (u64, u64) {
+    let start = offset & !3;
+    (start, (offset + bytes - start).next_multiple_of(4))
+}
+
+/// Writes `data` at byte `offset` of `buffer`, as whole words: bytes of the first and last
+/// word outside `data` get padding (staging holds one chunk, so nothing else lives there).
+pub(crate) fn write_words(queue: &wgpu::Queue, buffer: &wgpu::Buffer, offset: u64, data: &[u8]) {
+    let (start, size) = words(offset, data.len() as u64);
+    if start == offset && size == data.len() as u64 {
+        queue.write_buffer(buffer, offset, data);
+        return;
+    }
+    let Some(size) = wgpu::BufferSize::new(size) else {
+        return;
     };
-    (logits, targets)
+    if let Some(mut view) = queue.write_buffer_with(buffer, start, size) {
+        let skip = (offset - start) as usize;
+        view.slice(skip..skip + data.len()).copy_from_slice(data);
+    }
 }
 
 impl super::GpuContext {
@@ -288,20 +355,21 @@ impl super::GpuContext {
     fn with_host_loss<T>(
         &self,
         spec: &CrossEntropy,
-        classes: usize,
-        rows: usize,
+        logits: &Logits<'_>,
         setup: Setup,
         work: impl FnOnce(&mut HostLoss) -> Result<T>,
     ) -> Result<T> {
+        let shape = (logits.classes(), logits.dtype());
+        let rows = logits.rows();
         let taken = {
             let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
             pool.iter()
-                .position(|h| h.fits(spec, classes, rows, &setup))
+                .position(|h| h.fits(spec, shape, rows, &setup))
                 .map(|i| pool.remove(i))
         };
         let mut host = match taken {
             Some(h) => h,
-            None => HostLoss::new(self.gpu.clone(), spec, classes, rows, setup)?,
+            None => HostLoss::new(self.gpu.clone(), spec, shape, rows, setup)?,
         };
         let result = work(&mut host);
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
@@ -312,7 +380,7 @@ impl super::GpuContext {
 
     /// Scores host slices through a pooled prepared loss, call by call; with `gradient`
     /// (upstream, and the mean's (Σ w_y, counted rows) from the host), the gradient goes to
-    /// the returned vector, row-major.
+    /// the returned values, row-major, in the logits' dtype.
     pub(crate) fn run_host(
         &self,
         spec: &CrossEntropy,
@@ -320,14 +388,14 @@ impl super::GpuContext {
         targets: HostTargets<'_>,
         setup: Setup,
         gradient: Option<(Upstream<'_>, (f64, f64))>,
-    ) -> Result<(LossOutput, Vec<f32>)> {
+    ) -> Result<(LossOutput, ElementVec)> {
         let (rows, classes) = (logits.rows(), logits.classes());
-        let mut grad = Vec::new();
-        let out = self.with_host_loss(spec, classes, rows, setup, |host| {
+        let mut grad = ElementVec::zeros(logits.dtype(), 0);
+        let out = self.with_host_loss(spec, &logits, setup, |host| {
             let per_call = host.loss.shape().max_rows();
             let mut out: Option<LossOutput> = None;
             if gradient.is_some() {
-                grad = vec![0.0f32; rows * classes];
+                grad = ElementVec::zeros(logits.dtype(), rows * classes);
             }
             for start in (0..rows).step_by(per_call) {
                 let range = start..(start + per_call).min(rows);
@@ -345,9 +413,10 @@ impl super::GpuContext {
                 let block = logits.slice_rows(range.clone());
                 let block_targets = targets.rows(range.clone(), classes);
                 let base = range.start * classes;
-                let mut collect = |chunk: Range<usize>, values: &[f32]| {
+                let mut collect = |chunk: Range<usize>, bytes: &[u8]| {
                     let at = base + chunk.start * classes;
-                    grad[at..at + values.len()].copy_from_slice(values);
+                    grad.bytes_mut(at..at + chunk.len() * classes)
+                        .copy_from_slice(bytes);
                 };
                 let sink: Option<&mut Sink<'_>> = gradient.map(|_| &mut collect as &mut Sink<'_>);
                 host.run_call(block, block_targets, passes, sink)?;
@@ -370,16 +439,17 @@ impl super::GpuContext {
     ) -> Result<Vec<f32>> {
         let (rows, classes) = (logits.rows(), logits.classes());
         let spec = CrossEntropy::new();
-        self.with_host_loss(&spec, classes, rows, setup, |host| {
+        self.with_host_loss(&spec, &logits, setup, |host| {
             let per_call = host.loss.shape().max_rows();
             let mut out = vec![0.0f32; rows * classes];
             let passes = Passes::LOG_SOFTMAX;
             for start in (0..rows).step_by(per_call) {
                 let range = start..(start + per_call).min(rows);
                 let base = range.start * classes;
-                let mut collect = |chunk: Range<usize>, values: &[f32]| {
+                let mut collect = |chunk: Range<usize>, bytes: &[u8]| {
                     let at = base + chunk.start * classes;
-                    out[at..at + values.len()].copy_from_slice(values);
+                    let values = &mut out[at..at + chunk.len() * classes];
+                    bytemuck::cast_slice_mut::<f32, u8>(values).copy_from_slice(bytes);
                 };
                 host.run_call(
                     logits.slice_rows(range),

@@ -24,6 +24,7 @@ pub use views::{DeviceLogits, DeviceTargets, IndexType, LossShape, TargetLayout}
 use std::sync::{Arc, Mutex};
 
 use crate::Scorer;
+use crate::dtype::ElementVec;
 use crate::error::Result;
 use crate::grad::Upstream;
 use crate::logits::Logits;
@@ -162,20 +163,21 @@ impl GpuContext {
             ));
         }
         let targets = HostTargets::from(targets);
-        let setup = HostLoss::setup(strategy, logits.classes(), targets.layout(), Output::Loss);
+        let setup = HostLoss::setup(strategy, &logits, targets.layout(), Output::Loss);
         Ok(self.run_host(spec, logits, targets, setup, None)?.0)
     }
 
-    /// The loss and its gradient with respect to the logits (row-major f32, like the logits),
-    /// scaled by `upstream`: a scalar for sum and mean, one value per row for none. Two reads
-    /// and one write of the logits on the device.
+    /// The loss and its gradient with respect to the logits (row-major like the logits, in
+    /// their dtype: computed in f32 and rounded once, to nearest even), scaled by `upstream`:
+    /// a scalar for sum and mean, one value per row for none. Two reads and one write of the
+    /// logits on the device.
     pub fn cross_entropy_grad(
         &self,
         spec: &CrossEntropy,
         logits: Logits<'_>,
         targets: Targets<'_>,
         upstream: Upstream<'_>,
-    ) -> Result<(LossOutput, Vec<f32>)> {
+    ) -> Result<(LossOutput, ElementVec)> {
         let strategy = self.plan(logits.rows(), logits.classes());
         self.cross_entropy_grad_with(spec, logits, targets, upstream, strategy)
     }
@@ -188,13 +190,13 @@ impl GpuContext {
         targets: Targets<'_>,
         upstream: Upstream<'_>,
         strategy: Strategy,
-    ) -> Result<(LossOutput, Vec<f32>)> {
+    ) -> Result<(LossOutput, ElementVec)> {
         spec.validate(&logits, &targets)?;
         upstream.check(spec.reduction(), logits.rows())?;
         strategy.check(&self.gpu.facts)?;
         if logits.rows() == 0 {
             let out = self.cross_entropy_with(spec, logits, targets, strategy)?;
-            return Ok((out, Vec::new()));
+            return Ok((out, ElementVec::zeros(logits.dtype(), 0)));
         }
         let targets = HostTargets::from(targets);
         let mean = match upstream.mean_over() {
@@ -204,12 +206,7 @@ impl GpuContext {
                 (m.denominator, m.counted_rows as f64)
             }
         };
-        let setup = HostLoss::setup(
-            strategy,
-            logits.classes(),
-            targets.layout(),
-            Output::Gradient,
-        );
+        let setup = HostLoss::setup(strategy, &logits, targets.layout(), Output::Gradient);
         self.run_host(spec, logits, targets, setup, Some((upstream, mean)))
     }
 
@@ -219,7 +216,7 @@ impl GpuContext {
             return Ok(Vec::new());
         }
         let strategy = self.plan(logits.rows(), logits.classes());
-        let setup = HostLoss::setup(strategy, logits.classes(), None, Output::Loss);
+        let setup = HostLoss::setup(strategy, &logits, None, Output::Loss);
         let out = self.run_host(&CrossEntropy::new(), logits, HostTargets::None, setup, None)?;
         Ok(out.0.log_sum_exp)
     }
@@ -230,7 +227,7 @@ impl GpuContext {
             return Ok(Vec::new());
         }
         let strategy = self.plan(logits.rows(), logits.classes());
-        let setup = HostLoss::setup(strategy, logits.classes(), None, Output::LogSoftmax);
+        let setup = HostLoss::setup(strategy, &logits, None, Output::LogSoftmax);
         self.run_host_log_softmax(logits, setup)
     }
 }

@@ -8,7 +8,23 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::planner::Strategy;
+use crate::dtype::Dtype;
 
+/// How f16 values are widened: with the builtin `unpack2x16float`, or with integer operations
+/// (exact everywhere, needing no capability).
+const F16_UNPACK: &str = include_str!("../../shaders/f16_unpack.wgsl");
+const F16_INTEGER: &str = include_str!("../../shaders/f16_integer.wgsl");
+
+/// How a module widens f16 values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum F16Widening {
+    /// Integer operations: exact, needing no capability (and the prelude of modules that
+    /// read no f16).
+    Integer,
+    /// The builtin `unpack2x16float` (wgpu's `DownlevelFlags::SHADER_F16_IN_F32`: every
+    /// backend but Vulkan on llvmpipe without `Features::SHADER_F16`).
+    Unpack,
+}
 /// Shared WGSL, in the order it is prepended.
 const ROW_STATS: &str = include_str!("../../shaders/row_stats.wgsl");
 const ROWS: &str = include_str!("../../shaders/rows.wgsl");
@@ -68,8 +84,8 @@ impl Kernel {
 
     /// The complete WGSL source: shared code, then the kernel. With `subgroups`, the lane
     /// reductions of a kernel that has them use subgroup shuffles (the module then needs
-    /// `Features::SUBGROUP`).
-    pub fn source(self, subgroups: bool) -> String {
+    /// `Features::SUBGROUP`); `f16` says how it widens f16 values.
+    pub fn source(self, subgroups: bool, f16: F16Widening) -> String {
         // Naga takes subgroup operations without WGSL's `enable subgroups;` (it rejects the
         // directive as unimplemented); the device feature gates them instead.
         let reduce = if subgroups && self.lane_reductions() {
@@ -77,7 +93,11 @@ impl Kernel {
         } else {
             REDUCE_WORKGROUP
         };
-        [ROW_STATS, ROWS, reduce, self.body()].join("\n")
+        let f16 = match f16 {
+            F16Widening::Integer => F16_INTEGER,
+            F16Widening::Unpack => F16_UNPACK,
+        };
+        [f16, ROW_STATS, ROWS, reduce, self.body()].join("\n")
     }
 }
 
@@ -92,9 +112,22 @@ pub enum TargetKind {
     Probabilities = 2,
 }
 
+/// The logits' dtype as `DTYPE` in `rows.wgsl` numbers it.
+fn dtype_constant(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::F32 => 0.0,
+        Dtype::Bf16 => 1.0,
+        Dtype::F16 => 2.0,
+    }
+}
+
 /// The loss variant a pipeline computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LossVariant {
+    /// The logits' dtype.
+    pub dtype: Dtype,
+    /// Probability targets in the logits' (half) dtype rather than f32.
+    pub targets_half: bool,
     /// What the targets are.
     pub target: TargetKind,
     /// Class indices are i64 (else i32).
@@ -121,11 +154,15 @@ pub struct LossVariant {
     pub scales_from_totals: bool,
     /// The gradient kernel's: overwrite the logits.
     pub in_place: bool,
+    /// The gradient kernel's: logits and outputs start at the same parity (halves).
+    pub paired: bool,
 }
 
 impl LossVariant {
     /// Log-sum-exp only.
     pub const LSE_ONLY: LossVariant = LossVariant {
+        dtype: Dtype::F32,
+        targets_half: false,
         target: TargetKind::None,
         index_i64: false,
         ignore: false,
@@ -139,6 +176,7 @@ impl LossVariant {
         reduction: 2,
         scales_from_totals: false,
         in_place: false,
+        paired: true,
     };
 }
 
@@ -154,6 +192,19 @@ pub struct PipelineKey {
 }
 
 impl PipelineKey {
+    /// How the module widens f16 values.
+    pub fn f16_widening(&self) -> F16Widening {
+        match (self.variant.dtype, self.strategy.f16_builtin) {
+            (Dtype::F16, true) => F16Widening::Unpack,
+            _ => F16Widening::Integer,
+        }
+    }
+
+    /// Whether the module uses subgroup operations.
+    pub fn subgroups(&self) -> bool {
+        self.strategy.subgroups && self.kernel.lane_reductions()
+    }
+
     /// The pipeline-overridable constants of this pipeline, for a device whose smallest
     /// subgroup has `subgroup_lanes` lanes.
     pub fn constants(&self, subgroup_lanes: u32) -> Vec<(&'static str, f64)> {
@@ -169,6 +220,8 @@ impl PipelineKey {
             ("LANES_PER_ROW", lanes as f64),
             ("SPLIT", s.split as f64),
             ("VEC4", flag(s.vec4)),
+            ("DTYPE", dtype_constant(v.dtype)),
+            ("TARGETS_HALF", flag(v.targets_half)),
             ("TARGET_KIND", v.target as u32 as f64),
             ("INDEX_I64", flag(v.index_i64)),
             ("HAS_IGNORE", flag(v.ignore)),
@@ -185,6 +238,7 @@ impl PipelineKey {
                 ("REDUCTION", v.reduction as f64),
                 ("SCALES_FROM_TOTALS", flag(v.scales_from_totals)),
                 ("IN_PLACE", flag(v.in_place)),
+                ("PAIRED", flag(v.paired)),
             ]);
         }
         if s.subgroups && self.kernel.lane_reductions() {
@@ -221,9 +275,12 @@ pub mod slot {
     pub const INPUT_COUNT: u32 = 5;
 }
 
-/// The shader modules, the two bind-group layouts, and the pipelines compiled so far.
+/// A shader module: the kernel, with subgroup reductions, its f16 widening.
+type ModuleKey = (Kernel, bool, F16Widening);
+
+/// The shader modules and pipelines made so far, and the two bind-group layouts.
 pub struct Pipelines {
-    modules: HashMap<(Kernel, bool), wgpu::ShaderModule>,
+    modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
     subgroup_lanes: u32,
     pub(crate) owned_layout: wgpu::BindGroupLayout,
     pub(crate) input_layout: wgpu::BindGroupLayout,
@@ -232,25 +289,9 @@ pub struct Pipelines {
 }
 
 impl Pipelines {
-    /// Parses every kernel once (and its subgroup variant where `subgroup_lanes` is `Some`);
-    /// pipelines are compiled on first use, once per variant.
+    /// Makes the layouts; modules are parsed and pipelines compiled on first use, once per
+    /// variant.
     pub fn new(device: &wgpu::Device, subgroup_lanes: Option<u32>) -> Self {
-        let variants: &[bool] = if subgroup_lanes.is_some() {
-            &[false, true]
-        } else {
-            &[false]
-        };
-        let modules = Kernel::ALL
-            .iter()
-            .flat_map(|&k| variants.iter().map(move |&sg| (k, sg)))
-            .map(|(k, sg)| {
-                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(k.file_name()),
-                    source: wgpu::ShaderSource::Wgsl(k.source(sg).into()),
-                });
-                ((k, sg), module)
-            })
-            .collect();
         let entry = |binding: u32, ty, dynamic| wgpu::BindGroupLayoutEntry {
             binding,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -290,7 +331,7 @@ impl Pipelines {
             immediate_size: 0,
         });
         Self {
-            modules,
+            modules: Mutex::new(HashMap::new()),
             subgroup_lanes: subgroup_lanes.unwrap_or(0),
             owned_layout,
             input_layout,
@@ -307,14 +348,23 @@ impl Pipelines {
             .or_insert_with(|| {
                 log::debug!("compiling {key:?}");
                 let constants = key.constants(self.subgroup_lanes);
+                let (subgroups, f16) = (key.subgroups(), key.f16_widening());
+                let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+                let module = modules
+                    .entry((key.kernel, subgroups, f16))
+                    .or_insert_with(|| {
+                        device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(key.kernel.file_name()),
+                            source: wgpu::ShaderSource::Wgsl(
+                                key.kernel.source(subgroups, f16).into(),
+                            ),
+                        })
+                    });
                 Arc::new(
                     device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                         label: Some(key.kernel.file_name()),
                         layout: Some(&self.layout),
-                        module: &self.modules[&(
-                            key.kernel,
-                            key.strategy.subgroups && key.kernel.lane_reductions(),
-                        )],
+                        module,
                         entry_point: Some("main"),
                         compilation_options: wgpu::PipelineCompilationOptions {
                             constants: &constants,

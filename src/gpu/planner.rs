@@ -32,6 +32,11 @@ pub struct Strategy {
     /// Lane reductions with subgroup shuffles rather than workgroup memory (needs
     /// `Features::SUBGROUP`).
     pub subgroups: bool,
+    /// f16 logits widened by the builtin `unpack2x16float` (where the device has it:
+    /// [`DeviceFacts::f16_builtin`]) rather than by integer operations; no effect on other
+    /// dtypes. (Native `enable f16` arithmetic is out of reach: naga 30 cannot reinterpret a
+    /// u32 as two f16, gfx-rs/wgpu#8896.)
+    pub f16_builtin: bool,
 }
 
 impl Strategy {
@@ -42,6 +47,7 @@ impl Strategy {
         split: 1,
         vec4: false,
         subgroups: false,
+        f16_builtin: false,
     };
 
     /// Rows one workgroup takes.
@@ -85,6 +91,11 @@ impl Strategy {
             (false, true) => "scalar sg",
             (false, false) => "scalar",
         };
+        let loads = if self.f16_builtin {
+            loads.to_string()
+        } else {
+            format!("{loads} f16int")
+        };
         if self.split > 1 {
             format!("split-row x{} {loads}", self.split)
         } else if self.lanes_per_row == self.workgroup_size {
@@ -127,6 +138,9 @@ impl Strategy {
                 Some(_) => {}
             }
         }
+        if self.f16_builtin && !device.f16_builtin {
+            return bad("this device has no unpack2x16float (DownlevelFlags::SHADER_F16_IN_F32)");
+        }
         Ok(())
     }
 }
@@ -149,6 +163,8 @@ pub struct DeviceFacts {
     pub binding_alignment: u64,
     /// Workgroup memory per workgroup, in bytes.
     pub max_workgroup_storage_bytes: u64,
+    /// The builtin `unpack2x16float` (wgpu's `DownlevelFlags::SHADER_F16_IN_F32`).
+    pub f16_builtin: bool,
 }
 
 /// Picks the strategy for a shape.
@@ -168,6 +184,7 @@ pub fn choose_strategy(rows: usize, classes: usize, device: &DeviceFacts) -> Str
                 split: 1,
                 vec4: true,
                 subgroups,
+                f16_builtin: prefer_f16_builtin(device),
             },
             classes,
         );
@@ -192,9 +209,16 @@ pub fn choose_strategy(rows: usize, classes: usize, device: &DeviceFacts) -> Str
             split,
             vec4: true,
             subgroups,
+            f16_builtin: prefer_f16_builtin(device),
         },
         classes,
     )
+}
+
+/// Whether f16 logits are widened by `unpack2x16float` on this device: wherever it has it
+/// (both ways are exact; the builtin is one instruction where the integer way is about ten).
+fn prefer_f16_builtin(device: &DeviceFacts) -> bool {
+    device.f16_builtin
 }
 
 /// Raises the lanes per row, then the split, until no lane folds more than

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::dtype::Dtype;
 use crate::error::{Result, XentError};
 use crate::grad::Upstream;
 use crate::output::{LossOutput, LossTotals};
@@ -83,11 +84,12 @@ pub(crate) struct Setup {
 /// Where the gradient goes on the device path.
 #[derive(Clone, Copy, Debug)]
 pub enum GradientOutput<'a> {
-    /// An f32 buffer laid out like the logits, from byte `offset` (needs `STORAGE`).
+    /// A buffer laid out like the logits, in their dtype, from byte `offset` (needs
+    /// `STORAGE`).
     Buffer {
         /// The buffer.
         buffer: &'a wgpu::Buffer,
-        /// Byte offset of the first row's gradient (a multiple of 4).
+        /// Byte offset of the first row's gradient (a multiple of the value size).
         offset: u64,
     },
     /// Over the logits themselves, which the call consumes (Liger's trick: no second N × C
@@ -105,6 +107,8 @@ struct Chunk {
     in_place: Option<wgpu::BindGroup>,
     /// Probability targets at the logits' alignment.
     aligned: bool,
+    /// Logits and outputs start at the same parity (halves).
+    paired: bool,
 }
 
 /// Inputs bound for calls of one prepared loss: the bind groups and parameters of a call on
@@ -253,7 +257,7 @@ struct Resources {
     rows_back: Option<wgpu::Buffer>,
     owned: wgpu::BindGroup,
     pipes: HashMap<(bool, bool), Pipes>,
-    elementwise: HashMap<(Kernel, bool, u8, bool, bool), Arc<wgpu::ComputePipeline>>,
+    elementwise: HashMap<(Kernel, bool, bool, u8, bool, bool), Arc<wgpu::ComputePipeline>>,
 }
 
 /// Multiplies class weights by a power of two that brings the largest near 1, when it lies
@@ -281,8 +285,19 @@ impl PreparedLoss {
         setup: Setup,
     ) -> Result<Self> {
         let classes = shape.classes();
-        let probabilities = setup.targets == Some(TargetLayout::Probabilities);
+        let probabilities = setup.targets.is_some_and(TargetLayout::is_probabilities);
         spec.validate_options(classes, probabilities)?;
+        let dtype = shape.dtype();
+        let targets_dtype = match setup.targets {
+            Some(TargetLayout::Probabilities(d)) => d,
+            _ => Dtype::F32,
+        };
+        if targets_dtype != Dtype::F32 && targets_dtype != dtype {
+            return Err(XentError::TargetsDtype {
+                logits: dtype,
+                targets: targets_dtype,
+            });
+        }
         setup.strategy.check(&gpu.facts)?;
         let max_rows = shape.max_rows().max(1);
         let plan = ChunkPlan::new(
@@ -290,7 +305,7 @@ impl PreparedLoss {
             classes,
             &setup.strategy,
             &gpu.facts,
-            &row_bytes(classes, &setup),
+            &row_bytes(classes, dtype, &setup),
             setup.chunk_cap,
         )?;
         let has_targets = setup.targets.is_some();
@@ -298,8 +313,10 @@ impl PreparedLoss {
             target: match setup.targets {
                 None => TargetKind::None,
                 Some(TargetLayout::ClassIndices(_)) => TargetKind::ClassIndex,
-                Some(TargetLayout::Probabilities) => TargetKind::Probabilities,
+                Some(TargetLayout::Probabilities(_)) => TargetKind::Probabilities,
             },
+            dtype,
+            targets_half: targets_dtype.is_half(),
             index_i64: setup.targets == Some(TargetLayout::ClassIndices(IndexType::I64)),
             ignore: spec.ignore_index().is_some() && !probabilities && has_targets,
             targets_aligned: true,
@@ -387,7 +404,7 @@ impl PreparedLoss {
                 gpu: gpu.clone(),
                 reduction: spec.reduction(),
                 ignore_index: spec.ignore_index().filter(|_| variant.ignore),
-                shape: LossShape::new(max_rows, classes, shape.targets()),
+                shape: LossShape::new(max_rows, classes, shape.targets()).with_dtype(dtype),
                 setup,
                 variant,
                 smoothing: if variant.smoothing {
@@ -462,6 +479,7 @@ impl PreparedLoss {
         &mut self,
         kernel: Kernel,
         aligned: bool,
+        paired: bool,
         scales_from_totals: bool,
         in_place: bool,
     ) -> Arc<wgpu::ComputePipeline> {
@@ -470,7 +488,15 @@ impl PreparedLoss {
             Reduction::Sum => 1,
             Reduction::Mean => 2,
         };
-        let key = (kernel, aligned, reduction, scales_from_totals, in_place);
+        let paired = paired || !self.variant.dtype.is_half() || kernel != Kernel::Gradient;
+        let key = (
+            kernel,
+            aligned,
+            paired,
+            reduction,
+            scales_from_totals,
+            in_place,
+        );
         if let Some(p) = self.res.elementwise.get(&key) {
             return p.clone();
         }
@@ -480,6 +506,7 @@ impl PreparedLoss {
             reduction,
             scales_from_totals,
             in_place,
+            paired,
             ..self.variant
         };
         let pipeline = self.gpu.pipelines.get(
@@ -732,12 +759,21 @@ impl PreparedLoss {
     ) -> Result<BoundInputs> {
         let (rows, classes) = (logits.rows(), logits.classes());
         self.check_shape(rows, classes, Some(targets.layout()))?;
-        let logit_row = classes as u64 * 4;
+        let dtype = self.shape.dtype();
+        if logits.dtype() != dtype {
+            return Err(XentError::NotPrepared(format!(
+                "prepared for {dtype} logits, called with {}",
+                logits.dtype()
+            )));
+        }
+        let value = dtype.bytes() as u64;
+        let logit_row = classes as u64 * value;
         check_view(
             "logits",
             logits.buffer(),
             logits.offset(),
             rows as u64 * logit_row,
+            value,
         )?;
         let target_row = targets.layout().row_bytes(classes);
         check_view(
@@ -745,9 +781,10 @@ impl PreparedLoss {
             targets.buffer(),
             targets.offset(),
             rows as u64 * target_row,
+            targets.layout().element_bytes().min(4),
         )?;
         if let Some(GradientOutput::Buffer { buffer, offset }) = gradient {
-            check_view("gradient", buffer, offset, rows as u64 * logit_row)?;
+            check_view("gradient", buffer, offset, rows as u64 * logit_row, value)?;
             // One buffer cannot be read and written by the same dispatch.
             if buffer == logits.buffer() || buffer == targets.buffer() {
                 return Err(XentError::DeviceBuffer {
@@ -829,22 +866,39 @@ impl PreparedLoss {
             .ignore_index
             .map_or((0, 0), |i| (i as u32, (i >> 32) as u32));
         let target_row = self.setup.targets.map_or(0, |t| t.row_bytes(classes));
-        let logit_bytes = |n: usize| n as u64 * classes as u64 * 4;
+        let target_value = self.setup.targets.map_or(4, |t| t.element_bytes().min(4));
+        let value = self.shape.dtype().bytes() as u64;
+        let logit_bytes = |n: usize| n as u64 * classes as u64 * value;
+        // Log-probabilities are f32; the gradient is in the logits' dtype.
+        let output_value = if self.setup.output == Output::LogSoftmax {
+            4
+        } else {
+            value
+        };
+        let output_bytes = |n: usize| n as u64 * classes as u64 * output_value;
         let mut group_base = 0;
         let mut chunks = Vec::with_capacity(ranges.len());
         for (range, source) in ranges.iter().zip(sources) {
             let n = range.len();
             let (lb, lo) = source.logits;
-            let logits = self.views(lb, lo, logit_bytes(n), align);
+            let logits = self.views(lb, lo, logit_bytes(n), align, value);
             let targets = match source.targets {
-                Some((buffer, offset)) => self.views(buffer, offset, n as u64 * target_row, align),
+                Some((buffer, offset)) => {
+                    self.views(buffer, offset, n as u64 * target_row, align, target_value)
+                }
                 None => Views::stand_in(&self.res.empty),
             };
             let outputs = match source.outputs {
-                Some((buffer, offset)) => self.views(buffer, offset, logit_bytes(n), align),
+                Some((buffer, offset)) => {
+                    self.views(buffer, offset, output_bytes(n), align, output_value)
+                }
                 None => Views::stand_in(&self.res.empty_out),
             };
-            let aligned = (logits.element_offset as i64 - targets.element_offset as i64) % 4 == 0;
+            // Four aligned logits have their four probabilities in one vec4 (f32), or in two
+            // whole words (halves).
+            let skew = logits.element_offset as i64 - targets.element_offset as i64;
+            let aligned = skew % if self.variant.targets_half { 2 } else { 4 } == 0;
+            let paired = (logits.element_offset as i64 - outputs.element_offset as i64) % 2 == 0;
             let bind = |logits: &Views<'_>, outputs: &Views<'_>| {
                 let entries = [
                     (slot::LOGITS4, logits.vec4.clone()),
@@ -906,6 +960,7 @@ impl PreparedLoss {
                 inputs,
                 in_place,
                 aligned,
+                paired,
             });
             group_base += n.div_ceil(unit);
         }
@@ -917,17 +972,19 @@ impl PreparedLoss {
         })
     }
 
-    /// The two views of `bytes` from `offset` of `buffer`: the binding starts at the aligned
-    /// offset below; the vec4 view covers its whole vec4s (or a 16-byte stand-in).
+    /// The two views of `bytes` from `offset` of `buffer`, values of `value` bytes: the
+    /// binding starts at the aligned offset below and ends on a whole word; the vec4 view
+    /// covers its whole vec4s (or a 16-byte stand-in).
     fn views<'b>(
         &'b self,
         buffer: &'b wgpu::Buffer,
         offset: u64,
         bytes: u64,
         align: u64,
+        value: u64,
     ) -> Views<'b> {
         let start = offset - offset % align;
-        let size = offset + bytes - start;
+        let size = (offset + bytes - start).next_multiple_of(4);
         let whole = size / 16 * 16;
         let vec4 = if whole >= 16 {
             wgpu::BufferBinding {
@@ -945,7 +1002,7 @@ impl PreparedLoss {
                 offset: start,
                 size: wgpu::BufferSize::new(size),
             },
-            element_offset: ((offset - start) / 4) as u32,
+            element_offset: ((offset - start) / value) as u32,
         }
     }
 
@@ -995,17 +1052,18 @@ impl PreparedLoss {
         let mut stats = Vec::with_capacity(chunks.len());
         let mut elementwise = Vec::with_capacity(chunks.len());
         for k in chunks.clone() {
-            let aligned = call.chunks[k].aligned;
+            let (aligned, paired) = (call.chunks[k].aligned, call.chunks[k].paired);
             stats.push(self.pipes(aligned, passes.gradient));
             elementwise.push(if passes.gradient {
                 Some(self.elementwise(
                     Kernel::Gradient,
                     aligned,
+                    paired || in_place,
                     passes.scales_from_totals,
                     in_place,
                 ))
             } else if passes.log_softmax {
-                Some(self.elementwise(Kernel::LogSoftmax, aligned, false, false))
+                Some(self.elementwise(Kernel::LogSoftmax, aligned, true, false, false))
             } else {
                 None
             });
@@ -1205,7 +1263,7 @@ impl PreparedLoss {
 struct Views<'a> {
     vec4: wgpu::BufferBinding<'a>,
     scalar: wgpu::BufferBinding<'a>,
-    /// Element (4-byte word) offset of the chunk's data within the views.
+    /// Element (value) offset of the chunk's data within the views.
     element_offset: u32,
 }
 
@@ -1220,15 +1278,18 @@ impl<'a> Views<'a> {
     }
 }
 
-/// Bytes one row takes in each input binding: the logits, the targets, and the outputs.
-fn row_bytes(classes: usize, setup: &Setup) -> Vec<u64> {
-    let logits = classes as u64 * 4;
+/// Bytes one row takes in each input binding: the logits, the targets, and the outputs
+/// (f32 log-probabilities, or the gradient in the logits' dtype).
+fn row_bytes(classes: usize, dtype: Dtype, setup: &Setup) -> Vec<u64> {
+    let logits = classes as u64 * dtype.bytes() as u64;
     let mut bytes = vec![logits];
     if let Some(t) = setup.targets {
         bytes.push(t.row_bytes(classes));
     }
-    if setup.output != Output::Loss {
-        bytes.push(logits);
+    match setup.output {
+        Output::Loss => {}
+        Output::LogSoftmax => bytes.push(classes as u64 * 4),
+        Output::Gradient => bytes.push(logits),
     }
     bytes
 }

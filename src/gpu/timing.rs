@@ -210,9 +210,11 @@ impl GpuContext {
         let (rows, classes) = (first.rows(), first.classes());
         let layout = match first_targets {
             Targets::ClassIndices(_) => TargetLayout::ClassIndices(IndexType::I64),
-            Targets::Probabilities(_) => TargetLayout::Probabilities,
+            Targets::Probabilities(p) => TargetLayout::Probabilities(p.dtype()),
         };
-        let mut loss = self.prepare_with(spec, LossShape::new(rows, classes, layout), strategy)?;
+        let dtype = first.dtype();
+        let shape = LossShape::new(rows, classes, layout).with_dtype(dtype);
+        let mut loss = self.prepare_with(spec, shape, strategy)?;
         if loss.rows_per_chunk() < rows {
             return Err(XentError::NotPrepared(format!(
                 "{rows} rows do not fit one binding ({} rows do)",
@@ -222,27 +224,27 @@ impl GpuContext {
         let mut bound = Vec::with_capacity(sets.len());
         for &(logits, targets) in sets {
             spec.validate(&logits, &targets)?;
-            if (logits.rows(), logits.classes()) != (rows, classes) {
+            if (logits.rows(), logits.classes(), logits.dtype()) != (rows, classes, dtype) {
                 return Err(XentError::NotPrepared(
                     "input sets of different shapes".into(),
                 ));
             }
             let target_bytes: &[u8] = match targets {
                 Targets::ClassIndices(y) => bytemuck::cast_slice(y),
-                Targets::Probabilities(p) => bytemuck::cast_slice(p),
+                Targets::Probabilities(p) => p.bytes(),
             };
-            let logit_bytes: &[u8] = bytemuck::cast_slice(logits.values());
+            let logit_bytes: &[u8] = logits.values().bytes();
             let buffers = gpu.scoped("uploading benchmark inputs", || {
                 let upload = |label, bytes: &[u8]| {
-                    let b =
-                        gpu.storage_buffer(label, bytes.len() as u64, wgpu::BufferUsages::COPY_DST);
-                    gpu.queue.write_buffer(&b, 0, bytes);
+                    let size = (bytes.len() as u64).next_multiple_of(4);
+                    let b = gpu.storage_buffer(label, size, wgpu::BufferUsages::COPY_DST);
+                    super::host::write_words(&gpu.queue, &b, 0, bytes);
                     b
                 };
                 let gradient = (task == Task::Gradient).then(|| {
                     gpu.storage_buffer(
                         "xent bench gradient",
-                        logit_bytes.len() as u64,
+                        (logit_bytes.len() as u64).next_multiple_of(4),
                         wgpu::BufferUsages::empty(),
                     )
                 });
@@ -252,10 +254,10 @@ impl GpuContext {
                     gradient,
                 ))
             })?;
-            let view = DeviceLogits::new(&buffers.0, 0, rows, classes);
+            let view = DeviceLogits::new(&buffers.0, 0, rows, classes).with_dtype(dtype);
             let targets = match layout {
                 TargetLayout::ClassIndices(t) => DeviceTargets::class_indices(&buffers.1, 0, t),
-                TargetLayout::Probabilities => DeviceTargets::probabilities(&buffers.1, 0),
+                TargetLayout::Probabilities(d) => DeviceTargets::probabilities_of(&buffers.1, 0, d),
             };
             bound.push(match (task, &buffers.2) {
                 (Task::Loss, _) => loss.bind(view, targets)?,

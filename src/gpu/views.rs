@@ -1,18 +1,22 @@
 //! Views of inputs that already live in the caller's device buffers.
 
+use crate::dtype::Dtype;
 use crate::error::{Result, XentError};
 
-/// Logits `[rows, classes]`, row-major f32, in a caller's `wgpu::Buffer` from byte `offset`.
+/// Logits `[rows, classes]`, row-major, in a caller's `wgpu::Buffer` from byte `offset`: f32
+/// by default, bf16 or f16 with [`DeviceLogits::with_dtype`].
 ///
-/// The buffer needs `BufferUsages::STORAGE`; the offset must be a multiple of 4 (rows need
-/// not start on a 16-byte boundary). A burn or cubecl tensor's handle gives its buffer, offset
-/// and size.
+/// The buffer needs `BufferUsages::STORAGE`; the offset must be a multiple of the value size
+/// (rows need not start on a 16-byte, nor for halves on a 4-byte, boundary), and the buffer
+/// must reach the next multiple of 4 bytes after the last value. A burn or cubecl tensor's
+/// handle gives its buffer, offset and size.
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceLogits<'a> {
     buffer: &'a wgpu::Buffer,
     offset: u64,
     rows: usize,
     classes: usize,
+    dtype: Dtype,
 }
 
 impl<'a> DeviceLogits<'a> {
@@ -24,7 +28,18 @@ impl<'a> DeviceLogits<'a> {
             offset,
             rows,
             classes,
+            dtype: Dtype::F32,
         }
+    }
+
+    /// The same view with values of `dtype`.
+    pub fn with_dtype(self, dtype: Dtype) -> Self {
+        Self { dtype, ..self }
+    }
+
+    /// The values' type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
     }
 
     /// The buffer.
@@ -69,7 +84,7 @@ impl IndexType {
 }
 
 /// Targets in a caller's device buffer (needs `BufferUsages::STORAGE`), from byte `offset`
-/// (a multiple of 4).
+/// (a multiple of the value size).
 #[derive(Clone, Copy, Debug)]
 pub enum DeviceTargets<'a> {
     /// One class index per row.
@@ -81,12 +96,14 @@ pub enum DeviceTargets<'a> {
         /// i32 or i64.
         index_type: IndexType,
     },
-    /// f32 probabilities shaped like the logits.
+    /// Probabilities shaped like the logits, f32 or of the logits' dtype.
     Probabilities {
         /// The buffer.
         buffer: &'a wgpu::Buffer,
         /// Byte offset of the first probability.
         offset: u64,
+        /// The values' type: f32, or the logits' dtype.
+        dtype: Dtype,
     },
 }
 
@@ -100,9 +117,18 @@ impl<'a> DeviceTargets<'a> {
         }
     }
 
-    /// Probabilities from byte `offset` of `buffer`.
+    /// f32 probabilities from byte `offset` of `buffer`.
     pub fn probabilities(buffer: &'a wgpu::Buffer, offset: u64) -> Self {
-        DeviceTargets::Probabilities { buffer, offset }
+        Self::probabilities_of(buffer, offset, Dtype::F32)
+    }
+
+    /// Probabilities of `dtype` (f32, or the logits' dtype) from byte `offset` of `buffer`.
+    pub fn probabilities_of(buffer: &'a wgpu::Buffer, offset: u64, dtype: Dtype) -> Self {
+        DeviceTargets::Probabilities {
+            buffer,
+            offset,
+            dtype,
+        }
     }
 
     /// The kind of targets, for [`crate::LossShape`].
@@ -111,7 +137,7 @@ impl<'a> DeviceTargets<'a> {
             DeviceTargets::ClassIndices { index_type, .. } => {
                 TargetLayout::ClassIndices(index_type)
             }
-            DeviceTargets::Probabilities { .. } => TargetLayout::Probabilities,
+            DeviceTargets::Probabilities { dtype, .. } => TargetLayout::Probabilities(dtype),
         }
     }
 
@@ -135,27 +161,44 @@ impl<'a> DeviceTargets<'a> {
 pub enum TargetLayout {
     /// One class index per row, of this type.
     ClassIndices(IndexType),
-    /// f32 probabilities shaped like the logits.
-    Probabilities,
+    /// Probabilities shaped like the logits, of this dtype (f32, or the logits').
+    Probabilities(Dtype),
 }
 
 impl TargetLayout {
+    /// f32 probabilities.
+    pub const PROBABILITIES: TargetLayout = TargetLayout::Probabilities(Dtype::F32);
+
     /// Bytes of targets per row of `classes` logits.
     pub fn row_bytes(self, classes: usize) -> u64 {
         match self {
             TargetLayout::ClassIndices(t) => t.bytes(),
-            TargetLayout::Probabilities => classes as u64 * 4,
+            TargetLayout::Probabilities(d) => classes as u64 * d.bytes() as u64,
         }
+    }
+
+    /// Bytes of one value (a class index, or a probability).
+    pub fn element_bytes(self) -> u64 {
+        match self {
+            TargetLayout::ClassIndices(t) => t.bytes(),
+            TargetLayout::Probabilities(d) => d.bytes() as u64,
+        }
+    }
+
+    /// Whether these are probabilities.
+    pub fn is_probabilities(self) -> bool {
+        matches!(self, TargetLayout::Probabilities(_))
     }
 }
 
-/// What a prepared loss is sized for: up to `max_rows` rows of `classes` logits, and the kind
-/// of targets.
+/// What a prepared loss is sized for: up to `max_rows` rows of `classes` logits, the
+/// logits' dtype (f32 unless [`LossShape::with_dtype`]) and the kind of targets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LossShape {
     max_rows: usize,
     classes: usize,
     targets: TargetLayout,
+    dtype: Dtype,
 }
 
 impl LossShape {
@@ -164,9 +207,9 @@ impl LossShape {
         Self::new(max_rows, classes, TargetLayout::ClassIndices(index_type))
     }
 
-    /// Up to `max_rows` rows of `classes` logits against probabilities.
+    /// Up to `max_rows` rows of `classes` logits against f32 probabilities.
     pub fn probabilities(max_rows: usize, classes: usize) -> Self {
-        Self::new(max_rows, classes, TargetLayout::Probabilities)
+        Self::new(max_rows, classes, TargetLayout::PROBABILITIES)
     }
 
     /// The general form.
@@ -175,7 +218,18 @@ impl LossShape {
             max_rows,
             classes,
             targets,
+            dtype: Dtype::F32,
         }
+    }
+
+    /// The same shape for logits of `dtype`.
+    pub fn with_dtype(self, dtype: Dtype) -> Self {
+        Self { dtype, ..self }
+    }
+
+    /// The logits' dtype.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
     }
 
     /// The most rows one call may have.
@@ -194,13 +248,16 @@ impl LossShape {
     }
 }
 
-/// Checks that `bytes` from `offset` lie in `buffer`, that the offset is a multiple of 4 and
-/// that the buffer can be bound as storage. `what` names the input in the error.
+/// Checks that `bytes` from `offset` lie in `buffer` (which reaches the next multiple of 4
+/// bytes after them: storage bindings are whole words), that the offset is a multiple of
+/// `element` bytes and that the buffer can be bound as storage. `what` names the input in
+/// the error.
 pub(crate) fn check_view(
     what: &'static str,
     buffer: &wgpu::Buffer,
     offset: u64,
     bytes: u64,
+    element: u64,
 ) -> Result<()> {
     let bad = |why: String| Err(XentError::DeviceBuffer { what, why });
     if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
@@ -209,11 +266,18 @@ pub(crate) fn check_view(
             buffer.usage()
         ));
     }
-    if !offset.is_multiple_of(4) {
-        return bad(format!("offset {offset} is not a multiple of 4 bytes"));
+    if !offset.is_multiple_of(element) {
+        return bad(format!(
+            "offset {offset} is not a multiple of {element} bytes"
+        ));
     }
     match offset.checked_add(bytes) {
-        Some(end) if end <= buffer.size() => Ok(()),
+        Some(end) if end.next_multiple_of(4) <= buffer.size() => Ok(()),
+        Some(end) if end <= buffer.size() => bad(format!(
+            "the buffer's {} bytes end inside the 4-byte word of the last value (at byte \
+             {end}); storage bindings are whole words",
+            buffer.size()
+        )),
         _ => bad(format!(
             "{bytes} bytes from offset {offset} do not fit the buffer's {} bytes",
             buffer.size()

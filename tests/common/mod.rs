@@ -72,6 +72,18 @@ pub fn row_tolerance(reference: f64, max_abs_logit: f64, target_mass: f64) -> f6
     1e-5 * reference.abs() + 4.0 * ulp_f32(max_abs_logit) * (1.0 + target_mass)
 }
 
+/// The tolerance of one GPU gradient element against an f64 reference, for a row whose
+/// gradient is scaled by `scale`, with target mass `mass` and largest |logit| `max_abs`.
+///
+/// An element is s·(B·q_k − a_k) (+ the z-loss term). The GPU computes q_k = exp((z_k − m) −
+/// ln s) in f32: z_k − m is off by up to an ulp of the largest |z|, and ln s by a few f32
+/// ulps, so q_k is off by q_k·(2·ulp(max|z|) + 1e-6) relatively; B·q_k − a_k adds a rounding of
+/// each term. Summed over the row, q_k ≤ 1: an absolute |s|·(1 + B)·(8·ulp(max|z|) + 4e-6)
+/// bounds every element with room to spare.
+pub fn element_tolerance(scale: f64, mass: f64, max_abs: f64) -> f64 {
+    scale.abs() * (1.0 + mass) * (8.0 * ulp_f32(max_abs) + 4e-6)
+}
+
 /// Whether two values agree within `tol`, treating equal infinities and NaN as agreeing.
 pub fn close(got: f64, want: f64, tol: f64) -> bool {
     if want.is_nan() {
@@ -327,7 +339,7 @@ impl Problem {
 
     pub fn targets(&self, soft: bool) -> Targets<'_> {
         if soft {
-            Targets::Probabilities(&self.probabilities)
+            Targets::probabilities(&self.probabilities)
         } else {
             Targets::ClassIndices(&self.labels)
         }
@@ -427,7 +439,7 @@ impl GoldenInputs {
 
     pub fn targets(&self) -> Targets<'_> {
         if self.soft {
-            Targets::Probabilities(&self.probabilities)
+            Targets::probabilities(&self.probabilities)
         } else {
             Targets::ClassIndices(&self.classes_idx)
         }

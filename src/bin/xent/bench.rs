@@ -133,6 +133,7 @@ impl FromStr for KernelChoice {
             split,
             vec4,
             subgroups,
+            f16_builtin: false,
         }))
     }
 }
@@ -280,7 +281,7 @@ impl Data {
         let (r, c) = (self.rows, self.classes);
         let z = &self.logits[i * r * c..(i + 1) * r * c];
         let t = if soft {
-            Targets::Probabilities(&self.probabilities[i * r * c..(i + 1) * r * c])
+            Targets::probabilities(&self.probabilities[i * r * c..(i + 1) * r * c])
         } else {
             Targets::ClassIndices(&self.labels[i * r..(i + 1) * r])
         };

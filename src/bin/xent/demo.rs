@@ -60,7 +60,7 @@ pub fn run() -> Result<(), CliError> {
         &gpu,
         &spec,
         z,
-        Targets::Probabilities(&probabilities),
+        Targets::probabilities(&probabilities),
     )?;
     if let (Some(ce), Some(h), Some(kl)) = (
         probs.loss,

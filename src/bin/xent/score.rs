@@ -342,7 +342,10 @@ impl Engine {
             return Ok((self.scorer().cross_entropy(spec, logits, targets)?, None));
         };
         let (out, grad) = match self {
-            Engine::Gpu(gpu) => gpu.cross_entropy_grad(spec, logits, targets, upstream)?,
+            Engine::Gpu(gpu) => {
+                let (out, grad) = gpu.cross_entropy_grad(spec, logits, targets, upstream)?;
+                (out, grad.to_f32())
+            }
             Engine::Cpu => {
                 let (out, grad) = xent::cpu::cross_entropy_grad(spec, logits, targets, upstream)?;
                 (out, grad.into_iter().map(|g| g as f32).collect())
@@ -405,9 +408,9 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
     }
     // Check the options before any GPU work, against an empty batch of the right width.
     let (rows, classes, soft) = (inputs.rows, inputs.classes, inputs.soft);
-    let none = Logits::new(&[], 0, classes).map_err(|e| blame(e, &inputs, 0))?;
+    let none = Logits::new::<f32>(&[], 0, classes).map_err(|e| blame(e, &inputs, 0))?;
     let empty_targets = if soft {
-        Targets::Probabilities(&[])
+        Targets::probabilities::<f32>(&[])
     } else {
         Targets::ClassIndices(&[])
     };
@@ -478,7 +481,7 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
             if total.totals.entropy_sum.is_some() && total.not_distribution.is_none() {
                 total.not_distribution = not_a_distribution(&probabilities, classes, done);
             }
-            Targets::Probabilities(&probabilities)
+            Targets::probabilities(&probabilities)
         } else {
             Targets::ClassIndices(&labels)
         };
@@ -652,7 +655,7 @@ mod tests {
                     .cross_entropy(
                         &spec,
                         logits.unwrap(),
-                        Targets::Probabilities(&p[from * classes..to * classes]),
+                        Targets::probabilities(&p[from * classes..to * classes]),
                     )
                     .unwrap()
             };
