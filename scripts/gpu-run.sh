@@ -2,6 +2,8 @@
 # Runs on the GPU machine from the project root, after scripts/stage-gpu.sh here:
 #   scripts/gpu-run.sh again   as final without the host path and the peers (a re-measure)
 #   scripts/gpu-run.sh probe   tests, then the gradient, and z-loss and soft-capping taken apart
+#   scripts/gpu-run.sh half    tests, then the loss and gradient in f32, bf16 and f16 and the
+#                              peers in bf16 and f16 (issue 10)
 #   scripts/gpu-run.sh final   info, the GPU test binaries, and the benchmark: the loss on the
 #                              kernel, resident and host paths; loss + gradient (separate and in
 #                              place) beside the naive kernel; the gradient with z-loss and with
@@ -45,6 +47,18 @@ if [ "$mode" = figures ]; then
         --task loss,grad,grad-inplace
     bench "loss + gradient with z-loss 1e-4" --task grad --z-loss 1e-4
     bench "loss + gradient with soft-capping at 30" --task grad --softcap 30
+    exit 0
+fi
+if [ "$mode" = half ]; then
+    bench "loss and gradient (separate, in place) in f32, bf16 and f16" \
+        --task loss,grad,grad-inplace --dtype f32,bf16,f16
+    bench "loss and gradient, f16: unpack2x16float (auto) beside integer widening (fixed)" \
+        --dtype f16 --task loss,grad --shapes 4096x32000,1024x128256 --kernel auto,256/256/1/vec4/sg
+    if [ -z "$quick" ]; then
+        for d in bfloat16 float16; do
+            { timeout 200 python3 .gpu/peers/peers.py --dtype $d 2>&1; } | tee -a "$out/peers.txt"
+        done
+    fi
     exit 0
 fi
 if [ "$mode" = probe ]; then

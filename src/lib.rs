@@ -32,6 +32,9 @@
 //!   records its passes on [`DeviceLogits`] and [`DeviceTargets`] (views of the caller's
 //!   `wgpu::Buffer`s) into the caller's command encoder, allocates nothing per call, and reads
 //!   back only the [`LossTotals`] (or, on request, the per-row results).
+//! - Half precision: [`Logits::new`] takes `f32`, [`bf16`] or [`f16`] values ([`Dtype`]);
+//!   every sum is f32 on the GPU, and the gradient comes back in the logits' dtype
+//!   ([`ElementVec`]), rounded once to nearest even.
 //! - Batched scoring in f64 ([`scoring`]): knowledge distillation ([`Distillation`]: forward
 //!   and reverse KL, generalised JSD), top-k [`SparseTargets`], token metrics (accuracy, rank,
 //!   perplexity) and sequence log-likelihoods with multiple choice, as lm-evaluation-harness.

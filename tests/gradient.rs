@@ -7,7 +7,7 @@ mod common;
 
 use common::{
     GoldenInputs, Problem, buffer_with, element_tolerance, golden_cases, gpu, max_abs_per_row,
-    read_f32, ulp_f32,
+    read_f32,
 };
 use xent::{
     CrossEntropy, DeviceLogits, DeviceTargets, GradientOutput, IndexType, Logits, LossShape,

@@ -59,6 +59,7 @@ fn f16_paths(gpu: &GpuContext, dtype: Dtype, planned: Strategy) -> Vec<Strategy>
 
 /// Asserts a half gradient against the f64 reference: within one unit in the last place of
 /// the half type (the one rounding) plus the f32 tolerance.
+#[allow(clippy::too_many_arguments)]
 fn assert_half_gradient(
     label: &str,
     dtype: Dtype,

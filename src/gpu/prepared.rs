@@ -257,7 +257,7 @@ struct Resources {
     rows_back: Option<wgpu::Buffer>,
     owned: wgpu::BindGroup,
     pipes: HashMap<(bool, bool), Pipes>,
-    elementwise: HashMap<(Kernel, bool, bool, u8, bool, bool), Arc<wgpu::ComputePipeline>>,
+    elementwise: HashMap<ElementwiseKey, Arc<wgpu::ComputePipeline>>,
 }
 
 /// Multiplies class weights by a power of two that brings the largest near 1, when it lies
@@ -1258,6 +1258,10 @@ impl PreparedLoss {
         &self.gpu
     }
 }
+
+/// An elementwise pipeline of a prepared loss: kernel, targets aligned, logits and outputs
+/// paired, reduction, scales from the totals, in place.
+type ElementwiseKey = (Kernel, bool, bool, u8, bool, bool);
 
 /// The two views of one input of a chunk.
 struct Views<'a> {

@@ -9,7 +9,9 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use xent::gpu::{ReadBandwidth, Strategy, Task};
-use xent::{CpuReference, CrossEntropy, GpuContext, Logits, Scorer, Targets, XentError};
+use xent::{
+    CpuReference, CrossEntropy, Dtype, ElementVec, GpuContext, Logits, Scorer, Targets, XentError,
+};
 
 use crate::out::{Out, json_f64, json_opt, outln};
 use crate::{BenchArgs, CliError};
@@ -228,6 +230,7 @@ fn allocate<T: Clone + Default>(n: usize, rows: usize, classes: usize) -> Result
 struct Row {
     rows: usize,
     classes: usize,
+    dtype: Dtype,
     target: &'static str,
     task: &'static str,
     path: &'static str,
@@ -245,13 +248,27 @@ struct Data {
     rows: usize,
     classes: usize,
     sets: usize,
-    logits: Vec<f32>,
+    logits: ElementVec,
     labels: Vec<i64>,
-    probabilities: Vec<f32>,
+    probabilities: ElementVec,
+}
+
+/// `values` as `dtype` (rounded to nearest even).
+fn convert(values: Vec<f32>, dtype: Dtype) -> ElementVec {
+    match dtype {
+        Dtype::F32 => ElementVec::F32(values),
+        Dtype::Bf16 => ElementVec::Bf16(values.iter().map(|&v| xent::bf16::from_f32(v)).collect()),
+        Dtype::F16 => ElementVec::F16(values.iter().map(|&v| xent::f16::from_f32(v)).collect()),
+    }
 }
 
 impl Data {
-    fn new(rng: &mut StdRng, rows: usize, classes: usize, sets: usize) -> Result<Self, CliError> {
+    fn new(
+        rng: &mut StdRng,
+        (rows, classes): (usize, usize),
+        sets: usize,
+        dtype: Dtype,
+    ) -> Result<Self, CliError> {
         let n = rows * classes * sets;
         // Uniform in [-10, 10), as the peers were measured.
         let mut logits = allocate::<f32>(n, rows, classes)?;
@@ -271,21 +288,22 @@ impl Data {
             rows,
             classes,
             sets,
-            logits,
+            logits: convert(logits, dtype),
             labels,
-            probabilities,
+            probabilities: convert(probabilities, dtype),
         })
     }
 
     fn set(&self, i: usize, soft: bool) -> (Logits<'_>, Targets<'_>) {
         let (r, c) = (self.rows, self.classes);
-        let z = &self.logits[i * r * c..(i + 1) * r * c];
+        let range = i * r * c..(i + 1) * r * c;
+        let z = self.logits.as_elements().slice(range.clone());
         let t = if soft {
-            Targets::probabilities(&self.probabilities[i * r * c..(i + 1) * r * c])
+            Targets::Probabilities(self.probabilities.as_elements().slice(range))
         } else {
             Targets::ClassIndices(&self.labels[i * r..(i + 1) * r])
         };
-        (Logits::new(z, r, c).expect("shape"), t)
+        (Logits::from_elements(z, r, c).expect("shape"), t)
     }
 
     fn sets(&self, soft: bool) -> Vec<(Logits<'_>, Targets<'_>)> {
@@ -359,9 +377,17 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         .unwrap_or(1);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut table = Vec::new();
-    for &(rows, classes) in &shapes {
-        let set_bytes = (rows * classes * 4) as u64;
-        let data = Data::new(&mut rng, rows, classes, copies(set_bytes, args.quick))?;
+    for (&(rows, classes), &dtype) in shapes
+        .iter()
+        .flat_map(|s| args.dtype.iter().map(move |d| (s, d)))
+    {
+        let set_bytes = (rows * classes * dtype.bytes()) as u64;
+        let data = Data::new(
+            &mut rng,
+            (rows, classes),
+            copies(set_bytes, args.quick),
+            dtype,
+        )?;
         for (target, soft) in [("hard", false), ("soft", true)] {
             let mut spec = CrossEntropy::new();
             if let Some(lambda) = args.z_loss {
@@ -382,6 +408,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                 table.push(Row {
                     rows,
                     classes,
+                    dtype,
                     target,
                     task: task.name(),
                     path: path.name(),
@@ -452,8 +479,9 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
 fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
     outln!(
         out,
-        "{:>14} {:>6} {:>12} {:>8} {:>6} {:>22} {:>10} {:>9} {:>9} {:>10} {:>9}",
+        "{:>14} {:>5} {:>6} {:>12} {:>8} {:>6} {:>22} {:>10} {:>9} {:>9} {:>10} {:>9}",
         "N x C",
+        "dtype",
         "target",
         "task",
         "path",
@@ -472,13 +500,15 @@ fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
                 && n.task == r.task
                 && n.rows == r.rows
                 && n.classes == r.classes
+                && n.dtype == r.dtype
                 && n.target == r.target
         });
         let speedup = naive.map_or(String::from("-"), |n| format!("{:.2}x", n.ms / r.ms));
         outln!(
             out,
-            "{:>14} {:>6} {:>12} {:>8} {:>6} {:>22} {:>10.4} {:>9.1} {:>9.3} {:>10} {:>9}",
+            "{:>14} {:>5} {:>6} {:>12} {:>8} {:>6} {:>22} {:>10.4} {:>9.1} {:>9.3} {:>10} {:>9}",
             format!("{}x{}", r.rows, r.classes),
+            r.dtype.name(),
             r.target,
             r.task,
             r.path,
@@ -507,6 +537,7 @@ fn to_json(
             serde_json::json!({
                 "rows": r.rows,
                 "classes": r.classes,
+                "dtype": r.dtype.name(),
                 "target": r.target,
                 "task": r.task,
                 "path": r.path,

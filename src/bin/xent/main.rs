@@ -144,6 +144,10 @@ pub struct BenchArgs {
     /// grad-inplace (the gradient over the logits).
     #[arg(long, value_delimiter = ',', default_value = "loss")]
     task: Vec<bench::TaskChoice>,
+    /// Logits' dtypes, comma-separated: f32, bf16, f16 (soft targets in the same dtype; bytes
+    /// are counted in the real dtype).
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    dtype: Vec<xent::Dtype>,
     /// Adds a z-loss λ·lse² to the timed loss.
     #[arg(long, value_name = "λ", allow_negative_numbers = true)]
     z_loss: Option<f64>,
