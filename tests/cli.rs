@@ -2,7 +2,8 @@
 //! values, every kind of bad input (status 2, one line naming the file or argument, nothing
 //! on stdout), hostile inputs (headers, shapes, pipes, closed stdout), and `info`, `demo` and
 //! `bench` running; training: `--grad` against PyTorch's gradients in one batch and in
-//! several, `--grad-output`, `--z-loss` and `--softcap` against the library.
+//! several, `--grad-output`, `--z-loss` and `--softcap` against the library; float16 and
+//! bfloat16 logits and probabilities, `--logits-dtype`, and `--grad` in the logits' dtype.
 
 mod common;
 
@@ -1501,4 +1502,231 @@ fn gradient_is_float32_for_float64_logits() {
         ("'<f4'", &[31u64, 1000][..])
     );
     assert_eq!(from64, read_gradient(&g32).2);
+}
+
+// Half precision: float16 and bfloat16 .npy logits (and probabilities), --logits-dtype,
+// --grad in the logits' dtype
+
+/// The header dict and the data of an .npy file (parsed by hand: npyz does not know `<V2`).
+fn read_raw_npy(path: &Path) -> (String, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}", path.display());
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let dict = String::from_utf8(bytes[10..10 + len].to_vec()).unwrap();
+    (dict, bytes[10 + len..].to_vec())
+}
+
+/// Golden cases with their logits rounded to float16 (`<f2`) and to bfloat16 — as np.save
+/// writes ml_dtypes' bfloat16 (`<V2`), as a `'bfloat16'` descr, and as uint16 bits with
+/// `--logits-dtype bf16` — through `score --grad`, on the GPU and with --cpu: the loss is the
+/// library's f64 reference on the rounded logits, and the gradient file has the logits' dtype
+/// and the reference's gradient within one half ulp (bit for bit on --cpu).
+#[test]
+fn half_precision_logits_through_score() {
+    use xent::{Dtype, ElementVec, Logits, Targets, Upstream, bf16, f16};
+    let dir = tempfile::tempdir().unwrap();
+    let forms: [(Dtype, &str, Option<&str>); 4] = [
+        (Dtype::F16, "<f2", None),
+        (Dtype::Bf16, "<V2", None),
+        (Dtype::Bf16, "bfloat16", None),
+        (Dtype::Bf16, "<u2", Some("bf16")),
+    ];
+    for name in [
+        "hard_9x4",
+        "hard_weights_ignore",
+        "soft_4x3",
+        "hard_31x1000",
+    ] {
+        let case = golden_case(name);
+        let inputs = common::GoldenInputs::load(&case);
+        let (rows, classes) = (case.rows(), case.classes());
+        for (dtype, descr, flag) in forms {
+            let rounded = match dtype {
+                Dtype::F16 => {
+                    ElementVec::F16(inputs.logits.iter().map(|&v| f16::from_f32(v)).collect())
+                }
+                _ => ElementVec::Bf16(inputs.logits.iter().map(|&v| bf16::from_f32(v)).collect()),
+            };
+            let file = dir
+                .path()
+                .join(format!("{name}-{}.npy", descr.replace(['<', '|'], "")));
+            let dict = format!(
+                "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {classes}), }}"
+            );
+            write_raw_npy(&file, &dict, rounded.bytes());
+            let z = Logits::from_elements(rounded.as_elements(), rows, classes).unwrap();
+            let spec = inputs.spec.clone();
+            let targets: Targets<'_> = inputs.targets();
+            let want = xent::cpu::cross_entropy(&spec, z, targets).unwrap();
+            let (_, want_grad) =
+                xent::cpu::cross_entropy_grad(&spec, z, targets, Upstream::Scalar(1.0)).unwrap();
+            for cpu in paths() {
+                let out = dir.path().join("g.npy");
+                let mut args = vec![
+                    "score".to_string(),
+                    "--logits".into(),
+                    path(&file).into(),
+                    "--targets".into(),
+                    path(&case.dir.join("targets.npy")).into(),
+                    "--json".into(),
+                    "--grad".into(),
+                    path(&out).into(),
+                    format!("--label-smoothing={}", case.number("label_smoothing")),
+                ];
+                if case.meta["class_weights"].as_bool() == Some(true) {
+                    args.push("--weights".into());
+                    args.push(path(&case.dir.join("weights.npy")).into());
+                }
+                if let Some(i) = case.meta["ignore_index"].as_i64() {
+                    args.push(format!("--ignore-index={i}"));
+                }
+                if let Some(f) = flag {
+                    args.extend(["--logits-dtype".to_string(), f.to_string()]);
+                }
+                if cpu {
+                    args.push("--cpu".into());
+                }
+                let label = format!("{name} {descr} cpu={cpu}");
+                let j = json(&xent(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+                let loss = j["loss"].as_f64().unwrap_or(f64::NAN);
+                let reference = want.loss.unwrap_or(f64::NAN);
+                assert!(
+                    close(loss, reference, 1e-5 * reference.abs().max(1.0)),
+                    "{label}: loss {loss} vs the reference on the rounded logits {reference}"
+                );
+                let (dict, data) = read_raw_npy(&out);
+                let written = if dtype == Dtype::F16 {
+                    "'<f2'"
+                } else {
+                    "'<V2'"
+                };
+                assert!(dict.contains(written), "{label}: gradient header {dict}");
+                assert!(
+                    dict.contains(&format!("({rows}, {classes})")),
+                    "{label}: {dict}"
+                );
+                let got: Vec<f32> = data
+                    .chunks(2)
+                    .map(|b| {
+                        let bits = u16::from_le_bytes([b[0], b[1]]);
+                        match dtype {
+                            Dtype::F16 => f16::from_bits(bits).to_f32(),
+                            _ => bf16::from_bits(bits).to_f32(),
+                        }
+                    })
+                    .collect();
+                assert_eq!(got.len(), want_grad.len(), "{label}");
+                let scale = 1.0 / want.mean_denominator;
+                for (k, (&g, &w)) in got.iter().zip(&want_grad).enumerate() {
+                    let rounded = match dtype {
+                        Dtype::F16 => f16::from_f64(w).to_f32(),
+                        _ => bf16::from_f64(w).to_f32(),
+                    };
+                    if cpu {
+                        assert!(
+                            g.to_bits() == rounded.to_bits() || (g.is_nan() && rounded.is_nan()),
+                            "{label}: element {k}: {g} vs the reference rounded once, {rounded}"
+                        );
+                    } else {
+                        let tol = dtype.ulp(w) + 1e-5 * scale;
+                        assert!(
+                            (g as f64 - w).abs() <= tol || (g.is_nan() && w.is_nan()),
+                            "{label}: element {k}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Probabilities in the logits' half dtype are read as such (not widened to f32 first): the
+/// loss is the reference's on the half probabilities.
+#[test]
+fn half_probabilities_through_score() {
+    use xent::{Logits, Targets, f16};
+    let dir = tempfile::tempdir().unwrap();
+    let case = golden_case("soft_8x4099");
+    let inputs = common::GoldenInputs::load(&case);
+    let (rows, classes) = (case.rows(), case.classes());
+    let z: Vec<f16> = inputs.logits.iter().map(|&v| f16::from_f32(v)).collect();
+    let p: Vec<f16> = inputs
+        .probabilities
+        .iter()
+        .map(|&v| f16::from_f32(v))
+        .collect();
+    let dict =
+        format!("{{'descr': '<f2', 'fortran_order': False, 'shape': ({rows}, {classes}), }}");
+    let (zf, pf) = (dir.path().join("z.npy"), dir.path().join("p.npy"));
+    write_raw_npy(&zf, &dict, bytemuck::cast_slice(&z));
+    write_raw_npy(&pf, &dict, bytemuck::cast_slice(&p));
+    let want = xent::cpu::cross_entropy(
+        &inputs.spec,
+        Logits::new(&z, rows, classes).unwrap(),
+        Targets::probabilities(&p),
+    )
+    .unwrap()
+    .loss
+    .unwrap();
+    for cpu in paths() {
+        let mut args = vec![
+            "score",
+            "--logits",
+            path(&zf),
+            "--targets",
+            path(&pf),
+            "--json",
+        ];
+        if cpu {
+            args.push("--cpu");
+        }
+        let loss = json(&xent(&args))["loss"].as_f64().unwrap();
+        assert!(
+            close(loss, want, 1e-5 * want.abs()),
+            "cpu={cpu}: {loss} vs {want}"
+        );
+    }
+}
+
+/// uint16 logits need --logits-dtype; --logits-dtype must agree with a file that has a dtype.
+#[test]
+fn logits_dtype_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bits = dir.path().join("bits.npy");
+    write_raw_npy(
+        &bits,
+        "{'descr': '<u2', 'fortran_order': False, 'shape': (2, 2), }",
+        &[0, 0x3c, 0, 0x3c, 0, 0x3c, 0, 0x3c],
+    );
+    let halves = dir.path().join("halves.npy");
+    write_raw_npy(
+        &halves,
+        "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 2), }",
+        &[0, 0x3c, 0, 0x3c, 0, 0x3c, 0, 0x3c],
+    );
+    let y = dir.path().join("y.npy");
+    write_npy(&y, &[2], &[0i64, 1]);
+    let run = |z: &Path, extra: &[&str]| {
+        let mut args = vec!["score", "--cpu", "--logits", path(z), "--targets", path(&y)];
+        args.extend_from_slice(extra);
+        xent(&args)
+    };
+    expect_failure(
+        &run(&bits, &[]),
+        2,
+        &["bits.npy", "uint16", "--logits-dtype"],
+    );
+    expect_failure(
+        &run(&halves, &["--logits-dtype", "bf16"]),
+        2,
+        &["halves.npy", "float16", "bf16"],
+    );
+    // f16 ones read as f16: two classes of equal logits, loss ln 2.
+    for (z, extra) in [(&bits, &["--logits-dtype", "f16"][..]), (&halves, &[][..])] {
+        let mut args = extra.to_vec();
+        args.push("--json");
+        let j = json(&run(z, &args));
+        let loss = j["loss"].as_f64().unwrap();
+        assert!((loss - std::f64::consts::LN_2).abs() < 1e-12, "{loss}");
+    }
 }

@@ -44,9 +44,14 @@ enum Command {
 
 #[derive(clap::Args)]
 pub struct ScoreArgs {
-    /// Logits [N, C], float32 or float64.
+    /// Logits [N, C]: float32, float64 (rounded to float32), float16, bfloat16 (`'<V2'`, as
+    /// np.save writes ml_dtypes' bfloat16), or uint16 raw bits with --logits-dtype.
     #[arg(long, value_name = "Z.npy")]
     logits: PathBuf,
+    /// The half type of uint16 logits (raw bits): bf16 or f16. For other files it must agree
+    /// with the file's own dtype.
+    #[arg(long, value_name = "DTYPE")]
+    logits_dtype: Option<xent::Dtype>,
     /// Class indices [N] (int64 or int32), or probabilities [N, C] (float, the logits' shape).
     #[arg(long, value_name = "T.npy")]
     targets: PathBuf,

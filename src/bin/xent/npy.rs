@@ -10,6 +10,8 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
+use xent::{Dtype, ElementVec, bf16, f16};
+
 use crate::CliError;
 
 /// The largest header accepted (NumPy itself refuses headers over 10,000 bytes by default).
@@ -24,6 +26,12 @@ const MAX_DEPTH: usize = 8;
 pub enum Elem {
     F32,
     F64,
+    F16,
+    /// bfloat16: what NumPy writes for ml_dtypes' bfloat16 (`'<V2'`: its dtype character is
+    /// void, so np.save keeps only the size), or a header whose descr is `'bfloat16'`.
+    Bf16,
+    /// uint16: raw bits of a half type named by `--logits-dtype`.
+    U16,
     I32,
     I64,
 }
@@ -31,21 +39,35 @@ pub enum Elem {
 impl Elem {
     pub fn size(self) -> usize {
         match self {
+            Elem::F16 | Elem::Bf16 | Elem::U16 => 2,
             Elem::F32 | Elem::I32 => 4,
             Elem::F64 | Elem::I64 => 8,
         }
     }
 
     pub fn is_float(self) -> bool {
-        matches!(self, Elem::F32 | Elem::F64)
+        matches!(self, Elem::F32 | Elem::F64 | Elem::F16 | Elem::Bf16)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Elem::F32 => "float32",
             Elem::F64 => "float64",
+            Elem::F16 => "float16",
+            Elem::Bf16 => "bfloat16",
+            Elem::U16 => "uint16",
             Elem::I32 => "int32",
             Elem::I64 => "int64",
+        }
+    }
+
+    /// The dtype xent computes with for values of this type (float64 is rounded to f32).
+    pub fn dtype(self) -> Option<Dtype> {
+        match self {
+            Elem::F32 | Elem::F64 => Some(Dtype::F32),
+            Elem::F16 => Some(Dtype::F16),
+            Elem::Bf16 => Some(Dtype::Bf16),
+            Elem::U16 | Elem::I32 | Elem::I64 => None,
         }
     }
 }
@@ -79,7 +101,8 @@ impl NpyInput {
             read_header(&mut reader).map_err(|e| fail(format!("not a valid .npy file ({e})")))?;
         let (elem, big_endian) = element_type(&header.descr).ok_or_else(|| {
             fail(format!(
-                "unsupported dtype {}; xent reads float32, float64, int32 and int64",
+                "unsupported dtype {}; xent reads float32, float64, float16, bfloat16 ('<V2' as \
+                 np.save writes ml_dtypes' bfloat16), uint16 (with --logits-dtype), int32 and int64",
                 header.descr
             ))
         })?;
@@ -154,16 +177,53 @@ impl NpyInput {
         Ok(bytes)
     }
 
-    /// The next `count` values as f32 (float64 is rounded to float32, as the GPU computes in f32).
+    /// The next `count` values as f32 (float64 is rounded to float32, as the GPU computes in
+    /// f32; halves are widened exactly).
     pub fn read_f32(&mut self, count: usize) -> Result<Vec<f32>, CliError> {
+        match self.read_values(count, None)? {
+            ElementVec::F32(v) => Ok(v),
+            halves => Ok(halves.to_f32()),
+        }
+    }
+
+    /// The next `count` values in their own dtype (float64 rounded to f32); uint16 raw bits as
+    /// the half type `bits_as`.
+    pub fn read_values(
+        &mut self,
+        count: usize,
+        bits_as: Option<Dtype>,
+    ) -> Result<ElementVec, CliError> {
+        let elem = match (self.elem, bits_as) {
+            (Elem::U16, Some(Dtype::Bf16)) => Elem::Bf16,
+            (Elem::U16, Some(Dtype::F16)) => Elem::F16,
+            (e, _) => e,
+        };
         let bytes = self.read_raw(count)?;
         let be = self.big_endian;
-        match self.elem {
-            Elem::F32 => Ok(decode(&bytes, be, f32::from_le_bytes, f32::from_be_bytes)),
-            Elem::F64 => Ok(decode(&bytes, be, f64::from_le_bytes, f64::from_be_bytes)
-                .into_iter()
-                .map(|v| v as f32)
-                .collect()),
+        let halves = || decode(&bytes, be, u16::from_le_bytes, u16::from_be_bytes);
+        match elem {
+            Elem::F32 => Ok(ElementVec::F32(decode(
+                &bytes,
+                be,
+                f32::from_le_bytes,
+                f32::from_be_bytes,
+            ))),
+            Elem::F64 => Ok(ElementVec::F32(
+                decode(&bytes, be, f64::from_le_bytes, f64::from_be_bytes)
+                    .into_iter()
+                    .map(|v| v as f32)
+                    .collect(),
+            )),
+            Elem::F16 => Ok(ElementVec::F16(
+                halves().into_iter().map(f16::from_bits).collect(),
+            )),
+            Elem::Bf16 => Ok(ElementVec::Bf16(
+                halves().into_iter().map(bf16::from_bits).collect(),
+            )),
+            Elem::U16 => {
+                Err(self
+                    .error("holds uint16: raw bits of a half type need --logits-dtype bf16 or f16"))
+            }
             Elem::I32 | Elem::I64 => Err(self.error(format!(
                 "expected floating-point values, found {}",
                 self.elem.name()
@@ -181,9 +241,7 @@ impl NpyInput {
                 .map(i64::from)
                 .collect()),
             Elem::I64 => Ok(decode(&bytes, be, i64::from_le_bytes, i64::from_be_bytes)),
-            Elem::F32 | Elem::F64 => {
-                Err(self.error(format!("expected integers, found {}", self.elem.name())))
-            }
+            _ => Err(self.error(format!("expected integers, found {}", self.elem.name()))),
         }
     }
 }
@@ -215,6 +273,9 @@ fn element_type(descr: &Descr) -> Option<(Elem, bool)> {
     let elem = match code {
         "f4" => Elem::F32,
         "f8" => Elem::F64,
+        "f2" => Elem::F16,
+        "V2" | "bfloat16" => Elem::Bf16,
+        "u2" => Elem::U16,
         "i4" => Elem::I32,
         "i8" => Elem::I64,
         _ => return None,
@@ -515,7 +576,8 @@ pub struct NpyWriter {
     flag: &'static str,
     path: PathBuf,
     writer: BufWriter<File>,
-    as_f64: bool,
+    /// The values' type: `<f8`, `<f4`, `<f2` or `<V2` (bfloat16, as np.save writes it).
+    descr: &'static str,
     /// Values still to come.
     remaining: usize,
     /// Whether the file was created by this run (and so is removed on failure).
@@ -532,13 +594,38 @@ impl NpyWriter {
         shape: &[usize],
         as_f64: bool,
     ) -> Result<Self, CliError> {
+        Self::create_with(flag, path, shape, if as_f64 { "<f8" } else { "<f4" })
+    }
+
+    /// [`NpyWriter::create`] for values of `dtype`: `<f4`, `<f2`, or `<V2` for bfloat16 (what
+    /// np.save writes for ml_dtypes' bfloat16; read it back with `.view(ml_dtypes.bfloat16)`).
+    pub fn create_as(
+        flag: &'static str,
+        path: &Path,
+        shape: &[usize],
+        dtype: Dtype,
+    ) -> Result<Self, CliError> {
+        let descr = match dtype {
+            Dtype::F32 => "<f4",
+            Dtype::F16 => "<f2",
+            Dtype::Bf16 => "<V2",
+        };
+        Self::create_with(flag, path, shape, descr)
+    }
+
+    fn create_with(
+        flag: &'static str,
+        path: &Path,
+        shape: &[usize],
+        descr: &'static str,
+    ) -> Result<Self, CliError> {
         let created = std::fs::symlink_metadata(path).is_err();
         let file = File::create(path).map_err(|e| write_error(flag, path, e))?;
         let mut writer = Self {
             flag,
             path: path.to_path_buf(),
             writer: BufWriter::new(file),
-            as_f64,
+            descr,
             remaining: shape.iter().product(),
             created,
             finished: false,
@@ -551,10 +638,7 @@ impl NpyWriter {
                 .collect::<Vec<_>>()
                 .join(", "),
         };
-        let dict = format!(
-            "{{'descr': '<{}', 'fortran_order': False, 'shape': ({dims}), }}",
-            if as_f64 { "f8" } else { "f4" }
-        );
+        let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
         // Magic (6), version (2), length (2), dict, padding, newline: a multiple of 64 bytes.
         let padded = (10 + dict.len() + 1).next_multiple_of(64) - 10;
         let mut header = b"\x93NUMPY\x01\x00".to_vec();
@@ -569,7 +653,7 @@ impl NpyWriter {
     /// Appends the next values (rounded to float32 unless the file is float64).
     pub fn write(&mut self, values: &[f64]) -> Result<(), CliError> {
         self.remaining = self.remaining.saturating_sub(values.len());
-        let bytes: Vec<u8> = if self.as_f64 {
+        let bytes: Vec<u8> = if self.descr == "<f8" {
             values.iter().flat_map(|v| v.to_le_bytes()).collect()
         } else {
             values
@@ -580,12 +664,17 @@ impl NpyWriter {
         self.put(&bytes)
     }
 
-    /// Appends the next float32 values (of a float32 file).
-    pub fn write_f32(&mut self, values: &[f32]) -> Result<(), CliError> {
-        debug_assert!(!self.as_f64, "float32 values into a float64 file");
+    /// Appends the next values, of the file's dtype (little-endian, as the platforms wgpu runs
+    /// on lay them out).
+    pub fn write_values(&mut self, values: &ElementVec) -> Result<(), CliError> {
+        debug_assert_ne!(self.descr, "<f8", "values into a float64 file");
         self.remaining = self.remaining.saturating_sub(values.len());
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.put(&bytes)
+        if cfg!(target_endian = "big") {
+            return Err(CliError::runtime(
+                "writing .npy values needs a little-endian host",
+            ));
+        }
+        self.put(values.bytes())
     }
 
     /// The file being written.
@@ -661,6 +750,28 @@ mod tests {
         let h = header("{\"shape\": (7,), \"fortran_order\": True, \"descr\": \">i8\"}").unwrap();
         assert_eq!(h.shape, [7]);
         assert_eq!(element_type(&h.descr), Some((Elem::I64, true)));
+        // Half types: float16, ml_dtypes' bfloat16 as np.save writes it (void, 2 bytes) or
+        // named, and uint16 bits.
+        for (descr, elem) in [
+            ("<f2", Elem::F16),
+            ("<V2", Elem::Bf16),
+            ("|V2", Elem::Bf16),
+            ("bfloat16", Elem::Bf16),
+            ("<u2", Elem::U16),
+        ] {
+            let h = header(&format!(
+                "{{'descr': '{descr}', 'fortran_order': False, 'shape': (2, 3), }}"
+            ))
+            .unwrap();
+            assert_eq!(element_type(&h.descr).map(|e| e.0), Some(elem), "{descr}");
+        }
+        for other in ["<V4", "<f1", "<u4"] {
+            let h = header(&format!(
+                "{{'descr': '{other}', 'fortran_order': False, 'shape': (2,), }}"
+            ))
+            .unwrap();
+            assert_eq!(element_type(&h.descr), None, "{other}");
+        }
         assert!(
             header("{'descr': '<f8', 'fortran_order': False, 'shape': ()}")
                 .unwrap()

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use xent::{
-    CpuReference, CrossEntropy, GpuContext, Logits, LossOutput, LossTotals, MeanNormalisers,
-    Reduction, Scorer, Targets, Upstream, XentError,
+    CpuReference, CrossEntropy, Dtype, ElementVec, GpuContext, Logits, LossOutput, LossTotals,
+    MeanNormalisers, Reduction, Scorer, Targets, Upstream, XentError, bf16, f16,
 };
 
 use crate::npy::{Elem, NpyInput, NpyWriter, same_file};
@@ -30,6 +30,11 @@ struct Inputs {
     rows: usize,
     classes: usize,
     soft: bool,
+    /// The logits' dtype (float64 is read as f32), and uint16 bits read as it.
+    dtype: Dtype,
+    bits_as: Option<Dtype>,
+    /// Probabilities are read in the logits' half dtype (else as f32).
+    targets_half: bool,
 }
 
 /// Refuses outputs that are inputs (under any name), and one file for both outputs.
@@ -74,12 +79,28 @@ fn same_output_error(grad: &Path) -> CliError {
 fn open_inputs(args: &ScoreArgs) -> Result<(Inputs, Option<Vec<f32>>), CliError> {
     check_outputs(args)?;
     let logits = NpyInput::open("logits", &args.logits)?;
-    if !logits.elem.is_float() {
-        return Err(logits.error(format!(
-            "expected float32 or float64 logits, found {}",
-            logits.elem.name()
-        )));
-    }
+    let (dtype, bits_as) = match (logits.elem, args.logits_dtype) {
+        (Elem::U16, Some(d)) if d.is_half() => (d, Some(d)),
+        (Elem::U16, _) => {
+            return Err(logits
+                .error("holds uint16: raw bits of a half type need --logits-dtype bf16 or f16"));
+        }
+        (e, given) => match (e.dtype(), given) {
+            (None, _) => {
+                return Err(logits.error(format!(
+                    "expected float32, float64, float16 or bfloat16 logits, found {}",
+                    e.name()
+                )));
+            }
+            (Some(d), Some(g)) if g != d => {
+                return Err(logits.error(format!(
+                    "holds {}, not {g} (--logits-dtype names the half type of uint16 bits)",
+                    e.name()
+                )));
+            }
+            (Some(d), _) => (d, None),
+        },
+    };
     let &[rows, classes] = logits.shape.as_slice() else {
         return Err(logits.error(format!(
             "expected a 2-D array [N, C], found shape {:?}",
@@ -127,6 +148,7 @@ fn open_inputs(args: &ScoreArgs) -> Result<(Inputs, Option<Vec<f32>>), CliError>
             Some(w.read_f32(classes)?)
         }
     };
+    let targets_half = soft && dtype.is_half() && targets.elem.dtype() == Some(dtype);
     Ok((
         Inputs {
             logits,
@@ -135,6 +157,9 @@ fn open_inputs(args: &ScoreArgs) -> Result<(Inputs, Option<Vec<f32>>), CliError>
             rows,
             classes,
             soft,
+            dtype,
+            bits_as,
+            targets_half,
         },
         weights,
     ))
@@ -329,26 +354,28 @@ impl Engine {
         }
     }
 
-    /// One batch's loss, and with an upstream gradient its gradient (float32; the CPU's f64
-    /// rounded).
+    /// One batch's loss, and with an upstream gradient its gradient in the logits' dtype (the
+    /// CPU's f64 rounded once, to nearest even).
     fn score(
         &self,
         spec: &CrossEntropy,
         logits: Logits<'_>,
         targets: Targets<'_>,
         upstream: Option<Upstream<'_>>,
-    ) -> Result<(LossOutput, Option<Vec<f32>>), XentError> {
+    ) -> Result<(LossOutput, Option<ElementVec>), XentError> {
         let Some(upstream) = upstream else {
             return Ok((self.scorer().cross_entropy(spec, logits, targets)?, None));
         };
         let (out, grad) = match self {
-            Engine::Gpu(gpu) => {
-                let (out, grad) = gpu.cross_entropy_grad(spec, logits, targets, upstream)?;
-                (out, grad.to_f32())
-            }
+            Engine::Gpu(gpu) => gpu.cross_entropy_grad(spec, logits, targets, upstream)?,
             Engine::Cpu => {
-                let (out, grad) = xent::cpu::cross_entropy_grad(spec, logits, targets, upstream)?;
-                (out, grad.into_iter().map(|g| g as f32).collect())
+                let (out, g) = xent::cpu::cross_entropy_grad(spec, logits, targets, upstream)?;
+                let grad = match logits.dtype() {
+                    Dtype::F32 => ElementVec::F32(g.into_iter().map(|v| v as f32).collect()),
+                    Dtype::Bf16 => ElementVec::Bf16(g.into_iter().map(bf16::from_f64).collect()),
+                    Dtype::F16 => ElementVec::F16(g.into_iter().map(f16::from_f64).collect()),
+                };
+                (out, grad)
             }
         };
         Ok((out, Some(grad)))
@@ -458,7 +485,12 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
             {
                 return Err(same_output_error(path));
             }
-            Some(NpyWriter::create("--grad", path, &[rows, classes], false)?)
+            Some(NpyWriter::create_as(
+                "--grad",
+                path,
+                &[rows, classes],
+                inputs.dtype,
+            )?)
         }
         None => None,
     };
@@ -469,19 +501,26 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
     let mut done = 0;
     while done < rows {
         let n = batch_rows.min(rows - done);
-        let z = inputs.logits.read_f32(n * classes)?;
-        let (labels, probabilities): (Cow<[i64]>, Vec<f32>) = if soft {
-            (Cow::Borrowed(&[]), inputs.targets.read_f32(n * classes)?)
+        let z = inputs.logits.read_values(n * classes, inputs.bits_as)?;
+        let no_probabilities = ElementVec::F32(Vec::new());
+        let (labels, probabilities): (Cow<[i64]>, ElementVec) = if soft {
+            let p = if inputs.targets_half {
+                inputs.targets.read_values(n * classes, None)?
+            } else {
+                ElementVec::F32(inputs.targets.read_f32(n * classes)?)
+            };
+            (Cow::Borrowed(&[]), p)
         } else if let Some(all) = &held_labels {
-            (Cow::Borrowed(&all[done..done + n]), Vec::new())
+            (Cow::Borrowed(&all[done..done + n]), no_probabilities)
         } else {
-            (Cow::Owned(inputs.targets.read_i64(n)?), Vec::new())
+            (Cow::Owned(inputs.targets.read_i64(n)?), no_probabilities)
         };
         let targets = if soft {
             if total.totals.entropy_sum.is_some() && total.not_distribution.is_none() {
-                total.not_distribution = not_a_distribution(&probabilities, classes, done);
+                let p = probabilities.to_f32();
+                total.not_distribution = not_a_distribution(&p, classes, done);
             }
-            Targets::probabilities(&probabilities)
+            Targets::Probabilities(probabilities.as_elements())
         } else {
             Targets::ClassIndices(&labels)
         };
@@ -493,7 +532,8 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
                 (Reduction::None, _) => Upstream::PerRow(&per_row_upstream[..n]),
                 _ => Upstream::Scalar(grad_output),
             });
-        let logits = Logits::new(&z, n, classes).map_err(|e| blame(e, &inputs, done))?;
+        let logits = Logits::from_elements(z.as_elements(), n, classes)
+            .map_err(|e| blame(e, &inputs, done))?;
         let (out, gradient) = engine
             .score(&spec, logits, targets, upstream)
             .map_err(|e| blame(e, &inputs, done))?;
@@ -501,7 +541,7 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
             writer.write(&out.per_row)?;
         }
         if let (Some(writer), Some(gradient)) = (grad.as_mut(), gradient) {
-            writer.write_f32(&gradient)?;
+            writer.write_values(&gradient)?;
         }
         total.add(&out);
         done += n;
@@ -519,7 +559,13 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
         writer.finish()?;
     }
     let seconds = start.elapsed().as_secs_f64();
-    report(args, &total, &engine.scorer().describe(), seconds)
+    report(
+        args,
+        &total,
+        inputs.dtype,
+        &engine.scorer().describe(),
+        seconds,
+    )
 }
 
 /// A progress bar on stderr, only for a terminal and only once the job has run a second.
@@ -547,7 +593,13 @@ fn update_progress(
     Some(bar)
 }
 
-fn report(args: &ScoreArgs, total: &Totals, device: &str, seconds: f64) -> Result<(), CliError> {
+fn report(
+    args: &ScoreArgs,
+    total: &Totals,
+    grad_dtype: Dtype,
+    device: &str,
+    seconds: f64,
+) -> Result<(), CliError> {
     let reduction = match args.reduction {
         Reduction::None => "none",
         Reduction::Sum => "sum",
@@ -620,7 +672,12 @@ fn report(args: &ScoreArgs, total: &Totals, device: &str, seconds: f64) -> Resul
     if let Some(path) = &args.grad {
         outln!(
             out,
-            "gradient: float32 [{}, {}] written to {}",
+            "gradient: {} [{}, {}] written to {}",
+            match grad_dtype {
+                Dtype::F32 => "float32",
+                Dtype::F16 => "float16",
+                Dtype::Bf16 => "bfloat16",
+            },
             total.totals.rows,
             total.totals.classes,
             path.display()
