@@ -319,7 +319,11 @@ fn bad_files_exit_2_naming_the_file() {
     write_npy(&b.p("zi.npy"), &[4, 3], &[1i64; 12]);
     b.expect_error(
         &["--logits", "zi.npy", "--targets", "y.npy"],
-        &["logits", "zi.npy", "float64, float16 or bfloat16 logits, found int64"],
+        &[
+            "logits",
+            "zi.npy",
+            "float64, float16 or bfloat16 logits, found int64",
+        ],
     );
     // Wrong shapes.
     write_npy(&b.p("z1.npy"), &[12], &[0.0f32; 12]);
