@@ -53,7 +53,7 @@ if [ "$mode" = half ]; then
     bench "loss and gradient (separate, in place) in f32, bf16 and f16" \
         --task loss,grad,grad-inplace --dtype f32,bf16,f16
     bench "loss and gradient, f16: unpack2x16float (auto) beside integer widening (fixed)" \
-        --dtype f16 --task loss,grad --shapes 4096x32000,1024x128256 --kernel auto,256/256/1/vec4/sg
+        --dtype f16 --task loss,grad --shapes 4096x32000,1024x128256 --kernel auto,256/256/1/vec4/sg/f16int
     if [ -z "$quick" ]; then
         for d in bfloat16 float16; do
             { timeout 200 python3 .gpu/peers/peers.py --dtype $d 2>&1; } | tee -a "$out/peers.txt"

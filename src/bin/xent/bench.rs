@@ -88,12 +88,17 @@ impl FromStr for KernelChoice {
             _ => {}
         }
         let parts: Vec<&str> = s.split('/').collect();
-        let (wg, lanes, split, loads, subgroups) = match parts.as_slice() {
+        // A trailing f16int: f16 widened by integer operations rather than unpack2x16float.
+        let (parts, f16_builtin) = match parts.split_last() {
+            Some((&"f16int", rest)) => (rest, false),
+            _ => (&parts[..], true),
+        };
+        let (wg, lanes, split, loads, subgroups) = match parts {
             [wg, lanes, split, loads] => (wg, lanes, split, loads, false),
             [wg, lanes, split, loads, "sg"] => (wg, lanes, split, loads, true),
             _ => {
                 return Err(format!(
-                    "{s:?}: expected auto, naive or WG/LANES/SPLIT/vec4|scalar[/sg] (e.g. 256/4/1/vec4/sg)"
+                    "{s:?}: expected auto, naive or WG/LANES/SPLIT/vec4|scalar[/sg][/f16int] (e.g. 256/4/1/vec4/sg)"
                 ));
             }
         };
@@ -135,7 +140,7 @@ impl FromStr for KernelChoice {
             split,
             vec4,
             subgroups,
-            f16_builtin: false,
+            f16_builtin,
         }))
     }
 }
@@ -145,7 +150,11 @@ impl KernelChoice {
         match self {
             Self::Auto => gpu.plan(rows, classes),
             Self::Naive => Strategy::NAIVE,
-            Self::Fixed(s) => s,
+            // Without the builtin, f16 is widened by integer operations whatever was asked.
+            Self::Fixed(s) => Strategy {
+                f16_builtin: s.f16_builtin && gpu.facts().f16_builtin,
+                ..s
+            },
         }
     }
 
@@ -162,7 +171,7 @@ impl KernelChoice {
         let (text, strategy) = match self {
             Self::Auto => return Ok(()),
             Self::Naive => ("naive".to_string(), Strategy::NAIVE),
-            Self::Fixed(s) => (spelling(&s), s),
+            Self::Fixed(s) => (spelling(&s), self.strategy(gpu, 1, 1)),
         };
         strategy.check(gpu.facts()).map_err(|e| match e {
             XentError::InvalidStrategy { why, .. } => {
@@ -176,12 +185,13 @@ impl KernelChoice {
 /// A strategy as `--kernel` spells it: `WG/LANES/SPLIT/vec4|scalar[/sg]`.
 fn spelling(s: &Strategy) -> String {
     format!(
-        "{}/{}/{}/{}{}",
+        "{}/{}/{}/{}{}{}",
         s.workgroup_size,
         s.lanes_per_row,
         s.split,
         if s.vec4 { "vec4" } else { "scalar" },
-        if s.subgroups { "/sg" } else { "" }
+        if s.subgroups { "/sg" } else { "" },
+        if s.f16_builtin { "" } else { "/f16int" }
     )
 }
 
