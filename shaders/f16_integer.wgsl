@@ -1,5 +1,6 @@
-// f16 values widened with integer operations: exact, and needs no capability. The prelude of
-// modules that read no f16 (f32 and bf16 logits), whose DTYPE never calls it.
+// f16 values widened with integer operations: exact, and needs no capability. The f16 path
+// where unpack2x16float is missing (or a strategy asks for it), and the prelude of modules
+// that read no f16 (f32 and bf16 logits), whose DTYPE never calls it.
 
 fn widen_f16_bits(h: u32) -> f32 {
     let sign = (h & 0x8000u) << 16u;

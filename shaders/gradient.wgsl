@@ -210,27 +210,26 @@ fn write_row_half(r: u32, g: RowGradient, lane: u32, lanes: u32) {
             var hi = old >> 16u;
             if e >= o {
                 let k = e - o;
-                lo = half_bits(gradient_of(g, element_of(load_one(g, k, old, 0u), 0u), k));
+                lo = half_bits(gradient_of(g, load_one(g, k, old, 0u), k));
                 if r + 1u < params.rows {
                     let n = row_gradient(r + 1u);
-                    hi = half_bits(gradient_of(n, element_of(load_one(n, 0u, old, 1u), 0u), 0u));
+                    hi = half_bits(gradient_of(n, load_one(n, 0u, old, 1u), 0u));
                 }
             } else {
-                hi = half_bits(gradient_of(g, element_of(load_one(g, 0u, old, 1u), 0u), 0u));
+                hi = half_bits(gradient_of(g, load_one(g, 0u, old, 1u), 0u));
             }
             outputs[w] = lo | (hi << 16u);
         }
     }
 }
 
-// The logit of class k of the row as the low half of a word; `old` is the output word and
-// `half` which half of it holds that logit in place.
-fn load_one(g: RowGradient, k: u32, old: u32, half: u32) -> u32 {
+// The raw logit of class k of the row; `old` is the output word and `half` which half of it
+// holds that logit in place.
+fn load_one(g: RowGradient, k: u32, old: u32, half: u32) -> f32 {
     if IN_PLACE {
-        return old >> (16u * half);
+        return widen2(old >> (16u * half)).x;
     }
-    let i = g.first + k;
-    return logits1[i / 2u] >> ((i & 1u) * 16u);
+    return raw_logit(g.first + k);
 }
 
 @compute @workgroup_size(WORKGROUP_SIZE)

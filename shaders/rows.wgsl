@@ -18,7 +18,7 @@ override VEC4: bool = true;
 // The logits' dtype (src/gpu/pipelines.rs mirrors these numbers). Every binding of values is
 // read as u32 words: an f32 is one word; bf16 and f16 values are two to a word, the element
 // with the even index in the low half. bf16 widens by a shift; f16 by `widen_f16`
-// (f16_unpack.wgsl or f16_native.wgsl, prepended by the host).
+// (f16_unpack.wgsl or f16_integer.wgsl, prepended by the host).
 const DTYPE_F32: u32 = 0u;
 const DTYPE_BF16: u32 = 1u;
 const DTYPE_F16: u32 = 2u;

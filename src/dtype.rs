@@ -22,9 +22,6 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    /// Every dtype.
-    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::Bf16, Dtype::F16];
-
     /// Bytes per value.
     pub fn bytes(self) -> usize {
         match self {
@@ -97,24 +94,12 @@ pub trait Element: sealed::Sealed + bytemuck::Pod {
 
     /// A slice of these as [`Elements`].
     fn elements(values: &[Self]) -> Elements<'_>;
-
-    /// Rounds an f32 to nearest, ties to even (the identity for f32).
-    fn from_f32(x: f32) -> Self;
-
-    /// Widens exactly to f32.
-    fn to_f32(self) -> f32;
 }
 
 impl Element for f32 {
     const DTYPE: Dtype = Dtype::F32;
     fn elements(values: &[Self]) -> Elements<'_> {
         Elements::F32(values)
-    }
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    fn to_f32(self) -> f32 {
-        self
     }
 }
 
@@ -123,24 +108,12 @@ impl Element for bf16 {
     fn elements(values: &[Self]) -> Elements<'_> {
         Elements::Bf16(values)
     }
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
 }
 
 impl Element for f16 {
     const DTYPE: Dtype = Dtype::F16;
     fn elements(values: &[Self]) -> Elements<'_> {
         Elements::F16(values)
-    }
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
     }
 }
 
@@ -210,27 +183,6 @@ impl<'a> Elements<'a> {
             Elements::F16(v) => Cow::Owned(v[range].iter().map(|x| x.to_f32()).collect()),
         }
     }
-
-    /// Value `i`, widened exactly.
-    pub fn at(&self, i: usize) -> f32 {
-        match *self {
-            Elements::F32(v) => v[i],
-            Elements::Bf16(v) => v[i].to_f32(),
-            Elements::F16(v) => v[i].to_f32(),
-        }
-    }
-}
-
-impl<'a, T: Element> From<&'a [T]> for Elements<'a> {
-    fn from(values: &'a [T]) -> Self {
-        T::elements(values)
-    }
-}
-
-impl<'a, T: Element> From<&'a Vec<T>> for Elements<'a> {
-    fn from(values: &'a Vec<T>) -> Self {
-        T::elements(values)
-    }
 }
 
 /// Owned values of one dtype, row-major: a gradient in the logits' dtype.
@@ -251,6 +203,17 @@ impl ElementVec {
             Dtype::F32 => ElementVec::F32(vec![0.0; len]),
             Dtype::Bf16 => ElementVec::Bf16(vec![bf16::ZERO; len]),
             Dtype::F16 => ElementVec::F16(vec![f16::ZERO; len]),
+        }
+    }
+
+    /// `values` rounded once to `dtype`, to nearest, ties to even (f32 values, widened, come
+    /// out as they were).
+    pub fn rounded(dtype: Dtype, values: impl IntoIterator<Item = f64>) -> Self {
+        let values = values.into_iter();
+        match dtype {
+            Dtype::F32 => ElementVec::F32(values.map(|v| v as f32).collect()),
+            Dtype::Bf16 => ElementVec::Bf16(values.map(bf16::from_f64).collect()),
+            Dtype::F16 => ElementVec::F16(values.map(f16::from_f64).collect()),
         }
     }
 

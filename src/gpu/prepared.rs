@@ -488,7 +488,9 @@ impl PreparedLoss {
             Reduction::Sum => 1,
             Reduction::Mean => 2,
         };
-        let paired = paired || !self.variant.dtype.is_half() || kernel != Kernel::Gradient;
+        // Only the half gradient reads logits and outputs word by word; in place they are one.
+        let paired =
+            paired || in_place || !self.variant.dtype.is_half() || kernel != Kernel::Gradient;
         let key = (
             kernel,
             aligned,
@@ -1058,7 +1060,7 @@ impl PreparedLoss {
                 Some(self.elementwise(
                     Kernel::Gradient,
                     aligned,
-                    paired || in_place,
+                    paired,
                     passes.scales_from_totals,
                     in_place,
                 ))

@@ -263,12 +263,11 @@ struct Data {
     probabilities: ElementVec,
 }
 
-/// `values` as `dtype` (rounded to nearest even).
+/// `values` as `dtype` (rounded to nearest even; f32 kept as it is).
 fn convert(values: Vec<f32>, dtype: Dtype) -> ElementVec {
     match dtype {
         Dtype::F32 => ElementVec::F32(values),
-        Dtype::Bf16 => ElementVec::Bf16(values.iter().map(|&v| xent::bf16::from_f32(v)).collect()),
-        Dtype::F16 => ElementVec::F16(values.iter().map(|&v| xent::f16::from_f32(v)).collect()),
+        half => ElementVec::rounded(half, values.iter().map(|&v| v as f64)),
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use xent::{
     CpuReference, CrossEntropy, Dtype, ElementVec, GpuContext, Logits, LossOutput, LossTotals,
-    MeanNormalisers, Reduction, Scorer, Targets, Upstream, XentError, bf16, f16,
+    MeanNormalisers, Reduction, Scorer, Targets, Upstream, XentError,
 };
 
 use crate::npy::{Elem, NpyInput, NpyWriter, same_file};
@@ -370,12 +370,7 @@ impl Engine {
             Engine::Gpu(gpu) => gpu.cross_entropy_grad(spec, logits, targets, upstream)?,
             Engine::Cpu => {
                 let (out, g) = xent::cpu::cross_entropy_grad(spec, logits, targets, upstream)?;
-                let grad = match logits.dtype() {
-                    Dtype::F32 => ElementVec::F32(g.into_iter().map(|v| v as f32).collect()),
-                    Dtype::Bf16 => ElementVec::Bf16(g.into_iter().map(bf16::from_f64).collect()),
-                    Dtype::F16 => ElementVec::F16(g.into_iter().map(f16::from_f64).collect()),
-                };
-                (out, grad)
+                (out, ElementVec::rounded(logits.dtype(), g))
             }
         };
         Ok((out, Some(grad)))
