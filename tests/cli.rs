@@ -73,10 +73,15 @@ fn path(p: &Path) -> &str {
 }
 
 fn score_args<'a>(case: &'a GoldenCase, extra: &[&'a str]) -> Vec<String> {
+    score_args_with_logits(case, &case.dir.join("logits.npy"), extra)
+}
+
+/// [`score_args`] with the logits from `logits` rather than the case's own file.
+fn score_args_with_logits(case: &GoldenCase, logits: &Path, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "score".into(),
         "--logits".into(),
-        case.dir.join("logits.npy").display().to_string(),
+        logits.display().to_string(),
         "--targets".into(),
         case.dir.join("targets.npy").display().to_string(),
         "--json".into(),
@@ -1545,12 +1550,7 @@ fn half_precision_logits_through_score() {
         let inputs = common::GoldenInputs::load(&case);
         let (rows, classes) = (case.rows(), case.classes());
         for (dtype, descr, flag) in forms {
-            let rounded = match dtype {
-                Dtype::F16 => {
-                    ElementVec::F16(inputs.logits.iter().map(|&v| f16::from_f32(v)).collect())
-                }
-                _ => ElementVec::Bf16(inputs.logits.iter().map(|&v| bf16::from_f32(v)).collect()),
-            };
+            let rounded = ElementVec::rounded(dtype, inputs.logits.iter().map(|&v| v as f64));
             let file = dir
                 .path()
                 .join(format!("{name}-{}.npy", descr.replace(['<', '|'], "")));
@@ -1564,33 +1564,18 @@ fn half_precision_logits_through_score() {
             let want = xent::cpu::cross_entropy(&spec, z, targets).unwrap();
             let (_, want_grad) =
                 xent::cpu::cross_entropy_grad(&spec, z, targets, Upstream::Scalar(1.0)).unwrap();
+            let want_rounded = ElementVec::rounded(dtype, want_grad.iter().copied());
             for cpu in paths() {
                 let out = dir.path().join("g.npy");
-                let mut args = vec![
-                    "score".to_string(),
-                    "--logits".into(),
-                    path(&file).into(),
-                    "--targets".into(),
-                    path(&case.dir.join("targets.npy")).into(),
-                    "--json".into(),
-                    "--grad".into(),
-                    path(&out).into(),
-                    format!("--label-smoothing={}", case.number("label_smoothing")),
-                ];
-                if case.meta["class_weights"].as_bool() == Some(true) {
-                    args.push("--weights".into());
-                    args.push(path(&case.dir.join("weights.npy")).into());
-                }
-                if let Some(i) = case.meta["ignore_index"].as_i64() {
-                    args.push(format!("--ignore-index={i}"));
-                }
+                let mut extra = vec!["--grad", path(&out)];
                 if let Some(f) = flag {
-                    args.extend(["--logits-dtype".to_string(), f.to_string()]);
+                    extra.extend(["--logits-dtype", f]);
                 }
                 if cpu {
-                    args.push("--cpu".into());
+                    extra.push("--cpu");
                 }
                 let label = format!("{name} {descr} cpu={cpu}");
+                let args = score_args_with_logits(&case, &file, &extra);
                 let j = json(&xent(&args.iter().map(String::as_str).collect::<Vec<_>>()));
                 let loss = j["loss"].as_f64().unwrap_or(f64::NAN);
                 let reference = want.loss.unwrap_or(f64::NAN);
@@ -1609,35 +1594,24 @@ fn half_precision_logits_through_score() {
                     dict.contains(&format!("({rows}, {classes})")),
                     "{label}: {dict}"
                 );
-                let got: Vec<f32> = data
-                    .chunks(2)
-                    .map(|b| {
-                        let bits = u16::from_le_bytes([b[0], b[1]]);
-                        match dtype {
-                            Dtype::F16 => f16::from_bits(bits).to_f32(),
-                            _ => bf16::from_bits(bits).to_f32(),
-                        }
-                    })
-                    .collect();
-                assert_eq!(got.len(), want_grad.len(), "{label}");
+                assert_eq!(data.len(), want_rounded.bytes().len(), "{label}");
+                if cpu {
+                    // The reference rounded once, bit for bit.
+                    assert_eq!(data, want_rounded.bytes(), "{label}");
+                    continue;
+                }
                 let scale = 1.0 / want.mean_denominator;
-                for (k, (&g, &w)) in got.iter().zip(&want_grad).enumerate() {
-                    let rounded = match dtype {
-                        Dtype::F16 => f16::from_f64(w).to_f32(),
-                        _ => bf16::from_f64(w).to_f32(),
+                for (k, (b, &w)) in data.chunks(2).zip(&want_grad).enumerate() {
+                    let bits = u16::from_le_bytes([b[0], b[1]]);
+                    let g = match dtype {
+                        Dtype::F16 => f16::from_bits(bits).to_f32(),
+                        _ => bf16::from_bits(bits).to_f32(),
                     };
-                    if cpu {
-                        assert!(
-                            g.to_bits() == rounded.to_bits() || (g.is_nan() && rounded.is_nan()),
-                            "{label}: element {k}: {g} vs the reference rounded once, {rounded}"
-                        );
-                    } else {
-                        let tol = dtype.ulp(w) + 1e-5 * scale;
-                        assert!(
-                            (g as f64 - w).abs() <= tol || (g.is_nan() && w.is_nan()),
-                            "{label}: element {k}: {g} vs {w}"
-                        );
-                    }
+                    let tol = dtype.ulp(w) + 1e-5 * scale;
+                    assert!(
+                        (g as f64 - w).abs() <= tol || (g.is_nan() && w.is_nan()),
+                        "{label}: element {k}: {g} vs {w}"
+                    );
                 }
             }
         }

@@ -185,14 +185,7 @@ fn large_offsets_cost_no_precision() {
 /// Strategies at and around their boundaries, with and without subgroup reductions where the
 /// device has them.
 fn strategies(gpu: &GpuContext) -> Vec<Strategy> {
-    let plain = |workgroup_size, lanes_per_row, split, vec4| Strategy {
-        workgroup_size,
-        lanes_per_row,
-        split,
-        vec4,
-        subgroups: false,
-        f16_builtin: false,
-    };
+    let plain = common::plain_strategy;
     let mut all = vec![Strategy::NAIVE];
     for lanes in [1, 2, 4, 8, 32, 64, 256] {
         for vec4 in [false, true] {

@@ -6,36 +6,13 @@
 mod common;
 
 use common::{
-    GoldenInputs, Problem, buffer_with, element_tolerance, golden_cases, gpu, max_abs_per_row,
+    GoldenInputs, Problem, assert_gradient, buffer_with, golden_cases, gpu, max_abs_per_row,
     read_f32,
 };
 use xent::{
-    CrossEntropy, DeviceLogits, DeviceTargets, GradientOutput, IndexType, Logits, LossShape,
+    CrossEntropy, DeviceLogits, DeviceTargets, Dtype, GradientOutput, IndexType, Logits, LossShape,
     Reduction, Strategy, Upstream, cpu,
 };
-
-/// Asserts a GPU gradient against a reference, row by row.
-#[allow(clippy::too_many_arguments)]
-fn assert_gradient(
-    label: &str,
-    got: &[f32],
-    want: &[f64],
-    classes: usize,
-    scale: &dyn Fn(usize) -> f64,
-    mass: &[f64],
-    max_abs: &[f64],
-) {
-    assert_eq!(got.len(), want.len(), "{label}: length");
-    for (i, (g, w)) in got.chunks(classes).zip(want.chunks(classes)).enumerate() {
-        let tol = element_tolerance(scale(i), mass[i], max_abs[i]);
-        for (k, (&g, &w)) in g.iter().zip(w).enumerate() {
-            assert!(
-                (g as f64 - w).abs() <= tol || (w.is_nan() && g.is_nan()),
-                "{label}: row {i} class {k}: {g} vs {w} (tolerance {tol:e})"
-            );
-        }
-    }
-}
 
 #[test]
 fn gpu_gradients_reproduce_pytorch() {
@@ -69,6 +46,7 @@ fn gpu_gradients_reproduce_pytorch() {
             &|_| 1.0 / denominator,
             &mass,
             &max_abs,
+            Dtype::F32,
         );
         // Sum: the mean's gradient times the denominator; none with per-row upstream g_i: row i
         // of the sum's gradient times g_i.
@@ -86,6 +64,7 @@ fn gpu_gradients_reproduce_pytorch() {
             &|_| 2.5,
             &mass,
             &max_abs,
+            Dtype::F32,
         );
         let upstream: Vec<f64> = (0..rows).map(|i| 0.5 + (i % 7) as f64 * 0.25).collect();
         let none = inputs.spec.clone().with_reduction(Reduction::None);
@@ -106,6 +85,7 @@ fn gpu_gradients_reproduce_pytorch() {
             &|i| upstream[i],
             &mass,
             &max_abs,
+            Dtype::F32,
         );
     }
 }
@@ -184,7 +164,16 @@ fn gpu_gradients_match_the_cpu_reference() {
                         // CE part's 1 / Σw_y by much here (weights ≥ 0.1).
                         Reduction::Mean => 10.0 / want_out.mean_denominator.min(rows as f64),
                     };
-                    assert_gradient(&label, &got, &want, classes, &scale, &mass, &max_abs);
+                    assert_gradient(
+                        &label,
+                        &got,
+                        &want,
+                        classes,
+                        &scale,
+                        &mass,
+                        &max_abs,
+                        Dtype::F32,
+                    );
                     let (g, w) = (out.loss, want_out.loss);
                     if let (Some(g), Some(w)) = (g, w) {
                         assert!(
@@ -387,6 +376,7 @@ fn mean_over_parts_equals_the_mean_of_the_whole() {
             &|_| scale,
             &mass,
             &max_abs,
+            Dtype::F32,
         );
     }
     // MeanOver belongs to the mean alone.

@@ -8,8 +8,8 @@
 mod common;
 
 use common::{
-    GoldenInputs, assert_outputs_match, buffer_with, element_tolerance, golden_cases, gpu,
-    gpu_with_binding_cap,
+    GoldenInputs, assert_gradient, assert_outputs_match, buffer_with, golden_cases, gpu,
+    gpu_with_binding_cap, plain_strategy,
 };
 use half::{bf16, f16};
 use rand::rngs::StdRng;
@@ -22,11 +22,7 @@ use xent::{
 
 /// `values` rounded to `dtype`, to nearest even (f32 stays as it is).
 fn round_to(dtype: Dtype, values: &[f32]) -> ElementVec {
-    match dtype {
-        Dtype::F32 => ElementVec::F32(values.to_vec()),
-        Dtype::Bf16 => ElementVec::Bf16(values.iter().map(|&v| bf16::from_f32(v)).collect()),
-        Dtype::F16 => ElementVec::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
-    }
+    ElementVec::rounded(dtype, values.iter().map(|&v| v as f64))
 }
 
 /// Largest finite |z| of each row.
@@ -57,8 +53,8 @@ fn f16_paths(gpu: &GpuContext, dtype: Dtype, planned: Strategy) -> Vec<Strategy>
     all
 }
 
-/// Asserts a half gradient against the f64 reference: within one unit in the last place of
-/// the half type (the one rounding) plus the f32 tolerance.
+/// Asserts a half gradient against the f64 reference: of the logits' dtype, and within one
+/// unit in the last place of it (the one rounding) plus the f32 tolerance.
 #[allow(clippy::too_many_arguments)]
 fn assert_half_gradient(
     label: &str,
@@ -72,17 +68,7 @@ fn assert_half_gradient(
 ) {
     assert_eq!(got.dtype(), dtype, "{label}: dtype");
     let got = got.to_f32();
-    assert_eq!(got.len(), want.len(), "{label}: length");
-    for (i, (g, w)) in got.chunks(classes).zip(want.chunks(classes)).enumerate() {
-        let f32_tol = element_tolerance(scale, mass[i], max_abs[i]);
-        for (k, (&g, &w)) in g.iter().zip(w).enumerate() {
-            let tol = dtype.ulp(w) + f32_tol;
-            assert!(
-                (g as f64 - w).abs() <= tol || (w.is_nan() && g.is_nan()),
-                "{label}: row {i} class {k}: {g} vs {w} (tolerance {tol:e})"
-            );
-        }
-    }
+    assert_gradient(label, &got, want, classes, &|_| scale, mass, max_abs, dtype);
 }
 
 #[test]
@@ -126,12 +112,7 @@ fn golden_cases_rounded_to_half_precision() {
             for targets in target_sets {
                 let mass: Vec<f64> = match targets {
                     Targets::Probabilities(p) => {
-                        let p = p.to_f32(0..p.len());
-                        GoldenInputs {
-                            probabilities: p.into_owned(),
-                            ..GoldenInputs::load(&case)
-                        }
-                        .target_mass(classes)
+                        inputs.probability_mass(&p.to_f32(0..p.len()), classes)
                     }
                     _ => inputs.target_mass(classes),
                 };
@@ -166,14 +147,7 @@ fn golden_cases_rounded_to_half_precision() {
 /// A few strategies at their corners (scalar and vec4 loads, one lane to a whole workgroup per
 /// row, a split row), with subgroups where the device has them.
 fn corner_strategies(gpu: &GpuContext) -> Vec<Strategy> {
-    let s = |workgroup_size, lanes_per_row, split, vec4| Strategy {
-        workgroup_size,
-        lanes_per_row,
-        split,
-        vec4,
-        subgroups: false,
-        f16_builtin: false,
-    };
+    let s = plain_strategy;
     let mut all = vec![
         Strategy::NAIVE,
         s(256, 1, 1, true),

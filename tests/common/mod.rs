@@ -7,7 +7,9 @@ use std::sync::OnceLock;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use xent::{CrossEntropy, GpuContext, GpuOptions, Logits, LossOutput, Strategy, Targets, cpu};
+use xent::{
+    CrossEntropy, Dtype, GpuContext, GpuOptions, Logits, LossOutput, Strategy, Targets, cpu,
+};
 
 /// The GPU context shared by a test binary, or `None` when `XENT_SKIP_GPU_TESTS=1` and there
 /// is no adapter. Without that variable a missing adapter fails the test: CI must never pass
@@ -82,6 +84,50 @@ pub fn row_tolerance(reference: f64, max_abs_logit: f64, target_mass: f64) -> f6
 /// bounds every element with room to spare.
 pub fn element_tolerance(scale: f64, mass: f64, max_abs: f64) -> f64 {
     scale.abs() * (1.0 + mass) * (8.0 * ulp_f32(max_abs) + 4e-6)
+}
+
+/// Asserts a GPU gradient against a reference, row by row: within the f32 tolerance of
+/// [`element_tolerance`], plus, for a gradient rounded to a half type, one unit in the last
+/// place of that type (the one rounding).
+#[allow(clippy::too_many_arguments)]
+pub fn assert_gradient(
+    label: &str,
+    got: &[f32],
+    want: &[f64],
+    classes: usize,
+    scale: &dyn Fn(usize) -> f64,
+    mass: &[f64],
+    max_abs: &[f64],
+    rounded_to: Dtype,
+) {
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    for (i, (g, w)) in got.chunks(classes).zip(want.chunks(classes)).enumerate() {
+        let f32_tol = element_tolerance(scale(i), mass[i], max_abs[i]);
+        for (k, (&g, &w)) in g.iter().zip(w).enumerate() {
+            let tol = f32_tol
+                + if rounded_to.is_half() {
+                    rounded_to.ulp(w)
+                } else {
+                    0.0
+                };
+            assert!(
+                (g as f64 - w).abs() <= tol || (w.is_nan() && g.is_nan()),
+                "{label}: row {i} class {k}: {g} vs {w} (tolerance {tol:e})"
+            );
+        }
+    }
+}
+
+/// A strategy without subgroup reductions, f16 widened by integer operations.
+pub fn plain_strategy(workgroup_size: u32, lanes_per_row: u32, split: u32, vec4: bool) -> Strategy {
+    Strategy {
+        workgroup_size,
+        lanes_per_row,
+        split,
+        vec4,
+        subgroups: false,
+        f16_builtin: false,
+    }
 }
 
 /// Whether two values agree within `tol`, treating equal infinities and NaN as agreeing.
@@ -445,20 +491,26 @@ impl GoldenInputs {
         }
     }
 
+    /// B per row of probabilities `p` (these or others of the same shape) under this spec.
+    pub fn probability_mass(&self, p: &[f32], classes: usize) -> Vec<f64> {
+        let eps = self.spec.label_smoothing();
+        let w = |k: usize| self.spec.weights().map_or(1.0, |w| w[k] as f64);
+        p.chunks(classes)
+            .map(|p| {
+                (0..classes)
+                    .map(|k| w(k) * ((1.0 - eps) * p[k] as f64 + eps / classes as f64))
+                    .sum()
+            })
+            .collect()
+    }
+
     /// B per row: the total effective target weight (0 for an ignored row).
     pub fn target_mass(&self, classes: usize) -> Vec<f64> {
         let eps = self.spec.label_smoothing();
         let w = |k: usize| self.spec.weights().map_or(1.0, |w| w[k] as f64);
         let all: f64 = (0..classes).map(w).sum();
         if self.soft {
-            self.probabilities
-                .chunks(classes)
-                .map(|p| {
-                    (0..classes)
-                        .map(|k| w(k) * ((1.0 - eps) * p[k] as f64 + eps / classes as f64))
-                        .sum()
-                })
-                .collect()
+            self.probability_mass(&self.probabilities, classes)
         } else {
             self.classes_idx
                 .iter()
