@@ -15,13 +15,24 @@ var<workgroup> block_stats: array<RowStats, BLOCKS>;
 var<workgroup> block_sums: array<vec4<f32>, BLOCKS>;
 
 fn shuffle_stats(st: RowStats, mask: u32) -> RowStats {
-    return RowStats(
+    var out = RowStats(
         subgroupShuffleXor(st.m, mask),
         subgroupShuffleXor(st.s, mask),
         subgroupShuffleXor(st.a, mask),
         subgroupShuffleXor(st.b, mask),
         subgroupShuffleXor(st.h, mask),
+        st.e,
+        st.best,
+        st.best_k,
+        st.above,
     );
+    if METRICS {
+        out.e = subgroupShuffleXor(st.e, mask);
+        out.best = subgroupShuffleXor(st.best, mask);
+        out.best_k = subgroupShuffleXor(st.best_k, mask);
+        out.above = subgroupShuffleXor(st.above, mask);
+    }
+    return out;
 }
 
 // Merges the RowStats of the LANES_PER_ROW consecutive lanes that share a row and hands every

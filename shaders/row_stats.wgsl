@@ -10,6 +10,13 @@
 //
 // The same merge serves a thread's loop, the lanes of a row, a row split across workgroups,
 // and (on the host) chunks or shards.
+//
+// With METRICS (token metrics, rows.wgsl) four more, of the prediction itself:
+//   e = Σ exp(z_k − m)·(z_k − m)    (its entropy is ln s − e/s), kept relative to m like a
+//   best, best_k                     the largest logit and its class, the lowest class among
+//                                    ties, NaN above everything (torch.argmax)
+//   above                            #{k : z_k ranks strictly above the target's logit}
+// Without METRICS they stay at their empty values and fold away.
 
 struct RowStats {
     m: f32,
@@ -17,6 +24,10 @@ struct RowStats {
     a: f32,
     b: f32,
     h: f32,
+    e: f32,
+    best: f32,
+    best_k: u32,
+    above: u32,
 }
 
 // The max of an empty part. A finite stand-in for −inf, so that the empty part is the
@@ -25,7 +36,37 @@ struct RowStats {
 const EMPTY_MAX: f32 = -3.40282347e38;
 
 fn row_stats_empty() -> RowStats {
-    return RowStats(EMPTY_MAX, 0.0, 0.0, 0.0, 0.0);
+    return RowStats(EMPTY_MAX, 0.0, 0.0, 0.0, 0.0, 0.0, EMPTY_MAX, NO_CLASS, 0u);
+}
+
+// The best_k of a part with no logit above EMPTY_MAX (a row of only −inf: argmax 0).
+const NO_CLASS: u32 = 0xffffffffu;
+
+// NaN by its bits: drivers may fold `x != x` away.
+fn is_nan(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}
+
+// Whether a ranks strictly above b in torch.argmax's order: NaN above everything, NaNs equal.
+fn ranks_above(a: f32, b: f32) -> bool {
+    return !is_nan(b) && (is_nan(a) || a > b);
+}
+
+// Whether logit z of class k takes the argmax from (best, best_k): it ranks above, or ties
+// with a lower class.
+fn beats(z: f32, k: u32, best: f32, best_k: u32) -> bool {
+    let tie = (is_nan(z) && is_nan(best)) || z == best;
+    return ranks_above(z, best) || (tie && k < best_k);
+}
+
+// Re-expresses a part's `e` relative to a new max: each term exp(z − m)·(z − m) becomes
+// f·exp(z − m_old)·((z − m_old) + (m_old − m_new)) with f = exp(m_old − m_new).
+fn rebase_e(e: f32, s: f32, m_old: f32, m_new: f32) -> f32 {
+    if m_old == m_new || s == 0.0 {
+        return e;
+    }
+    let f = exp(m_old - m_new);
+    return select(f * (e + s * (m_old - m_new)), 0.0, f == 0.0);
 }
 
 // Re-expresses a part's `a` relative to a new max. A part with no target mass has nothing
@@ -38,12 +79,23 @@ fn row_stats_merge(x: RowStats, y: RowStats) -> RowStats {
     let m = max(x.m, y.m);
     let s = x.s * exp(x.m - m) + y.s * exp(y.m - m);
     let a = rebase_a(x.a, x.b, x.m, m) + rebase_a(y.a, y.b, y.m, m);
-    return RowStats(m, s, a, x.b + y.b, x.h + y.h);
+    var out = RowStats(m, s, a, x.b + y.b, x.h + y.h, 0.0, EMPTY_MAX, NO_CLASS, 0u);
+    if METRICS {
+        out.e = rebase_e(x.e, x.s, x.m, m) + rebase_e(y.e, y.s, y.m, m);
+        let y_wins = beats(y.best, y.best_k, x.best, x.best_k);
+        out.best = select(x.best, y.best, y_wins);
+        out.best_k = select(x.best_k, y.best_k, y_wins);
+        out.above = x.above + y.above;
+    }
+    return out;
 }
 
 // Moves a thread's running stats to a larger max before new elements are added.
 fn raise_max(st: ptr<function, RowStats>, m_new: f32) {
     if m_new > (*st).m {
+        if METRICS {
+            (*st).e = rebase_e((*st).e, (*st).s, (*st).m, m_new);
+        }
         (*st).s *= exp((*st).m - m_new);
         (*st).a = rebase_a((*st).a, (*st).b, (*st).m, m_new);
         (*st).m = m_new;
@@ -58,6 +110,11 @@ fn fold4(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>, with_targets: 
     raise_max(st, max(max(z.x, z.y), max(z.z, z.w)));
     let e = exp(z - (*st).m);
     (*st).s += (e.x + e.y) + (e.z + e.w);
+    if METRICS {
+        // A −inf logit has e = 0 and adds nothing (not 0·(−inf)).
+        let t = select(e * (z - (*st).m), vec4(0.0), e == vec4(0.0));
+        (*st).e += (t.x + t.y) + (t.z + t.w);
+    }
     if with_targets {
         (*st).a += dot(t, z - (*st).m);
         (*st).b += (t.x + t.y) + (t.z + t.w);
@@ -66,9 +123,22 @@ fn fold4(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>, with_targets: 
 
 fn fold1(st: ptr<function, RowStats>, z: f32, t: f32, with_targets: bool) {
     raise_max(st, z);
-    (*st).s += exp(z - (*st).m);
+    let e = exp(z - (*st).m);
+    (*st).s += e;
+    if METRICS {
+        (*st).e += select(e * (z - (*st).m), 0.0, e == 0.0);
+    }
     if with_targets {
         (*st).a += t * (z - (*st).m);
         (*st).b += t;
     }
+}
+
+// Folds logit z of class k into the argmax and the count above `z_target` (METRICS).
+fn fold_metric(st: ptr<function, RowStats>, z: f32, k: u32, z_target: f32) {
+    if beats(z, k, (*st).best, (*st).best_k) {
+        (*st).best = z;
+        (*st).best_k = k;
+    }
+    (*st).above += u32(ranks_above(z, z_target));
 }

@@ -51,6 +51,9 @@ override SOFTCAP: bool = false;
 override ZLOSS: bool = false;
 // Keep (m, ln s, B, counted) per row for a gradient pass.
 override GRAD_STATS: bool = false;
+// Token metrics of class-index targets in the same pass (RowStats' e, best, above): per row
+// at params.metrics_at (argmax, rank, entropy of the prediction, target log-probability).
+override METRICS: bool = false;
 // Whether each logit carries a target weight a_k inside the loop (the class-index term
 // itself is added once per row, in finish_row).
 override FOLD_TARGETS: bool = TARGET_KIND == TARGET_PROBABILITIES || (TARGET_KIND == TARGET_CLASS_INDEX && HAS_SMOOTHING);
@@ -96,6 +99,8 @@ struct Params {
     // The gradient's scales of the cross-entropy and z-loss terms (gradient.wgsl).
     grad_ce: f32,
     grad_z: f32,
+    // Where the per-row token metrics start in `results` (METRICS).
+    metrics_at: u32,
 }
 
 // Written by the kernels, read by the host: errors found on the device and the call's totals
@@ -127,7 +132,10 @@ struct Status {
 //   (Σ loss, Σ entropy, Σ mean denominator, ignored rows);
 // - from params.split_at, per (row, part) of a split row within the chunk: its RowStats as
 //   two vec4s;
-// - from params.rows2_at, per row of the call, for a gradient pass: (m, ln s, B, counted).
+// - from params.rows2_at, per row of the call, for a gradient pass: (m, ln s, B, counted);
+// - from params.metrics_at, per row of the call (METRICS): (argmax, rank or 0xffffffff for an
+//   ignored row, entropy of the prediction, log-probability of the target), the first two as
+//   u32 bits; the target class then goes in the per-row results' third place, as bits.
 // Per row the first array holds (cross-entropy, lse, entropy, z-loss); workgroup sums take
 // two vec4s each: (Σ loss, Σ entropy, Σ denominator, ignored), (Σ z-loss, 0, 0, 0).
 @group(0) @binding(2) var<storage, read_write> results: array<vec4<f32>>;
@@ -201,18 +209,21 @@ fn flag_row(r: u32) -> u32 {
     return 0xffffffffu - (params.first_row + r);
 }
 
+// The class index of chunk row r as (low, high) words.
+fn class_words(r: u32) -> vec2<u32> {
+    if INDEX_I64 {
+        return vec2(target_word(params.targets_offset + 2u * r), target_word(params.targets_offset + 2u * r + 1u));
+    }
+    let lo = target_word(params.targets_offset + r);
+    return vec2(lo, select(0u, 0xffffffffu, (lo & 0x80000000u) != 0u));
+}
+
 // The class index of chunk row r: ≥ 0, −1 for an ignored row, −2 for one out of range (then
 // recorded in the status and in the row's results).
 fn target_class(r: u32) -> i32 {
-    var lo: u32;
-    var hi: u32;
-    if INDEX_I64 {
-        lo = target_word(params.targets_offset + 2u * r);
-        hi = target_word(params.targets_offset + 2u * r + 1u);
-    } else {
-        lo = target_word(params.targets_offset + r);
-        hi = select(0u, 0xffffffffu, (lo & 0x80000000u) != 0u);
-    }
+    let words = class_words(r);
+    let lo = words.x;
+    let hi = words.y;
     if HAS_IGNORE && lo == params.ignore_lo && hi == params.ignore_hi {
         return -1;
     }
@@ -302,8 +313,18 @@ fn wild4(z: vec4<f32>) -> bool {
     return any((a > vec4(LOGIT_LIMIT)) & (a <= vec4(F32_MAX)));
 }
 
-fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>) -> bool {
-    fold4(st, cap4(z), t, FOLD_TARGETS);
+// The (capped) logit of the row's target class, for the rank (METRICS); NaN ranks nothing.
+var<private> metric_target: f32;
+
+// Folds four logits of classes k.. k + 3 with their target weights t.
+fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>, k: u32) -> bool {
+    let capped = cap4(z);
+    fold4(st, capped, t, FOLD_TARGETS);
+    if METRICS {
+        for (var j = 0u; j < 4u; j++) {
+            fold_metric(st, capped[j], k + j, metric_target);
+        }
+    }
     if ENTROPY {
         let h = entropy_terms(t);
         (*st).h += (h.x + h.y) + (h.z + h.w);
@@ -315,10 +336,10 @@ fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>) -> bool 
 fn fold_vector(st: ptr<function, RowStats>, q: vec4<u32>, v: u32, first: u32) -> bool {
     let e = v * PER_VEC;
     if DTYPE == DTYPE_F32 {
-        return fold_loaded(st, bitcast<vec4<f32>>(q), targets4(e, first));
+        return fold_loaded(st, bitcast<vec4<f32>>(q), targets4(e, first), e - first);
     }
-    let lo = fold_loaded(st, vec4(widen2(q.x), widen2(q.y)), targets4(e, first));
-    let hi = fold_loaded(st, vec4(widen2(q.z), widen2(q.w)), targets4(e + 4u, first));
+    let lo = fold_loaded(st, vec4(widen2(q.x), widen2(q.y)), targets4(e, first), e - first);
+    let hi = fold_loaded(st, vec4(widen2(q.z), widen2(q.w)), targets4(e + 4u, first), e + 4u - first);
     return lo || hi;
 }
 
@@ -328,7 +349,11 @@ fn fold_scalar(st: ptr<function, RowStats>, i: u32, k: u32) -> bool {
         t = target_weight1(i, k);
     }
     let z = raw_logit(i);
-    fold1(st, cap1(z), t, FOLD_TARGETS);
+    let capped = cap1(z);
+    fold1(st, capped, t, FOLD_TARGETS);
+    if METRICS {
+        fold_metric(st, capped, k, metric_target);
+    }
     if ENTROPY {
         (*st).h += entropy_terms(vec4(t, 0.0, 0.0, 0.0)).x;
     }
@@ -348,6 +373,14 @@ fn fold_row(r: u32, lane: u32, lanes: u32) -> RowStats {
     var wild = false;
     let first = row_first(r);
     let end = first + params.classes;
+    if METRICS {
+        // NaN for a class out of range (the row then fails) or beyond the row.
+        let y = class_words(r);
+        metric_target = bitcast<f32>(0x7fc00000u);
+        if y.y == 0u && y.x < params.classes {
+            metric_target = logit(first + y.x);
+        }
+    }
     if !VEC4 {
         for (var i = first + lane; i < end; i += lanes) {
             wild = fold_scalar(&st, i, i - first) || wild;
@@ -401,8 +434,10 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
     let row = params.first_row + r;
     var counted = 1.0;
     var sums = vec4(0.0);
+    var y_class = -1;
     if TARGET_KIND == TARGET_CLASS_INDEX {
         let y = target_class(r);
+        y_class = y;
         if y == -1 {
             counted = 0.0;
             b = 0.0;
@@ -437,7 +472,26 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
     if GRAD_STATS {
         results[params.rows2_at + row] = vec4(st.m, log_s, b, counted);
     }
+    if METRICS && TARGET_KIND == TARGET_CLASS_INDEX {
+        write_metrics(r, st, lse, y_class);
+    }
     return RowSums(sums, z_loss);
+}
+
+// Writes chunk row r's token metrics (and its target class in the per-row results), given its
+// class index (−1 for an ignored row).
+fn write_metrics(r: u32, st: RowStats, lse: f32, y: i32) {
+    let row = params.first_row + r;
+    var rank = 0xffffffffu;
+    var log_prob = 0.0;
+    if y >= 0 {
+        rank = st.above;
+        log_prob = logit(row_first(r) + u32(y)) - lse;
+        results[row].z = bitcast<f32>(u32(y));
+    }
+    let argmax = select(st.best_k, 0u, st.best_k == NO_CLASS);
+    let entropy = log(st.s) - st.e / st.s;
+    results[params.metrics_at + row] = vec4(bitcast<f32>(argmax), bitcast<f32>(rank), entropy, log_prob);
 }
 
 // Sums one value per row of this workgroup into group_sums, in a fixed order (no atomics:
@@ -456,14 +510,27 @@ fn write_group_sum(v: RowSums, group: u32, lid: u32) {
     }
 }
 
+// A split row's part i takes three vec4s: (m, s, a, b), (h, e, best, 0), (best_k, above).
 fn store_split_stats(i: u32, st: RowStats) {
-    results[params.split_at + 2u * i] = vec4(st.m, st.s, st.a, st.b);
-    results[params.split_at + 2u * i + 1u] = vec4(st.h, 0.0, 0.0, 0.0);
+    let at = params.split_at + 3u * i;
+    results[at] = vec4(st.m, st.s, st.a, st.b);
+    results[at + 1u] = vec4(st.h, st.e, st.best, 0.0);
+    if METRICS {
+        results[at + 2u] = vec4(bitcast<f32>(st.best_k), bitcast<f32>(st.above), 0.0, 0.0);
+    }
 }
 
 fn load_split_stats(i: u32) -> RowStats {
-    let x = results[params.split_at + 2u * i];
-    return RowStats(x.x, x.y, x.z, x.w, results[params.split_at + 2u * i + 1u].x);
+    let at = params.split_at + 3u * i;
+    let x = results[at];
+    let y = results[at + 1u];
+    var st = RowStats(x.x, x.y, x.z, x.w, y.x, y.y, y.z, NO_CLASS, 0u);
+    if METRICS {
+        let w = bitcast<vec4<u32>>(results[at + 2u]);
+        st.best_k = w.x;
+        st.above = w.y;
+    }
+    return st;
 }
 
 // A lane's row, and the row's stats merged over its lanes: over the whole row, or over this

@@ -684,6 +684,26 @@ pub struct TargetScore {
     pub in_top_k: bool,
 }
 
+impl TargetScore {
+    /// The score of target `class`, with `rank` classes strictly above it, in a row whose
+    /// argmax is `argmax`: correct when they agree, a top-`top_k` hit when `rank < top_k`.
+    pub(crate) fn new(
+        class: usize,
+        log_prob: f64,
+        rank: usize,
+        argmax: usize,
+        top_k: usize,
+    ) -> Self {
+        TargetScore {
+            class,
+            log_prob,
+            rank,
+            correct: argmax == class,
+            in_top_k: rank < top_k,
+        }
+    }
+}
+
 /// One row's token metrics.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenRow {
@@ -748,6 +768,32 @@ pub struct TokenMetrics {
     pub summary: MetricsSummary,
 }
 
+impl TokenMetrics {
+    /// The summary of per-row metrics whose top-k hits count `top_k`.
+    pub(crate) fn from_rows(rows: Vec<TokenRow>, top_k: usize) -> Self {
+        let mut summary = MetricsSummary {
+            top_k,
+            counted_rows: 0,
+            ignored_rows: 0,
+            correct: 0,
+            in_top_k: 0,
+            nll_sum: 0.0,
+        };
+        for row in &rows {
+            match row.target {
+                Some(t) => {
+                    summary.counted_rows += 1;
+                    summary.correct += t.correct as usize;
+                    summary.in_top_k += t.in_top_k as usize;
+                    summary.nll_sum -= t.log_prob;
+                }
+                None => summary.ignored_rows += 1,
+            }
+        }
+        TokenMetrics { rows, summary }
+    }
+}
+
 /// One row's metrics against class `y` (checked to be in range).
 fn token_row(z: &[f32], y: Option<usize>, top_k: usize) -> TokenRow {
     let zf: Vec<f64> = z.iter().map(|&v| v as f64).collect();
@@ -761,13 +807,7 @@ fn token_row(z: &[f32], y: Option<usize>, top_k: usize) -> TokenRow {
         .fold(0.0, |h, lq| h - lq.exp() * lq);
     let target = y.map(|class| {
         let rank = zf.iter().filter(|&&v| ranks_above(v, zf[class])).count();
-        TargetScore {
-            class,
-            log_prob: zf[class] - lse,
-            rank,
-            correct: best == class,
-            in_top_k: rank < top_k,
-        }
+        TargetScore::new(class, zf[class] - lse, rank, best, top_k)
     });
     TokenRow {
         argmax: best,
@@ -819,31 +859,13 @@ pub fn token_metrics(
     top_k: usize,
 ) -> Result<TokenMetrics> {
     check_targets(&logits, targets, ignore_index)?;
-    let mut summary = MetricsSummary {
-        top_k,
-        counted_rows: 0,
-        ignored_rows: 0,
-        correct: 0,
-        in_top_k: 0,
-        nll_sum: 0.0,
-    };
     let rows = (0..logits.rows())
         .map(|i| {
             let y = (ignore_index != Some(targets[i])).then_some(targets[i] as usize);
-            let row = token_row(&logits.row(i), y, top_k);
-            match row.target {
-                Some(t) => {
-                    summary.counted_rows += 1;
-                    summary.correct += t.correct as usize;
-                    summary.in_top_k += t.in_top_k as usize;
-                    summary.nll_sum -= t.log_prob;
-                }
-                None => summary.ignored_rows += 1,
-            }
-            row
+            token_row(&logits.row(i), y, top_k)
         })
         .collect();
-    Ok(TokenMetrics { rows, summary })
+    Ok(TokenMetrics::from_rows(rows, top_k))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -881,7 +903,16 @@ pub fn sequence_scores(
     targets: &[i64],
     offsets: &[usize],
 ) -> Result<Vec<SequenceScore>> {
-    let rows = logits.rows();
+    check_offsets(offsets, logits.rows())?;
+    check_targets(&logits, targets, None)?;
+    let rows: Vec<TokenRow> = (0..logits.rows())
+        .map(|i| token_row(&logits.row(i), Some(targets[i] as usize), 1))
+        .collect();
+    Ok(sequences_of(&rows, offsets))
+}
+
+/// Checks sequence offsets into `rows` rows ([`sequence_scores`]' errors).
+pub(crate) fn check_offsets(offsets: &[usize], rows: usize) -> Result<()> {
     match (offsets.first(), offsets.last()) {
         (Some(0), Some(&last)) if last == rows => {}
         (None, _) => {
@@ -904,8 +935,13 @@ pub fn sequence_scores(
             offsets[s]
         )));
     }
-    check_targets(&logits, targets, None)?;
-    Ok(offsets
+    Ok(())
+}
+
+/// The sequences `offsets[s]..offsets[s + 1]` (checked) of per-token metrics, every row with a
+/// target: the sums run in row order, so they do not depend on how the rows were computed.
+pub(crate) fn sequences_of(rows: &[TokenRow], offsets: &[usize]) -> Vec<SequenceScore> {
+    offsets
         .windows(2)
         .map(|w| {
             let mut score = SequenceScore {
@@ -913,16 +949,16 @@ pub fn sequence_scores(
                 is_greedy: true,
                 tokens: w[1] - w[0],
             };
-            for (i, &y) in (w[0]..w[1]).zip(&targets[w[0]..w[1]]) {
-                let t = token_row(&logits.row(i), Some(y as usize), 1)
-                    .target
-                    .expect("a target was given");
-                score.loglikelihood += t.log_prob;
-                score.is_greedy &= t.correct;
+            for row in &rows[w[0]..w[1]] {
+                // A row without a target (none here) leaves the sequence unchanged.
+                if let Some(t) = row.target {
+                    score.loglikelihood += t.log_prob;
+                    score.is_greedy &= t.correct;
+                }
             }
             score
         })
-        .collect())
+        .collect()
 }
 
 /// One multiple-choice question's outcome.

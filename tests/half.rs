@@ -8,8 +8,8 @@
 mod common;
 
 use common::{
-    GoldenInputs, assert_gradient, assert_outputs_match, buffer_with, golden_cases, gpu,
-    gpu_with_binding_cap, plain_strategy,
+    GoldenInputs, assert_gradient, assert_outputs_match, buffer_with, corner_strategies,
+    golden_cases, gpu, gpu_with_binding_cap, plain_strategy,
 };
 use half::{bf16, f16};
 use rand::rngs::StdRng;
@@ -142,26 +142,6 @@ fn golden_cases_rounded_to_half_precision() {
             }
         }
     }
-}
-
-/// A few strategies at their corners (scalar and vec4 loads, one lane to a whole workgroup per
-/// row, a split row), with subgroups where the device has them.
-fn corner_strategies(gpu: &GpuContext) -> Vec<Strategy> {
-    let s = plain_strategy;
-    let mut all = vec![
-        Strategy::NAIVE,
-        s(256, 1, 1, true),
-        s(256, 8, 1, true),
-        s(256, 256, 1, true),
-        s(256, 256, 3, true),
-    ];
-    if gpu.facts().subgroup_lanes.is_some_and(|l| l <= 256) {
-        all.push(Strategy {
-            subgroups: true,
-            ..s(256, 32, 1, true)
-        });
-    }
-    all
 }
 
 #[test]

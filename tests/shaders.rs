@@ -74,6 +74,7 @@ fn variants() -> Vec<Variant> {
             weights: true,
             smoothing: true,
             ignore: true,
+            metrics: true,
             ..base
         },
         LossVariant {
@@ -125,6 +126,7 @@ fn variants() -> Vec<Variant> {
             softcap: true,
             grad_stats: true,
             paired: false,
+            metrics: true,
             ..base
         },
         LossVariant {

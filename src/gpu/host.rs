@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::grad::{MeanNormalisers, Upstream};
 use crate::logits::Logits;
 use crate::output::LossOutput;
+use crate::scoring::TokenRow;
 use crate::spec::CrossEntropy;
 
 use super::context::{Gpu, Serialised};
@@ -111,6 +112,7 @@ impl HostLoss {
             targets,
             output,
             chunk_cap: Some(per_chunk.max(unit)),
+            metrics: false,
         }
     }
 
@@ -380,7 +382,8 @@ impl super::GpuContext {
 
     /// Scores host slices through a pooled prepared loss, call by call; with `gradient`
     /// (upstream, and the mean's (Σ w_y, counted rows) from the host), the gradient goes to
-    /// the returned values, row-major, in the logits' dtype.
+    /// the returned values, row-major, in the logits' dtype; with `setup.metrics`, the token
+    /// metrics (top-k hits counting ranks below `top_k`) to the returned rows.
     pub(crate) fn run_host(
         &self,
         spec: &CrossEntropy,
@@ -388,9 +391,11 @@ impl super::GpuContext {
         targets: HostTargets<'_>,
         setup: Setup,
         gradient: Option<(Upstream<'_>, (f64, f64))>,
-    ) -> Result<(LossOutput, ElementVec)> {
+        top_k: usize,
+    ) -> Result<(LossOutput, ElementVec, Vec<TokenRow>)> {
         let (rows, classes) = (logits.rows(), logits.classes());
         let mut grad = ElementVec::zeros(logits.dtype(), 0);
+        let mut tokens = Vec::new();
         let out = self.with_host_loss(spec, &logits, setup, |host| {
             let per_call = host.loss.shape().max_rows();
             let mut out: Option<LossOutput> = None;
@@ -420,7 +425,13 @@ impl super::GpuContext {
                 };
                 let sink: Option<&mut Sink<'_>> = gradient.map(|_| &mut collect as &mut Sink<'_>);
                 host.run_call(block, block_targets, passes, sink)?;
-                let part = host.loss.read()?;
+                let part = if setup.metrics {
+                    let (part, metrics) = host.loss.read_with_metrics(top_k)?;
+                    tokens.extend(metrics.rows);
+                    part
+                } else {
+                    host.loss.read()?
+                };
                 match out.as_mut() {
                     None => out = Some(part),
                     Some(o) => o.append(part),
@@ -428,7 +439,7 @@ impl super::GpuContext {
             }
             Ok(out.expect("at least one row"))
         })?;
-        Ok((out, grad))
+        Ok((out, grad, tokens))
     }
 
     /// Log-probabilities of host logits, chunk by chunk.

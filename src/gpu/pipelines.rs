@@ -148,6 +148,8 @@ pub struct LossVariant {
     pub z_loss: bool,
     /// Keep per-row stats for a gradient pass.
     pub grad_stats: bool,
+    /// Token metrics in the statistics pass.
+    pub metrics: bool,
     /// The gradient kernel's: how the upstream gradient comes (0 per row, 1 sum, 2 mean).
     pub reduction: u8,
     /// The gradient kernel's: the mean's scales from the device totals.
@@ -173,6 +175,7 @@ impl LossVariant {
         softcap: false,
         z_loss: false,
         grad_stats: false,
+        metrics: false,
         reduction: 2,
         scales_from_totals: false,
         in_place: false,
@@ -232,6 +235,7 @@ impl PipelineKey {
             ("SOFTCAP", flag(v.softcap)),
             ("ZLOSS", flag(v.z_loss)),
             ("GRAD_STATS", flag(v.grad_stats)),
+            ("METRICS", flag(v.metrics)),
         ];
         if self.kernel == Kernel::Gradient {
             constants.extend([

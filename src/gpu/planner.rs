@@ -65,14 +65,14 @@ impl Strategy {
         }
     }
 
-    /// Bytes of workgroup memory the row kernels' reductions use: a RowStats (20 bytes) and a
+    /// Bytes of workgroup memory the row kernels' reductions use: a RowStats (36 bytes) and a
     /// vec4 sum (16) per lane, or per subgroup with subgroup reductions.
     pub fn workgroup_memory(&self, device: &DeviceFacts) -> u64 {
         let slots = match (self.subgroups, device.subgroup_lanes) {
             (true, Some(lanes)) => (self.workgroup_size / lanes.min(self.workgroup_size)).max(1),
             _ => self.workgroup_size,
         };
-        slots as u64 * 36
+        slots as u64 * 52
     }
 
     /// Logits one lane folds in a row of `classes`.
@@ -288,11 +288,11 @@ impl ChunkPlan {
                 why: "a lane would fold more than 32,768 logits of a row: use more lanes or a split",
             });
         }
-        // Per row: each binding's bytes, its 16-byte result, and `split` RowStats of 20 bytes.
+        // Per row: each binding's bytes, its 16-byte result, and `split` RowStats of 48 bytes.
         let by_binding = row_bytes
             .iter()
             .copied()
-            .chain([16, 20 * strategy.split as u64])
+            .chain([16, 48 * strategy.split as u64])
             .map(|b| limit.saturating_sub(align) / b.max(1))
             .min()
             .unwrap_or(0);

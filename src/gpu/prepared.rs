@@ -16,6 +16,7 @@ use crate::dtype::Dtype;
 use crate::error::{Result, XentError};
 use crate::grad::Upstream;
 use crate::output::{LossOutput, LossTotals};
+use crate::scoring::{TargetScore, TokenMetrics, TokenRow};
 use crate::spec::{CrossEntropy, Reduction};
 
 use super::context::{Gpu, Serialised};
@@ -48,7 +49,8 @@ pub(crate) struct Params {
     z_loss: f32,
     grad_ce: f32,
     grad_z: f32,
-    _pad: [u32; 3],
+    metrics_at: u32,
+    _pad: [u32; 2],
 }
 
 /// Bytes of `Status` in `rows.wgsl`.
@@ -56,7 +58,7 @@ const STATUS_BYTES: u64 = 80;
 /// Bytes of one row's results, `vec4<f32>` (and of one half of a workgroup sum).
 const ROW_RESULT_BYTES: u64 = 16;
 /// `vec4`s of one `RowStats` of a split row, and of one workgroup sum.
-const ROW_STATS_VEC4S: u64 = 2;
+const ROW_STATS_VEC4S: u64 = 3;
 const GROUP_SUM_VEC4S: u64 = 2;
 
 /// What the elementwise pass of a host call writes.
@@ -79,6 +81,8 @@ pub(crate) struct Setup {
     pub output: Output,
     /// Caps the rows of a chunk (the host path pipelines uploads in smaller chunks).
     pub chunk_cap: Option<usize>,
+    /// Token metrics in the statistics pass (class indices only).
+    pub metrics: bool,
 }
 
 /// Where the gradient goes on the device path.
@@ -229,6 +233,8 @@ pub struct PreparedLoss {
     groups_at: u32,
     split_at: u32,
     rows2_at: u32,
+    /// Where the per-row token metrics start in `results`.
+    metrics_at: u32,
     /// Where the per-row upstream gradient starts in the weights buffer.
     upstream_at: u32,
     params_stride: u64,
@@ -325,6 +331,7 @@ impl PreparedLoss {
             entropy: probabilities && spec.weights().is_none(),
             softcap: spec.softcap().is_some() && has_targets,
             z_loss: spec.z_loss() > 0.0 && has_targets,
+            metrics: false,
             ..LossVariant::LSE_ONLY
         };
         let scale = weight_scale(spec.weights());
@@ -342,6 +349,7 @@ impl PreparedLoss {
         let groups_at = rows;
         let split_at = groups_at + groups * GROUP_SUM_VEC4S;
         let rows2_at = split_at + split_vec4s;
+        let metrics_at = rows2_at + rows;
         let upstream_at = (classes as u64).next_multiple_of(4);
         gpu.scoped("preparing a loss", || {
             let copy_src = wgpu::BufferUsages::COPY_SRC;
@@ -363,7 +371,7 @@ impl PreparedLoss {
             }
             let row_results = gpu.storage_buffer(
                 "xent results",
-                (rows2_at + rows) * ROW_RESULT_BYTES,
+                (metrics_at + rows) * ROW_RESULT_BYTES,
                 copy_src,
             );
             let status = gpu.storage_buffer("xent status", STATUS_BYTES, copy_src | copy_dst);
@@ -419,6 +427,7 @@ impl PreparedLoss {
                 groups_at: groups_at as u32,
                 split_at: split_at as u32,
                 rows2_at: rows2_at as u32,
+                metrics_at: metrics_at as u32,
                 upstream_at: upstream_at as u32,
                 params_stride,
                 written: vec![None; chunks],
@@ -442,9 +451,40 @@ impl PreparedLoss {
                 ),
                 last_rows: 0,
             };
+            if setup.metrics {
+                loss.set_metrics()?;
+            }
             loss.pipes(true, setup.output == Output::Gradient);
             Ok(loss)
         })
+    }
+
+    /// Turns on token metrics for the calls recorded from now on (see
+    /// [`PreparedLoss::with_metrics`]).
+    fn set_metrics(&mut self) -> Result<()> {
+        if !matches!(self.setup.targets, Some(TargetLayout::ClassIndices(_))) {
+            return Err(XentError::NotPrepared(
+                "token metrics need class-index targets".into(),
+            ));
+        }
+        self.variant.metrics = true;
+        self.setup.metrics = true;
+        self.res.pipes.clear();
+        // The host path's read-back then holds the metrics beside the per-row results.
+        self.res.rows_back = None;
+        Ok(())
+    }
+
+    /// The same loss, whose calls also compute token metrics in the statistics pass (no
+    /// extra read of the logits): per row the argmax (lowest class on ties, as
+    /// `torch.argmax`), the target's rank (classes strictly above it), its log-probability,
+    /// and the prediction's entropy. Read them with [`PreparedLoss::read_with_metrics`].
+    /// On soft-capped logits, the metrics are those of the capped logits.
+    ///
+    /// Errors: [`XentError::NotPrepared`] unless the targets are class indices.
+    pub fn with_metrics(mut self) -> Result<Self> {
+        self.set_metrics()?;
+        Ok(self)
     }
 
     /// The statistics pipelines for targets at (`aligned`) or off the logits' alignment, with
@@ -505,6 +545,7 @@ impl PreparedLoss {
         let variant = LossVariant {
             targets_aligned: aligned,
             grad_stats: kernel == Kernel::Gradient,
+            metrics: false,
             reduction,
             scales_from_totals,
             in_place,
@@ -957,7 +998,8 @@ impl PreparedLoss {
                     z_loss: self.z_loss as f32,
                     grad_ce: 0.0,
                     grad_z: 0.0,
-                    _pad: [0; 3],
+                    metrics_at: self.metrics_at,
+                    _pad: [0; 2],
                 },
                 inputs,
                 in_place,
@@ -1129,16 +1171,30 @@ impl PreparedLoss {
             // The host path reads every row: copy them now, so one wait brings back both.
             self.rows_copied = self.setup.chunk_cap.is_some() && self.last_rows > 0;
             if self.rows_copied {
-                let bytes = self.last_rows as u64 * ROW_RESULT_BYTES;
                 let back = self.rows_back_buffer();
-                encoder.copy_buffer_to_buffer(&self.res.row_results, 0, &back, 0, bytes);
+                self.copy_rows(encoder, &back);
             }
+        }
+    }
+
+    /// Vec4s per row that come back: the results, and the token metrics after them.
+    fn row_vec4s(&self) -> u64 {
+        1 + self.setup.metrics as u64
+    }
+
+    /// Records copies of the last call's per-row results (then its token metrics) to `back`.
+    fn copy_rows(&self, encoder: &mut wgpu::CommandEncoder, back: &wgpu::Buffer) {
+        let bytes = self.last_rows as u64 * ROW_RESULT_BYTES;
+        encoder.copy_buffer_to_buffer(&self.res.row_results, 0, back, 0, bytes);
+        if self.setup.metrics {
+            let at = self.metrics_at as u64 * ROW_RESULT_BYTES;
+            encoder.copy_buffer_to_buffer(&self.res.row_results, at, back, bytes, bytes);
         }
     }
 
     /// The read-back buffer of the per-row results, made on first use.
     fn rows_back_buffer(&mut self) -> wgpu::Buffer {
-        let capacity = self.shape.max_rows() as u64 * ROW_RESULT_BYTES;
+        let capacity = self.shape.max_rows() as u64 * ROW_RESULT_BYTES * self.row_vec4s();
         let gpu = &self.gpu;
         self.res
             .rows_back
@@ -1212,16 +1268,55 @@ impl PreparedLoss {
     /// [`PreparedLoss::read_totals`], then the per-row results of the same call: the
     /// [`LossOutput`] the host-slice API returns.
     pub fn read(&mut self) -> Result<LossOutput> {
-        let (totals, rows) = if self.rows_copied {
+        Ok(self.read_parts()?.0)
+    }
+
+    /// [`PreparedLoss::read`], and the token metrics of the same call (a loss made
+    /// [`PreparedLoss::with_metrics`]), whose top-k hits count ranks below `top_k`.
+    ///
+    /// Errors: [`XentError::NotPrepared`] when the loss computes no metrics; the device's
+    /// errors as [`PreparedLoss::read_totals`].
+    pub fn read_with_metrics(&mut self, top_k: usize) -> Result<(LossOutput, TokenMetrics)> {
+        if !self.setup.metrics {
+            return Err(XentError::NotPrepared(
+                "this loss computes no token metrics: prepare it with_metrics".into(),
+            ));
+        }
+        let (out, rows, metrics) = self.read_parts()?;
+        let rows = rows
+            .iter()
+            .zip(&metrics)
+            .zip(&out.log_sum_exp)
+            .map(|((r, m), &lse)| {
+                let (argmax, rank) = (m[0].to_bits() as usize, m[1].to_bits());
+                let target = (rank != u32::MAX).then(|| {
+                    let class = r[2].to_bits() as usize;
+                    TargetScore::new(class, m[3] as f64, rank as usize, argmax, top_k)
+                });
+                TokenRow {
+                    argmax,
+                    entropy: m[2] as f64,
+                    log_sum_exp: lse,
+                    target,
+                }
+            })
+            .collect();
+        Ok((out, TokenMetrics::from_rows(rows, top_k)))
+    }
+
+    /// The output, the raw per-row results and (with metrics) the raw per-row metrics.
+    fn read_parts(&mut self) -> Result<(LossOutput, Vec<RawRow>, Vec<RawRow>)> {
+        let (totals, mut rows) = if self.rows_copied {
             let gpu = self.gpu.clone();
             let back = self.rows_back_buffer();
-            let bytes = self.last_rows as u64 * ROW_RESULT_BYTES;
+            let bytes = self.last_rows as u64 * ROW_RESULT_BYTES * self.row_vec4s();
             let data = gpu.fetch(&[(&self.res.totals_back, STATUS_BYTES), (&back, bytes)])?;
             let rows: Vec<[f32; 4]> = bytemuck::cast_slice(&data[1]).to_vec();
             (self.totals_from(&data[0])?, rows)
         } else {
             (self.read_totals()?, self.read_rows()?)
         };
+        let metrics = rows.split_off(self.last_rows);
         let scale = self.weight_scale;
         let z = self.variant.z_loss;
         let per_row = rows
@@ -1229,18 +1324,19 @@ impl PreparedLoss {
             .map(|r| r[0] as f64 / scale + if z { r[3] as f64 } else { 0.0 })
             .collect();
         let column = |c: usize| rows.iter().map(|r| r[c] as f64).collect();
-        Ok(LossOutput::from_totals_with_z_loss(
+        let out = LossOutput::from_totals_with_z_loss(
             totals,
             per_row,
             column(1),
             self.variant.entropy.then(|| column(2)),
             z.then(|| column(3)),
-        ))
+        );
+        Ok((out, rows, metrics))
     }
 
-    /// Copies the last call's per-row results back.
-    pub(crate) fn read_rows(&mut self) -> Result<Vec<[f32; 4]>> {
-        let bytes = self.last_rows as u64 * ROW_RESULT_BYTES;
+    /// Copies the last call's per-row results back (then its token metrics, with metrics).
+    fn read_rows(&mut self) -> Result<Vec<[f32; 4]>> {
+        let bytes = self.last_rows as u64 * ROW_RESULT_BYTES * self.row_vec4s();
         if bytes == 0 {
             return Ok(Vec::new());
         }
@@ -1248,7 +1344,7 @@ impl PreparedLoss {
         let back = self.rows_back_buffer();
         let data = gpu.scoped("reading per-row results", || {
             let mut encoder = gpu.device.create_command_encoder(&Default::default());
-            encoder.copy_buffer_to_buffer(&self.res.row_results, 0, &back, 0, bytes);
+            self.copy_rows(&mut encoder, &back);
             gpu.queue.submit([encoder.finish()]);
             Ok(gpu.read_back(&[(&back, bytes)])?.remove(0))
         })?;
@@ -1264,6 +1360,9 @@ impl PreparedLoss {
 /// An elementwise pipeline of a prepared loss: kernel, targets aligned, logits and outputs
 /// paired, reduction, scales from the totals, in place.
 type ElementwiseKey = (Kernel, bool, bool, u8, bool, bool);
+
+/// One row's `vec4<f32>` of results or of token metrics, as the device wrote it.
+type RawRow = [f32; 4];
 
 /// The two views of one input of a chunk.
 struct Views<'a> {

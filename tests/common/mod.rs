@@ -561,3 +561,23 @@ pub fn read_f32(gpu: &GpuContext, buffer: &wgpu::Buffer, offset: u64, count: usi
     let view = back.slice(..).get_mapped_range().unwrap();
     bytemuck::cast_slice(&view).to_vec()
 }
+
+/// A few strategies at their corners (scalar and vec4 loads, one lane to a whole workgroup per
+/// row, a split row), with subgroups where the device has them.
+pub fn corner_strategies(gpu: &GpuContext) -> Vec<Strategy> {
+    let s = plain_strategy;
+    let mut all = vec![
+        Strategy::NAIVE,
+        s(256, 1, 1, true),
+        s(256, 8, 1, true),
+        s(256, 256, 1, true),
+        s(256, 256, 3, true),
+    ];
+    if gpu.facts().subgroup_lanes.is_some_and(|l| l <= 256) {
+        all.push(Strategy {
+            subgroups: true,
+            ..s(256, 32, 1, true)
+        });
+    }
+    all
+}
