@@ -9,7 +9,7 @@ mod common;
 
 use common::{
     GoldenInputs, assert_gradient, assert_outputs_match, buffer_with, corner_strategies,
-    golden_cases, gpu, gpu_with_binding_cap, plain_strategy,
+    golden_cases, gpu, gpu_with_binding_cap,
 };
 use half::{bf16, f16};
 use rand::rngs::StdRng;
