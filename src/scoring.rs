@@ -738,6 +738,27 @@ pub struct MetricsSummary {
 }
 
 impl MetricsSummary {
+    /// The summary of no rows, counting top-`top_k` hits.
+    pub fn empty(top_k: usize) -> Self {
+        MetricsSummary {
+            top_k,
+            counted_rows: 0,
+            ignored_rows: 0,
+            correct: 0,
+            in_top_k: 0,
+            nll_sum: 0.0,
+        }
+    }
+
+    /// Adds the summary of more rows (a later batch; the same `top_k`).
+    pub fn add(&mut self, more: &MetricsSummary) {
+        self.counted_rows += more.counted_rows;
+        self.ignored_rows += more.ignored_rows;
+        self.correct += more.correct;
+        self.in_top_k += more.in_top_k;
+        self.nll_sum += more.nll_sum;
+    }
+
     /// `correct / counted_rows`; NaN when no row counts.
     pub fn accuracy(&self) -> f64 {
         self.correct as f64 / self.counted_rows as f64
@@ -771,14 +792,7 @@ pub struct TokenMetrics {
 impl TokenMetrics {
     /// The summary of per-row metrics whose top-k hits count `top_k`.
     pub(crate) fn from_rows(rows: Vec<TokenRow>, top_k: usize) -> Self {
-        let mut summary = MetricsSummary {
-            top_k,
-            counted_rows: 0,
-            ignored_rows: 0,
-            correct: 0,
-            in_top_k: 0,
-            nll_sum: 0.0,
-        };
+        let mut summary = MetricsSummary::empty(top_k);
         for row in &rows {
             match row.target {
                 Some(t) => {
@@ -938,8 +952,24 @@ pub(crate) fn check_offsets(offsets: &[usize], rows: usize) -> Result<()> {
     Ok(())
 }
 
+/// Sequence scores from token metrics computed elsewhere (on the GPU, or in batches): sequence
+/// `s` is `rows[offsets[s]..offsets[s + 1]]`. The sums run in row order, so they do not depend
+/// on how the rows were cut.
+///
+/// Errors: [`XentError::SequenceOffsets`] as [`sequence_scores`], and for a row without a
+/// target (scored with an ignore index).
+pub fn sequences_from_tokens(rows: &[TokenRow], offsets: &[usize]) -> Result<Vec<SequenceScore>> {
+    check_offsets(offsets, rows.len())?;
+    if let Some(i) = rows.iter().position(|r| r.target.is_none()) {
+        return Err(XentError::SequenceOffsets(format!(
+            "row {i} has no target (it was ignored); every token of a sequence needs one"
+        )));
+    }
+    Ok(sequences_of(rows, offsets))
+}
+
 /// The sequences `offsets[s]..offsets[s + 1]` (checked) of per-token metrics, every row with a
-/// target: the sums run in row order, so they do not depend on how the rows were computed.
+/// target.
 pub(crate) fn sequences_of(rows: &[TokenRow], offsets: &[usize]) -> Vec<SequenceScore> {
     offsets
         .windows(2)

@@ -1708,3 +1708,249 @@ fn logits_dtype_is_checked() {
         assert!((loss - std::f64::consts::LN_2).abs() < 1e-12, "{loss}");
     }
 }
+
+/// `--metrics` on the hand-computed example of the scoring reference: row 0 (target 1, not
+/// the argmax), row 1 (target 1, the argmax), row 2 ignored. Log-probabilities from Python's
+/// math module.
+#[test]
+fn token_metrics_through_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let (zp, yp, pp) = (
+        dir.path().join("z.npy"),
+        dir.path().join("y.npy"),
+        dir.path().join("p.npy"),
+    );
+    let z = [2.0_f32, 1.0, 0.0, -1.0, 4.0, 0.0, 9.0, -9.0, 0.0];
+    write_npy(&zp, &[3, 3], &z);
+    write_npy(&yp, &[3], &[1_i64, 1, -100]);
+    let (l0, l1) = (-1.4076059644443801_f64, -0.024744890138822306_f64);
+    let nll = -(l0 + l1) / 2.0;
+    let base = [
+        "score",
+        "--logits",
+        path(&zp),
+        "--targets",
+        path(&yp),
+        "--ignore-index",
+        "-100",
+        "--metrics",
+        "--json",
+    ];
+    let mut engines = vec![vec!["--cpu"]];
+    if gpu_available() {
+        engines.push(vec![]);
+    }
+    for engine in engines {
+        for (top_k, want_top_k) in [(None, 1.0), (Some("1"), 0.5)] {
+            let mut args: Vec<&str> = base.iter().copied().chain(engine.iter().copied()).collect();
+            if let Some(k) = top_k {
+                args.extend(["--top-k", k]);
+            }
+            let v = json(&xent(&args));
+            let label = format!("{args:?}");
+            assert_eq!(v["accuracy"].as_f64(), Some(0.5), "{label}");
+            assert_eq!(v["top_k"].as_u64(), Some(top_k.map_or(5, |_| 1)), "{label}");
+            assert_eq!(v["top_k_accuracy"].as_f64(), Some(want_top_k), "{label}");
+            let got = v["nll"].as_f64().unwrap();
+            assert!((got - nll).abs() < 1e-6, "{label}: nll {got} vs {nll}");
+            let ppl = v["perplexity"].as_f64().unwrap();
+            assert!(
+                (ppl / nll.exp() - 1.0).abs() < 1e-6,
+                "{label}: perplexity {ppl}"
+            );
+            // The loss is the same mean NLL here (no weights, no smoothing).
+            assert!((v["loss"].as_f64().unwrap() - nll).abs() < 1e-6, "{label}");
+        }
+    }
+    // Without --metrics the keys are null; with probabilities, --metrics is refused.
+    let v = json(&xent(&[
+        "score",
+        "--logits",
+        path(&zp),
+        "--targets",
+        path(&yp),
+        "--ignore-index",
+        "-100",
+        "--json",
+        "--cpu",
+    ]));
+    assert!(v["accuracy"].is_null() && v["perplexity"].is_null());
+    write_npy(&pp, &[3, 3], &[1.0_f32 / 3.0; 9]);
+    let o = xent(&[
+        "score",
+        "--logits",
+        path(&zp),
+        "--targets",
+        path(&pp),
+        "--metrics",
+        "--cpu",
+    ]);
+    expect_failure(&o, 2, &["--metrics", "class indices"]);
+}
+
+/// `xent eval` on a hand-computed multiple-choice example, C = 2, logits ln 3 and 0 so every
+/// probability is 1/2, 3/4 or 1/4:
+/// - question 0: choice A (sequence 0, row 0 [ln 3, 0], token 0: ln 3/4, greedy, 1 character),
+///   choice B (sequence 1, rows 1–2 [0, 0], token 1 twice: 2·ln 1/2, not greedy as the tie
+///   goes to class 0, 100 characters); gold B: acc picks A (0), acc_norm picks B (1);
+/// - question 1: choice A (sequence 2, row 3 [0, ln 3], token 1: ln 3/4, greedy), choice B
+///   (sequence 3, row 4, token 0: ln 1/4), 5 characters each; gold A: both right.
+///
+/// With two rows per batch, sequence 1 spans the first two batches.
+#[test]
+fn eval_sequences_and_multiple_choice_hand_computed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| dir.path().join(name);
+    let ln3 = 3.0_f32.ln();
+    write_npy(
+        &file("z.npy"),
+        &[5, 2],
+        &[ln3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ln3, 0.0, ln3],
+    );
+    write_npy(&file("y.npy"), &[5], &[0_i64, 1, 1, 1, 0]);
+    write_npy(&file("o.npy"), &[5], &[0_i64, 1, 3, 4, 5]);
+    write_npy(&file("q.npy"), &[4], &[0_i64, 0, 1, 1]);
+    write_npy(&file("l.npy"), &[4], &[1_i64, 100, 5, 5]);
+    write_npy(&file("g.npy"), &[2], &[1_i64, 0]);
+    let (f, h) = ((0.75_f64).ln(), (0.5_f64).ln());
+    let want = [
+        (f, true, 1),
+        (2.0 * h, false, 2),
+        (f, true, 1),
+        ((0.25_f64).ln(), false, 1),
+    ];
+    let names = ["z", "y", "o", "q", "l", "g"].map(|n| file(&format!("{n}.npy")));
+    let base = [
+        "eval",
+        "--logits",
+        path(&names[0]),
+        "--targets",
+        path(&names[1]),
+        "--offsets",
+        path(&names[2]),
+        "--choices",
+        path(&names[3]),
+        "--lengths",
+        path(&names[4]),
+        "--gold",
+        path(&names[5]),
+        "--batch-rows",
+        "2",
+        "--json",
+    ];
+    let mut engines = vec![vec!["--cpu"]];
+    if gpu_available() {
+        engines.push(vec![]);
+    }
+    for engine in engines {
+        let args: Vec<&str> = base.iter().copied().chain(engine).collect();
+        let o = xent(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let lines: Vec<serde_json::Value> = stdout(&o)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 4 + 2 + 1, "{}", stdout(&o));
+        for (s, (ll, greedy, tokens)) in want.iter().enumerate() {
+            let v = &lines[s];
+            assert_eq!(v["sequence"].as_u64(), Some(s as u64));
+            let got = v["loglikelihood"].as_f64().unwrap();
+            assert!((got - ll).abs() < 1e-6, "sequence {s}: {got} vs {ll}");
+            assert_eq!(v["is_greedy"].as_bool(), Some(*greedy), "sequence {s}");
+            assert_eq!(v["tokens"].as_u64(), Some(*tokens), "sequence {s}");
+            let ppl = v["perplexity"].as_f64().unwrap();
+            assert!((ppl / (-ll / *tokens as f64).exp() - 1.0).abs() < 1e-6);
+        }
+        let q0 = &lines[4];
+        assert_eq!(
+            (
+                q0["acc"].as_bool(),
+                q0["acc_norm"].as_bool(),
+                q0["predicted"].as_u64()
+            ),
+            (Some(false), Some(true), Some(0))
+        );
+        let q1 = &lines[5];
+        assert_eq!(
+            (q1["acc"].as_bool(), q1["acc_norm"].as_bool()),
+            (Some(true), Some(true))
+        );
+        assert_eq!(lines[6]["acc"].as_f64(), Some(0.5));
+        assert_eq!(lines[6]["acc_norm"].as_f64(), Some(1.0));
+        assert_eq!(lines[6]["sequences"].as_u64(), Some(4));
+    }
+    // Text output names the values too.
+    let o = xent(
+        &base[..base.len() - 1]
+            .iter()
+            .copied()
+            .chain(["--cpu"])
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        stdout(&o).contains("acc 0.500000, acc_norm 1.000000 over 2 questions"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Errors name the file at fault.
+    write_npy(&file("bad_o.npy"), &[3], &[0_i64, 2, 4]);
+    let o = xent(&[
+        "eval",
+        "--logits",
+        path(&names[0]),
+        "--targets",
+        path(&names[1]),
+        "--offsets",
+        path(&file("bad_o.npy")),
+        "--cpu",
+    ]);
+    expect_failure(&o, 2, &["bad_o.npy", "offsets"]);
+    write_npy(&file("bad_y.npy"), &[5], &[0_i64, 1, 2, 1, 0]);
+    let o = xent(&[
+        "eval",
+        "--logits",
+        path(&names[0]),
+        "--targets",
+        path(&file("bad_y.npy")),
+        "--offsets",
+        path(&names[2]),
+        "--cpu",
+    ]);
+    expect_failure(&o, 2, &["bad_y.npy", "row 2", "token 2"]);
+    let o = xent(&[
+        "eval",
+        "--logits",
+        path(&names[0]),
+        "--targets",
+        path(&names[1]),
+        "--offsets",
+        path(&names[2]),
+        "--choices",
+        path(&names[3]),
+        "--cpu",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "--choices without --lengths and --gold"
+    );
+    write_npy(&file("bad_g.npy"), &[2], &[2_i64, 0]);
+    let o = xent(&[
+        "eval",
+        "--logits",
+        path(&names[0]),
+        "--targets",
+        path(&names[1]),
+        "--offsets",
+        path(&names[2]),
+        "--choices",
+        path(&names[3]),
+        "--lengths",
+        path(&names[4]),
+        "--gold",
+        path(&file("bad_g.npy")),
+        "--cpu",
+    ]);
+    expect_failure(&o, 2, &["--gold", "question 0", "2 choices"]);
+}

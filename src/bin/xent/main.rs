@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod eval;
 mod info;
 mod npy;
 mod out;
@@ -38,6 +39,8 @@ enum Command {
     Demo,
     /// Cross-entropy of logits in a .npy file against class indices or probabilities.
     Score(ScoreArgs),
+    /// Sequence log-likelihoods and multiple choice, as lm-evaluation-harness scores them.
+    Eval(EvalArgs),
     /// Time the loss kernels against the device's read roofline.
     Bench(BenchArgs),
 }
@@ -105,6 +108,16 @@ pub struct ScoreArgs {
     /// the loss, the z-loss and the gradient are those of the capped logits.
     #[arg(long, value_name = "CAP", allow_negative_numbers = true)]
     softcap: Option<f64>,
+    /// Token metrics from the loss's own pass over the logits (class indices only): accuracy
+    /// (the target is the argmax, the lowest class on ties), top-K accuracy, the mean negative
+    /// log-likelihood and perplexity, over the rows not ignored; of the capped logits with
+    /// --softcap.
+    #[arg(long, conflicts_with = "grad")]
+    metrics: bool,
+    /// The K of --metrics' top-K accuracy: a hit when fewer than K classes score strictly
+    /// higher than the target.
+    #[arg(long, value_name = "K", default_value_t = 5, requires = "metrics")]
+    top_k: usize,
     /// Use the f64 CPU reference instead of the GPU.
     #[arg(long)]
     cpu: bool,
@@ -115,8 +128,44 @@ pub struct ScoreArgs {
     batch_rows: Option<i64>,
     /// Print one JSON object on stdout; its key "loss" holds the reduced value (null for
     /// reduction none), "z_loss" the z-loss part of it (reduced like the loss: null for
-    /// reduction none or without --z-loss) and "z_loss_sum" Σ λ·lse² (null without --z-loss).
-    /// Numbers that are not finite are the strings "inf", "-inf" and "nan"; null means absent.
+    /// reduction none or without --z-loss) and "z_loss_sum" Σ λ·lse² (null without --z-loss);
+    /// with --metrics, "accuracy", "top_k", "top_k_accuracy", "nll" and "perplexity". Numbers that are not finite are the strings "inf", "-inf" and "nan"; null means absent.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Logits [N, C] of every token of every continuation: float32, float64 (rounded to
+    /// float32), float16 or bfloat16.
+    #[arg(long, value_name = "Z.npy")]
+    logits: PathBuf,
+    /// The continuation's token at each row [N] (int64 or int32), in [0, C).
+    #[arg(long, value_name = "Y.npy")]
+    targets: PathBuf,
+    /// Sequence boundaries [S + 1] (integers): sequence s is rows offsets[s]..offsets[s + 1];
+    /// they start at 0, never decrease and end at N.
+    #[arg(long, value_name = "O.npy")]
+    offsets: PathBuf,
+    /// The question each sequence answers [S] (integers 0..Q): a question's choices are its
+    /// sequences, in order. Needs --lengths and --gold.
+    #[arg(long, value_name = "Q.npy", requires_all = ["lengths", "gold"])]
+    choices: Option<PathBuf>,
+    /// Each continuation's length in characters [S] (acc_norm divides the log-likelihood by it).
+    #[arg(long, value_name = "L.npy", requires = "choices")]
+    lengths: Option<PathBuf>,
+    /// Each question's correct choice [Q], an index among its choices.
+    #[arg(long, value_name = "G.npy", requires = "choices")]
+    gold: Option<PathBuf>,
+    /// Use the f64 CPU reference instead of the GPU.
+    #[arg(long)]
+    cpu: bool,
+    /// Rows read and scored per batch, at least 1 (default: as for `score`).
+    #[arg(long, value_name = "ROWS", allow_negative_numbers = true)]
+    batch_rows: Option<i64>,
+    /// JSON Lines: one object per sequence (`sequence`, `loglikelihood`, `is_greedy`,
+    /// `tokens`, `perplexity`), one per question (`question`, `acc`, `acc_norm`, `predicted`,
+    /// `predicted_norm`, `gold`, `choices`), then a summary (`acc`, `acc_norm`, `device`).
     #[arg(long)]
     json: bool,
 }
@@ -276,6 +325,7 @@ fn main() -> ExitCode {
         Command::Info => info::run(),
         Command::Demo => demo::run(),
         Command::Score(args) => score::run(&args),
+        Command::Eval(args) => eval::run(&args),
         Command::Bench(args) => bench::run(&args),
     };
     let Err(e) = result else {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use xent::scoring::{self, MetricsSummary};
 use xent::{
     CpuReference, CrossEntropy, Dtype, ElementVec, GpuContext, Logits, LossOutput, LossTotals,
     MeanNormalisers, Reduction, Scorer, Targets, Upstream, XentError,
@@ -76,10 +77,21 @@ fn same_output_error(grad: &Path) -> CliError {
     ))
 }
 
-fn open_inputs(args: &ScoreArgs) -> Result<(Inputs, Option<Vec<f32>>), CliError> {
-    check_outputs(args)?;
-    let logits = NpyInput::open("logits", &args.logits)?;
-    let (dtype, bits_as) = match (logits.elem, args.logits_dtype) {
+/// Logits opened for reading: the file, N, C, the dtype scored, and the half type of uint16
+/// raw bits.
+pub struct OpenLogits {
+    pub file: NpyInput,
+    pub rows: usize,
+    pub classes: usize,
+    pub dtype: Dtype,
+    pub bits_as: Option<Dtype>,
+}
+
+/// Opens a logits file [N, C] (C ≥ 1) of a float dtype, or of uint16 bits of the half type
+/// `given`; a `given` dtype must agree with a float file's own.
+pub fn open_logits(path: &Path, given: Option<Dtype>) -> Result<OpenLogits, CliError> {
+    let logits = NpyInput::open("logits", path)?;
+    let (dtype, bits_as) = match (logits.elem, given) {
         (Elem::U16, Some(d)) if d.is_half() => (d, Some(d)),
         (Elem::U16, _) => {
             return Err(logits
@@ -110,6 +122,24 @@ fn open_inputs(args: &ScoreArgs) -> Result<(Inputs, Option<Vec<f32>>), CliError>
     if classes == 0 {
         return Err(logits.error("has 0 classes (shape [N, 0]); cross-entropy needs at least one"));
     }
+    Ok(OpenLogits {
+        file: logits,
+        rows,
+        classes,
+        dtype,
+        bits_as,
+    })
+}
+
+fn open_inputs(args: &ScoreArgs) -> Result<(Inputs, Option<Vec<f32>>), CliError> {
+    check_outputs(args)?;
+    let OpenLogits {
+        file: logits,
+        rows,
+        classes,
+        dtype,
+        bits_as,
+    } = open_logits(&args.logits, args.logits_dtype)?;
     let targets = NpyInput::open("targets", &args.targets)?;
     let soft = targets.elem.is_float();
     if soft && targets.shape != [rows, classes] {
@@ -226,7 +256,12 @@ fn strip_role(e: &XentError, role: &str) -> String {
 
 /// `--batch-rows` as given, checked: at least 1.
 fn requested_batch_rows(args: &ScoreArgs) -> Result<Option<usize>, CliError> {
-    match args.batch_rows {
+    checked_batch_rows(args.batch_rows)
+}
+
+/// A `--batch-rows` value, checked: at least 1.
+pub fn checked_batch_rows(given: Option<i64>) -> Result<Option<usize>, CliError> {
+    match given {
         None => Ok(None),
         Some(n) if n >= 1 => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
         Some(n) => Err(CliError::input(format!(
@@ -238,7 +273,7 @@ fn requested_batch_rows(args: &ScoreArgs) -> Result<Option<usize>, CliError> {
 /// Rows per batch: as many as fit [`MAX_BATCH_BYTES`] of logits (and on the GPU one binding),
 /// at most `requested`, and at least one row. Only the GPU has a hard limit: a row larger
 /// than one binding (`gpu_binding`); on the CPU (`None`) one row of any size is a batch.
-fn batch_rows(
+pub fn batch_rows(
     classes: usize,
     requested: Option<usize>,
     gpu_binding: Option<u64>,
@@ -266,6 +301,8 @@ struct Totals {
     /// Why CE = H + KL is not shown although the entropy is known: the first target row that
     /// is not a probability distribution.
     not_distribution: Option<String>,
+    /// The token metrics so far, with --metrics.
+    metrics: Option<MetricsSummary>,
 }
 
 impl Totals {
@@ -273,6 +310,7 @@ impl Totals {
         Self {
             totals: LossTotals::empty(reduction, classes, with_entropy, with_z_loss),
             not_distribution: None,
+            metrics: None,
         }
     }
 
@@ -354,6 +392,41 @@ impl Engine {
         }
     }
 
+    /// One batch's loss and its token metrics (class indices), from one pass on the GPU; on
+    /// the CPU, the f64 reference's metrics of the logits (capped and rounded to f32 first
+    /// when the spec caps them, as the GPU sees them).
+    fn score_metrics(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        labels: &[i64],
+        top_k: usize,
+    ) -> Result<(LossOutput, MetricsSummary), XentError> {
+        match self {
+            Engine::Gpu(gpu) => {
+                let (out, m) = gpu.cross_entropy_metrics(spec, logits, labels, top_k)?;
+                Ok((out, m.summary))
+            }
+            Engine::Cpu => {
+                let out = xent::cpu::cross_entropy(spec, logits, Targets::ClassIndices(labels))?;
+                let capped: Vec<f32>;
+                let seen = match spec.softcap() {
+                    Some(cap) => {
+                        let z = logits.values().to_f32(0..logits.len());
+                        capped = z
+                            .iter()
+                            .map(|&v| (cap * (v as f64 / cap).tanh()) as f32)
+                            .collect();
+                        Logits::new(&capped, logits.rows(), logits.classes())?
+                    }
+                    None => logits,
+                };
+                let m = scoring::token_metrics(seen, labels, spec.ignore_index(), top_k)?;
+                Ok((out, m.summary))
+            }
+        }
+    }
+
     /// One batch's loss, and with an upstream gradient its gradient in the logits' dtype (the
     /// CPU's f64 rounded once, to nearest even).
     fn score(
@@ -430,6 +503,12 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
     }
     // Check the options before any GPU work, against an empty batch of the right width.
     let (rows, classes, soft) = (inputs.rows, inputs.classes, inputs.soft);
+    if args.metrics && soft {
+        return Err(CliError::input(format!(
+            "--metrics: token metrics need class indices; {} holds probabilities",
+            inputs.targets.label()
+        )));
+    }
     let none = Logits::new::<f32>(&[], 0, classes).map_err(|e| blame(e, &inputs, 0))?;
     let empty_targets = if soft {
         Targets::probabilities::<f32>(&[])
@@ -492,6 +571,9 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
     let start = Instant::now();
     let with_entropy = soft && spec.weights().is_none();
     let mut total = Totals::new(args.reduction, classes, with_entropy, spec.z_loss() > 0.0);
+    if args.metrics {
+        total.metrics = Some(MetricsSummary::empty(args.top_k));
+    }
     let mut progress: Option<ProgressBar> = None;
     let mut done = 0;
     while done < rows {
@@ -529,9 +611,18 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
             });
         let logits = Logits::from_elements(z.as_elements(), n, classes)
             .map_err(|e| blame(e, &inputs, done))?;
-        let (out, gradient) = engine
-            .score(&spec, logits, targets, upstream)
-            .map_err(|e| blame(e, &inputs, done))?;
+        let (out, gradient) = match total.metrics.as_mut() {
+            Some(summary) => {
+                let (out, more) = engine
+                    .score_metrics(&spec, logits, &labels, args.top_k)
+                    .map_err(|e| blame(e, &inputs, done))?;
+                summary.add(&more);
+                (out, None)
+            }
+            None => engine
+                .score(&spec, logits, targets, upstream)
+                .map_err(|e| blame(e, &inputs, done))?,
+        };
         if let Some(writer) = per_row.as_mut() {
             writer.write(&out.per_row)?;
         }
@@ -601,6 +692,7 @@ fn report(
         Reduction::Mean => "mean",
     };
     let mut out = Out::lock();
+    let metric = |f: fn(&MetricsSummary) -> f64| json_opt(total.metrics.as_ref().map(f));
     if args.json {
         let value = serde_json::json!({
             "loss": json_opt(total.loss()),
@@ -615,6 +707,11 @@ fn report(
             "entropy": json_opt(total.entropy()),
             "kl_divergence": json_opt(total.kl_divergence()),
             "decomposition_note": total.not_distribution,
+            "accuracy": metric(MetricsSummary::accuracy),
+            "top_k": total.metrics.map(|m| m.top_k),
+            "top_k_accuracy": metric(MetricsSummary::top_k_accuracy),
+            "nll": metric(MetricsSummary::mean_nll),
+            "perplexity": metric(MetricsSummary::perplexity),
             "device": device,
             "seconds": json_f64(seconds),
         });
@@ -655,6 +752,18 @@ fn report(
         outln!(
             out,
             "  H(p) and KL not shown: {why} (the targets are not probability distributions)"
+        )?;
+    }
+    if let Some(m) = &total.metrics {
+        outln!(
+            out,
+            "metrics over {} rows: accuracy {:.6}, top-{} accuracy {:.6}, NLL {:.9}, perplexity {:.6}",
+            m.counted_rows,
+            m.accuracy(),
+            m.top_k,
+            m.top_k_accuracy(),
+            m.mean_nll(),
+            m.perplexity()
         )?;
     }
     outln!(
