@@ -215,6 +215,9 @@ impl GpuContext {
         let dtype = first.dtype();
         let shape = LossShape::new(rows, classes, layout).with_dtype(dtype);
         let mut loss = self.prepare_with(spec, shape, strategy)?;
+        if task == Task::Metrics {
+            loss = loss.with_metrics()?;
+        }
         if loss.rows_per_chunk() < rows {
             return Err(XentError::NotPrepared(format!(
                 "{rows} rows do not fit one binding ({} rows do)",
@@ -260,7 +263,7 @@ impl GpuContext {
                 TargetLayout::Probabilities(d) => DeviceTargets::probabilities_of(&buffers.1, 0, d),
             };
             bound.push(match (task, &buffers.2) {
-                (Task::Loss, _) => loss.bind(view, targets)?,
+                (Task::Loss | Task::Metrics, _) => loss.bind(view, targets)?,
                 (Task::GradientInPlace, _) => {
                     loss.bind_gradient(view, targets, GradientOutput::InPlace)?
                 }
@@ -274,7 +277,7 @@ impl GpuContext {
         Ok(ResidentSets {
             loss,
             bound,
-            gradient: task != Task::Loss,
+            gradient: matches!(task, Task::Gradient | Task::GradientInPlace),
         })
     }
     /// Measures the read bandwidth with `read_bandwidth.wgsl` over a buffer of about `bytes`
@@ -369,6 +372,8 @@ pub enum Task {
     Gradient,
     /// The loss and its gradient over the logits.
     GradientInPlace,
+    /// The loss and the token metrics in the same read of the logits (class indices).
+    Metrics,
 }
 
 impl Task {
@@ -378,14 +383,15 @@ impl Task {
             Task::Loss => "loss",
             Task::Gradient => "grad",
             Task::GradientInPlace => "grad-inplace",
+            Task::Metrics => "metrics",
         }
     }
 
     /// Times the logits are read or written: 1 for the loss, 3 with the gradient.
     pub fn logit_passes(self) -> u64 {
         match self {
-            Task::Loss => 1,
-            _ => 3,
+            Task::Loss | Task::Metrics => 1,
+            Task::Gradient | Task::GradientInPlace => 3,
         }
     }
 }

@@ -55,6 +55,8 @@ pub enum TaskChoice {
     Grad,
     /// Loss and gradient over the logits.
     GradInplace,
+    /// Loss and token metrics in one read (class indices only: no soft-target row).
+    Metrics,
 }
 
 impl TaskChoice {
@@ -63,6 +65,7 @@ impl TaskChoice {
             Self::Loss => Task::Loss,
             Self::Grad => Task::Gradient,
             Self::GradInplace => Task::GradientInPlace,
+            Self::Metrics => Task::Metrics,
         }
     }
 }
@@ -433,6 +436,9 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                 match path {
                     PathChoice::Kernel => {
                         for &task in &args.task {
+                            if soft && task == TaskChoice::Metrics {
+                                continue;
+                            }
                             for &kernel in &args.kernel {
                                 let strategy = kernel.strategy(&gpu, rows, classes);
                                 let timing = gpu.time_task(

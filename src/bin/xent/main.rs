@@ -195,8 +195,9 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "kernel")]
     path: Vec<bench::PathChoice>,
     /// Tasks to time on the kernel path, comma-separated: loss (one read of the logits), grad
-    /// (loss and gradient of the mean into a separate buffer: two reads and one write), or
-    /// grad-inplace (the gradient over the logits).
+    /// (loss and gradient of the mean into a separate buffer: two reads and one write),
+    /// grad-inplace (the gradient over the logits), or metrics (loss and token metrics in
+    /// one read; class indices only).
     #[arg(long, value_delimiter = ',', default_value = "loss")]
     task: Vec<bench::TaskChoice>,
     /// Logits' dtypes, comma-separated: f32, bf16, f16 (soft targets in the same dtype; bytes
