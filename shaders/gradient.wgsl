@@ -76,6 +76,9 @@ fn load_logit(g: RowGradient, k: u32) -> f32 {
 // The gradient of class k of the row from its raw logit z.
 fn gradient_of(g: RowGradient, z: f32, k: u32) -> f32 {
     let zc = cap1(z);
+    if TARGET_KIND == TARGET_TEACHER {
+        return teacher_gradient(g, zc, k);
+    }
     let q = exp((zc - g.st.x) - g.st.y);
     var a = 0.0;
     if FOLD_TARGETS {
@@ -94,6 +97,19 @@ fn gradient_of(g: RowGradient, z: f32, k: u32) -> f32 {
     }
     // Exactly 0 for an ignored row.
     return select(0.0, d, g.st.w > 0.0);
+}
+
+// Against a teacher, with g.st = (m, ln s, the teacher's lse, the loss) and s = z/T: the
+// gradient with respect to s, q − p for the cross-entropy, q·((ln q − ln p) − KL(q‖p)) for
+// the reverse KL (exactly 0 where q = 0); params.grad_ce carries 1/T and the loss scale.
+fn teacher_gradient(g: RowGradient, s: f32, k: u32) -> f32 {
+    let log_q = (s - g.st.x) - g.st.y;
+    let q = exp(log_q);
+    let log_p = cap1(probability(g.first + k)) - g.st.z;
+    if DIVERGENCE == 1u {
+        return g.s_ce * select(q * ((log_q - log_p) - g.st.w), 0.0, q == 0.0);
+    }
+    return g.s_ce * (q - exp(log_p));
 }
 
 // f32 → bf16 bits, to nearest, ties to even (NaN stays a quiet NaN).

@@ -25,9 +25,17 @@ fn shuffle_stats(st: RowStats, mask: u32) -> RowStats {
         st.best,
         st.best_k,
         st.above,
+        st.mt,
+        st.zc,
     );
-    if METRICS {
+    if STUDENT_E {
         out.e = subgroupShuffleXor(st.e, mask);
+    }
+    if TARGET_KIND == TARGET_TEACHER {
+        out.mt = subgroupShuffleXor(st.mt, mask);
+        out.zc = subgroupShuffleXor(st.zc, mask);
+    }
+    if METRICS {
         out.best = subgroupShuffleXor(st.best, mask);
         out.best_k = subgroupShuffleXor(st.best_k, mask);
         out.above = subgroupShuffleXor(st.above, mask);

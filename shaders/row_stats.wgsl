@@ -17,6 +17,13 @@
 //                                    ties, NaN above everything (torch.argmax)
 //   above                            #{k : z_k ranks strictly above the target's logit}
 // Without METRICS they stay at their empty values and fold away.
+//
+// Against a teacher (TARGET_TEACHER, distillation) the logits z are the student's divided by
+// the temperature, and the target weights are the teacher's unnormalised probabilities
+// w_k = exp(t_k − mt), t the teacher's logits over T, mt their running max. Then
+//   b = Σ w_k (the teacher's s)     a = Σ w_k·(z_k − m)     h = Σ w_k·(t_k − mt)
+//   e = Σ exp(z_k − m)·(z_k − m)    zc = Σ exp(z_k − m)·(t_k − mt)
+// and per row H(p) = ln b − h/b, CE(p, q) = ln s − a/b, KL(q‖p) = e/s − ln s − zc/s + ln b.
 
 struct RowStats {
     m: f32,
@@ -28,6 +35,8 @@ struct RowStats {
     best: f32,
     best_k: u32,
     above: u32,
+    mt: f32,
+    zc: f32,
 }
 
 // The max of an empty part. A finite stand-in for −inf, so that the empty part is the
@@ -36,7 +45,7 @@ struct RowStats {
 const EMPTY_MAX: f32 = -3.40282347e38;
 
 fn row_stats_empty() -> RowStats {
-    return RowStats(EMPTY_MAX, 0.0, 0.0, 0.0, 0.0, 0.0, EMPTY_MAX, NO_CLASS, 0u);
+    return RowStats(EMPTY_MAX, 0.0, 0.0, 0.0, 0.0, 0.0, EMPTY_MAX, NO_CLASS, 0u, EMPTY_MAX, 0.0);
 }
 
 // The best_k of a part with no logit above EMPTY_MAX (a row of only −inf: argmax 0).
@@ -75,13 +84,51 @@ fn rebase_a(a: f32, b: f32, m_old: f32, m_new: f32) -> f32 {
     return select(a + b * (m_old - m_new), a, b == 0.0 || m_old == m_new);
 }
 
-fn row_stats_merge(x: RowStats, y: RowStats) -> RowStats {
+// A part's stats against the teacher moved to a larger teacher max `mt`: its weights w_k
+// shrink by f = exp(mt_old − mt), and every t_k − mt_old becomes (t_k − mt_old) + d.
+fn raise_teacher(x: RowStats, mt: f32) -> RowStats {
+    var out = x;
+    if mt > x.mt {
+        let d = x.mt - mt;
+        let f = exp(d);
+        out.h = rebase_e(x.h, x.b, x.mt, mt);
+        out.a = x.a * f;
+        out.b = x.b * f;
+        out.zc = select(x.zc + x.s * d, x.zc, x.s == 0.0);
+        out.mt = mt;
+    }
+    return out;
+}
+
+// A part's zc moved to a larger student max: its exp(z_k − m) shrink by exp(m_old − m_new).
+fn rebase_zc(zc: f32, m_old: f32, m_new: f32) -> f32 {
+    if m_old == m_new {
+        return zc;
+    }
+    let f = exp(m_old - m_new);
+    return select(zc * f, 0.0, f == 0.0);
+}
+
+fn row_stats_merge(x0: RowStats, y0: RowStats) -> RowStats {
+    var x = x0;
+    var y = y0;
+    if TARGET_KIND == TARGET_TEACHER {
+        let mt = max(x.mt, y.mt);
+        x = raise_teacher(x, mt);
+        y = raise_teacher(y, mt);
+    }
     let m = max(x.m, y.m);
     let s = x.s * exp(x.m - m) + y.s * exp(y.m - m);
     let a = rebase_a(x.a, x.b, x.m, m) + rebase_a(y.a, y.b, y.m, m);
-    var out = RowStats(m, s, a, x.b + y.b, x.h + y.h, 0.0, EMPTY_MAX, NO_CLASS, 0u);
-    if METRICS {
+    var out = RowStats(m, s, a, x.b + y.b, x.h + y.h, 0.0, EMPTY_MAX, NO_CLASS, 0u, EMPTY_MAX, 0.0);
+    if STUDENT_E {
         out.e = rebase_e(x.e, x.s, x.m, m) + rebase_e(y.e, y.s, y.m, m);
+    }
+    if TARGET_KIND == TARGET_TEACHER {
+        out.mt = x.mt;
+        out.zc = rebase_zc(x.zc, x.m, m) + rebase_zc(y.zc, y.m, m);
+    }
+    if METRICS {
         let y_wins = beats(y.best, y.best_k, x.best, x.best_k);
         out.best = select(x.best, y.best, y_wins);
         out.best_k = select(x.best_k, y.best_k, y_wins);
@@ -93,8 +140,11 @@ fn row_stats_merge(x: RowStats, y: RowStats) -> RowStats {
 // Moves a thread's running stats to a larger max before new elements are added.
 fn raise_max(st: ptr<function, RowStats>, m_new: f32) {
     if m_new > (*st).m {
-        if METRICS {
+        if STUDENT_E {
             (*st).e = rebase_e((*st).e, (*st).s, (*st).m, m_new);
+        }
+        if TARGET_KIND == TARGET_TEACHER {
+            (*st).zc = rebase_zc((*st).zc, (*st).m, m_new);
         }
         (*st).s *= exp((*st).m - m_new);
         (*st).a = rebase_a((*st).a, (*st).b, (*st).m, m_new);
@@ -103,14 +153,14 @@ fn raise_max(st: ptr<function, RowStats>, m_new: f32) {
 }
 
 // Folds four logits z with target weights t into the running stats: the thread-level case
-// of the merge, written out so that the common path costs one exp per logit.
-// `with_targets` is a pipeline constant at every call site, so the branch folds away.
-// 0·(−inf) stays NaN here, as in PyTorch's −Σ p·log_softmax.
-fn fold4(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>, with_targets: bool) {
+// of the merge, written out so that the common path costs one exp per logit; returns the
+// exp(z − m) it added. `with_targets` is a pipeline constant at every call site, so the
+// branch folds away. 0·(−inf) stays NaN here, as in PyTorch's −Σ p·log_softmax.
+fn fold4(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>, with_targets: bool) -> vec4<f32> {
     raise_max(st, max(max(z.x, z.y), max(z.z, z.w)));
     let e = exp(z - (*st).m);
     (*st).s += (e.x + e.y) + (e.z + e.w);
-    if METRICS {
+    if STUDENT_E {
         // A −inf logit has e = 0 and adds nothing (not 0·(−inf)).
         let t = select(e * (z - (*st).m), vec4(0.0), e == vec4(0.0));
         (*st).e += (t.x + t.y) + (t.z + t.w);
@@ -119,19 +169,21 @@ fn fold4(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>, with_targets: 
         (*st).a += dot(t, z - (*st).m);
         (*st).b += (t.x + t.y) + (t.z + t.w);
     }
+    return e;
 }
 
-fn fold1(st: ptr<function, RowStats>, z: f32, t: f32, with_targets: bool) {
+fn fold1(st: ptr<function, RowStats>, z: f32, t: f32, with_targets: bool) -> f32 {
     raise_max(st, z);
     let e = exp(z - (*st).m);
     (*st).s += e;
-    if METRICS {
+    if STUDENT_E {
         (*st).e += select(e * (z - (*st).m), 0.0, e == 0.0);
     }
     if with_targets {
         (*st).a += t * (z - (*st).m);
         (*st).b += t;
     }
+    return e;
 }
 
 // Folds logit z of class k into the argmax and the count above `z_target` (METRICS).
@@ -141,4 +193,20 @@ fn fold_metric(st: ptr<function, RowStats>, z: f32, k: u32, z_target: f32) {
         (*st).best_k = k;
     }
     (*st).above += u32(ranks_above(z, z_target));
+}
+
+// Folds the teacher's four logits t (over T) beside the student's z (over T), whose
+// exp(z − m) fold4 just added (TARGET_TEACHER); the caller raised the teacher's max to
+// cover t before fold4, while every folded element had its teacher terms. Terms with w = 0
+// or exp(z − m) = 0 add nothing (a −inf mask is not 0·(−inf)).
+fn fold_teacher4(st: ptr<function, RowStats>, z: vec4<f32>, e: vec4<f32>, t: vec4<f32>) {
+    let w = exp(t - (*st).mt);
+    let none = w == vec4(0.0);
+    let a = select(w * (z - (*st).m), vec4(0.0), none);
+    let h = select(w * (t - (*st).mt), vec4(0.0), none);
+    let c = select(e * (t - (*st).mt), vec4(0.0), e == vec4(0.0));
+    (*st).b += (w.x + w.y) + (w.z + w.w);
+    (*st).a += (a.x + a.y) + (a.z + a.w);
+    (*st).h += (h.x + h.y) + (h.z + h.w);
+    (*st).zc += (c.x + c.y) + (c.z + c.w);
 }

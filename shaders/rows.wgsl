@@ -32,7 +32,11 @@ override PER_VEC: u32 = select(4u, 8u, DTYPE != DTYPE_F32);
 const TARGET_NONE: u32 = 0u;
 const TARGET_CLASS_INDEX: u32 = 1u;
 const TARGET_PROBABILITIES: u32 = 2u;
+// A teacher's logits, laid out like probabilities (distillation: RowStats, row_stats.wgsl).
+const TARGET_TEACHER: u32 = 3u;
 override TARGET_KIND: u32 = TARGET_NONE;
+// Against a teacher: 0 the cross-entropy CE(p, q) = H(p) + KL(p‖q), 1 the reverse KL(q‖p).
+override DIVERGENCE: u32 = 0u;
 // Class indices are i64 (two words, low first) rather than i32.
 override INDEX_I64: bool = false;
 // A class index equal to (params.ignore_lo, params.ignore_hi) skips its row.
@@ -54,6 +58,8 @@ override GRAD_STATS: bool = false;
 // Token metrics of class-index targets in the same pass (RowStats' e, best, above): per row
 // at params.metrics_at (argmax, rank, entropy of the prediction, target log-probability).
 override METRICS: bool = false;
+// Accumulate the prediction's e = Σ exp(z − m)·(z − m) (its entropy).
+override STUDENT_E: bool = METRICS || TARGET_KIND == TARGET_TEACHER;
 // Whether each logit carries a target weight a_k inside the loop (the class-index term
 // itself is added once per row, in finish_row).
 override FOLD_TARGETS: bool = TARGET_KIND == TARGET_PROBABILITIES || (TARGET_KIND == TARGET_CLASS_INDEX && HAS_SMOOTHING);
@@ -101,6 +107,8 @@ struct Params {
     grad_z: f32,
     // Where the per-row token metrics start in `results` (METRICS).
     metrics_at: u32,
+    // 1 / T, the temperature of both logits against a teacher.
+    inv_temperature: f32,
 }
 
 // Written by the kernels, read by the host: errors found on the device and the call's totals
@@ -153,11 +161,15 @@ struct Status {
 // params.outputs_offset; for a gradient in place, a view of the logits themselves.
 @group(1) @binding(4) var<storage, read_write> outputs: array<u32>;
 
-// Soft-capping of four logits (identity without SOFTCAP). tanh saturates to ±1 in f32 by
-// |x| = 9; clamping first keeps ±inf from reaching tanh.
+// Four logits as the loss sees them: soft-capped (SOFTCAP; tanh saturates to ±1 in f32 by
+// |x| = 9, and clamping first keeps ±inf from reaching tanh), divided by the temperature
+// against a teacher, else as they are.
 fn cap4(z: vec4<f32>) -> vec4<f32> {
     if SOFTCAP {
         return params.cap * tanh(clamp(z / params.cap, vec4(-15.0), vec4(15.0)));
+    }
+    if TARGET_KIND == TARGET_TEACHER {
+        return z * params.inv_temperature;
     }
     return z;
 }
@@ -297,9 +309,13 @@ fn entropy_terms(t: vec4<f32>) -> vec4<f32> {
 }
 
 // Effective target weights of the four logits from element e of a row starting at `first`.
+// Against a teacher: its four raw logits.
 fn targets4(e: u32, first: u32) -> vec4<f32> {
     if FOLD_TARGETS {
         return target_weights4(e, e - first);
+    }
+    if TARGET_KIND == TARGET_TEACHER {
+        return probabilities4(e);
     }
     return vec4(0.0);
 }
@@ -319,7 +335,14 @@ var<private> metric_target: f32;
 // Folds four logits of classes k.. k + 3 with their target weights t.
 fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>, k: u32) -> bool {
     let capped = cap4(z);
-    fold4(st, capped, t, FOLD_TARGETS);
+    if TARGET_KIND == TARGET_TEACHER {
+        let teacher = cap4(t);
+        *st = raise_teacher(*st, max(max(teacher.x, teacher.y), max(teacher.z, teacher.w)));
+        let e = fold4(st, capped, t, false);
+        fold_teacher4(st, capped, e, teacher);
+        return wild4(z) || wild4(t);
+    }
+    _ = fold4(st, capped, t, FOLD_TARGETS);
     if METRICS {
         for (var j = 0u; j < 4u; j++) {
             fold_metric(st, capped[j], k + j, metric_target);
@@ -350,7 +373,15 @@ fn fold_scalar(st: ptr<function, RowStats>, i: u32, k: u32) -> bool {
     }
     let z = raw_logit(i);
     let capped = cap1(z);
-    fold1(st, capped, t, FOLD_TARGETS);
+    if TARGET_KIND == TARGET_TEACHER {
+        let raw = probability(i);
+        let teacher = cap1(raw);
+        *st = raise_teacher(*st, teacher);
+        let e = fold1(st, capped, 0.0, false);
+        fold_teacher4(st, vec4(capped, 0.0, 0.0, 0.0), vec4(e, 0.0, 0.0, 0.0), vec4(teacher, EMPTY_MAX, EMPTY_MAX, EMPTY_MAX));
+        return wild4(vec4(z, raw, 0.0, 0.0));
+    }
+    _ = fold1(st, capped, t, FOLD_TARGETS);
     if METRICS {
         fold_metric(st, capped, k, metric_target);
     }
@@ -458,6 +489,8 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
         }
     } else if TARGET_KIND == TARGET_PROBABILITIES {
         sums = vec4(b * log_s - a, st.h, 1.0, 0.0);
+    } else if TARGET_KIND == TARGET_TEACHER {
+        return finish_teacher_row(r, st, lse, log_s);
     }
     var z_loss = 0.0;
     if ZLOSS {
@@ -476,6 +509,27 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
         write_metrics(r, st, lse, y_class);
     }
     return RowSums(sums, z_loss);
+}
+
+// Completes chunk row r against a teacher: per row (loss, lse, H(p), KL(p‖q)) for the
+// cross-entropy, (KL(q‖p), lse, 0, KL(q‖p)) for the reverse KL; for a gradient
+// (m, ln s, the teacher's lse, the loss). Sums (loss, H(p), 1, 0).
+fn finish_teacher_row(r: u32, st: RowStats, lse: f32, log_s: f32) -> RowSums {
+    let row = params.first_row + r;
+    let log_t = log(st.b);
+    var entropy = log_t - st.h / st.b;
+    var loss = log_s - st.a / st.b;
+    var kl = loss - entropy;
+    if DIVERGENCE == 1u {
+        loss = (st.e - st.zc) / st.s - log_s + log_t;
+        kl = loss;
+        entropy = 0.0;
+    }
+    results[row] = vec4(loss, lse, entropy, kl);
+    if GRAD_STATS {
+        results[params.rows2_at + row] = vec4(st.m, log_s, st.mt + log_t, loss);
+    }
+    return RowSums(vec4(loss, entropy, 1.0, 0.0), 0.0);
 }
 
 // Writes chunk row r's token metrics (and its target class in the per-row results), given its
@@ -510,13 +564,14 @@ fn write_group_sum(v: RowSums, group: u32, lid: u32) {
     }
 }
 
-// A split row's part i takes three vec4s: (m, s, a, b), (h, e, best, 0), (best_k, above).
+// A split row's part i takes three vec4s: (m, s, a, b), (h, e, best, 0), (best_k, above, mt,
+// zc).
 fn store_split_stats(i: u32, st: RowStats) {
     let at = params.split_at + 3u * i;
     results[at] = vec4(st.m, st.s, st.a, st.b);
     results[at + 1u] = vec4(st.h, st.e, st.best, 0.0);
-    if METRICS {
-        results[at + 2u] = vec4(bitcast<f32>(st.best_k), bitcast<f32>(st.above), 0.0, 0.0);
+    if METRICS || TARGET_KIND == TARGET_TEACHER {
+        results[at + 2u] = vec4(bitcast<f32>(st.best_k), bitcast<f32>(st.above), st.mt, st.zc);
     }
 }
 
@@ -524,11 +579,13 @@ fn load_split_stats(i: u32) -> RowStats {
     let at = params.split_at + 3u * i;
     let x = results[at];
     let y = results[at + 1u];
-    var st = RowStats(x.x, x.y, x.z, x.w, y.x, y.y, y.z, NO_CLASS, 0u);
-    if METRICS {
-        let w = bitcast<vec4<u32>>(results[at + 2u]);
-        st.best_k = w.x;
-        st.above = w.y;
+    var st = RowStats(x.x, x.y, x.z, x.w, y.x, y.y, y.z, NO_CLASS, 0u, EMPTY_MAX, 0.0);
+    if METRICS || TARGET_KIND == TARGET_TEACHER {
+        let w = results[at + 2u];
+        st.best_k = bitcast<u32>(w.x);
+        st.above = bitcast<u32>(w.y);
+        st.mt = w.z;
+        st.zc = w.w;
     }
     return st;
 }

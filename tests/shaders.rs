@@ -138,6 +138,21 @@ fn variants() -> Vec<Variant> {
             in_place: true,
             ..base
         },
+        LossVariant {
+            target: TargetKind::Teacher,
+            grad_stats: true,
+            reverse: true,
+            in_place: true,
+            ..base
+        },
+        LossVariant {
+            dtype: Dtype::Bf16,
+            target: TargetKind::Teacher,
+            targets_aligned: false,
+            grad_stats: true,
+            paired: false,
+            ..base
+        },
     ];
     let mut all = Vec::new();
     for kernel in Kernel::ALL {

@@ -15,7 +15,7 @@ use crate::scoring::TokenRow;
 use crate::spec::CrossEntropy;
 
 use super::context::{Gpu, Serialised};
-use super::prepared::{BoundInputs, ChunkSource, Output, Passes, PreparedLoss, Setup};
+use super::prepared::{BoundInputs, ChunkSource, Output, Passes, PreparedLoss, RawRow, Setup};
 use super::views::{IndexType, LossShape, TargetLayout};
 
 /// Logits uploaded per chunk, about: large enough to amortise a submission, small enough
@@ -68,6 +68,17 @@ impl<'a> HostTargets<'a> {
     }
 }
 
+/// What a host call returns: the loss, and what its setup asked for.
+pub(crate) struct HostRun {
+    pub out: LossOutput,
+    /// The gradient, row-major, in the logits' dtype (empty unless asked for).
+    pub grad: ElementVec,
+    /// Token metrics per row (with `Setup::metrics`).
+    pub tokens: Vec<TokenRow>,
+    /// The device's per-row results (against a teacher).
+    pub raw: Vec<RawRow>,
+}
+
 /// Receives an elementwise output chunk by chunk: the chunk's rows within the call, and the
 /// bytes of its values.
 type Sink<'a> = dyn FnMut(Range<usize>, &[u8]) + 'a;
@@ -113,6 +124,7 @@ impl HostLoss {
             output,
             chunk_cap: Some(per_chunk.max(unit)),
             metrics: false,
+            teacher: None,
         }
     }
 
@@ -383,7 +395,8 @@ impl super::GpuContext {
     /// Scores host slices through a pooled prepared loss, call by call; with `gradient`
     /// (upstream, and the mean's (Σ w_y, counted rows) from the host), the gradient goes to
     /// the returned values, row-major, in the logits' dtype; with `setup.metrics`, the token
-    /// metrics (top-k hits counting ranks below `top_k`) to the returned rows.
+    /// metrics (top-k hits counting ranks below `top_k`) to the returned rows; against a
+    /// teacher, the raw per-row results too.
     pub(crate) fn run_host(
         &self,
         spec: &CrossEntropy,
@@ -392,10 +405,11 @@ impl super::GpuContext {
         setup: Setup,
         gradient: Option<(Upstream<'_>, (f64, f64))>,
         top_k: usize,
-    ) -> Result<(LossOutput, ElementVec, Vec<TokenRow>)> {
+    ) -> Result<HostRun> {
         let (rows, classes) = (logits.rows(), logits.classes());
         let mut grad = ElementVec::zeros(logits.dtype(), 0);
         let mut tokens = Vec::new();
+        let mut raw = Vec::new();
         let out = self.with_host_loss(spec, &logits, setup, |host| {
             let per_call = host.loss.shape().max_rows();
             let mut out: Option<LossOutput> = None;
@@ -429,6 +443,10 @@ impl super::GpuContext {
                     let (part, metrics) = host.loss.read_with_metrics(top_k)?;
                     tokens.extend(metrics.rows);
                     part
+                } else if setup.teacher.is_some() {
+                    let (part, rows, _) = host.loss.read_parts()?;
+                    raw.extend(rows);
+                    part
                 } else {
                     host.loss.read()?
                 };
@@ -439,7 +457,12 @@ impl super::GpuContext {
             }
             Ok(out.expect("at least one row"))
         })?;
-        Ok((out, grad, tokens))
+        Ok(HostRun {
+            out,
+            grad,
+            tokens,
+            raw,
+        })
     }
 
     /// Log-probabilities of host logits, chunk by chunk.

@@ -10,6 +10,7 @@ pub mod pipelines;
 #[doc(hidden)]
 pub mod planner;
 mod prepared;
+mod scoring;
 mod timing;
 mod views;
 
@@ -29,7 +30,6 @@ use crate::error::Result;
 use crate::grad::Upstream;
 use crate::logits::Logits;
 use crate::output::LossOutput;
-use crate::scoring::{self, SequenceScore, TokenMetrics};
 use crate::spec::CrossEntropy;
 use crate::targets::Targets;
 
@@ -128,6 +128,7 @@ impl GpuContext {
             output: Output::Loss,
             chunk_cap: None,
             metrics: false,
+            teacher: None,
         };
         PreparedLoss::new(self.gpu.clone(), spec, shape, setup)
     }
@@ -166,82 +167,7 @@ impl GpuContext {
         }
         let targets = HostTargets::from(targets);
         let setup = HostLoss::setup(strategy, &logits, targets.layout(), Output::Loss);
-        Ok(self.run_host(spec, logits, targets, setup, None, 0)?.0)
-    }
-
-    /// Cross-entropy of class-index `targets` and, from the same read of the logits, the
-    /// token metrics of every row ([`scoring::token_metrics`] is the f64 reference): the
-    /// argmax, the target's log-probability, rank and top-`top_k` hit, the prediction's
-    /// entropy; accuracy, top-k accuracy, mean NLL and perplexity over the rows whose target
-    /// is not the spec's ignore index. The metrics are of the logits as given (soft-capped
-    /// when the spec caps them); weights and smoothing change the loss, not the metrics.
-    pub fn cross_entropy_metrics(
-        &self,
-        spec: &CrossEntropy,
-        logits: Logits<'_>,
-        targets: &[i64],
-        top_k: usize,
-    ) -> Result<(LossOutput, TokenMetrics)> {
-        let strategy = self.plan(logits.rows(), logits.classes());
-        self.cross_entropy_metrics_with(spec, logits, targets, top_k, strategy)
-    }
-
-    /// [`GpuContext::cross_entropy_metrics`] with a strategy of the caller's choosing.
-    pub fn cross_entropy_metrics_with(
-        &self,
-        spec: &CrossEntropy,
-        logits: Logits<'_>,
-        targets: &[i64],
-        top_k: usize,
-        strategy: Strategy,
-    ) -> Result<(LossOutput, TokenMetrics)> {
-        let host_targets = Targets::ClassIndices(targets);
-        spec.validate(&logits, &host_targets)?;
-        strategy.check(&self.gpu.facts)?;
-        if logits.rows() == 0 {
-            let out = self.cross_entropy_with(spec, logits, host_targets, strategy)?;
-            return Ok((out, TokenMetrics::from_rows(Vec::new(), top_k)));
-        }
-        let targets = HostTargets::from(host_targets);
-        let setup = Setup {
-            metrics: true,
-            ..HostLoss::setup(strategy, &logits, targets.layout(), Output::Loss)
-        };
-        let (out, _, rows) = self.run_host(spec, logits, targets, setup, None, top_k)?;
-        Ok((out, TokenMetrics::from_rows(rows, top_k)))
-    }
-
-    /// Token metrics on the GPU, as [`scoring::token_metrics`] computes them in f64.
-    pub fn token_metrics(
-        &self,
-        logits: Logits<'_>,
-        targets: &[i64],
-        ignore_index: Option<i64>,
-        top_k: usize,
-    ) -> Result<TokenMetrics> {
-        let spec = match ignore_index {
-            Some(i) => CrossEntropy::new().with_ignore_index(i),
-            None => CrossEntropy::new(),
-        };
-        Ok(self.cross_entropy_metrics(&spec, logits, targets, top_k)?.1)
-    }
-
-    /// Sequence log-likelihoods on the GPU, as [`scoring::sequence_scores`] computes them in
-    /// f64: sequence `s` is rows `offsets[s]..offsets[s + 1]` (tokens of one continuation are
-    /// consecutive rows), and gets the sum of its tokens' target log-probabilities, whether
-    /// every token is its row's argmax (`is_greedy`) and its token count. The rows are scored
-    /// in one pass, chunk by chunk; a sequence may span chunks (its sum runs in row order on
-    /// the host, in f64). [`scoring::multiple_choice`] turns the scores into `acc` and
-    /// `acc_norm`.
-    pub fn sequence_scores(
-        &self,
-        logits: Logits<'_>,
-        targets: &[i64],
-        offsets: &[usize],
-    ) -> Result<Vec<SequenceScore>> {
-        scoring::check_offsets(offsets, logits.rows())?;
-        let metrics = self.token_metrics(logits, targets, None, 1)?;
-        Ok(scoring::sequences_of(&metrics.rows, offsets))
+        Ok(self.run_host(spec, logits, targets, setup, None, 0)?.out)
     }
 
     /// The loss and its gradient with respect to the logits (row-major like the logits, in
@@ -284,9 +210,8 @@ impl GpuContext {
             }
         };
         let setup = HostLoss::setup(strategy, &logits, targets.layout(), Output::Gradient);
-        let (out, grad, _) =
-            self.run_host(spec, logits, targets, setup, Some((upstream, mean)), 0)?;
-        Ok((out, grad))
+        let run = self.run_host(spec, logits, targets, setup, Some((upstream, mean)), 0)?;
+        Ok((run.out, run.grad))
     }
 
     /// Per-row log-sum-exp.
@@ -304,7 +229,7 @@ impl GpuContext {
             None,
             0,
         )?;
-        Ok(out.0.log_sum_exp)
+        Ok(out.out.log_sum_exp)
     }
 
     /// Log-softmax `z_k − lse(z)`, row-major like the logits.

@@ -110,6 +110,8 @@ pub enum TargetKind {
     ClassIndex = 1,
     /// Probabilities shaped like the logits.
     Probabilities = 2,
+    /// A teacher's logits shaped like the logits (distillation).
+    Teacher = 3,
 }
 
 /// The logits' dtype as `DTYPE` in `rows.wgsl` numbers it.
@@ -150,6 +152,8 @@ pub struct LossVariant {
     pub grad_stats: bool,
     /// Token metrics in the statistics pass.
     pub metrics: bool,
+    /// Against a teacher: the reverse KL(q‖p) rather than the cross-entropy.
+    pub reverse: bool,
     /// The gradient kernel's: how the upstream gradient comes (0 per row, 1 sum, 2 mean).
     pub reduction: u8,
     /// The gradient kernel's: the mean's scales from the device totals.
@@ -176,6 +180,7 @@ impl LossVariant {
         z_loss: false,
         grad_stats: false,
         metrics: false,
+        reverse: false,
         reduction: 2,
         scales_from_totals: false,
         in_place: false,
@@ -236,6 +241,7 @@ impl PipelineKey {
             ("ZLOSS", flag(v.z_loss)),
             ("GRAD_STATS", flag(v.grad_stats)),
             ("METRICS", flag(v.metrics)),
+            ("DIVERGENCE", flag(v.reverse)),
         ];
         if self.kernel == Kernel::Gradient {
             constants.extend([

@@ -50,7 +50,8 @@ pub(crate) struct Params {
     grad_ce: f32,
     grad_z: f32,
     metrics_at: u32,
-    _pad: [u32; 2],
+    inv_temperature: f32,
+    _pad: [u32; 1],
 }
 
 /// Bytes of `Status` in `rows.wgsl`.
@@ -83,6 +84,20 @@ pub(crate) struct Setup {
     pub chunk_cap: Option<usize>,
     /// Token metrics in the statistics pass (class indices only).
     pub metrics: bool,
+    /// Distillation: the targets are a teacher's logits.
+    pub teacher: Option<Teacher>,
+}
+
+/// A distillation loss's setup: the targets bindings hold the teacher's logits, laid out like
+/// probabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Teacher {
+    /// 1/T, as f32 bits.
+    pub inv_temperature: u32,
+    /// The reverse KL(q‖p) rather than the cross-entropy.
+    pub reverse: bool,
+    /// The gradient's factor, the loss scale over T, as f64 bits.
+    pub grad_factor: u64,
 }
 
 /// Where the gradient goes on the device path.
@@ -235,6 +250,11 @@ pub struct PreparedLoss {
     rows2_at: u32,
     /// Where the per-row token metrics start in `results`.
     metrics_at: u32,
+    /// 1/T against a teacher (else 1).
+    inv_temperature: f32,
+    /// The gradient's factor beyond the reduction's scale (the loss scale over T against a
+    /// teacher, else 1).
+    grad_factor: f64,
     /// Where the per-row upstream gradient starts in the weights buffer.
     upstream_at: u32,
     params_stride: u64,
@@ -316,11 +336,13 @@ impl PreparedLoss {
         )?;
         let has_targets = setup.targets.is_some();
         let variant = LossVariant {
-            target: match setup.targets {
-                None => TargetKind::None,
-                Some(TargetLayout::ClassIndices(_)) => TargetKind::ClassIndex,
-                Some(TargetLayout::Probabilities(_)) => TargetKind::Probabilities,
+            target: match (setup.targets, setup.teacher) {
+                (None, _) => TargetKind::None,
+                (Some(TargetLayout::ClassIndices(_)), _) => TargetKind::ClassIndex,
+                (Some(TargetLayout::Probabilities(_)), None) => TargetKind::Probabilities,
+                (Some(TargetLayout::Probabilities(_)), Some(_)) => TargetKind::Teacher,
             },
+            reverse: setup.teacher.is_some_and(|t| t.reverse),
             dtype,
             targets_half: targets_dtype.is_half(),
             index_i64: setup.targets == Some(TargetLayout::ClassIndices(IndexType::I64)),
@@ -328,7 +350,7 @@ impl PreparedLoss {
             targets_aligned: true,
             weights: spec.weights().is_some() && has_targets,
             smoothing: spec.label_smoothing() > 0.0 && has_targets,
-            entropy: probabilities && spec.weights().is_none(),
+            entropy: probabilities && spec.weights().is_none() && setup.teacher.is_none(),
             softcap: spec.softcap().is_some() && has_targets,
             z_loss: spec.z_loss() > 0.0 && has_targets,
             metrics: false,
@@ -428,6 +450,10 @@ impl PreparedLoss {
                 split_at: split_at as u32,
                 rows2_at: rows2_at as u32,
                 metrics_at: metrics_at as u32,
+                inv_temperature: setup
+                    .teacher
+                    .map_or(1.0, |t| f32::from_bits(t.inv_temperature)),
+                grad_factor: setup.teacher.map_or(1.0, |t| f64::from_bits(t.grad_factor)),
                 upstream_at: upstream_at as u32,
                 params_stride,
                 written: vec![None; chunks],
@@ -712,7 +738,7 @@ impl PreparedLoss {
             // Checked above.
             _ => (0.0, 0.0),
         };
-        self.grad_scales = Some((ce as f32, z as f32));
+        self.grad_scales = Some(((ce * self.grad_factor) as f32, z as f32));
         Ok(())
     }
 
@@ -999,7 +1025,8 @@ impl PreparedLoss {
                     grad_ce: 0.0,
                     grad_z: 0.0,
                     metrics_at: self.metrics_at,
-                    _pad: [0; 2],
+                    inv_temperature: self.inv_temperature,
+                    _pad: [0; 1],
                 },
                 inputs,
                 in_place,
@@ -1305,7 +1332,7 @@ impl PreparedLoss {
     }
 
     /// The output, the raw per-row results and (with metrics) the raw per-row metrics.
-    fn read_parts(&mut self) -> Result<(LossOutput, Vec<RawRow>, Vec<RawRow>)> {
+    pub(crate) fn read_parts(&mut self) -> Result<(LossOutput, Vec<RawRow>, Vec<RawRow>)> {
         let (totals, mut rows) = if self.rows_copied {
             let gpu = self.gpu.clone();
             let back = self.rows_back_buffer();
@@ -1362,7 +1389,7 @@ impl PreparedLoss {
 type ElementwiseKey = (Kernel, bool, bool, u8, bool, bool);
 
 /// One row's `vec4<f32>` of results or of token metrics, as the device wrote it.
-type RawRow = [f32; 4];
+pub(crate) type RawRow = [f32; 4];
 
 /// The two views of one input of a chunk.
 struct Views<'a> {

@@ -1,0 +1,223 @@
+//! Batched scoring on the GPU (issue 11): token metrics and sequence scores from the loss's
+//! own pass, and distillation against a teacher's logits. The f64 reference of each is in
+//! [`crate::scoring`]; the host-slice calls here are clients of the prepared loss, like the
+//! cross-entropy's.
+
+use crate::dtype::{ElementVec, Elements};
+use crate::error::{Result, XentError};
+use crate::grad::Upstream;
+use crate::logits::Logits;
+use crate::output::LossOutput;
+use crate::scoring::{
+    self, Distillation, DistillationOutput, DistillationTerms, Divergence, SequenceScore,
+    TokenMetrics,
+};
+use crate::spec::CrossEntropy;
+use crate::targets::Targets;
+
+use super::host::{HostLoss, HostTargets};
+use super::planner::Strategy;
+use super::prepared::{Output, Setup, Teacher};
+
+impl super::GpuContext {
+    /// Cross-entropy of class-index `targets` and, from the same read of the logits, the
+    /// token metrics of every row ([`scoring::token_metrics`] is the f64 reference): the
+    /// argmax, the target's log-probability, rank and top-`top_k` hit, the prediction's
+    /// entropy; accuracy, top-k accuracy, mean NLL and perplexity over the rows whose target
+    /// is not the spec's ignore index. The metrics are of the logits as given (soft-capped
+    /// when the spec caps them); weights and smoothing change the loss, not the metrics.
+    pub fn cross_entropy_metrics(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        targets: &[i64],
+        top_k: usize,
+    ) -> Result<(LossOutput, TokenMetrics)> {
+        let strategy = self.plan(logits.rows(), logits.classes());
+        self.cross_entropy_metrics_with(spec, logits, targets, top_k, strategy)
+    }
+
+    /// [`GpuContext::cross_entropy_metrics`] with a strategy of the caller's choosing.
+    pub fn cross_entropy_metrics_with(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        targets: &[i64],
+        top_k: usize,
+        strategy: Strategy,
+    ) -> Result<(LossOutput, TokenMetrics)> {
+        let host_targets = Targets::ClassIndices(targets);
+        spec.validate(&logits, &host_targets)?;
+        strategy.check(&self.gpu.facts)?;
+        if logits.rows() == 0 {
+            let out = self.cross_entropy_with(spec, logits, host_targets, strategy)?;
+            return Ok((out, TokenMetrics::from_rows(Vec::new(), top_k)));
+        }
+        let targets = HostTargets::from(host_targets);
+        let setup = Setup {
+            metrics: true,
+            ..HostLoss::setup(strategy, &logits, targets.layout(), Output::Loss)
+        };
+        let run = self.run_host(spec, logits, targets, setup, None, top_k)?;
+        Ok((run.out, TokenMetrics::from_rows(run.tokens, top_k)))
+    }
+
+    /// Token metrics on the GPU, as [`scoring::token_metrics`] computes them in f64.
+    pub fn token_metrics(
+        &self,
+        logits: Logits<'_>,
+        targets: &[i64],
+        ignore_index: Option<i64>,
+        top_k: usize,
+    ) -> Result<TokenMetrics> {
+        let spec = match ignore_index {
+            Some(i) => CrossEntropy::new().with_ignore_index(i),
+            None => CrossEntropy::new(),
+        };
+        Ok(self.cross_entropy_metrics(&spec, logits, targets, top_k)?.1)
+    }
+
+    /// Sequence log-likelihoods on the GPU, as [`scoring::sequence_scores`] computes them in
+    /// f64: sequence `s` is rows `offsets[s]..offsets[s + 1]` (tokens of one continuation are
+    /// consecutive rows), and gets the sum of its tokens' target log-probabilities, whether
+    /// every token is its row's argmax (`is_greedy`) and its token count. The rows are scored
+    /// in one pass, chunk by chunk; a sequence may span chunks (its sum runs in row order on
+    /// the host, in f64). [`scoring::multiple_choice`] turns the scores into `acc` and
+    /// `acc_norm`.
+    pub fn sequence_scores(
+        &self,
+        logits: Logits<'_>,
+        targets: &[i64],
+        offsets: &[usize],
+    ) -> Result<Vec<SequenceScore>> {
+        scoring::check_offsets(offsets, logits.rows())?;
+        let metrics = self.token_metrics(logits, targets, None, 1)?;
+        Ok(scoring::sequences_of(&metrics.rows, offsets))
+    }
+
+    /// A distillation loss of the `student` logits against the `teacher`'s (f32, the
+    /// student's shape) on the GPU, as [`scoring::distillation`] computes it in f64: one read
+    /// of each matrix, the row statistics of both softmaxes at temperature T in one pass.
+    /// Forward (the cross-entropy H(p) + KL(p‖q), both reported per row) and reverse KL(q‖p).
+    ///
+    /// Errors: those of [`Distillation::validate`]; [`XentError::GpuUnsupported`] for the
+    /// generalised JSD (the CPU reference computes it); [`XentError::LogitOutOfRange`] for a
+    /// finite logit of either beyond ±2^64.
+    pub fn distillation(
+        &self,
+        spec: &Distillation,
+        student: Logits<'_>,
+        teacher: &[f32],
+    ) -> Result<DistillationOutput> {
+        let strategy = self.plan(student.rows(), student.classes());
+        Ok(self.distill(spec, student, teacher, None, strategy)?.0)
+    }
+
+    /// [`GpuContext::distillation`] with a strategy of the caller's choosing.
+    pub fn distillation_with(
+        &self,
+        spec: &Distillation,
+        student: Logits<'_>,
+        teacher: &[f32],
+        strategy: Strategy,
+    ) -> Result<DistillationOutput> {
+        Ok(self.distill(spec, student, teacher, None, strategy)?.0)
+    }
+
+    /// The distillation loss and its gradient with respect to the student's logits (in their
+    /// dtype, computed in f32 and rounded once), scaled by `upstream` as autograd passes it, as
+    /// [`scoring::distillation_grad`] computes them in f64: two reads of each matrix and one
+    /// write of the gradient.
+    pub fn distillation_grad(
+        &self,
+        spec: &Distillation,
+        student: Logits<'_>,
+        teacher: &[f32],
+        upstream: Upstream<'_>,
+    ) -> Result<(DistillationOutput, ElementVec)> {
+        let strategy = self.plan(student.rows(), student.classes());
+        self.distill(spec, student, teacher, Some(upstream), strategy)
+    }
+
+    /// [`GpuContext::distillation_grad`] with a strategy of the caller's choosing.
+    pub fn distillation_grad_with(
+        &self,
+        spec: &Distillation,
+        student: Logits<'_>,
+        teacher: &[f32],
+        upstream: Upstream<'_>,
+        strategy: Strategy,
+    ) -> Result<(DistillationOutput, ElementVec)> {
+        self.distill(spec, student, teacher, Some(upstream), strategy)
+    }
+
+    fn distill(
+        &self,
+        spec: &Distillation,
+        student: Logits<'_>,
+        teacher: &[f32],
+        upstream: Option<Upstream<'_>>,
+        strategy: Strategy,
+    ) -> Result<(DistillationOutput, ElementVec)> {
+        spec.validate(&student, teacher)?;
+        let reverse = match spec.divergence() {
+            Divergence::ForwardKl => false,
+            Divergence::ReverseKl => true,
+            Divergence::Jsd { .. } => {
+                return Err(XentError::GpuUnsupported(
+                    "the generalised JSD (its mixture needs a second read of both logits); the CPU reference xent::scoring computes it".into(),
+                ));
+            }
+        };
+        let (rows, classes) = (student.rows(), student.classes());
+        if let Some(u) = &upstream {
+            u.check(spec.reduction(), rows)?;
+        }
+        strategy.check(&self.gpu.facts)?;
+        if rows == 0 {
+            let out = scoring::distillation(spec, student, teacher)?;
+            return Ok((out, ElementVec::zeros(student.dtype(), 0)));
+        }
+        let ce = CrossEntropy::new().with_reduction(spec.reduction());
+        let targets = HostTargets::Probabilities(Elements::new(teacher));
+        let output = if upstream.is_some() {
+            Output::Gradient
+        } else {
+            Output::Loss
+        };
+        let t = spec.temperature();
+        let setup = Setup {
+            teacher: Some(Teacher {
+                inv_temperature: ((1.0 / t) as f32).to_bits(),
+                reverse,
+                grad_factor: (spec.loss_scale() / t).to_bits(),
+            }),
+            ..HostLoss::setup(strategy, &student, targets.layout(), output)
+        };
+        // "batchmean": the mean divides by the rows.
+        let gradient = upstream.map(|u| (u, u.mean_over().unwrap_or((rows as f64, rows as f64))));
+        let run = self.run_host(&ce, student, targets, setup, gradient, 0)?;
+        let scale = spec.loss_scale();
+        let column =
+            |c: usize| -> Vec<f64> { run.raw.iter().map(|r| r[c] as f64 * scale).collect() };
+        let per_row = column(0);
+        let sum = per_row.iter().fold(0.0, |a, b| a + b);
+        let out = DistillationOutput {
+            reduction: spec.reduction(),
+            loss: spec.reduction().apply(sum, rows as f64),
+            sum,
+            per_row,
+            terms: if reverse {
+                DistillationTerms::DivergenceOnly
+            } else {
+                DistillationTerms::CrossEntropy {
+                    entropy: column(2),
+                    kl: column(3),
+                }
+            },
+            rows,
+            classes,
+        };
+        Ok((out, run.grad))
+    }
+}

@@ -1,0 +1,247 @@
+//! Distillation on the GPU (issue 11): the golden cases `distill_T1`, `distill_T2`,
+//! `distill_T4` (loss, KL and entropy per row, the gradient of the sum), and the reverse KL,
+//! T² scaling, masks, half student logits and every strategy corner against the f64
+//! reference `xent::scoring`.
+
+mod common;
+
+use common::{assert_gradient, corner_strategies, golden_cases, gpu, row_tolerance, ulp_f32};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use xent::gpu::planner::MAX_ELEMENTS_PER_LANE;
+use xent::scoring::{self, Distillation, DistillationOutput, DistillationTerms, Divergence};
+use xent::{Dtype, ElementVec, Logits, Reduction, Strategy, Upstream, XentError};
+
+/// The largest finite |value / T| of row i of either matrix.
+fn seen_max(student: &[f32], teacher: &[f32], classes: usize, i: usize, t: f64) -> f64 {
+    let r = i * classes..(i + 1) * classes;
+    student[r.clone()]
+        .iter()
+        .chain(&teacher[r])
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, |m, &v| m.max((v as f64).abs()))
+        / t
+}
+
+fn terms(out: &DistillationOutput) -> Option<(&[f64], &[f64])> {
+    match &out.terms {
+        DistillationTerms::CrossEntropy { entropy, kl } => Some((entropy, kl)),
+        DistillationTerms::DivergenceOnly => None,
+    }
+}
+
+/// Per-row values within the f32 row tolerance of the loss (a KL, the difference of two
+/// such values, within twice it); equal infinities and NaN agree.
+fn assert_rows(label: &str, got: &[f64], want: &[f64], loss: &[f64], m: &dyn Fn(usize) -> f64) {
+    assert_eq!(got.len(), want.len(), "{label}");
+    for i in 0..got.len() {
+        let tol = 2.0 * row_tolerance(loss[i], m(i), 1.0);
+        assert!(
+            common::close(got[i], want[i], tol),
+            "{label} row {i}: {} vs {} (tolerance {tol:e})",
+            got[i],
+            want[i]
+        );
+    }
+}
+
+#[test]
+fn golden_distillation_cases_on_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    let cases = golden_cases("distillation");
+    assert_eq!(cases.len(), 3, "distill_T1, distill_T2, distill_T4");
+    for case in &cases {
+        let (rows, classes) = (case.rows(), case.classes());
+        let student = case.f32s("logits.npy");
+        let teacher = case.f32s("teacher.npy");
+        let t = case.number("temperature");
+        let spec = Distillation::new()
+            .with_temperature(t)
+            .with_reduction(Reduction::Sum);
+        let z = Logits::new(&student, rows, classes).unwrap();
+        let (out, grad) = gpu
+            .distillation_grad(&spec, z, &teacher, Upstream::Scalar(1.0))
+            .unwrap();
+        let m = |i: usize| seen_max(&student, &teacher, classes, i, t);
+        let loss = case.f64s("loss_none.npy");
+        let (entropy, kl) = terms(&out).unwrap();
+        assert_rows(
+            &format!("{} loss", case.name),
+            &out.per_row,
+            &loss,
+            &loss,
+            &m,
+        );
+        assert_rows(
+            &format!("{} kl", case.name),
+            kl,
+            &case.f64s("kl_none.npy"),
+            &loss,
+            &m,
+        );
+        let h = case.f64s("entropy_none.npy");
+        assert_rows(&format!("{} entropy", case.name), entropy, &h, &loss, &m);
+        let sum_tol: f64 = (0..rows).map(|i| row_tolerance(loss[i], m(i), 1.0)).sum();
+        assert!((out.loss.unwrap() - case.number("sum")).abs() <= sum_tol);
+        let mean = gpu
+            .distillation(&spec.with_reduction(Reduction::Mean), z, &teacher)
+            .unwrap();
+        let n = rows as f64;
+        assert!((mean.loss.unwrap() - case.number("mean")).abs() <= sum_tol / n);
+        assert!((mean.reduced_kl().unwrap() - case.number("kl_mean")).abs() <= 2.0 * sum_tol / n);
+        let h_mean = mean.reduced_entropy().unwrap();
+        assert!((h_mean - case.number("entropy_mean")).abs() <= 2.0 * sum_tol / n);
+
+        // The gradient of the sum: PyTorch's, stored as f32 (half an ulp), within the f32
+        // element tolerance at scale 1/T.
+        let want = case.f32s("grad_sum.npy");
+        let got = grad.to_f32();
+        for (j, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            let i = j / classes;
+            let tol = common::element_tolerance(1.0 / t, 1.0, m(i)) + 0.5 * ulp_f32(w as f64);
+            assert!(
+                (g as f64 - w as f64).abs() <= tol,
+                "{} gradient row {i} class {}: {g} vs {w}",
+                case.name,
+                j % classes
+            );
+        }
+    }
+}
+
+/// Random student and teacher rows; `masks` puts −inf on a few classes of the student only
+/// (the reverse KL stays finite) or of the teacher only (the forward loss does).
+fn random_pair(seed: u64, rows: usize, classes: usize, mask_student: bool) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut student: Vec<f32> = (0..rows * classes)
+        .map(|_| rng.random_range(-7.0..7.0))
+        .collect();
+    let mut teacher: Vec<f32> = (0..rows * classes)
+        .map(|_| rng.random_range(-7.0..7.0))
+        .collect();
+    let masked = if mask_student {
+        &mut student
+    } else {
+        &mut teacher
+    };
+    for (j, v) in masked.iter_mut().enumerate() {
+        // Never a whole row, so both softmaxes exist.
+        if j % classes != 0 && rng.random_range(0..8) == 0 {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    (student, teacher)
+}
+
+#[test]
+fn forward_and_reverse_kl_on_every_strategy_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (seed, (rows, classes)) in [(7, 1), (5, 3), (9, 37), (4, 1000), (3, 50257)]
+        .into_iter()
+        .enumerate()
+    {
+        for (divergence, mask_student) in [
+            (Divergence::ForwardKl, false),
+            (Divergence::ReverseKl, true),
+        ] {
+            let (student, teacher) = random_pair(seed as u64, rows, classes, mask_student);
+            let z = Logits::new(&student, rows, classes).unwrap();
+            let t = 1.5;
+            let spec = Distillation::new()
+                .with_temperature(t)
+                .with_divergence(divergence)
+                .with_t2_scale(true)
+                .with_reduction(Reduction::None);
+            let upstream: Vec<f64> = (0..rows).map(|i| 0.5 + i as f64).collect();
+            let up = Upstream::PerRow(&upstream);
+            let (want, want_grad) = scoring::distillation_grad(&spec, z, &teacher, up).unwrap();
+            let m = |i: usize| seen_max(&student, &teacher, classes, i, t) * t * t;
+            let fits = |s: &Strategy| s.elements_per_lane(classes) <= MAX_ELEMENTS_PER_LANE;
+            for strategy in corner_strategies(gpu).into_iter().filter(fits) {
+                let label = format!("{rows}x{classes} {divergence:?} {}", strategy.name());
+                let (got, grad) = gpu
+                    .distillation_grad_with(&spec, z, &teacher, up, strategy)
+                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                // The loss scale T² multiplies the tolerance's absolute part too.
+                assert_rows(&label, &got.per_row, &want.per_row, &want.per_row, &m);
+                if let (Some((h, kl)), Some((wh, wkl))) = (terms(&got), terms(&want)) {
+                    assert_rows(&format!("{label} H"), h, wh, &want.per_row, &m);
+                    assert_rows(&format!("{label} KL"), kl, wkl, &want.per_row, &m);
+                }
+                let scale = |i: usize| upstream[i] * t;
+                let max: Vec<f64> = (0..rows)
+                    .map(|i| seen_max(&student, &teacher, classes, i, t))
+                    .collect();
+                assert_gradient(
+                    &label,
+                    &grad.to_f32(),
+                    &want_grad,
+                    classes,
+                    &scale,
+                    &vec![1.0; rows],
+                    &max,
+                    Dtype::F32,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn half_students_reruns_and_refusals() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (6, 301);
+    let (student, teacher) = random_pair(12, rows, classes, false);
+    let spec = Distillation::new().with_temperature(2.0);
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        let half = ElementVec::rounded(dtype, student.iter().map(|&v| v as f64));
+        let wide = half.to_f32();
+        let z = Logits::from_elements(half.as_elements(), rows, classes).unwrap();
+        let want =
+            scoring::distillation(&spec, Logits::new(&wide, rows, classes).unwrap(), &teacher)
+                .unwrap();
+        let got = gpu.distillation(&spec, z, &teacher).unwrap();
+        let m = |i: usize| seen_max(&wide, &teacher, classes, i, 2.0);
+        assert_rows(
+            &format!("{dtype}"),
+            &got.per_row,
+            &want.per_row,
+            &want.per_row,
+            &m,
+        );
+        let (again, grad) = gpu
+            .distillation_grad(&spec, z, &teacher, Upstream::Scalar(1.0))
+            .unwrap();
+        assert_eq!(
+            again.per_row, got.per_row,
+            "{dtype}: the loss with and without a gradient"
+        );
+        assert_eq!(grad.dtype(), dtype);
+        let (_, grad2) = gpu
+            .distillation_grad(&spec, z, &teacher, Upstream::Scalar(1.0))
+            .unwrap();
+        assert_eq!(
+            grad.bytes(),
+            grad2.bytes(),
+            "{dtype}: reruns are bit-identical"
+        );
+    }
+    let z = Logits::new(&student, rows, classes).unwrap();
+    let jsd = spec.with_divergence(Divergence::Jsd { beta: 0.5 });
+    assert!(matches!(
+        gpu.distillation(&jsd, z, &teacher),
+        Err(XentError::GpuUnsupported(_))
+    ));
+    assert!(matches!(
+        gpu.distillation(&spec.with_temperature(0.0), z, &teacher),
+        Err(XentError::Temperature(_))
+    ));
+    assert!(matches!(
+        gpu.distillation(&spec, z, &teacher[1..]),
+        Err(XentError::TargetsShape { .. })
+    ));
+    let empty = gpu
+        .distillation(&spec, Logits::new::<f32>(&[], 0, classes).unwrap(), &[])
+        .unwrap();
+    assert_eq!(empty.sum, 0.0);
+}
