@@ -1954,3 +1954,170 @@ fn eval_sequences_and_multiple_choice_hand_computed() {
     ]);
     expect_failure(&o, 2, &["--gold", "question 0", "2 choices"]);
 }
+
+/// `xent score --teacher` on the golden distillation cases: the mean loss, KL and entropy of
+/// case.json, per-row losses and the gradient of the sum (PyTorch's), on the GPU and the CPU
+/// reference; T² scaling; the reverse KL on both engines; the errors.
+#[test]
+fn distillation_through_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rows_out, grad_out) = (dir.path().join("rows.npy"), dir.path().join("grad.npy"));
+    let mut engines = vec![vec!["--cpu"]];
+    if gpu_available() {
+        engines.push(vec![]);
+    }
+    for case in golden_cases("distillation") {
+        let (zp, tp) = (case.dir.join("logits.npy"), case.dir.join("teacher.npy"));
+        let t = case.number("temperature").to_string();
+        let base = [
+            "score",
+            "--logits",
+            path(&zp),
+            "--teacher",
+            path(&tp),
+            "--temperature",
+            &t,
+            "--json",
+        ];
+        for engine in &engines {
+            let label = format!("{} {engine:?}", case.name);
+            let args: Vec<&str> = base.iter().chain(engine).copied().collect();
+            let v = json(&xent(&args));
+            for (key, want) in [
+                ("loss", "mean"),
+                ("kl_divergence", "kl_mean"),
+                ("entropy", "entropy_mean"),
+            ] {
+                let got = v[key].as_f64().unwrap();
+                let want = case.number(want);
+                assert!(
+                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{label} {key}: {got} vs {want}"
+                );
+            }
+            let mut args = args.clone();
+            args.extend([
+                "--reduction",
+                "sum",
+                "--per-row",
+                path(&rows_out),
+                "--grad",
+                path(&grad_out),
+            ]);
+            let v = json(&xent(&args));
+            let sum = case.number("sum");
+            assert!(
+                (v["loss"].as_f64().unwrap() - sum).abs() <= 1e-5 * sum.abs(),
+                "{label} sum"
+            );
+            let per_row: Vec<f32> = read_npy(&rows_out);
+            for (i, (g, w)) in per_row.iter().zip(case.f64s("loss_none.npy")).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{label} row {i}"
+                );
+            }
+            let grad: Vec<f32> = read_npy(&grad_out);
+            let want = case.f32s("grad_sum.npy");
+            assert_eq!(grad.len(), want.len());
+            for (j, (g, w)) in grad.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 2e-6, "{label} gradient {j}: {g} vs {w}");
+            }
+        }
+    }
+    let case = golden_case("distill_T4");
+    let (zp, tp) = (case.dir.join("logits.npy"), case.dir.join("teacher.npy"));
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "score",
+            "--logits",
+            path(&zp),
+            "--teacher",
+            path(&tp),
+            "--json",
+        ];
+        args.extend(extra);
+        json(&xent(&args))
+    };
+    let plain = run(&["--temperature", "4", "--cpu"]);
+    let scaled = run(&["--temperature", "4", "--t2-scale", "--cpu"]);
+    assert_eq!(
+        scaled["loss"].as_f64().unwrap(),
+        16.0 * plain["loss"].as_f64().unwrap()
+    );
+    let reverse_cpu = run(&["--divergence", "reverse-kl", "--cpu"]);
+    assert!(reverse_cpu["entropy"].is_null() && reverse_cpu["kl_divergence"].is_null());
+    let r = reverse_cpu["loss"].as_f64().unwrap();
+    assert!(r > 0.0);
+    if gpu_available() {
+        let reverse_gpu = run(&["--divergence", "reverse-kl"]);
+        let g = reverse_gpu["loss"].as_f64().unwrap();
+        assert!((g - r).abs() <= 1e-5 * r, "reverse KL: GPU {g} vs CPU {r}");
+    }
+    // JSD with β = 0 is KL(p‖q) (at T = 1 here).
+    let jsd = run(&["--divergence", "jsd", "--beta", "0", "--cpu"]);
+    let kl = run(&["--cpu"])["kl_divergence"].as_f64().unwrap();
+    assert!((jsd["loss"].as_f64().unwrap() - kl).abs() <= 1e-12 * kl);
+
+    let score = |extra: &[&str]| {
+        let mut args = vec!["score", "--logits", path(&zp)];
+        args.extend(extra);
+        xent(&args)
+    };
+    expect_failure(
+        &score(&["--teacher", path(&tp), "--divergence", "jsd"]),
+        2,
+        &["jsd", "--cpu"],
+    );
+    expect_failure(
+        &score(&["--teacher", path(&tp), "--temperature", "0", "--cpu"]),
+        2,
+        &["--temperature"],
+    );
+    expect_failure(
+        &score(&[
+            "--teacher",
+            path(&tp),
+            "--divergence",
+            "jsd",
+            "--beta",
+            "2",
+            "--cpu",
+        ]),
+        2,
+        &["--beta"],
+    );
+    // --beta needs --divergence (clap's usage error), and weighs only jsd.
+    assert_eq!(
+        score(&["--teacher", path(&tp), "--beta", "0.5", "--cpu"])
+            .status
+            .code(),
+        Some(2)
+    );
+    expect_failure(
+        &score(&[
+            "--teacher",
+            path(&tp),
+            "--divergence",
+            "kl",
+            "--beta",
+            "0.5",
+            "--cpu",
+        ]),
+        2,
+        &["--beta", "jsd"],
+    );
+    let small = dir.path().join("small.npy");
+    write_npy(&small, &[2, 3], &[0.0_f32; 6]);
+    expect_failure(
+        &score(&["--teacher", path(&small), "--cpu"]),
+        2,
+        &["small.npy", "shaped like"],
+    );
+    let targets = case.dir.join("logits.npy");
+    expect_failure(
+        &score(&["--targets", path(&targets), "--temperature", "2", "--cpu"]),
+        2,
+        &["--temperature", "--teacher"],
+    );
+}

@@ -323,16 +323,17 @@ pub fn read_npy<T: npyz::Deserialize>(path: &Path) -> Vec<T> {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Every golden case of `kind` ("cross_entropy", "distillation", "sparse_targets"), from
-/// `tests/golden/`, or from `XENT_GOLDEN_DIR` (for a test binary run away from its source tree).
-/// The golden cross-entropy case `name`.
+/// The golden case `name`, of any kind.
 pub fn golden_case(name: &str) -> GoldenCase {
-    golden_cases("cross_entropy")
+    ["cross_entropy", "distillation", "sparse_targets"]
         .into_iter()
+        .flat_map(golden_cases)
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("no golden case {name}"))
 }
 
+/// Every golden case of `kind` ("cross_entropy", "distillation", "sparse_targets"), from
+/// `tests/golden/`, or from `XENT_GOLDEN_DIR` (for a test binary run away from its source tree).
 pub fn golden_cases(kind: &str) -> Vec<GoldenCase> {
     let root = std::env::var_os("XENT_GOLDEN_DIR")
         .map(PathBuf::from)

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod distill;
 mod eval;
 mod info;
 mod npy;
@@ -56,8 +57,43 @@ pub struct ScoreArgs {
     #[arg(long, value_name = "DTYPE")]
     logits_dtype: Option<xent::Dtype>,
     /// Class indices [N] (int64 or int32), or probabilities [N, C] (float, the logits' shape).
-    #[arg(long, value_name = "T.npy")]
-    targets: PathBuf,
+    #[arg(long, value_name = "T.npy", required_unless_present = "teacher")]
+    targets: Option<PathBuf>,
+    /// Distil against a teacher's logits [N, C] (float, the logits' shape) instead of
+    /// targets: per row p = softmax(teacher / T), q = softmax(logits / T), and the loss is
+    /// the --divergence between them ("mean" divides by N, PyTorch's "batchmean").
+    #[arg(
+        long,
+        value_name = "TEACHER.npy",
+        conflicts_with_all = ["targets", "weights", "ignore_index", "label_smoothing", "z_loss", "softcap", "metrics"]
+    )]
+    teacher: Option<PathBuf>,
+    /// The distillation temperature T, finite and > 0 [default: 1].
+    #[arg(
+        long,
+        value_name = "T",
+        requires = "teacher",
+        allow_negative_numbers = true
+    )]
+    temperature: Option<f64>,
+    /// kl: the cross-entropy CE(p, q) = H(p) + KL(p‖q), with H and KL reported; reverse-kl:
+    /// KL(q‖p); jsd: the generalised Jensen–Shannon divergence with --beta (CPU reference
+    /// only: add --cpu).
+    /// [default: kl]
+    #[arg(long, value_name = "D", requires = "teacher")]
+    divergence: Option<distill::DivergenceChoice>,
+    /// The JSD's weight β of the teacher, in [0, 1] (0 is KL(p‖q), 1 is KL(q‖p)) [default:
+    /// 0.5].
+    #[arg(
+        long,
+        value_name = "B",
+        requires = "divergence",
+        allow_negative_numbers = true
+    )]
+    beta: Option<f64>,
+    /// Multiply the loss and the gradient by T² (Hinton; Hugging Face's distillation).
+    #[arg(long, requires = "teacher")]
+    t2_scale: bool,
     /// Class weights [C] (float).
     #[arg(long, value_name = "W.npy")]
     weights: Option<PathBuf>,
@@ -116,8 +152,8 @@ pub struct ScoreArgs {
     metrics: bool,
     /// The K of --metrics' top-K accuracy: a hit when fewer than K classes score strictly
     /// higher than the target.
-    #[arg(long, value_name = "K", default_value_t = 5, requires = "metrics")]
-    top_k: usize,
+    #[arg(long, value_name = "K", requires = "metrics")]
+    top_k: Option<usize>,
     /// Use the f64 CPU reference instead of the GPU.
     #[arg(long)]
     cpu: bool,

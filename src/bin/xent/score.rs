@@ -39,14 +39,15 @@ struct Inputs {
 }
 
 /// Refuses outputs that are inputs (under any name), and one file for both outputs.
-fn check_outputs(args: &ScoreArgs) -> Result<(), CliError> {
+pub fn check_outputs(args: &ScoreArgs) -> Result<(), CliError> {
     let outputs = [("--per-row", &args.per_row), ("--grad", &args.grad)];
     for (out_flag, out) in outputs {
         let Some(out) = out else { continue };
         let inputs = [
             ("--logits", Some(&args.logits)),
-            ("--targets", Some(&args.targets)),
+            ("--targets", args.targets.as_ref()),
             ("--weights", args.weights.as_ref()),
+            ("--teacher", args.teacher.as_ref()),
         ];
         for (flag, input) in inputs {
             if input.is_some_and(|input| same_file(out, input)) {
@@ -140,7 +141,10 @@ fn open_inputs(args: &ScoreArgs) -> Result<(Inputs, Option<Vec<f32>>), CliError>
         dtype,
         bits_as,
     } = open_logits(&args.logits, args.logits_dtype)?;
-    let targets = NpyInput::open("targets", &args.targets)?;
+    let Some(targets_path) = &args.targets else {
+        return Err(CliError::input("--targets: required (or --teacher)"));
+    };
+    let targets = NpyInput::open("targets", targets_path)?;
     let soft = targets.elem.is_float();
     if soft && targets.shape != [rows, classes] {
         return Err(targets.error(format!(
@@ -478,6 +482,21 @@ fn whole_file_mean(
 }
 
 pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
+    if let Some(teacher) = &args.teacher {
+        return crate::distill::run(args, teacher);
+    }
+    // (clap's `requires` does not see these: --teacher conflicts with --targets.)
+    let distillation_only = [
+        ("--temperature", args.temperature.is_some()),
+        ("--divergence", args.divergence.is_some()),
+        ("--beta", args.beta.is_some()),
+        ("--t2-scale", args.t2_scale),
+    ];
+    if let Some((flag, _)) = distillation_only.iter().find(|(_, given)| *given) {
+        return Err(CliError::input(format!(
+            "{flag}: is an option of distillation, which needs --teacher"
+        )));
+    }
     let requested = requested_batch_rows(args)?;
     let grad_output = match args.grad_output {
         Some(g) if !g.is_finite() => {
@@ -571,8 +590,9 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
     let start = Instant::now();
     let with_entropy = soft && spec.weights().is_none();
     let mut total = Totals::new(args.reduction, classes, with_entropy, spec.z_loss() > 0.0);
+    let top_k = args.top_k.unwrap_or(5);
     if args.metrics {
-        total.metrics = Some(MetricsSummary::empty(args.top_k));
+        total.metrics = Some(MetricsSummary::empty(top_k));
     }
     let mut progress: Option<ProgressBar> = None;
     let mut done = 0;
@@ -614,7 +634,7 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
         let (out, gradient) = match total.metrics.as_mut() {
             Some(summary) => {
                 let (out, more) = engine
-                    .score_metrics(&spec, logits, &labels, args.top_k)
+                    .score_metrics(&spec, logits, &labels, top_k)
                     .map_err(|e| blame(e, &inputs, done))?;
                 summary.add(&more);
                 (out, None)
@@ -655,7 +675,7 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
 }
 
 /// A progress bar on stderr, only for a terminal and only once the job has run a second.
-fn update_progress(
+pub fn update_progress(
     bar: Option<ProgressBar>,
     elapsed: Duration,
     done: usize,
