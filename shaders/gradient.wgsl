@@ -34,6 +34,8 @@ struct RowGradient {
     // The row's first logit (logits binding) and first output (outputs binding), elements.
     first: u32,
     out: u32,
+    // The row's first top-k word (targets binding).
+    top_k_at: u32,
 }
 
 // The gradient context of chunk row r.
@@ -62,6 +64,7 @@ fn row_gradient(r: u32) -> RowGradient {
     }
     g.first = row_first(r);
     g.out = params.outputs_offset + r * params.classes;
+    g.top_k_at = params.targets_offset + r * 2u * SPARSE_K;
     return g;
 }
 
@@ -86,6 +89,13 @@ fn gradient_of(g: RowGradient, z: f32, k: u32) -> f32 {
     }
     if i32(k) == g.y {
         a += g.w_y;
+    }
+    if TARGET_KIND == TARGET_TOP_K {
+        for (var j = 0u; j < SPARSE_K; j++) {
+            if target_word(g.top_k_at + j) == k {
+                a += bitcast<f32>(target_word(g.top_k_at + SPARSE_K + j));
+            }
+        }
     }
     var d = g.s_ce * (g.st.z * q - a);
     if ZLOSS {

@@ -34,7 +34,14 @@ const TARGET_CLASS_INDEX: u32 = 1u;
 const TARGET_PROBABILITIES: u32 = 2u;
 // A teacher's logits, laid out like probabilities (distillation: RowStats, row_stats.wgsl).
 const TARGET_TEACHER: u32 = 3u;
+// Top-k sparse targets: per row SPARSE_K class indices (i32) then their SPARSE_K
+// probabilities (f32), from params.targets_offset (words).
+const TARGET_TOP_K: u32 = 4u;
 override TARGET_KIND: u32 = TARGET_NONE;
+override SPARSE_K: u32 = 0u;
+// The high word a top-k row's results carry for a repeated index (an i32 index's high word
+// is 0 or 0xffffffff; src/gpu/prepared.rs mirrors it).
+const TOP_K_DUPLICATE: u32 = 0x40000000u;
 // Against a teacher: 0 the cross-entropy CE(p, q) = H(p) + KL(p‖q), 1 the reverse KL(q‖p).
 override DIVERGENCE: u32 = 0u;
 // Class indices are i64 (two words, low first) rather than i32.
@@ -491,6 +498,26 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
         sums = vec4(b * log_s - a, st.h, 1.0, 0.0);
     } else if TARGET_KIND == TARGET_TEACHER {
         return finish_teacher_row(r, st, lse, log_s);
+    } else if TARGET_KIND == TARGET_TOP_K {
+        let first = params.targets_offset + r * 2u * SPARSE_K;
+        for (var j = 0u; j < SPARSE_K; j++) {
+            let k = target_word(first + j);
+            var repeated = false;
+            for (var i = 0u; i < j; i++) {
+                repeated = repeated || target_word(first + i) == k;
+            }
+            if k >= params.classes || repeated {
+                atomicMax(&status.bad_index, flag_row(r));
+                let high = select(select(0u, 0xffffffffu, (k & 0x80000000u) != 0u), TOP_K_DUPLICATE, repeated && k < params.classes);
+                let nan = bitcast<f32>(0x7fc00000u);
+                results[row] = vec4(nan, lse, bitcast<f32>(k), bitcast<f32>(high));
+                return RowSums(vec4(nan, 0.0, 0.0, 0.0), 0.0);
+            }
+            let p = bitcast<f32>(target_word(first + SPARSE_K + j));
+            a += p * (logit(row_first(r) + k) - st.m);
+            b += p;
+        }
+        sums = vec4(b * log_s - a, 0.0, 1.0, 0.0);
     }
     var z_loss = 0.0;
     if ZLOSS {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::{Inputs, assert_outputs_match, buffer_with, fresh_gpu, gpu, max_abs_per_row};
 use xent::{
     CrossEntropy, DeviceLogits, DeviceTargets, GpuContext, IndexType, Logits, LossOutput,
-    LossShape, Reduction, Strategy, TargetLayout, Targets, Upstream, cpu,
+    LossShape, Reduction, Strategy, Targets, Upstream, cpu,
 };
 
 /// What a call computes.
@@ -127,10 +127,7 @@ impl Case {
                     )
                 };
                 let view = DeviceLogits::new(&logits, 0, rows, classes);
-                let t = match shape.targets() {
-                    TargetLayout::ClassIndices(i) => DeviceTargets::class_indices(&targets, 0, i),
-                    TargetLayout::Probabilities(_) => DeviceTargets::probabilities(&targets, 0),
-                };
+                let t = DeviceTargets::of_layout(&targets, 0, shape.targets());
                 let result = gpu.prepare(spec, shape).and_then(|mut loss| {
                     loss.run(view, t)?;
                     loss.read()

@@ -51,12 +51,7 @@ fn resident(
     let targets = buffer_with(gpu, offsets.1, bytes);
     let mut loss = gpu.prepare_with(spec, LossShape::new(rows, classes, layout), strategy)?;
     let view = DeviceLogits::new(&logits, offsets.0 as u64, rows, classes);
-    let targets = match layout {
-        TargetLayout::ClassIndices(t) => {
-            DeviceTargets::class_indices(&targets, offsets.1 as u64, t)
-        }
-        TargetLayout::Probabilities(_) => DeviceTargets::probabilities(&targets, offsets.1 as u64),
-    };
+    let targets = DeviceTargets::of_layout(&targets, offsets.1 as u64, layout);
     loss.run(view, targets)?;
     loss.read()
 }

@@ -146,6 +146,13 @@ fn variants() -> Vec<Variant> {
             ..base
         },
         LossVariant {
+            target: TargetKind::TopK,
+            top_k: 8,
+            grad_stats: true,
+            z_loss: true,
+            ..base
+        },
+        LossVariant {
             dtype: Dtype::Bf16,
             target: TargetKind::Teacher,
             targets_aligned: false,

@@ -35,6 +35,8 @@ pub(crate) enum HostTargets<'a> {
     ClassIndices(&'a [i64]),
     /// Probabilities shaped like the logits.
     Probabilities(Elements<'a>),
+    /// Top-k targets packed per row as `TargetLayout::TopK` describes: 2·k words a row.
+    TopK { packed: &'a [u32], k: u32 },
 }
 
 impl<'a> HostTargets<'a> {
@@ -44,6 +46,7 @@ impl<'a> HostTargets<'a> {
             HostTargets::None => None,
             HostTargets::ClassIndices(_) => Some(TargetLayout::ClassIndices(IndexType::I64)),
             HostTargets::Probabilities(p) => Some(TargetLayout::Probabilities(p.dtype())),
+            HostTargets::TopK { k, .. } => Some(TargetLayout::TopK { k: *k }),
         }
     }
 
@@ -55,6 +58,13 @@ impl<'a> HostTargets<'a> {
             HostTargets::Probabilities(p) => {
                 HostTargets::Probabilities(p.slice(range.start * classes..range.end * classes))
             }
+            HostTargets::TopK { packed, k } => {
+                let words = 2 * k as usize;
+                HostTargets::TopK {
+                    packed: &packed[range.start * words..range.end * words],
+                    k,
+                }
+            }
         }
     }
 
@@ -64,6 +74,7 @@ impl<'a> HostTargets<'a> {
             HostTargets::None => &[],
             HostTargets::ClassIndices(y) => bytemuck::cast_slice(y),
             HostTargets::Probabilities(p) => p.bytes(),
+            HostTargets::TopK { packed, .. } => bytemuck::cast_slice(packed),
         }
     }
 }

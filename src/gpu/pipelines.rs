@@ -112,6 +112,8 @@ pub enum TargetKind {
     Probabilities = 2,
     /// A teacher's logits shaped like the logits (distillation).
     Teacher = 3,
+    /// k (class index, probability) pairs per row.
+    TopK = 4,
 }
 
 /// The logits' dtype as `DTYPE` in `rows.wgsl` numbers it.
@@ -154,6 +156,8 @@ pub struct LossVariant {
     pub metrics: bool,
     /// Against a teacher: the reverse KL(q‖p) rather than the cross-entropy.
     pub reverse: bool,
+    /// Top-k targets: the k (0 otherwise).
+    pub top_k: u32,
     /// The gradient kernel's: how the upstream gradient comes (0 per row, 1 sum, 2 mean).
     pub reduction: u8,
     /// The gradient kernel's: the mean's scales from the device totals.
@@ -181,6 +185,7 @@ impl LossVariant {
         grad_stats: false,
         metrics: false,
         reverse: false,
+        top_k: 0,
         reduction: 2,
         scales_from_totals: false,
         in_place: false,
@@ -242,6 +247,7 @@ impl PipelineKey {
             ("GRAD_STATS", flag(v.grad_stats)),
             ("METRICS", flag(v.metrics)),
             ("DIVERGENCE", flag(v.reverse)),
+            ("SPARSE_K", v.top_k as f64),
         ];
         if self.kernel == Kernel::Gradient {
             constants.extend([

@@ -54,6 +54,10 @@ pub(crate) struct Params {
     _pad: [u32; 1],
 }
 
+/// The high word a top-k row's results carry for a repeated index (`TOP_K_DUPLICATE` in
+/// `rows.wgsl`).
+const TOP_K_DUPLICATE: u32 = 0x4000_0000;
+
 /// Bytes of `Status` in `rows.wgsl`.
 const STATUS_BYTES: u64 = 80;
 /// Bytes of one row's results, `vec4<f32>` (and of one half of a workgroup sum).
@@ -313,6 +317,19 @@ impl PreparedLoss {
         let classes = shape.classes();
         let probabilities = setup.targets.is_some_and(TargetLayout::is_probabilities);
         spec.validate_options(classes, probabilities)?;
+        if let Some(TargetLayout::TopK { k }) = setup.targets {
+            if k == 0 {
+                return Err(XentError::NotPrepared("top-k targets need k ≥ 1".into()));
+            }
+            if spec.weights().is_some()
+                || spec.ignore_index().is_some()
+                || spec.label_smoothing() > 0.0
+            {
+                return Err(XentError::NotPrepared(
+                    "top-k targets take no class weights, ignore index or label smoothing".into(),
+                ));
+            }
+        }
         let dtype = shape.dtype();
         let targets_dtype = match setup.targets {
             Some(TargetLayout::Probabilities(d)) => d,
@@ -341,6 +358,11 @@ impl PreparedLoss {
                 (Some(TargetLayout::ClassIndices(_)), _) => TargetKind::ClassIndex,
                 (Some(TargetLayout::Probabilities(_)), None) => TargetKind::Probabilities,
                 (Some(TargetLayout::Probabilities(_)), Some(_)) => TargetKind::Teacher,
+                (Some(TargetLayout::TopK { .. }), _) => TargetKind::TopK,
+            },
+            top_k: match setup.targets {
+                Some(TargetLayout::TopK { k }) => k,
+                _ => 0,
             },
             reverse: setup.teacher.is_some_and(|t| t.reverse),
             dtype,
@@ -1244,6 +1266,22 @@ impl PreparedLoss {
     fn totals_from(&self, bytes: &[u8]) -> Result<LossTotals> {
         let words: &[u32] = bytemuck::cast_slice(bytes);
         if words[0] != 0 {
+            let row = (u32::MAX - words[0]) as usize;
+            let classes = self.shape.classes();
+            if let Some(TargetLayout::TopK { .. }) = self.setup.targets {
+                return Err(if words[3] == TOP_K_DUPLICATE {
+                    XentError::SparseDuplicateIndex {
+                        row,
+                        class: words[2] as i64,
+                    }
+                } else {
+                    XentError::SparseIndexOutOfRange {
+                        row,
+                        value: words[2] as i32 as i64,
+                        classes,
+                    }
+                });
+            }
             let value = ((words[3] as u64) << 32 | words[2] as u64) as i64;
             let value = match self.setup.targets {
                 Some(TargetLayout::ClassIndices(IndexType::I32)) => value as i32 as i64,

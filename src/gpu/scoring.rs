@@ -10,9 +10,9 @@ use crate::logits::Logits;
 use crate::output::LossOutput;
 use crate::scoring::{
     self, Distillation, DistillationOutput, DistillationTerms, Divergence, SequenceScore,
-    TokenMetrics,
+    SparseTargets, TokenMetrics,
 };
-use crate::spec::CrossEntropy;
+use crate::spec::{CrossEntropy, Reduction};
 use crate::targets::Targets;
 
 use super::host::{HostLoss, HostTargets};
@@ -219,5 +219,100 @@ impl super::GpuContext {
             classes,
         };
         Ok((out, run.grad))
+    }
+
+    /// Cross-entropy against top-k sparse targets on the GPU, as
+    /// [`scoring::sparse_cross_entropy`] computes it in f64: per row `B·lse(z) − Σ_j p_j·z_{i_j}`
+    /// with the full-vocabulary log-sum-exp, `B = Σ_j p_j`, in one read of the logits; the
+    /// mean divides by N. The k pairs of a row are gathered once, after its statistics.
+    ///
+    /// Errors: those of [`SparseTargets::validate`] (shapes, an index out of range or
+    /// repeated, naming the row).
+    pub fn sparse_cross_entropy(
+        &self,
+        reduction: Reduction,
+        logits: Logits<'_>,
+        targets: SparseTargets<'_>,
+    ) -> Result<LossOutput> {
+        let strategy = self.plan(logits.rows(), logits.classes());
+        Ok(self.sparse(reduction, logits, targets, None, strategy)?.0)
+    }
+
+    /// [`GpuContext::sparse_cross_entropy`] with a strategy of the caller's choosing.
+    pub fn sparse_cross_entropy_with(
+        &self,
+        reduction: Reduction,
+        logits: Logits<'_>,
+        targets: SparseTargets<'_>,
+        strategy: Strategy,
+    ) -> Result<LossOutput> {
+        Ok(self.sparse(reduction, logits, targets, None, strategy)?.0)
+    }
+
+    /// [`GpuContext::sparse_cross_entropy`] and its gradient with respect to the logits (in
+    /// their dtype), `s_i·(B_i·softmax(z_i)_k − a_ik)` with `a` the row's probabilities
+    /// scattered onto its indices, scaled by `upstream` as [`scoring::sparse_cross_entropy_grad`].
+    pub fn sparse_cross_entropy_grad(
+        &self,
+        reduction: Reduction,
+        logits: Logits<'_>,
+        targets: SparseTargets<'_>,
+        upstream: Upstream<'_>,
+    ) -> Result<(LossOutput, ElementVec)> {
+        let strategy = self.plan(logits.rows(), logits.classes());
+        self.sparse(reduction, logits, targets, Some(upstream), strategy)
+    }
+
+    /// [`GpuContext::sparse_cross_entropy_grad`] with a strategy of the caller's choosing.
+    pub fn sparse_cross_entropy_grad_with(
+        &self,
+        reduction: Reduction,
+        logits: Logits<'_>,
+        targets: SparseTargets<'_>,
+        upstream: Upstream<'_>,
+        strategy: Strategy,
+    ) -> Result<(LossOutput, ElementVec)> {
+        self.sparse(reduction, logits, targets, Some(upstream), strategy)
+    }
+
+    fn sparse(
+        &self,
+        reduction: Reduction,
+        logits: Logits<'_>,
+        targets: SparseTargets<'_>,
+        upstream: Option<Upstream<'_>>,
+        strategy: Strategy,
+    ) -> Result<(LossOutput, ElementVec)> {
+        targets.validate(&logits)?;
+        let rows = logits.rows();
+        if let Some(u) = &upstream {
+            u.check(reduction, rows)?;
+        }
+        strategy.check(&self.gpu.facts)?;
+        if rows == 0 || targets.k() == 0 {
+            let out = scoring::sparse_cross_entropy(reduction, logits, targets)?;
+            return Ok((out, ElementVec::zeros(logits.dtype(), 0)));
+        }
+        // Per row: k indices (checked to fit [0, C), so i32), then k probabilities.
+        let packed: Vec<u32> = (0..rows)
+            .flat_map(|i| {
+                let indices = targets.indices_row(i).iter().map(|&c| c as u32);
+                let p = targets.probabilities_row(i).iter().map(|v| v.to_bits());
+                indices.chain(p)
+            })
+            .collect();
+        let k = u32::try_from(targets.k())
+            .map_err(|_| XentError::NotPrepared(format!("k = {} pairs per row", targets.k())))?;
+        let host_targets = HostTargets::TopK { packed: &packed, k };
+        let spec = CrossEntropy::new().with_reduction(reduction);
+        let output = if upstream.is_some() {
+            Output::Gradient
+        } else {
+            Output::Loss
+        };
+        let setup = HostLoss::setup(strategy, &logits, host_targets.layout(), output);
+        let gradient = upstream.map(|u| (u, u.mean_over().unwrap_or((rows as f64, rows as f64))));
+        let run = self.run_host(&spec, logits, host_targets, setup, gradient, 0)?;
+        Ok((run.out, run.grad))
     }
 }

@@ -258,10 +258,7 @@ impl GpuContext {
                 ))
             })?;
             let view = DeviceLogits::new(&buffers.0, 0, rows, classes).with_dtype(dtype);
-            let targets = match layout {
-                TargetLayout::ClassIndices(t) => DeviceTargets::class_indices(&buffers.1, 0, t),
-                TargetLayout::Probabilities(d) => DeviceTargets::probabilities_of(&buffers.1, 0, d),
-            };
+            let targets = DeviceTargets::of_layout(&buffers.1, 0, layout);
             bound.push(match (task, &buffers.2) {
                 (Task::Loss | Task::Metrics, _) => loss.bind(view, targets)?,
                 (Task::GradientInPlace, _) => {

@@ -105,6 +105,15 @@ pub enum DeviceTargets<'a> {
         /// The values' type: f32, or the logits' dtype.
         dtype: Dtype,
     },
+    /// Top-k sparse targets packed as [`TargetLayout::TopK`] describes.
+    TopK {
+        /// The buffer.
+        buffer: &'a wgpu::Buffer,
+        /// Byte offset of the first row's first index (a multiple of 4).
+        offset: u64,
+        /// Pairs per row.
+        k: u32,
+    },
 }
 
 impl<'a> DeviceTargets<'a> {
@@ -131,6 +140,20 @@ impl<'a> DeviceTargets<'a> {
         }
     }
 
+    /// Top-k targets packed as [`TargetLayout::TopK`] describes, from byte `offset`.
+    pub fn top_k(buffer: &'a wgpu::Buffer, offset: u64, k: u32) -> Self {
+        DeviceTargets::TopK { buffer, offset, k }
+    }
+
+    /// Targets of any `layout` from byte `offset` of `buffer`.
+    pub fn of_layout(buffer: &'a wgpu::Buffer, offset: u64, layout: TargetLayout) -> Self {
+        match layout {
+            TargetLayout::ClassIndices(t) => Self::class_indices(buffer, offset, t),
+            TargetLayout::Probabilities(d) => Self::probabilities_of(buffer, offset, d),
+            TargetLayout::TopK { k } => Self::top_k(buffer, offset, k),
+        }
+    }
+
     /// The kind of targets, for [`crate::LossShape`].
     pub fn layout(&self) -> TargetLayout {
         match *self {
@@ -138,20 +161,23 @@ impl<'a> DeviceTargets<'a> {
                 TargetLayout::ClassIndices(index_type)
             }
             DeviceTargets::Probabilities { dtype, .. } => TargetLayout::Probabilities(dtype),
+            DeviceTargets::TopK { k, .. } => TargetLayout::TopK { k },
         }
     }
 
     pub(crate) fn buffer(&self) -> &'a wgpu::Buffer {
         match *self {
             DeviceTargets::ClassIndices { buffer, .. }
-            | DeviceTargets::Probabilities { buffer, .. } => buffer,
+            | DeviceTargets::Probabilities { buffer, .. }
+            | DeviceTargets::TopK { buffer, .. } => buffer,
         }
     }
 
     pub(crate) fn offset(&self) -> u64 {
         match *self {
             DeviceTargets::ClassIndices { offset, .. }
-            | DeviceTargets::Probabilities { offset, .. } => offset,
+            | DeviceTargets::Probabilities { offset, .. }
+            | DeviceTargets::TopK { offset, .. } => offset,
         }
     }
 }
@@ -163,6 +189,13 @@ pub enum TargetLayout {
     ClassIndices(IndexType),
     /// Probabilities shaped like the logits, of this dtype (f32, or the logits').
     Probabilities(Dtype),
+    /// Top-k sparse targets: per row `k` class indices (i32) then their `k` probabilities
+    /// (f32), packed row by row (`8·k` bytes a row). An index outside `[0, C)` or repeated
+    /// within its row is an error naming the row, found on the device.
+    TopK {
+        /// Pairs per row, at least 1.
+        k: u32,
+    },
 }
 
 impl TargetLayout {
@@ -174,6 +207,7 @@ impl TargetLayout {
         match self {
             TargetLayout::ClassIndices(t) => t.bytes(),
             TargetLayout::Probabilities(d) => classes as u64 * d.bytes() as u64,
+            TargetLayout::TopK { k } => 8 * k as u64,
         }
     }
 
@@ -182,6 +216,7 @@ impl TargetLayout {
         match self {
             TargetLayout::ClassIndices(t) => t.bytes(),
             TargetLayout::Probabilities(d) => d.bytes() as u64,
+            TargetLayout::TopK { .. } => 4,
         }
     }
 

@@ -1,0 +1,253 @@
+//! Top-k sparse targets on the GPU (issue 11): the golden case `sparse_top8` (loss per row,
+//! the gradient of the sum), random rows on every strategy corner and half logits against the
+//! f64 reference, the device path's packed layout, and an index out of range or repeated,
+//! named by row, found on the host and on the device.
+
+mod common;
+
+use common::{
+    assert_gradient, buffer_with, corner_strategies, golden_case, gpu, row_tolerance, ulp_f32,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use xent::gpu::planner::MAX_ELEMENTS_PER_LANE;
+use xent::scoring::{self, SparseTargets};
+use xent::{
+    CrossEntropy, DeviceLogits, DeviceTargets, Dtype, ElementVec, Logits, LossShape, Reduction,
+    Strategy, TargetLayout, Upstream, XentError,
+};
+
+fn max_abs(row: &[f32]) -> f64 {
+    row.iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, |m, &v| m.max((v as f64).abs()))
+}
+
+#[test]
+fn golden_sparse_case_on_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    let case = golden_case("sparse_top8");
+    let (rows, classes) = (case.rows(), case.classes());
+    let k = case.number("k") as usize;
+    let z = case.f32s("logits.npy");
+    let idx = case.i64s("topk_idx.npy");
+    let p = case.f32s("topk_prob.npy");
+    let logits = Logits::new(&z, rows, classes).unwrap();
+    let targets = SparseTargets::new(&idx, &p, k);
+    let (out, grad) = gpu
+        .sparse_cross_entropy_grad(Reduction::Sum, logits, targets, Upstream::Scalar(1.0))
+        .unwrap();
+    let want = case.f64s("loss_none.npy");
+    let m = |i: usize| max_abs(&z[i * classes..(i + 1) * classes]);
+    for (i, (got, want)) in out.per_row.iter().zip(&want).enumerate() {
+        let tol = row_tolerance(*want, m(i), 1.0);
+        assert!((got - want).abs() <= tol, "row {i}: {got} vs {want}");
+    }
+    let sum_tol: f64 = (0..rows).map(|i| row_tolerance(want[i], m(i), 1.0)).sum();
+    assert!((out.loss.unwrap() - case.number("sum")).abs() <= sum_tol);
+    let mean = gpu
+        .sparse_cross_entropy(Reduction::Mean, logits, targets)
+        .unwrap();
+    assert!((mean.loss.unwrap() - case.number("mean")).abs() <= sum_tol / rows as f64);
+    let want = case.f32s("grad_sum.npy");
+    for (j, (&g, &w)) in grad.to_f32().iter().zip(&want).enumerate() {
+        let i = j / classes;
+        let tol = common::element_tolerance(1.0, 1.0, m(i)) + 0.5 * ulp_f32(w as f64);
+        assert!(
+            (g - w).abs() as f64 <= tol,
+            "gradient row {i} class {}: {g} vs {w}",
+            j % classes
+        );
+    }
+}
+
+/// Random logits and k distinct indices per row with random probabilities (not normalised:
+/// B = Σ p is used as given).
+fn random_sparse(
+    seed: u64,
+    rows: usize,
+    classes: usize,
+    k: usize,
+) -> (Vec<f32>, Vec<i64>, Vec<f32>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let z = (0..rows * classes)
+        .map(|_| rng.random_range(-8.0..8.0))
+        .collect();
+    let mut idx = Vec::with_capacity(rows * k);
+    for _ in 0..rows {
+        let mut row: Vec<i64> = Vec::new();
+        while row.len() < k {
+            let c = rng.random_range(0..classes as i64);
+            if !row.contains(&c) {
+                row.push(c);
+            }
+        }
+        idx.extend(row);
+    }
+    let p = (0..rows * k).map(|_| rng.random_range(0.0..0.4)).collect();
+    (z, idx, p)
+}
+
+#[test]
+fn sparse_targets_on_every_strategy_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (seed, (rows, classes, k)) in [
+        (7, 1, 1),
+        (5, 3, 2),
+        (9, 37, 5),
+        (4, 1000, 8),
+        (3, 50257, 16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (z, idx, p) = random_sparse(seed as u64, rows, classes, k);
+        let logits = Logits::new(&z, rows, classes).unwrap();
+        let targets = SparseTargets::new(&idx, &p, k);
+        let g: Vec<f64> = (0..rows).map(|i| 1.0 - 0.25 * i as f64).collect();
+        let up = Upstream::PerRow(&g);
+        let (want, want_grad) =
+            scoring::sparse_cross_entropy_grad(Reduction::None, logits, targets, up).unwrap();
+        let mass: Vec<f64> = (0..rows)
+            .map(|i| p[i * k..(i + 1) * k].iter().map(|&v| v as f64).sum())
+            .collect();
+        let max: Vec<f64> = (0..rows)
+            .map(|i| max_abs(&z[i * classes..(i + 1) * classes]))
+            .collect();
+        let fits = |s: &Strategy| s.elements_per_lane(classes) <= MAX_ELEMENTS_PER_LANE;
+        for strategy in corner_strategies(gpu).into_iter().filter(fits) {
+            let label = format!("{rows}x{classes} k={k} {}", strategy.name());
+            let (out, grad) = gpu
+                .sparse_cross_entropy_grad_with(Reduction::None, logits, targets, up, strategy)
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            for i in 0..rows {
+                let tol = row_tolerance(want.per_row[i], max[i], mass[i]);
+                assert!(
+                    (out.per_row[i] - want.per_row[i]).abs() <= tol,
+                    "{label} row {i}: {} vs {}",
+                    out.per_row[i],
+                    want.per_row[i]
+                );
+            }
+            assert_gradient(
+                &label,
+                &grad.to_f32(),
+                &want_grad,
+                classes,
+                &|i| g[i],
+                &mass,
+                &max,
+                Dtype::F32,
+            );
+        }
+    }
+}
+
+#[test]
+fn half_logits_and_errors_naming_the_row() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes, k) = (5, 300, 4);
+    let (z, idx, p) = random_sparse(17, rows, classes, k);
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        let half = ElementVec::rounded(dtype, z.iter().map(|&v| v as f64));
+        let wide = half.to_f32();
+        let targets = SparseTargets::new(&idx, &p, k);
+        let want = scoring::sparse_cross_entropy(
+            Reduction::None,
+            Logits::new(&wide, rows, classes).unwrap(),
+            targets,
+        )
+        .unwrap();
+        let logits = Logits::from_elements(half.as_elements(), rows, classes).unwrap();
+        let got = gpu
+            .sparse_cross_entropy(Reduction::None, logits, targets)
+            .unwrap();
+        for i in 0..rows {
+            let tol = row_tolerance(want.per_row[i], 8.0, 2.0);
+            assert!(
+                (got.per_row[i] - want.per_row[i]).abs() <= tol,
+                "{dtype} row {i}"
+            );
+        }
+    }
+    let logits = Logits::new(&z, rows, classes).unwrap();
+    let mut bad = idx.clone();
+    bad[2 * k + 1] = classes as i64;
+    assert!(matches!(
+        gpu.sparse_cross_entropy(Reduction::Sum, logits, SparseTargets::new(&bad, &p, k)),
+        Err(XentError::SparseIndexOutOfRange { row: 2, .. })
+    ));
+    let mut dup = idx.clone();
+    dup[3 * k + 2] = dup[3 * k];
+    assert!(matches!(
+        gpu.sparse_cross_entropy(Reduction::Sum, logits, SparseTargets::new(&dup, &p, k)),
+        Err(XentError::SparseDuplicateIndex { row: 3, .. })
+    ));
+}
+
+/// Packs top-k targets as `TargetLayout::TopK` lays them out.
+fn packed(idx: &[i64], p: &[f32], k: usize) -> Vec<u32> {
+    idx.chunks(k)
+        .zip(p.chunks(k))
+        .flat_map(|(i, p)| {
+            i.iter()
+                .map(|&c| c as i32 as u32)
+                .chain(p.iter().map(|v| v.to_bits()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn device_buffers_of_packed_top_k_targets() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes, k) = (20, 513, 3);
+    let (z, idx, p) = random_sparse(23, rows, classes, k);
+    let host = gpu
+        .sparse_cross_entropy(
+            Reduction::Mean,
+            Logits::new(&z, rows, classes).unwrap(),
+            SparseTargets::new(&idx, &p, k),
+        )
+        .unwrap();
+    let logits = buffer_with(gpu, 16, bytemuck::cast_slice(&z));
+    let shape = LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 });
+    let spec = CrossEntropy::new().with_reduction(Reduction::Mean);
+    let mut loss = gpu.prepare(&spec, shape).unwrap();
+    let view = DeviceLogits::new(&logits, 16, rows, classes);
+    let run = |loss: &mut xent::PreparedLoss, words: &[u32]| {
+        let targets = buffer_with(gpu, 4, bytemuck::cast_slice(words));
+        loss.run(view, DeviceTargets::top_k(&targets, 4, k as u32))
+            .unwrap();
+        loss.read()
+    };
+    let out = run(&mut loss, &packed(&idx, &p, k)).unwrap();
+    assert_eq!(out.per_row, host.per_row, "the same loads, the same bits");
+    assert_eq!(out.loss, host.loss);
+    let mut bad = idx.clone();
+    bad[7 * k + 2] = -5;
+    assert!(matches!(
+        run(&mut loss, &packed(&bad, &p, k)),
+        Err(XentError::SparseIndexOutOfRange {
+            row: 7,
+            value: -5,
+            ..
+        })
+    ));
+    let mut dup = idx.clone();
+    dup[11 * k + 1] = dup[11 * k + 2];
+    let class = dup[11 * k + 2];
+    match run(&mut loss, &packed(&dup, &p, k)) {
+        Err(XentError::SparseDuplicateIndex { row: 11, class: c }) => assert_eq!(c, class),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        run(&mut loss, &packed(&idx, &p, k)).unwrap().per_row,
+        host.per_row
+    );
+    // Options the top-k targets do not take.
+    assert!(matches!(
+        gpu.prepare(&spec.clone().with_label_smoothing(0.1), shape),
+        Err(XentError::NotPrepared(_))
+    ));
+}
