@@ -2121,3 +2121,109 @@ fn distillation_through_score() {
         &["--temperature", "--teacher"],
     );
 }
+
+/// `xent score --topk-indices --topk-probs` on the golden case `sparse_top8`: the sum and mean
+/// of case.json, per-row losses and the gradient of the sum, on the GPU and the CPU
+/// reference; a repeated index and a shape mismatch name their file.
+#[test]
+fn top_k_targets_through_score() {
+    let case = golden_case("sparse_top8");
+    let dir = tempfile::tempdir().unwrap();
+    let (rows_out, grad_out) = (dir.path().join("rows.npy"), dir.path().join("grad.npy"));
+    let (zp, ip, pp) = (
+        case.dir.join("logits.npy"),
+        case.dir.join("topk_idx.npy"),
+        case.dir.join("topk_prob.npy"),
+    );
+    let base = [
+        "score",
+        "--logits",
+        path(&zp),
+        "--topk-indices",
+        path(&ip),
+        "--topk-probs",
+        path(&pp),
+        "--json",
+    ];
+    let mut engines = vec![vec!["--cpu"]];
+    if gpu_available() {
+        engines.push(vec![]);
+    }
+    for engine in &engines {
+        let args: Vec<&str> = base.iter().chain(engine).copied().collect();
+        let v = json(&xent(&args));
+        let mean = case.number("mean");
+        assert!(
+            (v["loss"].as_f64().unwrap() - mean).abs() <= 1e-5 * mean.abs(),
+            "{engine:?}"
+        );
+        let mut args = args.clone();
+        args.extend([
+            "--reduction",
+            "sum",
+            "--per-row",
+            path(&rows_out),
+            "--grad",
+            path(&grad_out),
+        ]);
+        let v = json(&xent(&args));
+        let sum = case.number("sum");
+        assert!(
+            (v["loss"].as_f64().unwrap() - sum).abs() <= 1e-5 * sum.abs(),
+            "{engine:?}"
+        );
+        assert_eq!(v["k"].as_u64(), Some(8));
+        let per_row: Vec<f32> = read_npy(&rows_out);
+        for (i, (g, w)) in per_row.iter().zip(case.f64s("loss_none.npy")).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{engine:?} row {i}"
+            );
+        }
+        let grad: Vec<f32> = read_npy(&grad_out);
+        for (j, (g, w)) in grad.iter().zip(case.f32s("grad_sum.npy")).enumerate() {
+            assert!((g - w).abs() <= 2e-6, "{engine:?} gradient {j}: {g} vs {w}");
+        }
+    }
+    let mut idx = case.i64s("topk_idx.npy");
+    let k = 8;
+    idx[5 * k + 3] = idx[5 * k];
+    let dup = dir.path().join("dup.npy");
+    write_npy(&dup, &[case.rows() as u64, k as u64], &idx);
+    let o = xent(&[
+        "score",
+        "--logits",
+        path(&zp),
+        "--topk-indices",
+        path(&dup),
+        "--topk-probs",
+        path(&pp),
+        "--cpu",
+    ]);
+    expect_failure(&o, 2, &["dup.npy", "row 5", "more than once"]);
+    if gpu_available() {
+        let o = xent(&[
+            "score",
+            "--logits",
+            path(&zp),
+            "--topk-indices",
+            path(&dup),
+            "--topk-probs",
+            path(&pp),
+        ]);
+        expect_failure(&o, 2, &["dup.npy", "row 5"]);
+    }
+    let short = dir.path().join("short.npy");
+    write_npy(&short, &[2, k as u64], &[0.1_f32; 16]);
+    let o = xent(&[
+        "score",
+        "--logits",
+        path(&zp),
+        "--topk-indices",
+        path(&ip),
+        "--topk-probs",
+        path(&short),
+        "--cpu",
+    ]);
+    expect_failure(&o, 2, &["short.npy", "shaped like"]);
+}

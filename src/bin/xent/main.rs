@@ -8,6 +8,7 @@ mod info;
 mod npy;
 mod out;
 mod score;
+mod topk;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -57,8 +58,21 @@ pub struct ScoreArgs {
     #[arg(long, value_name = "DTYPE")]
     logits_dtype: Option<xent::Dtype>,
     /// Class indices [N] (int64 or int32), or probabilities [N, C] (float, the logits' shape).
-    #[arg(long, value_name = "T.npy", required_unless_present = "teacher")]
+    #[arg(long, value_name = "T.npy", required_unless_present_any = ["teacher", "topk_indices"])]
     targets: Option<PathBuf>,
+    /// Top-k sparse targets: the k class indices of every row [N, k] (integers, distinct in a
+    /// row, in [0, C)), with --topk-probs; the loss is −Σ_j p_j·log_softmax(z)[i_j] per row,
+    /// with the full-vocabulary log-sum-exp ("mean" divides by N).
+    #[arg(
+        long,
+        value_name = "I.npy",
+        requires = "topk_probs",
+        conflicts_with_all = ["targets", "teacher", "weights", "ignore_index", "label_smoothing", "z_loss", "softcap", "metrics"]
+    )]
+    topk_indices: Option<PathBuf>,
+    /// The probabilities of --topk-indices [N, k] (float), used as given.
+    #[arg(long, value_name = "P.npy", requires = "topk_indices")]
+    topk_probs: Option<PathBuf>,
     /// Distil against a teacher's logits [N, C] (float, the logits' shape) instead of
     /// targets: per row p = softmax(teacher / T), q = softmax(logits / T), and the loss is
     /// the --divergence between them ("mean" divides by N, PyTorch's "batchmean").

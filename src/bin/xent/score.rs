@@ -48,6 +48,8 @@ pub fn check_outputs(args: &ScoreArgs) -> Result<(), CliError> {
             ("--targets", args.targets.as_ref()),
             ("--weights", args.weights.as_ref()),
             ("--teacher", args.teacher.as_ref()),
+            ("--topk-indices", args.topk_indices.as_ref()),
+            ("--topk-probs", args.topk_probs.as_ref()),
         ];
         for (flag, input) in inputs {
             if input.is_some_and(|input| same_file(out, input)) {
@@ -496,6 +498,9 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
         return Err(CliError::input(format!(
             "{flag}: is an option of distillation, which needs --teacher"
         )));
+    }
+    if let (Some(indices), Some(probabilities)) = (&args.topk_indices, &args.topk_probs) {
+        return crate::topk::run(args, indices, probabilities);
     }
     let requested = requested_batch_rows(args)?;
     let grad_output = match args.grad_output {
