@@ -24,7 +24,7 @@ use crate::targets::Targets;
 
 use super::context::Gpu;
 use super::planner::{Strategy, grid};
-use super::prepared::{BoundInputs, GradientOutput};
+use super::prepared::{BoundInputs, GradientOutput, Output, Setup, Teacher};
 use super::{
     DeviceLogits, DeviceTargets, GpuContext, IndexType, LossShape, PreparedLoss, TargetLayout,
 };
@@ -208,16 +208,32 @@ impl GpuContext {
             return Err(XentError::NotPrepared("no input sets to time".into()));
         };
         let (rows, classes) = (first.rows(), first.classes());
-        let layout = match first_targets {
-            Targets::ClassIndices(_) => TargetLayout::ClassIndices(IndexType::I64),
-            Targets::Probabilities(p) => TargetLayout::Probabilities(p.dtype()),
+        let top_k = classes.min(8);
+        let layout = match (first_targets, task) {
+            (Targets::ClassIndices(_), Task::Sparse) => TargetLayout::TopK { k: top_k as u32 },
+            (Targets::ClassIndices(_), _) => TargetLayout::ClassIndices(IndexType::I64),
+            (Targets::Probabilities(p), _) => TargetLayout::Probabilities(p.dtype()),
         };
         let dtype = first.dtype();
         let shape = LossShape::new(rows, classes, layout).with_dtype(dtype);
-        let mut loss = self.prepare_with(spec, shape, strategy)?;
-        if task == Task::Metrics {
-            loss = loss.with_metrics()?;
+        let setup = Setup {
+            strategy,
+            targets: Some(layout),
+            output: Output::Loss,
+            chunk_cap: None,
+            metrics: task == Task::Metrics,
+            teacher: (task == Task::Distill).then_some(Teacher {
+                inv_temperature: 0.5f32.to_bits(),
+                reverse: false,
+                grad_factor: 0.5f64.to_bits(),
+            }),
+        };
+        if task == Task::Distill && !layout.is_probabilities() {
+            return Err(XentError::NotPrepared(
+                "distillation times soft-target sets (the teacher's stand-in)".into(),
+            ));
         }
+        let mut loss = PreparedLoss::new(self.gpu.clone(), spec, shape, setup)?;
         if loss.rows_per_chunk() < rows {
             return Err(XentError::NotPrepared(format!(
                 "{rows} rows do not fit one binding ({} rows do)",
@@ -232,9 +248,14 @@ impl GpuContext {
                     "input sets of different shapes".into(),
                 ));
             }
-            let target_bytes: &[u8] = match targets {
-                Targets::ClassIndices(y) => bytemuck::cast_slice(y),
-                Targets::Probabilities(p) => p.bytes(),
+            let top_k_words: Vec<u32>;
+            let target_bytes: &[u8] = match (targets, layout) {
+                (Targets::ClassIndices(y), TargetLayout::TopK { .. }) => {
+                    top_k_words = top_k_targets(y, classes, top_k);
+                    bytemuck::cast_slice(&top_k_words)
+                }
+                (Targets::ClassIndices(y), _) => bytemuck::cast_slice(y),
+                (Targets::Probabilities(p), _) => p.bytes(),
             };
             let logit_bytes: &[u8] = logits.values().bytes();
             let buffers = gpu.scoped("uploading benchmark inputs", || {
@@ -260,7 +281,9 @@ impl GpuContext {
             let view = DeviceLogits::new(&buffers.0, 0, rows, classes).with_dtype(dtype);
             let targets = DeviceTargets::of_layout(&buffers.1, 0, layout);
             bound.push(match (task, &buffers.2) {
-                (Task::Loss | Task::Metrics, _) => loss.bind(view, targets)?,
+                (Task::Loss | Task::Metrics | Task::Distill | Task::Sparse, _) => {
+                    loss.bind(view, targets)?
+                }
                 (Task::GradientInPlace, _) => {
                     loss.bind_gradient(view, targets, GradientOutput::InPlace)?
                 }
@@ -360,6 +383,20 @@ fn bandwidth_pipeline(gpu: &Gpu, bytes: u64) -> (wgpu::ComputePipeline, wgpu::Bi
     (pipeline, bind_group)
 }
 
+/// Packed top-k targets (`TargetLayout::TopK`) from class indices: per row the k classes
+/// y, y + s, y + 2s, … (mod C, s = C / k: distinct) with probability 1/k each.
+fn top_k_targets(labels: &[i64], classes: usize, k: usize) -> Vec<u32> {
+    let stride = (classes / k).max(1);
+    let p = (1.0 / k as f32).to_bits();
+    labels
+        .iter()
+        .flat_map(|&y| {
+            let indices = (0..k).map(move |j| ((y as usize + j * stride) % classes) as u32);
+            indices.chain(std::iter::repeat_n(p, k))
+        })
+        .collect()
+}
+
 /// What a benchmark times.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Task {
@@ -371,6 +408,12 @@ pub enum Task {
     GradientInPlace,
     /// The loss and the token metrics in the same read of the logits (class indices).
     Metrics,
+    /// Forward distillation at T = 2 against a teacher's logits of the logits' shape and
+    /// dtype (the soft targets' arrays stand in for them): one read of each.
+    Distill,
+    /// Cross-entropy against top-8 sparse targets made from the class indices (k =
+    /// min(8, C) distinct classes a row, probability 1/k each).
+    Sparse,
 }
 
 impl Task {
@@ -381,13 +424,16 @@ impl Task {
             Task::Gradient => "grad",
             Task::GradientInPlace => "grad-inplace",
             Task::Metrics => "metrics",
+            Task::Distill => "distill",
+            Task::Sparse => "sparse",
         }
     }
 
     /// Times the logits are read or written: 1 for the loss, 3 with the gradient.
     pub fn logit_passes(self) -> u64 {
         match self {
-            Task::Loss | Task::Metrics => 1,
+            Task::Loss | Task::Metrics | Task::Sparse => 1,
+            Task::Distill => 2,
             Task::Gradient | Task::GradientInPlace => 3,
         }
     }

@@ -57,6 +57,11 @@ pub enum TaskChoice {
     GradInplace,
     /// Loss and token metrics in one read (class indices only: no soft-target row).
     Metrics,
+    /// Forward distillation at T = 2, the soft targets' arrays standing in for the teacher's
+    /// logits (soft rows only).
+    Distill,
+    /// Top-8 sparse targets made from the class indices (hard rows only).
+    Sparse,
 }
 
 impl TaskChoice {
@@ -66,6 +71,8 @@ impl TaskChoice {
             Self::Grad => Task::Gradient,
             Self::GradInplace => Task::GradientInPlace,
             Self::Metrics => Task::Metrics,
+            Self::Distill => Task::Distill,
+            Self::Sparse => Task::Sparse,
         }
     }
 }
@@ -436,7 +443,10 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                 match path {
                     PathChoice::Kernel => {
                         for &task in &args.task {
-                            if soft && task == TaskChoice::Metrics {
+                            let needs_soft = task == TaskChoice::Distill;
+                            let needs_hard =
+                                matches!(task, TaskChoice::Metrics | TaskChoice::Sparse);
+                            if (soft && needs_hard) || (!soft && needs_soft) {
                                 continue;
                             }
                             for &kernel in &args.kernel {

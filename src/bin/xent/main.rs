@@ -246,8 +246,10 @@ pub struct BenchArgs {
     path: Vec<bench::PathChoice>,
     /// Tasks to time on the kernel path, comma-separated: loss (one read of the logits), grad
     /// (loss and gradient of the mean into a separate buffer: two reads and one write),
-    /// grad-inplace (the gradient over the logits), or metrics (loss and token metrics in
-    /// one read; class indices only).
+    /// grad-inplace (the gradient over the logits), metrics (loss and token metrics in one
+    /// read; hard rows), distill (forward distillation at T = 2, one read of the logits and
+    /// one of a teacher's; soft rows, whose arrays stand in for the teacher) or sparse (top-8
+    /// sparse targets; hard rows).
     #[arg(long, value_delimiter = ',', default_value = "loss")]
     task: Vec<bench::TaskChoice>,
     /// Logits' dtypes, comma-separated: f32, bf16, f16 (soft targets in the same dtype; bytes
