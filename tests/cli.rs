@@ -1736,10 +1736,7 @@ fn token_metrics_through_score() {
         "--metrics",
         "--json",
     ];
-    let mut engines = vec![vec!["--cpu"]];
-    if gpu_available() {
-        engines.push(vec![]);
-    }
+    let engines = engines();
     for engine in engines {
         for (top_k, want_top_k) in [(None, 1.0), (Some("1"), 0.5)] {
             let mut args: Vec<&str> = base.iter().copied().chain(engine.iter().copied()).collect();
@@ -1838,10 +1835,7 @@ fn eval_sequences_and_multiple_choice_hand_computed() {
         "2",
         "--json",
     ];
-    let mut engines = vec![vec!["--cpu"]];
-    if gpu_available() {
-        engines.push(vec![]);
-    }
+    let engines = engines();
     for engine in engines {
         let args: Vec<&str> = base.iter().copied().chain(engine).collect();
         let o = xent(&args);
@@ -1961,11 +1955,7 @@ fn eval_sequences_and_multiple_choice_hand_computed() {
 #[test]
 fn distillation_through_score() {
     let dir = tempfile::tempdir().unwrap();
-    let (rows_out, grad_out) = (dir.path().join("rows.npy"), dir.path().join("grad.npy"));
-    let mut engines = vec![vec!["--cpu"]];
-    if gpu_available() {
-        engines.push(vec![]);
-    }
+    let engines = engines();
     for case in golden_cases("distillation") {
         let (zp, tp) = (case.dir.join("logits.npy"), case.dir.join("teacher.npy"));
         let t = case.number("temperature").to_string();
@@ -1995,34 +1985,7 @@ fn distillation_through_score() {
                     "{label} {key}: {got} vs {want}"
                 );
             }
-            let mut args = args.clone();
-            args.extend([
-                "--reduction",
-                "sum",
-                "--per-row",
-                path(&rows_out),
-                "--grad",
-                path(&grad_out),
-            ]);
-            let v = json(&xent(&args));
-            let sum = case.number("sum");
-            assert!(
-                (v["loss"].as_f64().unwrap() - sum).abs() <= 1e-5 * sum.abs(),
-                "{label} sum"
-            );
-            let per_row: Vec<f32> = read_npy(&rows_out);
-            for (i, (g, w)) in per_row.iter().zip(case.f64s("loss_none.npy")).enumerate() {
-                assert!(
-                    (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{label} row {i}"
-                );
-            }
-            let grad: Vec<f32> = read_npy(&grad_out);
-            let want = case.f32s("grad_sum.npy");
-            assert_eq!(grad.len(), want.len());
-            for (j, (g, w)) in grad.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() <= 2e-6, "{label} gradient {j}: {g} vs {w}");
-            }
+            sum_rows_and_gradient(&label, &args, &case, dir.path());
         }
     }
     let case = golden_case("distill_T4");
@@ -2129,7 +2092,7 @@ fn distillation_through_score() {
 fn top_k_targets_through_score() {
     let case = golden_case("sparse_top8");
     let dir = tempfile::tempdir().unwrap();
-    let (rows_out, grad_out) = (dir.path().join("rows.npy"), dir.path().join("grad.npy"));
+
     let (zp, ip, pp) = (
         case.dir.join("logits.npy"),
         case.dir.join("topk_idx.npy"),
@@ -2145,10 +2108,7 @@ fn top_k_targets_through_score() {
         path(&pp),
         "--json",
     ];
-    let mut engines = vec![vec!["--cpu"]];
-    if gpu_available() {
-        engines.push(vec![]);
-    }
+    let engines = engines();
     for engine in &engines {
         let args: Vec<&str> = base.iter().chain(engine).copied().collect();
         let v = json(&xent(&args));
@@ -2157,33 +2117,8 @@ fn top_k_targets_through_score() {
             (v["loss"].as_f64().unwrap() - mean).abs() <= 1e-5 * mean.abs(),
             "{engine:?}"
         );
-        let mut args = args.clone();
-        args.extend([
-            "--reduction",
-            "sum",
-            "--per-row",
-            path(&rows_out),
-            "--grad",
-            path(&grad_out),
-        ]);
-        let v = json(&xent(&args));
-        let sum = case.number("sum");
-        assert!(
-            (v["loss"].as_f64().unwrap() - sum).abs() <= 1e-5 * sum.abs(),
-            "{engine:?}"
-        );
+        let v = sum_rows_and_gradient(&format!("{engine:?}"), &args, &case, dir.path());
         assert_eq!(v["k"].as_u64(), Some(8));
-        let per_row: Vec<f32> = read_npy(&rows_out);
-        for (i, (g, w)) in per_row.iter().zip(case.f64s("loss_none.npy")).enumerate() {
-            assert!(
-                (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                "{engine:?} row {i}"
-            );
-        }
-        let grad: Vec<f32> = read_npy(&grad_out);
-        for (j, (g, w)) in grad.iter().zip(case.f32s("grad_sum.npy")).enumerate() {
-            assert!((g - w).abs() <= 2e-6, "{engine:?} gradient {j}: {g} vs {w}");
-        }
     }
     let mut idx = case.i64s("topk_idx.npy");
     let k = 8;
@@ -2226,4 +2161,55 @@ fn top_k_targets_through_score() {
         "--cpu",
     ]);
     expect_failure(&o, 2, &["short.npy", "shaped like"]);
+}
+
+/// The engines a CLI test runs: the CPU reference, and the GPU where there is one.
+fn engines() -> Vec<Vec<&'static str>> {
+    let mut engines = vec![vec!["--cpu"]];
+    if gpu_available() {
+        engines.push(vec![]);
+    }
+    engines
+}
+
+/// Runs `args` under `sum` with `--per-row` and `--grad` into `dir`, and checks the golden
+/// `case`'s sum, per-row losses (`loss_none.npy`) and gradient of the sum (`grad_sum.npy`,
+/// PyTorch's, within 2e-6); returns the JSON output.
+fn sum_rows_and_gradient(
+    label: &str,
+    args: &[&str],
+    case: &GoldenCase,
+    dir: &Path,
+) -> serde_json::Value {
+    let (rows_out, grad_out) = (dir.join("rows.npy"), dir.join("grad.npy"));
+    let mut args = args.to_vec();
+    args.extend([
+        "--reduction",
+        "sum",
+        "--per-row",
+        path(&rows_out),
+        "--grad",
+        path(&grad_out),
+    ]);
+    let v = json(&xent(&args));
+    let sum = case.number("sum");
+    let got = v["loss"].as_f64().unwrap();
+    assert!(
+        (got - sum).abs() <= 1e-5 * sum.abs(),
+        "{label}: sum {got} vs {sum}"
+    );
+    let per_row: Vec<f32> = read_npy(&rows_out);
+    for (i, (g, w)) in per_row.iter().zip(case.f64s("loss_none.npy")).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "{label}: row {i}: {g} vs {w}"
+        );
+    }
+    let grad: Vec<f32> = read_npy(&grad_out);
+    let want = case.f32s("grad_sum.npy");
+    assert_eq!(grad.len(), want.len(), "{label}: gradient length");
+    for (j, (g, w)) in grad.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 2e-6, "{label}: gradient {j}: {g} vs {w}");
+    }
+    v
 }

@@ -8,11 +8,12 @@ use std::time::Instant;
 
 use indicatif::ProgressBar;
 use xent::scoring::{self, Distillation, DistillationOutput, DistillationTerms, Divergence};
-use xent::{ElementVec, GpuContext, Logits, Reduction, Scorer, Upstream, XentError};
+use xent::{ElementVec, Logits, XentError};
 
-use crate::npy::{Elem, NpyInput, NpyWriter};
+use crate::npy::NpyInput;
 use crate::out::{Out, json_f64, json_opt, outln};
-use crate::score::{batch_rows, check_outputs, checked_batch_rows, open_logits, update_progress};
+use crate::score::{check_outputs, checked_batch_rows, open_logits, update_progress};
+use crate::stream::{self, Outputs};
 use crate::{CliError, ScoreArgs};
 
 /// `--divergence`.
@@ -101,51 +102,8 @@ pub fn run(args: &ScoreArgs, teacher_path: &Path) -> Result<(), CliError> {
             "--divergence jsd: the GPU computes kl and reverse-kl; the generalised JSD runs on the CPU reference (add --cpu)",
         ));
     }
-    let grad_output = match args.grad_output {
-        Some(g) if !g.is_finite() => {
-            return Err(CliError::input(format!(
-                "--grad-output {g}: must be finite"
-            )));
-        }
-        g => g.unwrap_or(1.0),
-    };
-    let gpu = if args.cpu {
-        None
-    } else {
-        Some(GpuContext::new()?)
-    };
-    let binding = gpu.as_ref().map(|g| g.facts().max_binding_bytes);
-    let batch =
-        batch_rows(classes, requested, binding).map_err(|e| student.file.error(e.to_string()))?;
-    let mut per_row = match &args.per_row {
-        Some(path) => Some(NpyWriter::create(
-            "--per-row",
-            path,
-            &[rows],
-            student.file.elem == Elem::F64,
-        )?),
-        None => None,
-    };
-    let mut grad = match &args.grad {
-        Some(path) => Some(NpyWriter::create_as(
-            "--grad",
-            path,
-            &[rows, classes],
-            student.dtype,
-        )?),
-        None => None,
-    };
-    let per_row_upstream = vec![grad_output; batch.min(rows)];
-    let upstream = |n: usize| match args.reduction {
-        Reduction::None => Upstream::PerRow(&per_row_upstream[..n]),
-        Reduction::Sum => Upstream::Scalar(grad_output),
-        // "batchmean" over the whole file, whatever the batch.
-        Reduction::Mean => Upstream::MeanOver {
-            grad: grad_output,
-            denominator: rows as f64,
-            counted_rows: rows as f64,
-        },
-    };
+    let (gpu, batch) = stream::engine(args.cpu, &student, requested)?;
+    let mut outputs = Outputs::create(args, &student, batch)?;
     let start = Instant::now();
     let mut sums = Sums::default();
     let mut progress: Option<ProgressBar> = None;
@@ -155,23 +113,17 @@ pub fn run(args: &ScoreArgs, teacher_path: &Path) -> Result<(), CliError> {
         let z = student.file.read_values(n * classes, student.bits_as)?;
         let t = teacher.read_f32(n * classes)?;
         let logits = Logits::from_elements(z.as_elements(), n, classes)?;
-        let wants_grad = grad.is_some();
-        let result = match (&gpu, wants_grad) {
-            (Some(gpu), false) => gpu.distillation(&spec, logits, &t).map(|o| (o, None)),
-            (Some(gpu), true) => gpu
-                .distillation_grad(&spec, logits, &t, upstream(n))
+        let result = match (&gpu, outputs.upstream(n)) {
+            (Some(gpu), None) => gpu.distillation(&spec, logits, &t).map(|o| (o, None)),
+            (Some(gpu), Some(up)) => gpu
+                .distillation_grad(&spec, logits, &t, up)
                 .map(|(o, g)| (o, Some(g))),
-            (None, false) => scoring::distillation(&spec, logits, &t).map(|o| (o, None)),
-            (None, true) => scoring::distillation_grad(&spec, logits, &t, upstream(n))
+            (None, None) => scoring::distillation(&spec, logits, &t).map(|o| (o, None)),
+            (None, Some(up)) => scoring::distillation_grad(&spec, logits, &t, up)
                 .map(|(o, g)| (o, Some(ElementVec::rounded(logits.dtype(), g)))),
         };
         let (out, gradient) = result.map_err(|e| blame(e, &teacher, &student.file, first))?;
-        if let Some(writer) = per_row.as_mut() {
-            writer.write(&out.per_row)?;
-        }
-        if let (Some(writer), Some(g)) = (grad.as_mut(), gradient) {
-            writer.write_values(&g)?;
-        }
+        outputs.write(&out.per_row, gradient)?;
         sums.add(&out);
         progress = update_progress(progress, start.elapsed(), sums.rows, rows);
     }
@@ -180,16 +132,8 @@ pub fn run(args: &ScoreArgs, teacher_path: &Path) -> Result<(), CliError> {
     }
     student.file.finish()?;
     teacher.finish()?;
-    if let Some(writer) = per_row {
-        writer.finish()?;
-    }
-    if let Some(writer) = grad {
-        writer.finish()?;
-    }
-    let device = match &gpu {
-        Some(gpu) => gpu.describe(),
-        None => xent::CpuReference.describe(),
-    };
+    outputs.finish()?;
+    let device = stream::describe(gpu.as_ref());
     report(
         args,
         &spec,

@@ -9,11 +9,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use xent::scoring::{self, MultipleChoiceOutput, SequenceScore, TokenRow};
-use xent::{GpuContext, Logits, Scorer, XentError};
+use xent::{Logits, XentError};
 
 use crate::npy::NpyInput;
 use crate::out::{Out, json_f64, outln};
-use crate::score::{batch_rows, checked_batch_rows, open_logits};
+use crate::score::{checked_batch_rows, open_logits};
+use crate::stream;
 use crate::{CliError, EvalArgs};
 
 /// Reads a 1-D file of `what` (non-negative integers) of `expected` values, or of any length;
@@ -71,14 +72,7 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         _ => None,
     };
 
-    let gpu = if args.cpu {
-        None
-    } else {
-        Some(GpuContext::new()?)
-    };
-    let binding = gpu.as_ref().map(|g| g.facts().max_binding_bytes);
-    let batch =
-        batch_rows(classes, requested, binding).map_err(|e| logits.file.error(e.to_string()))?;
+    let (gpu, batch) = stream::engine(args.cpu, &logits, requested)?;
     let start = Instant::now();
     let mut tokens: Vec<TokenRow> = Vec::with_capacity(rows);
     while tokens.len() < rows {
@@ -111,10 +105,7 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         ),
         None => None,
     };
-    let device = match &gpu {
-        Some(gpu) => gpu.describe(),
-        None => xent::CpuReference.describe(),
-    };
+    let device = stream::describe(gpu.as_ref());
     report(
         args,
         &scores,

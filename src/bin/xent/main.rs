@@ -8,6 +8,7 @@ mod info;
 mod npy;
 mod out;
 mod score;
+mod stream;
 mod topk;
 
 use std::io::Write;

@@ -503,14 +503,7 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
         return crate::topk::run(args, indices, probabilities);
     }
     let requested = requested_batch_rows(args)?;
-    let grad_output = match args.grad_output {
-        Some(g) if !g.is_finite() => {
-            return Err(CliError::input(format!(
-                "--grad-output {g}: must be finite"
-            )));
-        }
-        g => g.unwrap_or(1.0),
-    };
+    let grad_output = crate::stream::grad_output(args.grad_output)?;
     let (mut inputs, weights) = open_inputs(args)?;
     let mut spec = CrossEntropy::new()
         .with_reduction(args.reduction)

@@ -6,11 +6,12 @@ use std::time::Instant;
 
 use indicatif::ProgressBar;
 use xent::scoring::{self, SparseTargets};
-use xent::{ElementVec, GpuContext, Logits, Reduction, Scorer, Upstream, XentError};
+use xent::{ElementVec, Logits, XentError};
 
-use crate::npy::{Elem, NpyInput, NpyWriter};
+use crate::npy::NpyInput;
 use crate::out::{Out, json_f64, json_opt, outln};
-use crate::score::{batch_rows, check_outputs, checked_batch_rows, open_logits, update_progress};
+use crate::score::{check_outputs, checked_batch_rows, open_logits, update_progress};
+use crate::stream::{self, Outputs};
 use crate::{CliError, ScoreArgs};
 
 /// An error of the targets, naming the file at fault and the row within the whole file.
@@ -58,50 +59,8 @@ pub fn run(args: &ScoreArgs, indices_path: &Path, probs_path: &Path) -> Result<(
             probabilities.shape
         )));
     }
-    let grad_output = match args.grad_output {
-        Some(g) if !g.is_finite() => {
-            return Err(CliError::input(format!(
-                "--grad-output {g}: must be finite"
-            )));
-        }
-        g => g.unwrap_or(1.0),
-    };
-    let gpu = if args.cpu {
-        None
-    } else {
-        Some(GpuContext::new()?)
-    };
-    let binding = gpu.as_ref().map(|g| g.facts().max_binding_bytes);
-    let batch =
-        batch_rows(classes, requested, binding).map_err(|e| logits.file.error(e.to_string()))?;
-    let mut per_row = match &args.per_row {
-        Some(path) => Some(NpyWriter::create(
-            "--per-row",
-            path,
-            &[rows],
-            logits.file.elem == Elem::F64,
-        )?),
-        None => None,
-    };
-    let mut grad = match &args.grad {
-        Some(path) => Some(NpyWriter::create_as(
-            "--grad",
-            path,
-            &[rows, classes],
-            logits.dtype,
-        )?),
-        None => None,
-    };
-    let per_row_upstream = vec![grad_output; batch.min(rows)];
-    let upstream = |n: usize| match args.reduction {
-        Reduction::None => Upstream::PerRow(&per_row_upstream[..n]),
-        Reduction::Sum => Upstream::Scalar(grad_output),
-        Reduction::Mean => Upstream::MeanOver {
-            grad: grad_output,
-            denominator: rows as f64,
-            counted_rows: rows as f64,
-        },
-    };
+    let (gpu, batch) = stream::engine(args.cpu, &logits, requested)?;
+    let mut outputs = Outputs::create(args, &logits, batch)?;
     let start = Instant::now();
     let (mut sum, mut done) = (0.0, 0);
     let mut progress: Option<ProgressBar> = None;
@@ -112,28 +71,21 @@ pub fn run(args: &ScoreArgs, indices_path: &Path, probs_path: &Path) -> Result<(
         let p = probabilities.read_f32(n * k)?;
         let z = Logits::from_elements(z.as_elements(), n, classes)?;
         let targets = SparseTargets::new(&idx, &p, k);
-        let result = match (&gpu, grad.is_some()) {
-            (Some(gpu), false) => gpu
+        let result = match (&gpu, outputs.upstream(n)) {
+            (Some(gpu), None) => gpu
                 .sparse_cross_entropy(args.reduction, z, targets)
                 .map(|o| (o, None)),
-            (Some(gpu), true) => gpu
-                .sparse_cross_entropy_grad(args.reduction, z, targets, upstream(n))
+            (Some(gpu), Some(up)) => gpu
+                .sparse_cross_entropy_grad(args.reduction, z, targets, up)
                 .map(|(o, g)| (o, Some(g))),
-            (None, false) => {
+            (None, None) => {
                 scoring::sparse_cross_entropy(args.reduction, z, targets).map(|o| (o, None))
             }
-            (None, true) => {
-                scoring::sparse_cross_entropy_grad(args.reduction, z, targets, upstream(n))
-                    .map(|(o, g)| (o, Some(ElementVec::rounded(z.dtype(), g))))
-            }
+            (None, Some(up)) => scoring::sparse_cross_entropy_grad(args.reduction, z, targets, up)
+                .map(|(o, g)| (o, Some(ElementVec::rounded(z.dtype(), g)))),
         };
         let (out, gradient) = result.map_err(|e| blame(e, &indices, done))?;
-        if let Some(writer) = per_row.as_mut() {
-            writer.write(&out.per_row)?;
-        }
-        if let (Some(writer), Some(g)) = (grad.as_mut(), gradient) {
-            writer.write_values(&g)?;
-        }
+        outputs.write(&out.per_row, gradient)?;
         sum += out.sum;
         done += n;
         progress = update_progress(progress, start.elapsed(), done, rows);
@@ -144,16 +96,8 @@ pub fn run(args: &ScoreArgs, indices_path: &Path, probs_path: &Path) -> Result<(
     logits.file.finish()?;
     indices.finish()?;
     probabilities.finish()?;
-    if let Some(writer) = per_row {
-        writer.finish()?;
-    }
-    if let Some(writer) = grad {
-        writer.finish()?;
-    }
-    let device = match &gpu {
-        Some(gpu) => gpu.describe(),
-        None => xent::CpuReference.describe(),
-    };
+    outputs.finish()?;
+    let device = stream::describe(gpu.as_ref());
     let seconds = start.elapsed().as_secs_f64();
     let loss = args.reduction.apply(sum, rows as f64);
     let mut out = Out::lock();
