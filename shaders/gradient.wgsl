@@ -116,6 +116,15 @@ fn teacher_gradient(g: RowGradient, s: f32, k: u32) -> f32 {
     let log_q = (s - g.st.x) - g.st.y;
     let q = exp(log_q);
     let log_p = cap1(probability(g.first + k)) - g.st.z;
+    if DIVERGENCE == 2u {
+        // JSD: q·(d − Σ q·d), d = (1−β)·(ln q − ln m); g.st.w is Σ q·d.
+        let a = log(params.beta) + log_p;
+        let b = log(1.0 - params.beta) + log_q;
+        let top = max(a, b);
+        let log_m = top + log(exp(a - top) + exp(b - top));
+        let d = (1.0 - params.beta) * (log_q - log_m);
+        return g.s_ce * select(q * (d - g.st.w), 0.0, q == 0.0);
+    }
     if DIVERGENCE == 1u {
         return g.s_ce * select(q * ((log_q - log_p) - g.st.w), 0.0, q == 0.0);
     }

@@ -42,8 +42,14 @@ override SPARSE_K: u32 = 0u;
 // The high word a top-k row's results carry for a repeated index (an i32 index's high word
 // is 0 or 0xffffffff; src/gpu/prepared.rs mirrors it).
 const TOP_K_DUPLICATE: u32 = 0x40000000u;
-// Against a teacher: 0 the cross-entropy CE(p, q) = H(p) + KL(p‖q), 1 the reverse KL(q‖p).
+// Against a teacher: 0 the cross-entropy CE(p, q) = H(p) + KL(p‖q), 1 the reverse KL(q‖p),
+// 2 the generalised JSD with weight params.beta, in two passes over the logits: the first
+// keeps both log-sum-exps per row (GRAD_STATS), the second (JSD_SECOND) sums, per row,
+// β·p·(ln p − ln m) + (1−β)·q·(ln q − ln m) with m = β·p + (1−β)·q into RowStats' h, and
+// Σ q·d, d = (1−β)·(ln q − ln m), into e (for the gradient). Its parts keep the empty max, so
+// every merge is a plain sum.
 override DIVERGENCE: u32 = 0u;
+override JSD_SECOND: bool = false;
 // Class indices are i64 (two words, low first) rather than i32.
 override INDEX_I64: bool = false;
 // A class index equal to (params.ignore_lo, params.ignore_hi) skips its row.
@@ -116,6 +122,8 @@ struct Params {
     metrics_at: u32,
     // 1 / T, the temperature of both logits against a teacher.
     inv_temperature: f32,
+    // The generalised JSD's weight β.
+    beta: f32,
 }
 
 // Written by the kernels, read by the host: errors found on the device and the call's totals
@@ -338,10 +346,35 @@ fn wild4(z: vec4<f32>) -> bool {
 
 // The (capped) logit of the row's target class, for the rank (METRICS); NaN ranks nothing.
 var<private> metric_target: f32;
+// The row's (m, ln s, the teacher's lse, ·) from the first pass (JSD_SECOND).
+var<private> jsd_row: vec4<f32>;
+
+// Adds the JSD terms of four classes, student z and teacher t over T (JSD_SECOND): terms
+// with p = 0 or q = 0 are 0.
+fn fold_jsd4(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>) {
+    let log_q = (z - jsd_row.x) - jsd_row.y;
+    let log_p = t - jsd_row.z;
+    let a = log(params.beta) + log_p;
+    let b = log(1.0 - params.beta) + log_q;
+    let top = max(a, b);
+    let log_m = top + log(exp(a - top) + exp(b - top));
+    let p = exp(log_p);
+    let q = exp(log_q);
+    let tp = select(params.beta * p * (log_p - log_m), vec4(0.0), p == vec4(0.0));
+    let d = (1.0 - params.beta) * (log_q - log_m);
+    let tq = select(q * d, vec4(0.0), q == vec4(0.0));
+    let terms = tp + tq;
+    (*st).h += (terms.x + terms.y) + (terms.z + terms.w);
+    (*st).e += (tq.x + tq.y) + (tq.z + tq.w);
+}
 
 // Folds four logits of classes k.. k + 3 with their target weights t.
 fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>, k: u32) -> bool {
     let capped = cap4(z);
+    if JSD_SECOND {
+        fold_jsd4(st, capped, cap4(t));
+        return false;
+    }
     if TARGET_KIND == TARGET_TEACHER {
         let teacher = cap4(t);
         *st = raise_teacher(*st, max(max(teacher.x, teacher.y), max(teacher.z, teacher.w)));
@@ -380,6 +413,11 @@ fn fold_scalar(st: ptr<function, RowStats>, i: u32, k: u32) -> bool {
     }
     let z = raw_logit(i);
     let capped = cap1(z);
+    if JSD_SECOND {
+        let none = vec3(EMPTY_MAX);
+        fold_jsd4(st, vec4(capped, none), vec4(cap1(probability(i)), none));
+        return false;
+    }
     if TARGET_KIND == TARGET_TEACHER {
         let raw = probability(i);
         let teacher = cap1(raw);
@@ -411,6 +449,9 @@ fn fold_row(r: u32, lane: u32, lanes: u32) -> RowStats {
     var wild = false;
     let first = row_first(r);
     let end = first + params.classes;
+    if JSD_SECOND {
+        jsd_row = results[params.rows2_at + params.first_row + r];
+    }
     if METRICS {
         // NaN for a class out of range (the row then fails) or beyond the row.
         let y = class_words(r);
@@ -543,6 +584,13 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
 // (m, ln s, the teacher's lse, the loss). Sums (loss, H(p), 1, 0).
 fn finish_teacher_row(r: u32, st: RowStats, lse: f32, log_s: f32) -> RowSums {
     let row = params.first_row + r;
+    if JSD_SECOND {
+        let first = results[params.rows2_at + row];
+        let loss = st.h;
+        results[row] = vec4(loss, first.x + first.y, 0.0, loss);
+        results[params.rows2_at + row].w = st.e;
+        return RowSums(vec4(loss, 0.0, 1.0, 0.0), 0.0);
+    }
     let log_t = log(st.b);
     var entropy = log_t - st.h / st.b;
     var loss = log_s - st.a / st.b;

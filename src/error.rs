@@ -214,9 +214,6 @@ pub enum XentError {
         /// The number of classes.
         classes: usize,
     },
-    /// An option the GPU path does not compute (the CPU reference does).
-    #[error("not on the GPU: {0}")]
-    GpuUnsupported(String),
     /// Sequence offsets must start at 0, never decrease and end at the number of rows.
     #[error("sequence offsets: {0}")]
     SequenceOffsets(String),

@@ -141,7 +141,7 @@ fn variants() -> Vec<Variant> {
         LossVariant {
             target: TargetKind::Teacher,
             grad_stats: true,
-            reverse: true,
+            divergence: 1,
             in_place: true,
             ..base
         },
@@ -150,6 +150,13 @@ fn variants() -> Vec<Variant> {
             top_k: 8,
             grad_stats: true,
             z_loss: true,
+            ..base
+        },
+        LossVariant {
+            target: TargetKind::Teacher,
+            divergence: 2,
+            jsd_second: true,
+            grad_stats: true,
             ..base
         },
         LossVariant {

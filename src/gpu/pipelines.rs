@@ -154,8 +154,10 @@ pub struct LossVariant {
     pub grad_stats: bool,
     /// Token metrics in the statistics pass.
     pub metrics: bool,
-    /// Against a teacher: the reverse KL(q‖p) rather than the cross-entropy.
-    pub reverse: bool,
+    /// Against a teacher: 0 the cross-entropy, 1 the reverse KL(q‖p), 2 the generalised JSD.
+    pub divergence: u8,
+    /// The JSD's second pass over the logits.
+    pub jsd_second: bool,
     /// Top-k targets: the k (0 otherwise).
     pub top_k: u32,
     /// The gradient kernel's: how the upstream gradient comes (0 per row, 1 sum, 2 mean).
@@ -184,7 +186,8 @@ impl LossVariant {
         z_loss: false,
         grad_stats: false,
         metrics: false,
-        reverse: false,
+        divergence: 0,
+        jsd_second: false,
         top_k: 0,
         reduction: 2,
         scales_from_totals: false,
@@ -246,7 +249,8 @@ impl PipelineKey {
             ("ZLOSS", flag(v.z_loss)),
             ("GRAD_STATS", flag(v.grad_stats)),
             ("METRICS", flag(v.metrics)),
-            ("DIVERGENCE", flag(v.reverse)),
+            ("DIVERGENCE", v.divergence as f64),
+            ("JSD_SECOND", flag(v.jsd_second)),
             ("SPARSE_K", v.top_k as f64),
         ];
         if self.kernel == Kernel::Gradient {

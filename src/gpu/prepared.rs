@@ -51,7 +51,7 @@ pub(crate) struct Params {
     grad_z: f32,
     metrics_at: u32,
     inv_temperature: f32,
-    _pad: [u32; 1],
+    beta: f32,
 }
 
 /// The high word a top-k row's results carry for a repeated index (`TOP_K_DUPLICATE` in
@@ -98,8 +98,10 @@ pub(crate) struct Setup {
 pub(crate) struct Teacher {
     /// 1/T, as f32 bits.
     pub inv_temperature: u32,
-    /// The reverse KL(q‖p) rather than the cross-entropy.
-    pub reverse: bool,
+    /// 0 the cross-entropy, 1 the reverse KL(q‖p), 2 the generalised JSD (two passes).
+    pub divergence: u8,
+    /// The JSD's β, as f32 bits.
+    pub beta: u32,
     /// The gradient's factor, the loss scale over T, as f64 bits.
     pub grad_factor: u64,
 }
@@ -181,6 +183,11 @@ pub(crate) struct ChunkSource<'a> {
 struct Pipes {
     main: Arc<wgpu::ComputePipeline>,
     merge: Option<Arc<wgpu::ComputePipeline>>,
+    /// The JSD's second pass over the logits, and its merge of split rows.
+    second: Option<(
+        Arc<wgpu::ComputePipeline>,
+        Option<Arc<wgpu::ComputePipeline>>,
+    )>,
     reduce: Arc<wgpu::ComputePipeline>,
 }
 
@@ -256,6 +263,8 @@ pub struct PreparedLoss {
     metrics_at: u32,
     /// 1/T against a teacher (else 1).
     inv_temperature: f32,
+    /// The JSD's β (else 0).
+    beta: f32,
     /// The gradient's factor beyond the reduction's scale (the loss scale over T against a
     /// teacher, else 1).
     grad_factor: f64,
@@ -364,7 +373,7 @@ impl PreparedLoss {
                 Some(TargetLayout::TopK { k }) => k,
                 _ => 0,
             },
-            reverse: setup.teacher.is_some_and(|t| t.reverse),
+            divergence: setup.teacher.map_or(0, |t| t.divergence),
             dtype,
             targets_half: targets_dtype.is_half(),
             index_i64: setup.targets == Some(TargetLayout::ClassIndices(IndexType::I64)),
@@ -475,6 +484,7 @@ impl PreparedLoss {
                 inv_temperature: setup
                     .teacher
                     .map_or(1.0, |t| f32::from_bits(t.inv_temperature)),
+                beta: setup.teacher.map_or(0.0, |t| f32::from_bits(t.beta)),
                 grad_factor: setup.teacher.map_or(1.0, |t| f64::from_bits(t.grad_factor)),
                 upstream_at: upstream_at as u32,
                 params_stride,
@@ -542,21 +552,36 @@ impl PreparedLoss {
             return p.clone();
         }
         let gpu = &self.gpu;
+        let jsd = self.variant.divergence == 2;
         let variant = LossVariant {
             targets_aligned: aligned,
-            grad_stats,
+            // The JSD's first pass keeps the row stats for its second.
+            grad_stats: grad_stats || jsd,
             ..self.variant
         };
-        let key = |kernel| PipelineKey {
-            kernel,
-            strategy: self.setup.strategy,
-            variant,
+        let split = self.setup.strategy.split > 1;
+        let get = |kernel, variant| {
+            let key = PipelineKey {
+                kernel,
+                strategy: self.setup.strategy,
+                variant,
+            };
+            gpu.pipelines.get(&gpu.device, key)
         };
-        let get = |kernel| gpu.pipelines.get(&gpu.device, key(kernel));
+        let second = LossVariant {
+            jsd_second: true,
+            ..variant
+        };
         let pipes = Pipes {
-            main: get(Kernel::CrossEntropy),
-            merge: (self.setup.strategy.split > 1).then(|| get(Kernel::MergeSplitRows)),
-            reduce: get(Kernel::ReduceTotals),
+            main: get(Kernel::CrossEntropy, variant),
+            merge: split.then(|| get(Kernel::MergeSplitRows, variant)),
+            second: jsd.then(|| {
+                (
+                    get(Kernel::CrossEntropy, second),
+                    split.then(|| get(Kernel::MergeSplitRows, second)),
+                )
+            }),
+            reduce: get(Kernel::ReduceTotals, variant),
         };
         self.res.pipes.insert((aligned, grad_stats), pipes.clone());
         pipes
@@ -1048,7 +1073,7 @@ impl PreparedLoss {
                     grad_z: 0.0,
                     metrics_at: self.metrics_at,
                     inv_temperature: self.inv_temperature,
-                    _pad: [0; 1],
+                    beta: self.beta,
                 },
                 inputs,
                 in_place,
@@ -1192,6 +1217,16 @@ impl PreparedLoss {
                 pass.set_pipeline(merge);
                 let (x, y) = grid((chunk.rows as u32).div_ceil(s.workgroup_size), max_dim);
                 pass.dispatch_workgroups(x, y, 1);
+            }
+            if let Some((second, merge)) = &pipes.second {
+                pass.set_pipeline(second);
+                let (x, y) = grid(main_groups(chunk.rows), max_dim);
+                pass.dispatch_workgroups(x, y, 1);
+                if let Some(merge) = merge {
+                    pass.set_pipeline(merge);
+                    let (x, y) = grid((chunk.rows as u32).div_ceil(s.workgroup_size), max_dim);
+                    pass.dispatch_workgroups(x, y, 1);
+                }
             }
             if let (false, Some(p)) = (late, &elementwise[i]) {
                 elementwise_pass(&mut pass, k, p);

@@ -97,11 +97,11 @@ impl super::GpuContext {
 
     /// A distillation loss of the `student` logits against the `teacher`'s (f32, the
     /// student's shape) on the GPU, as [`scoring::distillation`] computes it in f64: one read
-    /// of each matrix, the row statistics of both softmaxes at temperature T in one pass.
-    /// Forward (the cross-entropy H(p) + KL(p‖q), both reported per row) and reverse KL(q‖p).
+    /// of each matrix, the row statistics of both softmaxes at temperature T in one pass:
+    /// forward (the cross-entropy H(p) + KL(p‖q), both reported per row) and reverse KL(q‖p).
+    /// The generalised JSD needs the mixture's log per class, so a second read of both.
     ///
-    /// Errors: those of [`Distillation::validate`]; [`XentError::GpuUnsupported`] for the
-    /// generalised JSD (the CPU reference computes it); [`XentError::LogitOutOfRange`] for a
+    /// Errors: those of [`Distillation::validate`]; [`XentError::LogitOutOfRange`] for a
     /// finite logit of either beyond ±2^64.
     pub fn distillation(
         &self,
@@ -160,15 +160,16 @@ impl super::GpuContext {
         strategy: Strategy,
     ) -> Result<(DistillationOutput, ElementVec)> {
         spec.validate(&student, teacher)?;
-        let reverse = match spec.divergence() {
-            Divergence::ForwardKl => false,
-            Divergence::ReverseKl => true,
-            Divergence::Jsd { .. } => {
-                return Err(XentError::GpuUnsupported(
-                    "the generalised JSD (its mixture needs a second read of both logits); the CPU reference xent::scoring computes it".into(),
-                ));
-            }
+        // The kernels' divergence (0 forward, 1 reverse, 2 JSD), its β, and which per-row
+        // column is the loss: the JSD's ends are the two KLs, β = 0 without the entropy.
+        let (divergence, beta, loss_column) = match spec.divergence() {
+            Divergence::ForwardKl => (0, 0.0, 0),
+            Divergence::ReverseKl => (1, 0.0, 0),
+            Divergence::Jsd { beta } if beta == 0.0 => (0, 0.0, 3),
+            Divergence::Jsd { beta } if beta == 1.0 => (1, 0.0, 0),
+            Divergence::Jsd { beta } => (2, beta, 0),
         };
+        let forward = spec.divergence() == Divergence::ForwardKl;
         let (rows, classes) = (student.rows(), student.classes());
         if let Some(u) = &upstream {
             u.check(spec.reduction(), rows)?;
@@ -189,7 +190,8 @@ impl super::GpuContext {
         let setup = Setup {
             teacher: Some(Teacher {
                 inv_temperature: ((1.0 / t) as f32).to_bits(),
-                reverse,
+                divergence,
+                beta: (beta as f32).to_bits(),
                 grad_factor: (spec.loss_scale() / t).to_bits(),
             }),
             ..HostLoss::setup(strategy, &student, targets.layout(), output)
@@ -200,20 +202,20 @@ impl super::GpuContext {
         let scale = spec.loss_scale();
         let column =
             |c: usize| -> Vec<f64> { run.raw.iter().map(|r| r[c] as f64 * scale).collect() };
-        let per_row = column(0);
+        let per_row = column(loss_column);
         let sum = per_row.iter().fold(0.0, |a, b| a + b);
         let out = DistillationOutput {
             reduction: spec.reduction(),
             loss: spec.reduction().apply(sum, rows as f64),
             sum,
             per_row,
-            terms: if reverse {
-                DistillationTerms::DivergenceOnly
-            } else {
+            terms: if forward {
                 DistillationTerms::CrossEntropy {
                     entropy: column(2),
                     kl: column(3),
                 }
+            } else {
+                DistillationTerms::DivergenceOnly
             },
             rows,
             classes,

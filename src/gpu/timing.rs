@@ -224,7 +224,8 @@ impl GpuContext {
             metrics: task == Task::Metrics,
             teacher: (task == Task::Distill).then_some(Teacher {
                 inv_temperature: 0.5f32.to_bits(),
-                reverse: false,
+                divergence: 0,
+                beta: 0,
                 grad_factor: 0.5f64.to_bits(),
             }),
         };

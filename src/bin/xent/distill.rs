@@ -97,11 +97,6 @@ pub fn run(args: &ScoreArgs, teacher_path: &Path) -> Result<(), CliError> {
     let none = Logits::new::<f32>(&[], 0, classes)?;
     spec.validate(&none, &[])
         .map_err(|e| blame(e, &teacher, &student.file, 0))?;
-    if matches!(divergence, Divergence::Jsd { .. }) && !args.cpu {
-        return Err(CliError::input(
-            "--divergence jsd: the GPU computes kl and reverse-kl; the generalised JSD runs on the CPU reference (add --cpu)",
-        ));
-    }
     let (gpu, batch) = stream::engine(args.cpu, &student, requested)?;
     let mut outputs = Outputs::create(args, &student, batch)?;
     let start = Instant::now();

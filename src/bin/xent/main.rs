@@ -92,8 +92,8 @@ pub struct ScoreArgs {
     )]
     temperature: Option<f64>,
     /// kl: the cross-entropy CE(p, q) = H(p) + KL(p‖q), with H and KL reported; reverse-kl:
-    /// KL(q‖p); jsd: the generalised Jensen–Shannon divergence with --beta (CPU reference
-    /// only: add --cpu).
+    /// KL(q‖p); jsd: the generalised Jensen–Shannon divergence with --beta (two reads of
+    /// both logits).
     /// [default: kl]
     #[arg(long, value_name = "D", requires = "teacher")]
     divergence: Option<distill::DivergenceChoice>,
