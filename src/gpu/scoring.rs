@@ -165,8 +165,8 @@ impl super::GpuContext {
         let (divergence, beta, loss_column) = match spec.divergence() {
             Divergence::ForwardKl => (0, 0.0, 0),
             Divergence::ReverseKl => (1, 0.0, 0),
-            Divergence::Jsd { beta } if beta == 0.0 => (0, 0.0, 3),
-            Divergence::Jsd { beta } if beta == 1.0 => (1, 0.0, 0),
+            Divergence::Jsd { beta: 0.0 } => (0, 0.0, 3),
+            Divergence::Jsd { beta: 1.0 } => (1, 0.0, 0),
             Divergence::Jsd { beta } => (2, beta, 0),
         };
         let forward = spec.divergence() == Divergence::ForwardKl;
