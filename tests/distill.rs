@@ -243,3 +243,79 @@ fn half_students_reruns_and_refusals() {
         .unwrap();
     assert_eq!(empty.sum, 0.0);
 }
+
+#[test]
+fn device_buffers_match_the_host_path() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (24, 1003);
+    let (student, teacher) = random_pair(31, rows, classes, true);
+    let z = Logits::new(&student, rows, classes).unwrap();
+    // At 16-byte boundaries, as the host path stages rows: the same loads, the same bits.
+    let s_buf = common::buffer_with(gpu, 16, bytemuck::cast_slice(&student));
+    let t_buf = common::buffer_with(gpu, 32, bytemuck::cast_slice(&teacher));
+    let view = xent::DeviceLogits::new(&s_buf, 16, rows, classes);
+    let labels = xent::DeviceTargets::probabilities(&t_buf, 32);
+    let shape = xent::LossShape::probabilities(rows, classes);
+    for divergence in [
+        Divergence::ForwardKl,
+        Divergence::ReverseKl,
+        Divergence::Jsd { beta: 0.6 },
+    ] {
+        let spec = Distillation::new()
+            .with_temperature(3.0)
+            .with_divergence(divergence)
+            .with_reduction(Reduction::Mean);
+        let host = gpu.distillation(&spec, z, &teacher).unwrap();
+        let mut loss = gpu.prepare_distillation(&spec, shape).unwrap();
+        for _ in 0..2 {
+            loss.run(view, labels).unwrap();
+            let got = loss.read_distillation().unwrap();
+            assert_eq!(got, host, "{divergence:?}");
+        }
+        // The gradient of the mean into a buffer, against the host path's.
+        let (_, want) = gpu
+            .distillation_grad(&spec, z, &teacher, Upstream::Scalar(1.0))
+            .unwrap();
+        let g_buf = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: (rows * classes * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let out = xent::GradientOutput::Buffer {
+            buffer: &g_buf,
+            offset: 0,
+        };
+        loss.run_gradient(view, labels, out, Upstream::Scalar(1.0))
+            .unwrap();
+        let got = common::read_f32(gpu, &g_buf, 0, rows * classes);
+        let scale = |_| 1.0 / (3.0 * rows as f64);
+        let max: Vec<f64> = (0..rows)
+            .map(|i| seen_max(&student, &teacher, classes, i, 3.0))
+            .collect();
+        let want: Vec<f64> = want.to_f32().iter().map(|&v| v as f64).collect();
+        assert_gradient(
+            &format!("{divergence:?} device gradient"),
+            &got,
+            &want,
+            classes,
+            &scale,
+            &vec![1.0; rows],
+            &max,
+            Dtype::F32,
+        );
+    }
+    assert!(matches!(
+        gpu.prepare_distillation(
+            &Distillation::new(),
+            xent::LossShape::class_indices(4, 5, xent::IndexType::I32)
+        ),
+        Err(XentError::NotPrepared(_))
+    ));
+    let mut plain = gpu.prepare(&xent::CrossEntropy::new(), shape).unwrap();
+    plain.run(view, labels).unwrap();
+    assert!(matches!(
+        plain.read_distillation(),
+        Err(XentError::NotPrepared(_))
+    ));
+}

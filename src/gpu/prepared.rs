@@ -16,7 +16,7 @@ use crate::dtype::Dtype;
 use crate::error::{Result, XentError};
 use crate::grad::Upstream;
 use crate::output::{LossOutput, LossTotals};
-use crate::scoring::{TargetScore, TokenMetrics, TokenRow};
+use crate::scoring::{Distillation, DistillationOutput, TargetScore, TokenMetrics, TokenRow};
 use crate::spec::{CrossEntropy, Reduction};
 
 use super::context::{Gpu, Serialised};
@@ -265,6 +265,8 @@ pub struct PreparedLoss {
     inv_temperature: f32,
     /// The JSD's β (else 0).
     beta: f32,
+    /// The distillation spec a teacher's loss reads its outputs by.
+    distillation: Option<Distillation>,
     /// The gradient's factor beyond the reduction's scale (the loss scale over T against a
     /// teacher, else 1).
     grad_factor: f64,
@@ -485,6 +487,7 @@ impl PreparedLoss {
                     .teacher
                     .map_or(1.0, |t| f32::from_bits(t.inv_temperature)),
                 beta: setup.teacher.map_or(0.0, |t| f32::from_bits(t.beta)),
+                distillation: None,
                 grad_factor: setup.teacher.map_or(1.0, |t| f64::from_bits(t.grad_factor)),
                 upstream_at: upstream_at as u32,
                 params_stride,
@@ -515,6 +518,11 @@ impl PreparedLoss {
             loss.pipes(true, setup.output == Output::Gradient);
             Ok(loss)
         })
+    }
+
+    /// Marks a teacher's loss as the distillation `spec` (its outputs' scale and reduction).
+    pub(crate) fn set_distillation(&mut self, spec: Distillation) {
+        self.distillation = Some(spec);
     }
 
     /// Turns on token metrics for the calls recorded from now on (see
@@ -1369,6 +1377,27 @@ impl PreparedLoss {
     /// [`LossOutput`] the host-slice API returns.
     pub fn read(&mut self) -> Result<LossOutput> {
         Ok(self.read_parts()?.0)
+    }
+
+    /// The distillation output of the last call of a loss made by
+    /// [`GpuContext::prepare_distillation`](crate::GpuContext::prepare_distillation): per row
+    /// the loss (and, for the forward loss, H(p) and KL(p‖q)), scaled and reduced as the spec
+    /// says.
+    ///
+    /// Errors: [`XentError::NotPrepared`] for a loss that is not a distillation; the device's
+    /// errors as [`PreparedLoss::read_totals`].
+    pub fn read_distillation(&mut self) -> Result<DistillationOutput> {
+        let Some(spec) = self.distillation else {
+            return Err(XentError::NotPrepared(
+                "this loss is not a distillation: prepare it with prepare_distillation".into(),
+            ));
+        };
+        let (_, raw, _) = self.read_parts()?;
+        Ok(super::scoring::distillation_output(
+            &spec,
+            &raw,
+            self.shape.classes(),
+        ))
     }
 
     /// [`PreparedLoss::read`], and the token metrics of the same call (a loss made

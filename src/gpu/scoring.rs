@@ -17,7 +17,8 @@ use crate::targets::Targets;
 
 use super::host::{HostLoss, HostTargets};
 use super::planner::Strategy;
-use super::prepared::{Output, Setup, Teacher};
+use super::prepared::{Output, PreparedLoss, RawRow, Setup, Teacher};
+use super::views::LossShape;
 
 impl super::GpuContext {
     /// Cross-entropy of class-index `targets` and, from the same read of the logits, the
@@ -95,6 +96,42 @@ impl super::GpuContext {
         Ok(scoring::sequences_of(&metrics.rows, offsets))
     }
 
+    /// Prepares a distillation loss for device buffers, as [`GpuContext::prepare`] a
+    /// cross-entropy: `shape`'s targets are the teacher's logits,
+    /// [`TargetLayout::Probabilities`](crate::TargetLayout::Probabilities) of f32 or of the
+    /// student's dtype, bound as [`DeviceTargets::Probabilities`](crate::DeviceTargets). Calls
+    /// record on the caller's buffers (the gradient into a buffer or over the student's
+    /// logits) and [`PreparedLoss::read_distillation`] reads the output.
+    ///
+    /// Errors: those of [`Distillation::validate`] on the options;
+    /// [`XentError::NotPrepared`] unless the targets are logits-shaped values.
+    pub fn prepare_distillation(
+        &self,
+        spec: &Distillation,
+        shape: LossShape,
+    ) -> Result<PreparedLoss> {
+        let none = Logits::new::<f32>(&[], 0, shape.classes())?;
+        spec.validate(&none, &[])?;
+        if !shape.targets().is_probabilities() {
+            return Err(XentError::NotPrepared(
+                "a teacher's logits are laid out like probabilities (TargetLayout::Probabilities)"
+                    .into(),
+            ));
+        }
+        let setup = Setup {
+            strategy: self.plan(shape.max_rows(), shape.classes()),
+            targets: Some(shape.targets()),
+            output: Output::Loss,
+            chunk_cap: None,
+            metrics: false,
+            teacher: Some(Teacher::of(spec)),
+        };
+        let ce = CrossEntropy::new().with_reduction(spec.reduction());
+        let mut loss = PreparedLoss::new(self.gpu.clone(), &ce, shape, setup)?;
+        loss.set_distillation(*spec);
+        Ok(loss)
+    }
+
     /// A distillation loss of the `student` logits against the `teacher`'s (f32, the
     /// student's shape) on the GPU, as [`scoring::distillation`] computes it in f64: one read
     /// of each matrix, the row statistics of both softmaxes at temperature T in one pass:
@@ -160,16 +197,6 @@ impl super::GpuContext {
         strategy: Strategy,
     ) -> Result<(DistillationOutput, ElementVec)> {
         spec.validate(&student, teacher)?;
-        // The kernels' divergence (0 forward, 1 reverse, 2 JSD), its β, and which per-row
-        // column is the loss: the JSD's ends are the two KLs, β = 0 without the entropy.
-        let (divergence, beta, loss_column) = match spec.divergence() {
-            Divergence::ForwardKl => (0, 0.0, 0),
-            Divergence::ReverseKl => (1, 0.0, 0),
-            Divergence::Jsd { beta: 0.0 } => (0, 0.0, 3),
-            Divergence::Jsd { beta: 1.0 } => (1, 0.0, 0),
-            Divergence::Jsd { beta } => (2, beta, 0),
-        };
-        let forward = spec.divergence() == Divergence::ForwardKl;
         let (rows, classes) = (student.rows(), student.classes());
         if let Some(u) = &upstream {
             u.check(spec.reduction(), rows)?;
@@ -186,40 +213,14 @@ impl super::GpuContext {
         } else {
             Output::Loss
         };
-        let t = spec.temperature();
         let setup = Setup {
-            teacher: Some(Teacher {
-                inv_temperature: ((1.0 / t) as f32).to_bits(),
-                divergence,
-                beta: (beta as f32).to_bits(),
-                grad_factor: (spec.loss_scale() / t).to_bits(),
-            }),
+            teacher: Some(Teacher::of(spec)),
             ..HostLoss::setup(strategy, &student, targets.layout(), output)
         };
         // "batchmean": the mean divides by the rows.
         let gradient = upstream.map(|u| (u, u.mean_over().unwrap_or((rows as f64, rows as f64))));
         let run = self.run_host(&ce, student, targets, setup, gradient, 0)?;
-        let scale = spec.loss_scale();
-        let column =
-            |c: usize| -> Vec<f64> { run.raw.iter().map(|r| r[c] as f64 * scale).collect() };
-        let per_row = column(loss_column);
-        let sum = per_row.iter().fold(0.0, |a, b| a + b);
-        let out = DistillationOutput {
-            reduction: spec.reduction(),
-            loss: spec.reduction().apply(sum, rows as f64),
-            sum,
-            per_row,
-            terms: if forward {
-                DistillationTerms::CrossEntropy {
-                    entropy: column(2),
-                    kl: column(3),
-                }
-            } else {
-                DistillationTerms::DivergenceOnly
-            },
-            rows,
-            classes,
-        };
+        let out = distillation_output(spec, &run.raw, classes);
         Ok((out, run.grad))
     }
 
@@ -316,5 +317,59 @@ impl super::GpuContext {
         let gradient = upstream.map(|u| (u, u.mean_over().unwrap_or((rows as f64, rows as f64))));
         let run = self.run_host(&spec, logits, host_targets, setup, gradient, 0)?;
         Ok((run.out, run.grad))
+    }
+}
+
+impl Teacher {
+    /// The kernels' setup of a distillation spec: 1/T, the divergence (0 forward, 1 reverse,
+    /// 2 the generalised JSD; the JSD's ends are the two KLs) and its β, the gradient's
+    /// factor (the loss scale over T).
+    pub(crate) fn of(spec: &Distillation) -> Teacher {
+        let (divergence, beta) = match spec.divergence() {
+            Divergence::ForwardKl | Divergence::Jsd { beta: 0.0 } => (0, 0.0),
+            Divergence::ReverseKl | Divergence::Jsd { beta: 1.0 } => (1, 0.0),
+            Divergence::Jsd { beta } => (2, beta),
+        };
+        let t = spec.temperature();
+        Teacher {
+            inv_temperature: ((1.0 / t) as f32).to_bits(),
+            divergence,
+            beta: (beta as f32).to_bits(),
+            grad_factor: (spec.loss_scale() / t).to_bits(),
+        }
+    }
+}
+
+/// A distillation's output from the device's per-row results `(loss, lse, H(p), KL)`, scaled
+/// by the loss scale in f64: the loss is the KL column for the JSD's β = 0 end (KL(p‖q)
+/// without the entropy); only the forward loss reports H and KL.
+pub(crate) fn distillation_output(
+    spec: &Distillation,
+    raw: &[RawRow],
+    classes: usize,
+) -> DistillationOutput {
+    let scale = spec.loss_scale();
+    let column = |c: usize| -> Vec<f64> { raw.iter().map(|r| r[c] as f64 * scale).collect() };
+    let per_row = match spec.divergence() {
+        Divergence::Jsd { beta: 0.0 } => column(3),
+        _ => column(0),
+    };
+    let sum = per_row.iter().fold(0.0, |a, b| a + b);
+    let rows = raw.len();
+    DistillationOutput {
+        reduction: spec.reduction(),
+        loss: spec.reduction().apply(sum, rows as f64),
+        sum,
+        per_row,
+        terms: if spec.divergence() == Divergence::ForwardKl {
+            DistillationTerms::CrossEntropy {
+                entropy: column(2),
+                kl: column(3),
+            }
+        } else {
+            DistillationTerms::DivergenceOnly
+        },
+        rows,
+        classes,
     }
 }
