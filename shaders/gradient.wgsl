@@ -59,8 +59,12 @@ fn row_gradient(r: u32) -> RowGradient {
     g.y = -1;
     g.w_y = 0.0;
     if TARGET_KIND == TARGET_CLASS_INDEX && g.st.w > 0.0 {
-        g.y = target_class(r);
-        g.w_y = (1.0 - params.smoothing) * class_weight(u32(max(g.y, 0)));
+        // The class within this block of classes (a shard holds some of them).
+        let y = u32(target_class(r)) - params.class_offset;
+        if y < params.classes {
+            g.y = i32(y);
+            g.w_y = (1.0 - params.smoothing) * class_weight(y);
+        }
     }
     g.first = row_first(r);
     g.out = params.outputs_offset + r * params.classes;

@@ -50,6 +50,9 @@ const TOP_K_DUPLICATE: u32 = 0x40000000u;
 // every merge is a plain sum.
 override DIVERGENCE: u32 = 0u;
 override JSD_SECOND: bool = false;
+// Per row, the raw RowStats of this block of classes instead of a loss: (m, s, a, b) in the
+// per-row results and (h, 0, 0, 0) at params.metrics_at, for a merge elsewhere (shards).
+override PARTIALS: bool = false;
 // Class indices are i64 (two words, low first) rather than i32.
 override INDEX_I64: bool = false;
 // A class index equal to (params.ignore_lo, params.ignore_hi) skips its row.
@@ -124,6 +127,10 @@ struct Params {
     inv_temperature: f32,
     // The generalised JSD's weight β.
     beta: f32,
+    // A vocabulary shard: these logits are classes class_offset.. class_offset + classes of
+    // total_classes (0 and classes unsharded). Class indices are of the whole vocabulary.
+    class_offset: u32,
+    total_classes: u32,
 }
 
 // Written by the kernels, read by the host: errors found on the device and the call's totals
@@ -254,7 +261,7 @@ fn target_class(r: u32) -> i32 {
     if HAS_IGNORE && lo == params.ignore_lo && hi == params.ignore_hi {
         return -1;
     }
-    if hi != 0u || lo >= params.classes {
+    if hi != 0u || lo >= params.total_classes {
         atomicMax(&status.bad_index, flag_row(r));
         results[params.first_row + r].z = bitcast<f32>(lo);
         results[params.first_row + r].w = bitcast<f32>(hi);
@@ -528,10 +535,15 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
             results[row].y = lse;
             return RowSums(vec4(nan, 0.0, 0.0, 0.0), 0.0);
         } else {
-            let w_y = class_weight(u32(y));
-            let w = (1.0 - params.smoothing) * w_y;
-            a += w * (logit(row_first(r) + u32(y)) - st.m);
-            b += w;
+            // The target's own term, where this block of classes holds it (a shard).
+            let local = u32(y) - params.class_offset;
+            var w_y = 0.0;
+            if u32(y) >= params.class_offset && local < params.classes {
+                w_y = class_weight(local);
+                let w = (1.0 - params.smoothing) * w_y;
+                a += w * (logit(row_first(r) + local) - st.m);
+                b += w;
+            }
             let loss = b * log_s - a;
             sums = vec4(loss, 0.0, w_y, 0.0);
         }
@@ -575,6 +587,10 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
     }
     if METRICS && TARGET_KIND == TARGET_CLASS_INDEX {
         write_metrics(r, st, lse, y_class);
+    }
+    if PARTIALS {
+        results[row] = vec4(st.m, st.s, select(a, 0.0, counted == 0.0), b);
+        results[params.metrics_at + row] = vec4(st.h, 0.0, 0.0, 0.0);
     }
     return RowSums(sums, z_loss);
 }

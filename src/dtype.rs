@@ -175,6 +175,21 @@ impl<'a> Elements<'a> {
         }
     }
 
+    /// Columns `range` of these values as a `[rows, width]` matrix, row-major: a block of
+    /// classes copied out.
+    pub(crate) fn columns(&self, width: usize, range: Range<usize>) -> ElementVec {
+        fn take<T: Copy>(v: &[T], width: usize, range: Range<usize>) -> Vec<T> {
+            v.chunks(width.max(1))
+                .flat_map(|row| row[range.clone()].iter().copied())
+                .collect()
+        }
+        match *self {
+            Elements::F32(v) => ElementVec::F32(take(v, width, range)),
+            Elements::Bf16(v) => ElementVec::Bf16(take(v, width, range)),
+            Elements::F16(v) => ElementVec::F16(take(v, width, range)),
+        }
+    }
+
     /// The values `range` widened exactly to f32 (borrowed when they are f32).
     pub fn to_f32(&self, range: Range<usize>) -> Cow<'a, [f32]> {
         match *self {

@@ -214,12 +214,38 @@ pub enum XentError {
         /// The number of classes.
         classes: usize,
     },
+    /// A vocabulary shard that does not fit its vocabulary, or partials that do not fit
+    /// together.
+    #[error("shard: {0}")]
+    Shard(String),
     /// Sequence offsets must start at 0, never decrease and end at the number of rows.
     #[error("sequence offsets: {0}")]
     SequenceOffsets(String),
     /// The inputs of a multiple-choice evaluation do not fit together.
     #[error("multiple choice: {0}")]
     MultipleChoice(String),
+}
+
+impl XentError {
+    /// The same error with its row counted from `offset` rows earlier (a part of a batch
+    /// reported against the whole).
+    pub(crate) fn with_row_offset(self, offset: usize) -> Self {
+        match self {
+            XentError::ClassIndexOutOfRange {
+                row,
+                value,
+                classes,
+                ignore_index,
+            } => XentError::ClassIndexOutOfRange {
+                row: row + offset,
+                value,
+                classes,
+                ignore_index,
+            },
+            XentError::LogitOutOfRange { row } => XentError::LogitOutOfRange { row: row + offset },
+            other => other,
+        }
+    }
 }
 
 fn ignore_note(ignore_index: Option<i64>) -> String {

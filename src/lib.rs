@@ -49,6 +49,7 @@ mod grad;
 mod logits;
 mod output;
 pub mod scoring;
+pub mod shard;
 mod spec;
 mod targets;
 
@@ -57,13 +58,14 @@ pub use dtype::{Dtype, Element, ElementVec, Elements};
 pub use error::{Result, XentError};
 pub use gpu::{
     BoundInputs, DeviceLogits, DeviceTargets, GpuContext, GpuOptions, GradientOutput, IndexType,
-    LossShape, PreparedLoss, Strategy, TargetLayout,
+    LossShape, PreparedLoss, ShardMode, ShardedScorer, Strategy, TargetLayout,
 };
 pub use grad::{MeanNormalisers, Upstream};
 pub use half::{bf16, f16};
 pub use logits::Logits;
 pub use output::{LossOutput, LossTotals};
 pub use scoring::{Distillation, Divergence, SparseTargets};
+pub use shard::{MergeTargets, RowPartial, VocabShard};
 pub use spec::{CrossEntropy, Reduction};
 pub use targets::Targets;
 

@@ -146,6 +146,14 @@ fn variants() -> Vec<Variant> {
             ..base
         },
         LossVariant {
+            target: TargetKind::ClassIndex,
+            partials: true,
+            weights: true,
+            smoothing: true,
+            grad_stats: true,
+            ..base
+        },
+        LossVariant {
             target: TargetKind::TopK,
             top_k: 8,
             grad_stats: true,

@@ -86,8 +86,12 @@ pub(crate) struct HostRun {
     pub grad: ElementVec,
     /// Token metrics per row (with `Setup::metrics`).
     pub tokens: Vec<TokenRow>,
-    /// The device's per-row results (against a teacher).
+    /// The device's per-row results (against a teacher, or a shard's partials).
     pub raw: Vec<RawRow>,
+    /// A shard's second vec4 per row: (h, 0, 0, 0).
+    pub raw_more: Vec<RawRow>,
+    /// The power of two the device's class weights carry.
+    pub weight_scale: f64,
 }
 
 /// Receives an elementwise output chunk by chunk: the chunk's rows within the call, and the
@@ -130,12 +134,8 @@ impl HostLoss {
         let row = logits.classes() as u64 * logits.dtype().bytes() as u64;
         let per_chunk = (CHUNK_BYTES / row).max(1) as usize;
         Setup {
-            strategy,
-            targets,
-            output,
             chunk_cap: Some(per_chunk.max(unit)),
-            metrics: false,
-            teacher: None,
+            ..Setup::new(strategy, targets, output)
         }
     }
 
@@ -421,6 +421,8 @@ impl super::GpuContext {
         let mut grad = ElementVec::zeros(logits.dtype(), 0);
         let mut tokens = Vec::new();
         let mut raw = Vec::new();
+        let mut raw_more = Vec::new();
+        let mut weight_scale = 1.0;
         let out = self.with_host_loss(spec, &logits, setup, |host| {
             let per_call = host.loss.shape().max_rows();
             let mut out: Option<LossOutput> = None;
@@ -454,9 +456,10 @@ impl super::GpuContext {
                     let (part, metrics) = host.loss.read_with_metrics(top_k)?;
                     tokens.extend(metrics.rows);
                     part
-                } else if setup.teacher.is_some() {
-                    let (part, rows, _) = host.loss.read_parts()?;
+                } else if setup.teacher.is_some() || setup.shard.is_some() {
+                    let (part, rows, more) = host.loss.read_parts()?;
                     raw.extend(rows);
+                    raw_more.extend(more);
                     part
                 } else {
                     host.loss.read()?
@@ -466,6 +469,7 @@ impl super::GpuContext {
                     Some(o) => o.append(part),
                 }
             }
+            weight_scale = host.loss.weight_scale();
             Ok(out.expect("at least one row"))
         })?;
         Ok(HostRun {
@@ -473,6 +477,8 @@ impl super::GpuContext {
             grad,
             tokens,
             raw,
+            raw_more,
+            weight_scale,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod pipelines;
 pub mod planner;
 mod prepared;
 mod scoring;
+mod shard;
 mod timing;
 mod views;
 
@@ -19,6 +20,7 @@ pub use context::{
 };
 pub use planner::{DeviceFacts, Strategy};
 pub use prepared::{BoundInputs, GradientOutput, PreparedLoss};
+pub use shard::{ShardMode, ShardedScorer};
 pub use timing::{ReadBandwidth, Task, Timer, Timing};
 pub use views::{DeviceLogits, DeviceTargets, IndexType, LossShape, TargetLayout};
 
@@ -122,14 +124,7 @@ impl GpuContext {
         shape: LossShape,
         strategy: Strategy,
     ) -> Result<PreparedLoss> {
-        let setup = Setup {
-            strategy,
-            targets: Some(shape.targets()),
-            output: Output::Loss,
-            chunk_cap: None,
-            metrics: false,
-            teacher: None,
-        };
+        let setup = Setup::new(strategy, Some(shape.targets()), Output::Loss);
         PreparedLoss::new(self.gpu.clone(), spec, shape, setup)
     }
 

@@ -158,6 +158,8 @@ pub struct LossVariant {
     pub divergence: u8,
     /// The JSD's second pass over the logits.
     pub jsd_second: bool,
+    /// Per-row partial statistics instead of a loss (a vocabulary shard).
+    pub partials: bool,
     /// Top-k targets: the k (0 otherwise).
     pub top_k: u32,
     /// The gradient kernel's: how the upstream gradient comes (0 per row, 1 sum, 2 mean).
@@ -188,6 +190,7 @@ impl LossVariant {
         metrics: false,
         divergence: 0,
         jsd_second: false,
+        partials: false,
         top_k: 0,
         reduction: 2,
         scales_from_totals: false,
@@ -251,6 +254,7 @@ impl PipelineKey {
             ("METRICS", flag(v.metrics)),
             ("DIVERGENCE", v.divergence as f64),
             ("JSD_SECOND", flag(v.jsd_second)),
+            ("PARTIALS", flag(v.partials)),
             ("SPARSE_K", v.top_k as f64),
         ];
         if self.kernel == Kernel::Gradient {

@@ -52,6 +52,9 @@ pub(crate) struct Params {
     metrics_at: u32,
     inv_temperature: f32,
     beta: f32,
+    class_offset: u32,
+    total_classes: u32,
+    _pad: [u32; 2],
 }
 
 /// The high word a top-k row's results carry for a repeated index (`TOP_K_DUPLICATE` in
@@ -90,6 +93,31 @@ pub(crate) struct Setup {
     pub metrics: bool,
     /// Distillation: the targets are a teacher's logits.
     pub teacher: Option<Teacher>,
+    /// A vocabulary shard: per-row partial statistics of these classes, which are
+    /// `offset..offset + C` of `total` (class indices are of the whole vocabulary).
+    pub shard: Option<ShardSetup>,
+}
+
+impl Setup {
+    /// A loss with `strategy`, `targets` and `output`: whole chunks, nothing more.
+    pub fn new(strategy: Strategy, targets: Option<TargetLayout>, output: Output) -> Self {
+        Setup {
+            strategy,
+            targets,
+            output,
+            chunk_cap: None,
+            metrics: false,
+            teacher: None,
+            shard: None,
+        }
+    }
+}
+
+/// Where a prepared loss's classes lie in the whole vocabulary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct ShardSetup {
+    pub offset: u32,
+    pub total: u32,
 }
 
 /// A distillation loss's setup: the targets bindings hold the teacher's logits, laid out like
@@ -376,6 +404,7 @@ impl PreparedLoss {
                 _ => 0,
             },
             divergence: setup.teacher.map_or(0, |t| t.divergence),
+            partials: setup.shard.is_some(),
             dtype,
             targets_half: targets_dtype.is_half(),
             index_i64: setup.targets == Some(TargetLayout::ClassIndices(IndexType::I64)),
@@ -518,6 +547,18 @@ impl PreparedLoss {
             loss.pipes(true, setup.output == Output::Gradient);
             Ok(loss)
         })
+    }
+
+    /// The first class of these logits in the whole vocabulary (0 unsharded).
+    fn class_offset(&self) -> u32 {
+        self.setup.shard.map_or(0, |s| s.offset)
+    }
+
+    /// The classes of the whole vocabulary (the logits' own unsharded).
+    fn total_classes(&self) -> usize {
+        self.setup
+            .shard
+            .map_or(self.shape.classes(), |s| s.total as usize)
     }
 
     /// Marks a teacher's loss as the distillation `spec` (its outputs' scale and reduction).
@@ -1074,7 +1115,7 @@ impl PreparedLoss {
                     ignore_lo,
                     ignore_hi,
                     smoothing: self.smoothing as f32,
-                    smoothing_per_class: (self.smoothing / classes as f64) as f32,
+                    smoothing_per_class: (self.smoothing / self.total_classes() as f64) as f32,
                     cap: self.cap as f32,
                     z_loss: self.z_loss as f32,
                     grad_ce: 0.0,
@@ -1082,6 +1123,9 @@ impl PreparedLoss {
                     metrics_at: self.metrics_at,
                     inv_temperature: self.inv_temperature,
                     beta: self.beta,
+                    class_offset: self.class_offset(),
+                    total_classes: self.total_classes() as u32,
+                    _pad: [0; 2],
                 },
                 inputs,
                 in_place,
@@ -1271,14 +1315,14 @@ impl PreparedLoss {
 
     /// Vec4s per row that come back: the results, and the token metrics after them.
     fn row_vec4s(&self) -> u64 {
-        1 + self.setup.metrics as u64
+        1 + (self.setup.metrics || self.setup.shard.is_some()) as u64
     }
 
     /// Records copies of the last call's per-row results (then its token metrics) to `back`.
     fn copy_rows(&self, encoder: &mut wgpu::CommandEncoder, back: &wgpu::Buffer) {
         let bytes = self.last_rows as u64 * ROW_RESULT_BYTES;
         encoder.copy_buffer_to_buffer(&self.res.row_results, 0, back, 0, bytes);
-        if self.setup.metrics {
+        if self.row_vec4s() > 1 {
             let at = self.metrics_at as u64 * ROW_RESULT_BYTES;
             encoder.copy_buffer_to_buffer(&self.res.row_results, at, back, bytes, bytes);
         }
@@ -1333,7 +1377,7 @@ impl PreparedLoss {
             return Err(XentError::ClassIndexOutOfRange {
                 row: (u32::MAX - words[0]) as usize,
                 value,
-                classes: self.shape.classes(),
+                classes: self.total_classes(),
                 ignore_index: self.ignore_index,
             });
         }

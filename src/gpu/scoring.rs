@@ -118,13 +118,10 @@ impl super::GpuContext {
                     .into(),
             ));
         }
+        let strategy = self.plan(shape.max_rows(), shape.classes());
         let setup = Setup {
-            strategy: self.plan(shape.max_rows(), shape.classes()),
-            targets: Some(shape.targets()),
-            output: Output::Loss,
-            chunk_cap: None,
-            metrics: false,
             teacher: Some(Teacher::of(spec)),
+            ..Setup::new(strategy, Some(shape.targets()), Output::Loss)
         };
         let ce = CrossEntropy::new().with_reduction(spec.reduction());
         let mut loss = PreparedLoss::new(self.gpu.clone(), &ce, shape, setup)?;

@@ -217,10 +217,6 @@ impl GpuContext {
         let dtype = first.dtype();
         let shape = LossShape::new(rows, classes, layout).with_dtype(dtype);
         let setup = Setup {
-            strategy,
-            targets: Some(layout),
-            output: Output::Loss,
-            chunk_cap: None,
             metrics: task == Task::Metrics,
             teacher: (task == Task::Distill).then_some(Teacher {
                 inv_temperature: 0.5f32.to_bits(),
@@ -228,6 +224,7 @@ impl GpuContext {
                 beta: 0,
                 grad_factor: 0.5f64.to_bits(),
             }),
+            ..Setup::new(strategy, Some(layout), Output::Loss)
         };
         if task == Task::Distill && !layout.is_probabilities() {
             return Err(XentError::NotPrepared(

@@ -1,0 +1,293 @@
+//! Past one device (issue 13): vocabulary-shard partials and their merge.
+//! - The f64 partials of every shard layout (one class, uneven splits, targets on every shard),
+//!   merged, equal the unsharded f64 reference to rounding: class indices with ignored rows,
+//!   weights, smoothing, z-loss and soft-capping; probabilities with smoothing (H and KL);
+//!   −inf masks covering a whole shard of a row.
+//! - The GPU's partials, merged, match the f64 reference within the f32 tolerance.
+//! - A sharded scorer over two contexts, by vocabulary and by rows, matches one context and
+//!   repeats itself bit for bit.
+
+mod common;
+
+use common::{Problem, assert_outputs_match, fresh_gpu, gpu, max_abs_per_row};
+use xent::shard::{MergeTargets, RowPartial, VocabShard, cpu_partials, merge_partials};
+use xent::{
+    CrossEntropy, GpuContext, Logits, LossOutput, Reduction, ShardMode, ShardedScorer, Targets,
+    XentError, cpu,
+};
+
+/// The columns `range` of a row-major `[rows, classes]` matrix.
+fn columns(v: &[f32], classes: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+    v.chunks(classes)
+        .flat_map(|r| r[range.clone()].iter().copied())
+        .collect()
+}
+
+fn specs(classes: usize) -> Vec<CrossEntropy> {
+    let weights: Vec<f32> = (0..classes).map(|k| 0.25 + (k % 7) as f32 * 0.5).collect();
+    vec![
+        CrossEntropy::new(),
+        CrossEntropy::new()
+            .with_ignore_index(-100)
+            .with_label_smoothing(0.1)
+            .with_weights(weights.clone())
+            .with_reduction(Reduction::Mean),
+        CrossEntropy::new()
+            .with_z_loss(1e-3)
+            .with_softcap(5.0)
+            .with_reduction(Reduction::Sum),
+        CrossEntropy::new()
+            .with_weights(weights)
+            .with_reduction(Reduction::None),
+    ]
+}
+
+/// A problem with −inf over the whole of shard 1's columns in row 0, targets spread over every
+/// class (so every shard owns some), and some rows ignored under a spec with an ignore index.
+fn problem(
+    rows: usize,
+    classes: usize,
+    masked: std::ops::Range<usize>,
+    spec: &CrossEntropy,
+) -> Problem {
+    let mut p = Problem::random(5, rows, classes, 4.0, 0.5);
+    for k in masked {
+        p.logits[k] = f32::NEG_INFINITY;
+    }
+    for (i, y) in p.labels.iter_mut().enumerate() {
+        *y = if i % 9 == 4 && spec.ignore_index().is_some() {
+            -100
+        } else {
+            ((i * 7) % classes) as i64
+        };
+    }
+    // Row 0's target must not be a masked class (an infinite loss, also right, but not useful).
+    p.labels[0] = 0;
+    p
+}
+
+/// A shard's partials: the GPU's or the f64 reference's.
+type Partial =
+    dyn Fn(&CrossEntropy, Logits<'_>, Targets<'_>, VocabShard) -> xent::Result<Vec<RowPartial>>;
+
+/// Scores `p` shard by shard with `partial` and merges.
+fn sharded(
+    spec: &CrossEntropy,
+    p: &Problem,
+    soft: bool,
+    k: usize,
+    partial: &Partial,
+) -> LossOutput {
+    let parts: Vec<Vec<RowPartial>> = VocabShard::split(p.classes, k)
+        .into_iter()
+        .map(|(shard, range)| {
+            let z = columns(&p.logits, p.classes, range.clone());
+            let q = columns(&p.probabilities, p.classes, range.clone());
+            let logits = Logits::new(&z, p.rows, range.len()).unwrap();
+            let targets = if soft {
+                Targets::probabilities(&q)
+            } else {
+                Targets::ClassIndices(&p.labels)
+            };
+            partial(spec, logits, targets, shard).unwrap()
+        })
+        .collect();
+    let views: Vec<&[RowPartial]> = parts.iter().map(Vec::as_slice).collect();
+    let targets = if soft {
+        MergeTargets::Probabilities
+    } else {
+        MergeTargets::ClassIndices(&p.labels)
+    };
+    merge_partials(spec, p.classes, &views, targets).unwrap()
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= tol
+}
+
+#[test]
+fn f64_partials_merge_to_the_unsharded_reference() {
+    for classes in [1usize, 2, 7, 64] {
+        let rows = 23;
+        for k in [1, 2, 3, 5, classes] {
+            let shards = VocabShard::split(classes, k);
+            // Mask the whole of the second shard (or the only one) in row 0.
+            let masked = shards.get(1).map_or(0..0, |s| s.1.clone());
+            for spec in specs(classes) {
+                let p = problem(rows, classes, masked.clone(), &spec);
+                for soft in [false, true] {
+                    if soft && spec.ignore_index().is_some() {
+                        continue;
+                    }
+                    let label = format!("C={classes} k={k} soft={soft} {spec:?}");
+                    let want = cpu::cross_entropy(&spec, p.logits(), p.targets(soft)).unwrap();
+                    let got = sharded(&spec, &p, soft, k, &|s, z, t, sh| cpu_partials(s, z, t, sh));
+                    assert_eq!(got.ignored_rows, want.ignored_rows, "{label}");
+                    let rel = 1e-12;
+                    for i in 0..rows {
+                        let scale = 1.0 + want.per_row[i].abs() + want.log_sum_exp[i].abs();
+                        assert!(
+                            close(got.per_row[i], want.per_row[i], rel * scale),
+                            "{label}: row {i} loss {} vs {}",
+                            got.per_row[i],
+                            want.per_row[i]
+                        );
+                        assert!(close(got.log_sum_exp[i], want.log_sum_exp[i], rel * scale));
+                    }
+                    assert!(close(got.mean_denominator, want.mean_denominator, 1e-12));
+                    match (got.loss, want.loss) {
+                        (Some(g), Some(w)) => {
+                            assert!(close(g, w, rel * (1.0 + w.abs())), "{label}")
+                        }
+                        (g, w) => assert_eq!(g.is_some(), w.is_some()),
+                    }
+                    match (&got.entropy, &want.entropy) {
+                        (Some(g), Some(w)) => {
+                            for (a, b) in g.iter().zip(w) {
+                                assert!(close(*a, *b, rel * (1.0 + b.abs())), "{label}: entropy");
+                            }
+                        }
+                        (g, w) => assert_eq!(g.is_some(), w.is_some(), "{label}: entropy"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_partials_merge_within_the_f32_tolerance() {
+    let Some(gpu) = gpu() else { return };
+    for (classes, k) in [(1usize, 1usize), (5, 5), (300, 3), (4099, 4)] {
+        let rows = 37;
+        let shards = VocabShard::split(classes, k);
+        let masked = shards.get(1).map_or(0..0, |s| s.1.clone());
+        for spec in specs(classes) {
+            let p = problem(rows, classes, masked.clone(), &spec);
+            for soft in [false, true] {
+                if soft && spec.ignore_index().is_some() {
+                    continue;
+                }
+                let label = format!("C={classes} k={k} soft={soft} {spec:?}");
+                let want = cpu::cross_entropy(&spec, p.logits(), p.targets(soft)).unwrap();
+                let got = sharded(&spec, &p, soft, k, &|s, z, t, sh| gpu.partials(s, z, t, sh));
+                assert_outputs_match(
+                    &label,
+                    &got,
+                    &want,
+                    &max_abs_per_row(&p.logits, classes),
+                    &p.mass(&spec, soft),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn partial_errors() {
+    let Some(gpu) = gpu() else { return };
+    let z = [0.5_f32; 12];
+    let logits = Logits::new(&z, 3, 4).unwrap();
+    let spec = CrossEntropy::new();
+    // Class 9 is within a vocabulary of 10 (another shard's), class 10 is not.
+    let ok = gpu.partials(
+        &spec,
+        logits,
+        Targets::ClassIndices(&[0, 9, 5]),
+        VocabShard::new(4, 10),
+    );
+    assert_eq!(ok.unwrap().len(), 3);
+    for partial in [
+        gpu.partials(
+            &spec,
+            logits,
+            Targets::ClassIndices(&[0, 10, 5]),
+            VocabShard::new(4, 10),
+        ),
+        cpu_partials(
+            &spec,
+            logits,
+            Targets::ClassIndices(&[0, 10, 5]),
+            VocabShard::new(4, 10),
+        ),
+    ] {
+        assert!(matches!(
+            partial,
+            Err(XentError::ClassIndexOutOfRange {
+                row: 1,
+                value: 10,
+                classes: 10,
+                ..
+            })
+        ));
+    }
+    assert!(matches!(
+        gpu.partials(
+            &spec,
+            logits,
+            Targets::ClassIndices(&[0, 1, 2]),
+            VocabShard::new(7, 10)
+        ),
+        Err(XentError::Shard(_))
+    ));
+    let one = [RowPartial::EMPTY];
+    assert!(matches!(
+        merge_partials(&spec, 4, &[&one, &[]], MergeTargets::Probabilities),
+        Err(XentError::Shard(_))
+    ));
+}
+
+fn two_contexts() -> Option<Vec<GpuContext>> {
+    Some(vec![fresh_gpu()?, fresh_gpu()?])
+}
+
+#[test]
+fn sharded_scorer_over_two_contexts_matches_one() {
+    let Some(contexts) = two_contexts() else {
+        return;
+    };
+    let single = &contexts[0];
+    for (rows, classes) in [(1usize, 3usize), (50, 1000), (9, 4099)] {
+        for spec in specs(classes) {
+            let p = problem(rows, classes, 0..0, &spec);
+            for soft in [false, true] {
+                if soft && spec.ignore_index().is_some() {
+                    continue;
+                }
+                let want = cpu::cross_entropy(&spec, p.logits(), p.targets(soft)).unwrap();
+                let one = single
+                    .cross_entropy(&spec, p.logits(), p.targets(soft))
+                    .unwrap();
+                for mode in [ShardMode::Vocabulary, ShardMode::Rows] {
+                    let label = format!("{rows}x{classes} {mode:?} soft={soft} {spec:?}");
+                    let scorer = ShardedScorer::new(&contexts, mode);
+                    let got = scorer
+                        .cross_entropy(&spec, p.logits(), p.targets(soft))
+                        .unwrap();
+                    let max = max_abs_per_row(&p.logits, classes);
+                    assert_outputs_match(&label, &got, &want, &max, &p.mass(&spec, soft));
+                    if mode == ShardMode::Rows && classes % 4 == 0 {
+                        // Rows that keep their 16-byte alignment score exactly as one context
+                        // scores them.
+                        assert_eq!(got.per_row, one.per_row, "{label}");
+                    }
+                    let again = scorer
+                        .cross_entropy(&spec, p.logits(), p.targets(soft))
+                        .unwrap();
+                    assert_eq!(format!("{again:?}"), format!("{got:?}"), "{label}: rerun");
+                }
+            }
+        }
+    }
+    // A bad class index names its row in the whole batch, in either mode.
+    let p = problem(40, 10, 0..0, &CrossEntropy::new());
+    let mut y = p.labels.clone();
+    y[33] = 10;
+    for mode in [ShardMode::Vocabulary, ShardMode::Rows] {
+        let scorer = ShardedScorer::new(&contexts, mode);
+        assert!(matches!(
+            scorer.cross_entropy(&CrossEntropy::new(), p.logits(), Targets::ClassIndices(&y)),
+            Err(XentError::ClassIndexOutOfRange { row: 33, .. })
+        ));
+    }
+}
