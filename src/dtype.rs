@@ -275,6 +275,21 @@ impl ElementVec {
         self.as_elements().bytes()
     }
 
+    /// Writes `block`, a `[rows, range.len()]` matrix of the same dtype, into columns `range`
+    /// of these values seen as rows `width` wide (the inverse of `Elements::columns`).
+    pub(crate) fn set_columns(&mut self, width: usize, range: Range<usize>, block: &ElementVec) {
+        let value = self.dtype().bytes();
+        let (w, bw) = (width * value, range.len() * value);
+        let start = range.start * value;
+        let into: &mut [u8] = self.bytes_mut(0..self.len());
+        for (row, src) in into
+            .chunks_mut(w.max(1))
+            .zip(block.bytes().chunks(bw.max(1)))
+        {
+            row[start..start + bw].copy_from_slice(src);
+        }
+    }
+
     /// The bytes of values `range`, to be overwritten.
     pub(crate) fn bytes_mut(&mut self, range: Range<usize>) -> &mut [u8] {
         match self {

@@ -168,6 +168,14 @@ pub fn merge_partials(
     parts: &[&[RowPartial]],
     targets: MergeTargets<'_>,
 ) -> Result<LossOutput> {
+    merged_output(spec, classes, &merge_rows(parts)?, targets)
+}
+
+/// Every row's partials merged over the shards, `parts[k][i]` being shard k's of row i, in the
+/// order given.
+///
+/// Errors: [`XentError::Shard`] unless every shard has one partial per row.
+pub fn merge_rows(parts: &[&[RowPartial]]) -> Result<Vec<RowPartial>> {
     let rows = parts.first().map_or(0, |p| p.len());
     if let Some(k) = parts.iter().position(|p| p.len() != rows) {
         return Err(XentError::Shard(format!(
@@ -175,6 +183,27 @@ pub fn merge_partials(
             parts[k].len()
         )));
     }
+    Ok((0..rows)
+        .map(|i| {
+            parts
+                .iter()
+                .fold(RowPartial::EMPTY, |acc, p| acc.merge(p[i]))
+        })
+        .collect())
+}
+
+/// The outputs of the whole vocabulary from every row's merged partial ([`merge_rows`]), as
+/// [`merge_partials`] gives them.
+///
+/// Errors: [`XentError::TargetsShape`] unless there is one class index per row;
+/// [`XentError::ClassIndexOutOfRange`] for one outside the vocabulary.
+pub fn merged_output(
+    spec: &CrossEntropy,
+    classes: usize,
+    merged: &[RowPartial],
+    targets: MergeTargets<'_>,
+) -> Result<LossOutput> {
+    let rows = merged.len();
     let mut mean = MeanNormalisers::default();
     let ignored: Vec<bool> = match targets {
         MergeTargets::ClassIndices(y) => {
@@ -199,10 +228,7 @@ pub fn merge_partials(
     let mut lse = Vec::with_capacity(rows);
     let mut entropy = with_entropy.then(|| Vec::with_capacity(rows));
     let mut z_loss = (lambda > 0.0).then(|| Vec::with_capacity(rows));
-    for i in 0..rows {
-        let row = parts
-            .iter()
-            .fold(RowPartial::EMPTY, |acc, p| acc.merge(p[i]));
+    for (i, row) in merged.iter().enumerate() {
         let lse_i = row.log_sum_exp();
         lse.push(lse_i);
         let loss = if ignored[i] { 0.0 } else { row.loss() };

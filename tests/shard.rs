@@ -9,11 +9,11 @@
 
 mod common;
 
-use common::{Problem, assert_outputs_match, fresh_gpu, gpu, max_abs_per_row};
-use xent::shard::{MergeTargets, RowPartial, VocabShard, cpu_partials, merge_partials};
+use common::{Problem, assert_gradient, assert_outputs_match, fresh_gpu, gpu, max_abs_per_row};
+use xent::shard::{MergeTargets, RowPartial, VocabShard, cpu_partials, merge_partials, merge_rows};
 use xent::{
-    CrossEntropy, GpuContext, Logits, LossOutput, Reduction, ShardMode, ShardedScorer, Targets,
-    XentError, cpu,
+    CrossEntropy, Dtype, GpuContext, Logits, LossOutput, Reduction, ShardMode, ShardedScorer,
+    Targets, Upstream, XentError, cpu,
 };
 
 /// The columns `range` of a row-major `[rows, classes]` matrix.
@@ -289,5 +289,149 @@ fn sharded_scorer_over_two_contexts_matches_one() {
             scorer.cross_entropy(&CrossEntropy::new(), p.logits(), Targets::ClassIndices(&y)),
             Err(XentError::ClassIndexOutOfRange { row: 33, .. })
         ));
+    }
+}
+
+/// The upstream gradient for a spec's reduction, and each row's gradient scale under it.
+fn upstream_for(
+    spec: &CrossEntropy,
+    rows: usize,
+    denominator: f64,
+) -> (Vec<f64>, Box<dyn Fn(usize) -> f64>) {
+    let g: Vec<f64> = (0..rows).map(|i| 0.5 + (i % 5) as f64 * 0.25).collect();
+    let scale: Box<dyn Fn(usize) -> f64> = match spec.reduction() {
+        Reduction::None => {
+            let g = g.clone();
+            Box::new(move |i| g[i])
+        }
+        Reduction::Sum => Box::new(|_| 1.5),
+        Reduction::Mean => Box::new(move |_| 1.5 / denominator),
+    };
+    (g, scale)
+}
+
+fn upstream<'a>(spec: &CrossEntropy, g: &'a [f64]) -> Upstream<'a> {
+    match spec.reduction() {
+        Reduction::None => Upstream::PerRow(g),
+        _ => Upstream::Scalar(1.5),
+    }
+}
+
+#[test]
+fn shard_gradients_are_the_columns_of_the_whole_gradient() {
+    let Some(gpu) = gpu() else { return };
+    for (rows, classes, k) in [(13usize, 7usize, 3usize), (21, 1000, 4), (5, 4099, 2)] {
+        let shards = VocabShard::split(classes, k);
+        let masked = shards[1].1.clone();
+        for spec in specs(classes) {
+            let p = problem(rows, classes, masked.clone(), &spec);
+            for soft in [false, true] {
+                if soft && spec.ignore_index().is_some() {
+                    continue;
+                }
+                let label = format!("C={classes} k={k} soft={soft} {spec:?}");
+                let want_out = cpu::cross_entropy(&spec, p.logits(), p.targets(soft)).unwrap();
+                let (g, scale) = upstream_for(&spec, rows, want_out.mean_denominator);
+                let up = upstream(&spec, &g);
+                let (_, want) =
+                    cpu::cross_entropy_grad(&spec, p.logits(), p.targets(soft), up).unwrap();
+                // The partials of every shard, merged, then each shard's columns.
+                let blocks: Vec<(Vec<f32>, Vec<f32>)> = shards
+                    .iter()
+                    .map(|(_, r)| {
+                        (
+                            columns(&p.logits, classes, r.clone()),
+                            columns(&p.probabilities, classes, r.clone()),
+                        )
+                    })
+                    .collect();
+                let targets = |q: &[f32]| -> Vec<f32> { q.to_vec() };
+                let parts: Vec<Vec<RowPartial>> = shards
+                    .iter()
+                    .zip(&blocks)
+                    .map(|((shard, r), (z, q))| {
+                        let z = Logits::new(z, rows, r.len()).unwrap();
+                        let q = targets(q);
+                        let t = if soft {
+                            Targets::probabilities(&q)
+                        } else {
+                            Targets::ClassIndices(&p.labels)
+                        };
+                        gpu.partials(&spec, z, t, *shard).unwrap()
+                    })
+                    .collect();
+                let views: Vec<&[RowPartial]> = parts.iter().map(Vec::as_slice).collect();
+                let merged = merge_rows(&views).unwrap();
+                let max = max_abs_per_row(&p.logits, classes);
+                let mass = p.mass(&spec, soft);
+                for ((shard, r), (z, q)) in shards.iter().zip(&blocks) {
+                    let z = Logits::new(z, rows, r.len()).unwrap();
+                    let t = if soft {
+                        Targets::probabilities(q)
+                    } else {
+                        Targets::ClassIndices(&p.labels)
+                    };
+                    let got = gpu
+                        .partial_gradient(&spec, z, t, *shard, &merged, up)
+                        .unwrap_or_else(|e| panic!("{label}: {e}"));
+                    let want_cols: Vec<f64> = want
+                        .chunks(classes)
+                        .flat_map(|row| row[r.clone()].iter().copied())
+                        .collect();
+                    assert_gradient(
+                        &format!("{label} shard {r:?}"),
+                        &got.to_f32(),
+                        &want_cols,
+                        r.len(),
+                        &*scale,
+                        &mass,
+                        &max,
+                        Dtype::F32,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sharded_gradients_over_two_contexts() {
+    let Some(contexts) = two_contexts() else {
+        return;
+    };
+    for (rows, classes) in [(30usize, 1000usize), (7, 4099)] {
+        for spec in specs(classes) {
+            let p = problem(rows, classes, 0..0, &spec);
+            for soft in [false, true] {
+                if soft && spec.ignore_index().is_some() {
+                    continue;
+                }
+                let want_out = cpu::cross_entropy(&spec, p.logits(), p.targets(soft)).unwrap();
+                let (g, scale) = upstream_for(&spec, rows, want_out.mean_denominator);
+                let up = upstream(&spec, &g);
+                let (_, want) =
+                    cpu::cross_entropy_grad(&spec, p.logits(), p.targets(soft), up).unwrap();
+                for mode in [ShardMode::Vocabulary, ShardMode::Rows] {
+                    let label = format!("{rows}x{classes} {mode:?} soft={soft} {spec:?}");
+                    let scorer = ShardedScorer::new(&contexts, mode);
+                    let (out, grad) = scorer
+                        .cross_entropy_grad(&spec, p.logits(), p.targets(soft), up)
+                        .unwrap_or_else(|e| panic!("{label}: {e}"));
+                    let max = max_abs_per_row(&p.logits, classes);
+                    let mass = p.mass(&spec, soft);
+                    assert_outputs_match(&label, &out, &want_out, &max, &mass);
+                    assert_gradient(
+                        &label,
+                        &grad.to_f32(),
+                        &want,
+                        classes,
+                        &*scale,
+                        &mass,
+                        &max,
+                        Dtype::F32,
+                    );
+                }
+            }
+        }
     }
 }

@@ -79,6 +79,17 @@ impl<'a> HostTargets<'a> {
     }
 }
 
+/// What a host call asks for beyond the loss.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct HostCall<'a> {
+    /// The gradient: the upstream gradient, and the mean's (Σ w_y, counted rows).
+    pub gradient: Option<(Upstream<'a>, (f64, f64))>,
+    /// The k of the token metrics' top-k hits.
+    pub top_k: usize,
+    /// Per-row stats `(m, ln s, B, counted)` the gradient uses instead of a statistics pass.
+    pub row_stats: Option<&'a [[f32; 4]]>,
+}
+
 /// What a host call returns: the loss, and what its setup asked for.
 pub(crate) struct HostRun {
     pub out: LossOutput,
@@ -403,20 +414,25 @@ impl super::GpuContext {
         result
     }
 
-    /// Scores host slices through a pooled prepared loss, call by call; with `gradient`
+    /// Scores host slices through a pooled prepared loss, call by call; with `call.gradient`
     /// (upstream, and the mean's (Σ w_y, counted rows) from the host), the gradient goes to
-    /// the returned values, row-major, in the logits' dtype; with `setup.metrics`, the token
-    /// metrics (top-k hits counting ranks below `top_k`) to the returned rows; against a
-    /// teacher, the raw per-row results too.
+    /// the returned values, row-major, in the logits' dtype, from the statistics pass or from
+    /// `call.row_stats`; with `setup.metrics`, the token metrics (top-k hits counting ranks
+    /// below `call.top_k`) to the returned rows; against a teacher or for a shard, the raw
+    /// per-row results too.
     pub(crate) fn run_host(
         &self,
         spec: &CrossEntropy,
         logits: Logits<'_>,
         targets: HostTargets<'_>,
         setup: Setup,
-        gradient: Option<(Upstream<'_>, (f64, f64))>,
-        top_k: usize,
+        call: HostCall<'_>,
     ) -> Result<HostRun> {
+        let HostCall {
+            gradient,
+            top_k,
+            row_stats,
+        } = call;
         let (rows, classes) = (logits.rows(), logits.classes());
         let mut grad = ElementVec::zeros(logits.dtype(), 0);
         let mut tokens = Vec::new();
@@ -438,7 +454,16 @@ impl super::GpuContext {
                             scalar => scalar,
                         };
                         host.loss.set_upstream(upstream, range.len(), Some(mean))?;
-                        Passes::gradient(false)
+                        match row_stats {
+                            Some(stats) => {
+                                host.loss.set_row_stats(0, &stats[range.clone()])?;
+                                Passes {
+                                    statistics: false,
+                                    ..Passes::gradient(false)
+                                }
+                            }
+                            None => Passes::gradient(false),
+                        }
                     }
                     None => Passes::LOSS,
                 };

@@ -36,7 +36,7 @@ use crate::spec::CrossEntropy;
 use crate::targets::Targets;
 
 use context::Gpu;
-use host::{HostLoss, HostTargets};
+use host::{HostCall, HostLoss, HostTargets};
 use prepared::{Output, Setup};
 
 /// A GPU device ready to compute losses. Pipelines are compiled once per context (on first
@@ -162,7 +162,9 @@ impl GpuContext {
         }
         let targets = HostTargets::from(targets);
         let setup = HostLoss::setup(strategy, &logits, targets.layout(), Output::Loss);
-        Ok(self.run_host(spec, logits, targets, setup, None, 0)?.out)
+        Ok(self
+            .run_host(spec, logits, targets, setup, HostCall::default())?
+            .out)
     }
 
     /// The loss and its gradient with respect to the logits (row-major like the logits, in
@@ -205,7 +207,12 @@ impl GpuContext {
             }
         };
         let setup = HostLoss::setup(strategy, &logits, targets.layout(), Output::Gradient);
-        let run = self.run_host(spec, logits, targets, setup, Some((upstream, mean)), 0)?;
+        let gradient = Some((upstream, mean));
+        let call = HostCall {
+            gradient,
+            ..HostCall::default()
+        };
+        let run = self.run_host(spec, logits, targets, setup, call)?;
         Ok((run.out, run.grad))
     }
 
@@ -221,8 +228,7 @@ impl GpuContext {
             logits,
             HostTargets::None,
             setup,
-            None,
-            0,
+            HostCall::default(),
         )?;
         Ok(out.out.log_sum_exp)
     }

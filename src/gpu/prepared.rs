@@ -229,6 +229,9 @@ pub(crate) struct Passes {
     /// The gradient's mean scales come from the device totals (the pass then follows the
     /// reduction); otherwise from the parameters, right after each chunk's statistics.
     pub scales_from_totals: bool,
+    /// Run the statistics passes; without them the gradient uses per-row stats written by
+    /// the host (a shard's, merged across the vocabulary).
+    pub statistics: bool,
 }
 
 impl Passes {
@@ -237,6 +240,7 @@ impl Passes {
         gradient: false,
         log_softmax: false,
         scales_from_totals: false,
+        statistics: true,
     };
 
     /// The loss and log-probabilities.
@@ -456,7 +460,8 @@ impl PreparedLoss {
             let row_results = gpu.storage_buffer(
                 "xent results",
                 (metrics_at + rows) * ROW_RESULT_BYTES,
-                copy_src,
+                // Written by the host too: a shard's merged row stats.
+                copy_src | copy_dst,
             );
             let status = gpu.storage_buffer("xent status", STATUS_BYTES, copy_src | copy_dst);
             let empty = gpu.storage_buffer("xent empty view", 16, wgpu::BufferUsages::empty());
@@ -559,6 +564,24 @@ impl PreparedLoss {
         self.setup
             .shard
             .map_or(self.shape.classes(), |s| s.total as usize)
+    }
+
+    /// Writes per-row stats `(m, ln s, B, counted)` for rows `first_row..` of the next call,
+    /// for a gradient pass without the statistics passes ([`Passes::statistics`]); `B` is
+    /// unscaled (the device's weight scale is applied here).
+    pub(crate) fn set_row_stats(&mut self, first_row: usize, stats: &[[f32; 4]]) -> Result<()> {
+        let scale = self.weight_scale as f32;
+        let scaled: Vec<[f32; 4]> = stats
+            .iter()
+            .map(|s| [s[0], s[1], s[2] * scale, s[3]])
+            .collect();
+        let offset = (self.rows2_at as u64 + first_row as u64) * ROW_RESULT_BYTES;
+        let gpu = &self.gpu;
+        gpu.scoped("writing row statistics", || {
+            gpu.queue
+                .write_buffer(&self.res.row_results, offset, bytemuck::cast_slice(&scaled));
+            Ok(())
+        })
     }
 
     /// Marks a teacher's loss as the distillation `spec` (its outputs' scale and reduction).
@@ -1262,6 +1285,12 @@ impl PreparedLoss {
             let pipes = &stats[i];
             pass.set_bind_group(0, owned, &[(k as u64 * stride) as u32]);
             pass.set_bind_group(1, &chunk.inputs, &[]);
+            if !passes.statistics {
+                if let Some(p) = &elementwise[i] {
+                    elementwise_pass(&mut pass, k, p);
+                }
+                continue;
+            }
             pass.set_pipeline(&pipes.main);
             let (x, y) = grid(main_groups(chunk.rows), max_dim);
             pass.dispatch_workgroups(x, y, 1);
@@ -1284,7 +1313,10 @@ impl PreparedLoss {
                 elementwise_pass(&mut pass, k, p);
             }
         }
-        if finish && let Some(pipes) = stats.last() {
+        if finish
+            && passes.statistics
+            && let Some(pipes) = stats.last()
+        {
             pass.set_pipeline(&pipes.reduce);
             pass.dispatch_workgroups(1, 1, 1);
         }

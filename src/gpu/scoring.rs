@@ -15,7 +15,7 @@ use crate::scoring::{
 use crate::spec::{CrossEntropy, Reduction};
 use crate::targets::Targets;
 
-use super::host::{HostLoss, HostTargets};
+use super::host::{HostCall, HostLoss, HostTargets};
 use super::planner::Strategy;
 use super::prepared::{Output, PreparedLoss, RawRow, Setup, Teacher};
 use super::views::LossShape;
@@ -59,7 +59,11 @@ impl super::GpuContext {
             metrics: true,
             ..HostLoss::setup(strategy, &logits, targets.layout(), Output::Loss)
         };
-        let run = self.run_host(spec, logits, targets, setup, None, top_k)?;
+        let call = HostCall {
+            top_k,
+            ..HostCall::default()
+        };
+        let run = self.run_host(spec, logits, targets, setup, call)?;
         Ok((run.out, TokenMetrics::from_rows(run.tokens, top_k)))
     }
 
@@ -216,7 +220,11 @@ impl super::GpuContext {
         };
         // "batchmean": the mean divides by the rows.
         let gradient = upstream.map(|u| (u, u.mean_over().unwrap_or((rows as f64, rows as f64))));
-        let run = self.run_host(&ce, student, targets, setup, gradient, 0)?;
+        let call = HostCall {
+            gradient,
+            ..HostCall::default()
+        };
+        let run = self.run_host(&ce, student, targets, setup, call)?;
         let out = distillation_output(spec, &run.raw, classes);
         Ok((out, run.grad))
     }
@@ -312,7 +320,11 @@ impl super::GpuContext {
         };
         let setup = HostLoss::setup(strategy, &logits, host_targets.layout(), output);
         let gradient = upstream.map(|u| (u, u.mean_over().unwrap_or((rows as f64, rows as f64))));
-        let run = self.run_host(&spec, logits, host_targets, setup, gradient, 0)?;
+        let call = HostCall {
+            gradient,
+            ..HostCall::default()
+        };
+        let run = self.run_host(&spec, logits, host_targets, setup, call)?;
         Ok((run.out, run.grad))
     }
 }

@@ -2,15 +2,21 @@
 //! a batch over several contexts by vocabulary or by rows and merges the results
 //! ([`crate::shard`] has the statistic, its merge and the f64 reference).
 
+use crate::dtype::ElementVec;
 use crate::error::{Result, XentError};
+use crate::grad::{MeanNormalisers, Upstream};
 use crate::logits::Logits;
 use crate::output::LossOutput;
-use crate::shard::{MergeTargets, RowPartial, VocabShard, check_shard_targets, merge_partials};
-use crate::spec::CrossEntropy;
+use std::ops::Range;
+
+use crate::shard::{
+    MergeTargets, RowPartial, VocabShard, check_shard_targets, merge_rows, merged_output,
+};
+use crate::spec::{CrossEntropy, Reduction};
 use crate::targets::Targets;
 
 use super::GpuContext;
-use super::host::{HostLoss, HostTargets};
+use super::host::{HostCall, HostLoss, HostTargets};
 use super::planner::Strategy;
 use super::prepared::{Output, Setup, ShardSetup};
 
@@ -50,22 +56,13 @@ impl GpuContext {
         if logits.rows() == 0 {
             return Ok(Vec::new());
         }
-        let too_wide = |what| XentError::Shard(format!("{what} beyond 2^32 classes"));
-        let setup_shard = ShardSetup {
-            offset: u32::try_from(shard.offset()).map_err(|_| too_wide("an offset"))?,
-            total: u32::try_from(shard.total()).map_err(|_| too_wide("a vocabulary"))?,
-        };
-        // The shard's own slice of the class weights.
-        let mut own = spec.clone();
-        if let Some(w) = spec.weights() {
-            own = own.with_weights(w[shard.range(classes)].to_vec());
-        }
+        let (own, setup_shard) = shard_spec(spec, shard, classes)?;
         let targets = HostTargets::from(targets);
         let setup = Setup {
             shard: Some(setup_shard),
             ..HostLoss::setup(strategy, &logits, targets.layout(), Output::Loss)
         };
-        let run = self.run_host(&own, logits, targets, setup, None, 0)?;
+        let run = self.run_host(&own, logits, targets, setup, HostCall::default())?;
         let unscale = 1.0 / run.weight_scale;
         Ok(run
             .raw
@@ -81,6 +78,95 @@ impl GpuContext {
             })
             .collect())
     }
+}
+
+impl GpuContext {
+    /// The gradient of a vocabulary-sharded loss with respect to this shard's logits (its
+    /// columns of the whole gradient, in the logits' dtype), from every row's partials merged
+    /// over the whole vocabulary (`merged[i]`, as [`merge_partials`] merges them): one more
+    /// read of the shard's logits and one write, and nothing more exchanged. Scaled by
+    /// `upstream` as [`GpuContext::cross_entropy_grad`] scales the whole gradient; under
+    /// `mean` the denominator is the whole batch's (from the class indices of the whole
+    /// vocabulary, or the row count).
+    ///
+    /// Errors: those of [`GpuContext::partials`]; [`XentError::Shard`] unless there is one
+    /// merged partial per row; the upstream gradient's.
+    pub fn partial_gradient(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        targets: Targets<'_>,
+        shard: VocabShard,
+        merged: &[RowPartial],
+        upstream: Upstream<'_>,
+    ) -> Result<ElementVec> {
+        let (rows, classes) = (logits.rows(), logits.classes());
+        shard.check(classes)?;
+        check_shard_targets(spec, &logits, &targets, shard)?;
+        upstream.check(spec.reduction(), rows)?;
+        if merged.len() != rows {
+            return Err(XentError::Shard(format!(
+                "{} merged partials for {rows} rows",
+                merged.len()
+            )));
+        }
+        if rows == 0 {
+            return Ok(ElementVec::zeros(logits.dtype(), 0));
+        }
+        let mut mean = MeanNormalisers::default();
+        let ignored = |i: usize| match targets {
+            Targets::ClassIndices(y) => spec.is_ignored(y[i]),
+            Targets::Probabilities(_) => false,
+        };
+        match targets {
+            Targets::ClassIndices(y) => mean.add_class_indices(spec, shard.total(), 0, y)?,
+            Targets::Probabilities(_) => mean.add_rows(rows),
+        }
+        let mean = upstream
+            .mean_over()
+            .unwrap_or((mean.denominator, mean.counted_rows as f64));
+        // (m, ln s, B, counted) as the statistics pass would keep them for the whole row.
+        let stats: Vec<[f32; 4]> = merged
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let m = p.m.max(f32::MIN as f64) as f32;
+                let counted = if ignored(i) { 0.0 } else { 1.0 };
+                [m, p.s.ln() as f32, p.b as f32, counted]
+            })
+            .collect();
+        let (own, setup_shard) = shard_spec(spec, shard, classes)?;
+        let strategy = self.plan(rows, classes);
+        let targets = HostTargets::from(targets);
+        let setup = Setup {
+            shard: Some(setup_shard),
+            ..HostLoss::setup(strategy, &logits, targets.layout(), Output::Gradient)
+        };
+        let call = HostCall {
+            gradient: Some((upstream, mean)),
+            row_stats: Some(&stats),
+            ..HostCall::default()
+        };
+        Ok(self.run_host(&own, logits, targets, setup, call)?.grad)
+    }
+}
+
+/// A shard's own spec (its slice of the class weights) and setup.
+fn shard_spec(
+    spec: &CrossEntropy,
+    shard: VocabShard,
+    classes: usize,
+) -> Result<(CrossEntropy, ShardSetup)> {
+    let too_wide = |what| XentError::Shard(format!("{what} beyond 2^32 classes"));
+    let setup = ShardSetup {
+        offset: u32::try_from(shard.offset()).map_err(|_| too_wide("an offset"))?,
+        total: u32::try_from(shard.total()).map_err(|_| too_wide("a vocabulary"))?,
+    };
+    let mut own = spec.clone();
+    if let Some(w) = spec.weights() {
+        own = own.with_weights(w[shard.range(classes)].to_vec());
+    }
+    Ok((own, setup))
 }
 
 /// How a [`ShardedScorer`] splits a batch over its contexts.
@@ -135,37 +221,98 @@ impl<'a> ShardedScorer<'a> {
         }
     }
 
+    /// The loss and its gradient with respect to the logits (in their dtype), as
+    /// [`GpuContext::cross_entropy_grad`] on one context. By vocabulary, each context scores
+    /// its shard's partials, the partials are merged, and each context writes its shard's
+    /// columns of the gradient from the merged statistics; by rows, each context scores its
+    /// rows with the whole batch's mean denominators.
+    pub fn cross_entropy_grad(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        targets: Targets<'_>,
+        upstream: Upstream<'_>,
+    ) -> Result<(LossOutput, ElementVec)> {
+        if self.contexts.is_empty() {
+            return Err(XentError::Shard("a sharded scorer needs a context".into()));
+        }
+        spec.validate(&logits, &targets)?;
+        upstream.check(spec.reduction(), logits.rows())?;
+        match self.mode {
+            ShardMode::Rows => self.grad_by_rows(spec, logits, targets, upstream),
+            ShardMode::Vocabulary => self.grad_by_vocabulary(spec, logits, targets, upstream),
+        }
+    }
+
+    fn grad_by_rows(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        targets: Targets<'_>,
+        upstream: Upstream<'_>,
+    ) -> Result<(LossOutput, ElementVec)> {
+        let (rows, classes) = (logits.rows(), logits.classes());
+        // The whole batch's mean, whatever part a context scores.
+        let mut mean = MeanNormalisers::default();
+        match targets {
+            Targets::ClassIndices(y) => mean.add_class_indices(spec, classes, 0, y)?,
+            Targets::Probabilities(_) => mean.add_rows(rows),
+        }
+        let upstream = match upstream {
+            Upstream::Scalar(g) if spec.reduction() == Reduction::Mean => mean.upstream(g),
+            other => other,
+        };
+        let results = self.each_row_block(logits, targets, |gpu, part, t, range| {
+            let up = match upstream {
+                Upstream::PerRow(g) => Upstream::PerRow(&g[range]),
+                other => other,
+            };
+            gpu.cross_entropy_grad(spec, part, t, up)
+        });
+        let mut whole: Option<LossOutput> = None;
+        let mut grad = ElementVec::zeros(logits.dtype(), rows * classes);
+        let mut at = 0;
+        for result in results {
+            let (out, g) = result?;
+            grad.bytes_mut(at..at + g.len()).copy_from_slice(g.bytes());
+            at += g.len();
+            match whole.as_mut() {
+                None => whole = Some(out),
+                Some(w) => w.append(out),
+            }
+        }
+        let whole = whole.ok_or_else(|| XentError::Shard("no rows were scored".into()))?;
+        Ok((whole, grad))
+    }
+
+    fn grad_by_vocabulary(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        targets: Targets<'_>,
+        upstream: Upstream<'_>,
+    ) -> Result<(LossOutput, ElementVec)> {
+        let (rows, classes) = (logits.rows(), logits.classes());
+        let (out, merged) = self.merged(spec, logits, targets)?;
+        let shards = VocabShard::split(classes, self.contexts.len());
+        let blocks = self.each_shard(&shards, logits, targets, |gpu, block, t, shard| {
+            gpu.partial_gradient(spec, block, t, shard, &merged, upstream)
+        });
+        let mut grad = ElementVec::zeros(logits.dtype(), rows * classes);
+        for ((_, range), block) in shards.iter().zip(blocks) {
+            grad.set_columns(classes, range.clone(), &block?);
+        }
+        Ok((out, grad))
+    }
+
     fn by_rows(
         &self,
         spec: &CrossEntropy,
         logits: Logits<'_>,
         targets: Targets<'_>,
     ) -> Result<LossOutput> {
-        let rows = logits.rows();
-        let k = self.contexts.len().min(rows.max(1));
-        let per = rows.div_ceil(k).max(1);
-        let classes = logits.classes();
-        let outs: Vec<Result<LossOutput>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self.contexts[..k]
-                .iter()
-                .enumerate()
-                .map(|(i, gpu)| {
-                    let range = (i * per).min(rows)..((i + 1) * per).min(rows);
-                    let part = logits.slice_rows(range.clone());
-                    let t = match targets {
-                        Targets::ClassIndices(y) => Targets::ClassIndices(&y[range.clone()]),
-                        Targets::Probabilities(p) => Targets::Probabilities(
-                            p.slice(range.start * classes..range.end * classes),
-                        ),
-                    };
-                    let first = range.start;
-                    scope.spawn(move || {
-                        gpu.cross_entropy(spec, part, t)
-                            .map_err(|e| e.with_row_offset(first))
-                    })
-                })
-                .collect();
-            handles.into_iter().map(join).collect()
+        let outs = self.each_row_block(logits, targets, |gpu, part, t, _| {
+            gpu.cross_entropy(spec, part, t)
         });
         let mut whole: Option<LossOutput> = None;
         for out in outs {
@@ -184,40 +331,99 @@ impl<'a> ShardedScorer<'a> {
         logits: Logits<'_>,
         targets: Targets<'_>,
     ) -> Result<LossOutput> {
+        Ok(self.merged(spec, logits, targets)?.0)
+    }
+
+    /// Every shard's partials, merged: the whole batch's output and its per-row statistics.
+    fn merged(
+        &self,
+        spec: &CrossEntropy,
+        logits: Logits<'_>,
+        targets: Targets<'_>,
+    ) -> Result<(LossOutput, Vec<RowPartial>)> {
+        let shards = VocabShard::split(logits.classes(), self.contexts.len());
+        let parts = self.each_shard(&shards, logits, targets, |gpu, block, t, shard| {
+            gpu.partials(spec, block, t, shard)
+        });
+        let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
+        let views: Vec<&[RowPartial]> = parts.iter().map(Vec::as_slice).collect();
+        let merged = merge_rows(&views)?;
+        let targets = match targets {
+            Targets::ClassIndices(y) => MergeTargets::ClassIndices(y),
+            Targets::Probabilities(_) => MergeTargets::Probabilities,
+        };
+        let out = merged_output(spec, logits.classes(), &merged, targets)?;
+        Ok((out, merged))
+    }
+
+    /// Runs `work` on each context's block of rows, one thread each; the results in context
+    /// order, errors naming rows of the whole batch.
+    fn each_row_block<T: Send>(
+        &self,
+        logits: Logits<'_>,
+        targets: Targets<'_>,
+        work: impl Fn(&GpuContext, Logits<'_>, Targets<'_>, Range<usize>) -> Result<T> + Sync,
+    ) -> Vec<Result<T>> {
         let (rows, classes) = (logits.rows(), logits.classes());
-        let shards = VocabShard::split(classes, self.contexts.len());
-        let parts: Vec<Result<Vec<RowPartial>>> = std::thread::scope(|scope| {
+        let k = self.contexts.len().min(rows.max(1));
+        let per = rows.div_ceil(k).max(1);
+        let work = &work;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = self.contexts[..k]
+                .iter()
+                .enumerate()
+                .map(|(i, gpu)| {
+                    let range = (i * per).min(rows)..((i + 1) * per).min(rows);
+                    let part = logits.slice_rows(range.clone());
+                    let t = match targets {
+                        Targets::ClassIndices(y) => Targets::ClassIndices(&y[range.clone()]),
+                        Targets::Probabilities(p) => Targets::Probabilities(
+                            p.slice(range.start * classes..range.end * classes),
+                        ),
+                    };
+                    scope.spawn(move || {
+                        let first = range.start;
+                        work(gpu, part, t, range).map_err(|e| e.with_row_offset(first))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(join).collect()
+        })
+    }
+
+    /// Runs `work` on each context's shard of classes (its columns copied out of the batch),
+    /// one thread each; the results in shard order.
+    fn each_shard<T: Send>(
+        &self,
+        shards: &[(VocabShard, Range<usize>)],
+        logits: Logits<'_>,
+        targets: Targets<'_>,
+        work: impl Fn(&GpuContext, Logits<'_>, Targets<'_>, VocabShard) -> Result<T> + Sync,
+    ) -> Vec<Result<T>> {
+        let (rows, classes) = (logits.rows(), logits.classes());
+        let work = &work;
+        std::thread::scope(|scope| {
             let handles: Vec<_> = shards
                 .iter()
                 .zip(self.contexts)
-                .map(|(&(shard, ref range), gpu)| {
-                    let range = range.clone();
+                .map(|((shard, range), gpu)| {
                     scope.spawn(move || {
-                        let width = range.len();
                         let z = logits.values().columns(classes, range.clone());
-                        let block = Logits::from_elements(z.as_elements(), rows, width)?;
+                        let block = Logits::from_elements(z.as_elements(), rows, range.len())?;
                         match targets {
                             Targets::ClassIndices(y) => {
-                                gpu.partials(spec, block, Targets::ClassIndices(y), shard)
+                                work(gpu, block, Targets::ClassIndices(y), *shard)
                             }
                             Targets::Probabilities(p) => {
-                                let p = p.columns(classes, range);
-                                let t = Targets::Probabilities(p.as_elements());
-                                gpu.partials(spec, block, t, shard)
+                                let p = p.columns(classes, range.clone());
+                                work(gpu, block, Targets::Probabilities(p.as_elements()), *shard)
                             }
                         }
                     })
                 })
                 .collect();
             handles.into_iter().map(join).collect()
-        });
-        let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
-        let views: Vec<&[RowPartial]> = parts.iter().map(Vec::as_slice).collect();
-        let merge = match targets {
-            Targets::ClassIndices(y) => MergeTargets::ClassIndices(y),
-            Targets::Probabilities(_) => MergeTargets::Probabilities,
-        };
-        merge_partials(spec, classes, &views, merge)
+        })
     }
 }
 
