@@ -4,6 +4,9 @@
 #   scripts/gpu-run.sh probe   tests, then the gradient, and z-loss and soft-capping taken apart
 #   scripts/gpu-run.sh half    tests, then the loss and gradient in f32, bf16 and f16 and the
 #                              peers in bf16 and f16 (issue 10)
+#   scripts/gpu-run.sh scoring tests, then the loss beside token metrics, distillation (f32,
+#                              bf16), top-8 sparse targets and the loss in 2 and 4 vocabulary
+#                              shards (issues 11 and 13)
 #   scripts/gpu-run.sh final   info, the GPU test binaries, and the benchmark: the loss on the
 #                              kernel, resident and host paths; loss + gradient (separate and in
 #                              place) beside the naive kernel; the gradient with z-loss and with
@@ -59,6 +62,12 @@ if [ "$mode" = half ]; then
             { timeout 200 python3 .gpu/peers/peers.py --dtype $d 2>&1; } | tee -a "$out/peers.txt"
         done
     fi
+    exit 0
+fi
+if [ "$mode" = scoring ]; then
+    bench "loss beside metrics, sparse top-8 and vocabulary shards (hard); distillation (soft)" \
+        --task loss,metrics,sparse,distill --shards 2,4
+    bench "distillation and the loss in bf16" --task loss,distill --dtype bf16
     exit 0
 fi
 if [ "$mode" = probe ]; then

@@ -24,11 +24,13 @@ use crate::targets::Targets;
 
 use super::context::Gpu;
 use super::planner::{Strategy, grid};
-use super::prepared::{BoundInputs, GradientOutput, Output, Setup, Teacher};
+use super::prepared::{BoundInputs, GradientOutput, Output, Setup, ShardSetup, Teacher};
 use super::{
     DeviceLogits, DeviceTargets, GpuContext, IndexType, LossShape, PreparedLoss, TargetLayout,
 };
+use crate::dtype::ElementVec;
 use crate::grad::Upstream;
+use crate::shard::{VocabShard, check_shard_targets};
 
 /// How a time was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,7 +132,7 @@ impl GpuContext {
         warmup: usize,
         runs: usize,
     ) -> Result<Timing> {
-        let mut resident = self.resident_sets(spec, sets, strategy, task)?;
+        let mut resident = self.resident_sets(spec, sets, strategy, task, None)?;
         time_passes(&self.gpu, warmup, runs, |encoder, run, timestamps| {
             resident.record(encoder, run, timestamps)
         })
@@ -146,7 +148,8 @@ impl GpuContext {
         runs: usize,
     ) -> Result<Timing> {
         let (rows, classes) = sets.first().map_or((0, 1), |s| (s.0.rows(), s.0.classes()));
-        let mut resident = self.resident_sets(spec, sets, self.plan(rows, classes), Task::Loss)?;
+        let mut resident =
+            self.resident_sets(spec, sets, self.plan(rows, classes), Task::Loss, None)?;
         let mut call = |run: usize| -> Result<()> {
             let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
             resident.record(&mut encoder, run, None)?;
@@ -196,12 +199,78 @@ impl GpuContext {
     }
 
     /// Uploads `sets` into device buffers and prepares one loss for them.
+    /// Times the partials of a batch split into `shards` vocabulary shards on this one GPU
+    /// (class-index sets): each shard's columns uploaded as its own buffer and prepared as its
+    /// own loss, the shards' passes recorded one after another and timed from the first's start
+    /// to the last's end. The merge of their partials happens on the host (time it apart).
+    pub fn time_vocab_shards(
+        &self,
+        spec: &CrossEntropy,
+        sets: &[(Logits<'_>, Targets<'_>)],
+        shards: usize,
+        warmup: usize,
+        runs: usize,
+    ) -> Result<Timing> {
+        let Some(&(first, _)) = sets.first() else {
+            return Err(XentError::NotPrepared("no input sets to time".into()));
+        };
+        let (rows, classes) = (first.rows(), first.classes());
+        let mut residents = Vec::new();
+        for (shard, range) in VocabShard::split(classes, shards) {
+            let blocks: Vec<ElementVec> = sets
+                .iter()
+                .map(|(z, _)| z.values().columns(classes, range.clone()))
+                .collect();
+            let shard_sets = blocks
+                .iter()
+                .zip(sets)
+                .map(|(b, &(_, t))| {
+                    Ok((
+                        Logits::from_elements(b.as_elements(), rows, range.len())?,
+                        t,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let setup = ShardSetup {
+                offset: shard.offset() as u32,
+                total: shard.total() as u32,
+            };
+            let strategy = self.plan(rows, range.len());
+            residents.push(self.resident_sets(
+                spec,
+                &shard_sets,
+                strategy,
+                Task::Loss,
+                Some(setup),
+            )?);
+        }
+        let last = residents.len() - 1;
+        time_passes(&self.gpu, warmup, runs, |encoder, run, timestamps| {
+            for (i, resident) in residents.iter_mut().enumerate() {
+                // The first shard's pass starts the clock and the last's stops it.
+                let writes = timestamps
+                    .as_ref()
+                    .filter(|_| i == 0 || i == last)
+                    .map(|t| wgpu::ComputePassTimestampWrites {
+                        query_set: t.query_set,
+                        beginning_of_pass_write_index: t
+                            .beginning_of_pass_write_index
+                            .filter(|_| i == 0),
+                        end_of_pass_write_index: t.end_of_pass_write_index.filter(|_| i == last),
+                    });
+                resident.record(encoder, run, writes)?;
+            }
+            Ok(())
+        })
+    }
+
     fn resident_sets(
         &self,
         spec: &CrossEntropy,
         sets: &[(Logits<'_>, Targets<'_>)],
         strategy: Strategy,
         task: Task,
+        shard: Option<ShardSetup>,
     ) -> Result<ResidentSets> {
         let gpu = &self.gpu;
         let Some(&(first, first_targets)) = sets.first() else {
@@ -218,6 +287,7 @@ impl GpuContext {
         let shape = LossShape::new(rows, classes, layout).with_dtype(dtype);
         let setup = Setup {
             metrics: task == Task::Metrics,
+            shard,
             teacher: (task == Task::Distill).then_some(Teacher {
                 inv_temperature: 0.5f32.to_bits(),
                 divergence: 0,
@@ -240,7 +310,13 @@ impl GpuContext {
         }
         let mut bound = Vec::with_capacity(sets.len());
         for &(logits, targets) in sets {
-            spec.validate(&logits, &targets)?;
+            match shard {
+                Some(s) => {
+                    let whole = VocabShard::new(s.offset as usize, s.total as usize);
+                    check_shard_targets(spec, &logits, &targets, whole)?;
+                }
+                None => spec.validate(&logits, &targets)?,
+            }
             if (logits.rows(), logits.classes(), logits.dtype()) != (rows, classes, dtype) {
                 return Err(XentError::NotPrepared(
                     "input sets of different shapes".into(),

@@ -9,6 +9,7 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use xent::gpu::{ReadBandwidth, Strategy, Task};
+use xent::shard::{RowPartial, merge_rows};
 use xent::{
     CpuReference, CrossEntropy, Dtype, ElementVec, GpuContext, Logits, Scorer, Targets, XentError,
 };
@@ -252,7 +253,7 @@ struct Row {
     classes: usize,
     dtype: Dtype,
     target: &'static str,
-    task: &'static str,
+    task: String,
     path: &'static str,
     kernel: &'static str,
     strategy: String,
@@ -260,6 +261,8 @@ struct Row {
     gbps: f64,
     roofline_fraction: f64,
     cpu_ms: Option<f64>,
+    /// For vocabulary shards: the host's merge of their partials.
+    merge_ms: Option<f64>,
 }
 
 /// Random inputs for one shape: `sets` independent copies, so repeated runs read memory
@@ -421,6 +424,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             let first = table.len();
             let sets = data.sets(soft);
             let runs = args.runs as usize;
+            let mut shard_rows = Vec::new();
             let mut push = |task: Task, path: PathChoice, kernel: KernelChoice, ms: f64| {
                 let bytes = task.logit_passes() * set_bytes + target_bytes;
                 let gbps = bytes as f64 / (ms * 1e-3) / 1e9;
@@ -429,10 +433,11 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                     classes,
                     dtype,
                     target,
-                    task: task.name(),
+                    task: task.name().to_string(),
                     path: path.name(),
                     kernel: kernel.name(),
                     strategy: kernel.strategy(&gpu, rows, classes).name(),
+                    merge_ms: None,
                     ms,
                     gbps,
                     roofline_fraction: gbps / roof_gbps,
@@ -462,6 +467,31 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                                 push(task.task(), path, kernel, timing.median_ms());
                             }
                         }
+                        if !soft {
+                            for &k in &args.shards {
+                                let timing =
+                                    gpu.time_vocab_shards(&spec, &sets, k, WARMUP, runs)?;
+                                let merge = merge_ms(rows, k);
+                                let ms = timing.median_ms();
+                                let bytes = set_bytes + target_bytes;
+                                let gbps = bytes as f64 / (ms * 1e-3) / 1e9;
+                                shard_rows.push(Row {
+                                    rows,
+                                    classes,
+                                    dtype,
+                                    target,
+                                    task: format!("loss/{k} shards"),
+                                    path: path.name(),
+                                    kernel: "auto",
+                                    strategy: format!("{k}x +merge {merge:.3}ms"),
+                                    ms,
+                                    gbps,
+                                    roofline_fraction: gbps / roof_gbps,
+                                    cpu_ms: None,
+                                    merge_ms: Some(merge),
+                                });
+                            }
+                        }
                     }
                     PathChoice::Resident => {
                         let timing = gpu.time_resident_calls(&spec, &sets, WARMUP, runs)?;
@@ -473,6 +503,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                     }
                 }
             }
+            table.extend(shard_rows);
             // The CPU reference last, so the GPU never idles between upload and timing.
             if !args.no_cpu {
                 let (z, t) = data.set(0, soft);
@@ -499,6 +530,34 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         })?;
     }
     Ok(())
+}
+
+/// Wall-clock milliseconds of the host's merge of `k` shards' partials of `rows` rows
+/// (median of 21), on partials of the shape a real call gives.
+fn merge_ms(rows: usize, k: usize) -> f64 {
+    let parts: Vec<Vec<RowPartial>> = (0..k)
+        .map(|s| {
+            (0..rows)
+                .map(|i| RowPartial {
+                    m: (i % 7) as f64 + s as f64,
+                    s: 1.5 + s as f64,
+                    a: -0.25 * s as f64,
+                    b: 0.5,
+                    h: 0.0,
+                })
+                .collect()
+        })
+        .collect();
+    let views: Vec<&[RowPartial]> = parts.iter().map(Vec::as_slice).collect();
+    let mut samples: Vec<f64> = (0..21)
+        .map(|_| {
+            let clock = Instant::now();
+            std::hint::black_box(merge_rows(std::hint::black_box(&views)).ok());
+            clock.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
 }
 
 fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
@@ -573,6 +632,7 @@ fn to_json(
                 "roofline_fraction": json_f64(r.roofline_fraction),
                 "roofline_gbps": json_f64(roof_gbps),
                 "cpu_ms": json_opt(r.cpu_ms),
+                "merge_ms": json_opt(r.merge_ms),
                 "copy_gbps": json_opt(copy_gbps),
                 "copy_fraction": json_opt(copy_gbps.filter(|_| r.path == "host").map(|c| r.gbps / c)),
                 "device": device,

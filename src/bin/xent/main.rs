@@ -253,6 +253,11 @@ pub struct BenchArgs {
     /// sparse targets; hard rows).
     #[arg(long, value_delimiter = ',', default_value = "loss")]
     task: Vec<bench::TaskChoice>,
+    /// Also time the loss split into K vocabulary shards on this one GPU (comma-separated Ks;
+    /// hard rows): the shards' partials passes back to back, and the host's merge of their
+    /// partials (JSON `merge_ms`).
+    #[arg(long, value_delimiter = ',', value_name = "K")]
+    shards: Vec<usize>,
     /// Logits' dtypes, comma-separated: f32, bf16, f16 (soft targets in the same dtype; bytes
     /// are counted in the real dtype).
     #[arg(long, value_delimiter = ',', default_value = "f32")]
