@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 cargo build --release
 # The test binaries that check the GPU against the CPU reference and PyTorch.
 cargo test --release --no-run --test gpu_vs_cpu --test golden --test errors --test resident \
-    --test gradient --test half 2>&1 |
+    --test gradient --test half --test metrics --test distill --test sparse --test shard 2>&1 |
     sed -n 's/.*Executable tests\/\([a-z_]*\)\.rs (\(.*\))/\1 \2/p' > target/gpu-tests.txt
 
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib
