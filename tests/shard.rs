@@ -435,3 +435,58 @@ fn sharded_gradients_over_two_contexts() {
         }
     }
 }
+
+/// One context per backend of the same machine, as Mesa gives them on Linux (lavapipe's Vulkan
+/// and llvmpipe's GL): a batch sharded over both, by vocabulary and by rows.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_vulkan_and_a_gl_context_share_one_batch() {
+    if gpu().is_none() {
+        return;
+    }
+    let adapters = xent::gpu::enumerate_adapters().unwrap();
+    let open = |backend: wgpu::Backend| {
+        let adapter = adapters
+            .iter()
+            .find(|a| a.get_info().backend == backend)
+            .unwrap_or_else(|| panic!("no {backend:?} adapter (Mesa gives both on Linux)"));
+        let descriptor = wgpu::DeviceDescriptor {
+            required_features: adapter.features() & xent::gpu::WANTED_FEATURES,
+            required_limits: adapter.limits(),
+            ..Default::default()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&descriptor)).unwrap();
+        GpuContext::from_device(&device, &queue, Default::default()).unwrap()
+    };
+    let contexts = vec![open(wgpu::Backend::Vulkan), open(wgpu::Backend::Gl)];
+    let (rows, classes) = (40, 1001);
+    let spec = CrossEntropy::new()
+        .with_ignore_index(-100)
+        .with_label_smoothing(0.05)
+        .with_z_loss(1e-4);
+    let p = problem(rows, classes, 0..0, &spec);
+    let want = cpu::cross_entropy(&spec, p.logits(), p.targets(false)).unwrap();
+    let (g, scale) = upstream_for(&spec, rows, want.mean_denominator);
+    let up = upstream(&spec, &g);
+    let (_, want_grad) = cpu::cross_entropy_grad(&spec, p.logits(), p.targets(false), up).unwrap();
+    let max = max_abs_per_row(&p.logits, classes);
+    let mass = p.mass(&spec, false);
+    for mode in [ShardMode::Vocabulary, ShardMode::Rows] {
+        let scorer = ShardedScorer::new(&contexts, mode);
+        let label = format!("Vulkan + GL, {mode:?}");
+        let (out, grad) = scorer
+            .cross_entropy_grad(&spec, p.logits(), p.targets(false), up)
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_outputs_match(&label, &out, &want, &max, &mass);
+        assert_gradient(
+            &label,
+            &grad.to_f32(),
+            &want_grad,
+            classes,
+            &*scale,
+            &mass,
+            &max,
+            Dtype::F32,
+        );
+    }
+}
