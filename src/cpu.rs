@@ -6,7 +6,7 @@ use crate::Scorer;
 use crate::error::Result;
 use crate::grad::Upstream;
 use crate::logits::Logits;
-use crate::output::LossOutput;
+use crate::output::{LossOutput, RowOutputs};
 use crate::spec::{CrossEntropy, Reduction};
 use crate::targets::Targets;
 
@@ -143,27 +143,15 @@ pub fn cross_entropy(
     let eps = spec.label_smoothing();
     let per_class = eps / classes as f64;
     let weight = |k: usize| spec.weights().map_or(1.0, |w| w[k] as f64);
-    let lambda = spec.z_loss();
-
-    let mut per_row = Vec::with_capacity(logits.rows());
-    let mut lse = Vec::with_capacity(logits.rows());
+    let with_entropy = targets.is_probabilities() && spec.weights().is_none();
+    let mut rows = RowOutputs::new(logits.rows(), with_entropy, spec.z_loss());
     let mut denominator = 0.0;
-    let mut ignored = 0;
-    let mut entropy = match targets {
-        Targets::Probabilities(_) if spec.weights().is_none() => Some(Vec::new()),
-        _ => None,
-    };
-    let mut z_loss = (lambda > 0.0).then(Vec::new);
 
     for i in 0..logits.rows() {
         let z = effective_row(spec, &logits.row(i));
         let lse_i = log_sum_exp_f64(z.iter().copied());
-        lse.push(lse_i);
-        let (loss, counted) = match targets {
-            Targets::ClassIndices(y) if spec.is_ignored(y[i]) => {
-                ignored += 1;
-                (0.0, false)
-            }
+        let (loss, counted, h) = match targets {
+            Targets::ClassIndices(y) if spec.is_ignored(y[i]) => (0.0, false, 0.0),
             Targets::ClassIndices(y) => {
                 let yi = y[i] as usize;
                 denominator += weight(yi);
@@ -174,46 +162,28 @@ pub fn cross_entropy(
                 } else {
                     0.0
                 };
-                ((1.0 - eps) * nll + per_class * smooth, true)
+                ((1.0 - eps) * nll + per_class * smooth, true, 0.0)
             }
             Targets::Probabilities(_) => {
                 denominator += 1.0;
                 let p = targets.probabilities_row(&logits, i).unwrap_or_default();
                 let smoothed = |k: usize| (1.0 - eps) * p[k] as f64 + per_class;
-                if let Some(h) = entropy.as_mut() {
-                    h.push(
-                        -(0..classes)
-                            .map(smoothed)
-                            .filter(|&t| t > 0.0 || t.is_nan())
-                            .map(|t| t * t.ln())
-                            .sum::<f64>(),
-                    );
-                }
                 let loss = -(0..classes)
                     .map(|k| weight(k) * smoothed(k) * (z[k] - lse_i))
                     .sum::<f64>();
-                (loss, true)
+                (loss, true, target_entropy((0..classes).map(smoothed)))
             }
         };
-        match z_loss.as_mut() {
-            Some(zl) => {
-                let zi = if counted { lambda * lse_i * lse_i } else { 0.0 };
-                zl.push(zi);
-                per_row.push(loss + zi);
-            }
-            None => per_row.push(loss),
-        }
+        rows.push(loss, lse_i, counted, h);
     }
-    Ok(LossOutput::from_parts(
-        spec.reduction(),
-        classes,
-        denominator,
-        per_row,
-        lse,
-        entropy,
-        z_loss,
-        ignored,
-    ))
+    Ok(rows.finish(spec.reduction(), classes, denominator))
+}
+
+/// `−Σ t·ln t` of target probabilities, with `0·ln 0 = 0` (NaN stays NaN).
+pub(crate) fn target_entropy(t: impl Iterator<Item = f64>) -> f64 {
+    -t.filter(|&t| t > 0.0 || t.is_nan())
+        .map(|t| t * t.ln())
+        .sum::<f64>()
 }
 
 /// The loss ([`cross_entropy`]) and its gradient with respect to the logits, in f64,

@@ -2,6 +2,74 @@
 
 use crate::spec::Reduction;
 
+/// Per-row outputs gathered row by row in f64 (the CPU reference, the merge of shards' partials):
+/// each row's loss, log-sum-exp, target entropy where asked for, and z-loss `λ·lse²` for rows not
+/// ignored, added to its loss.
+pub(crate) struct RowOutputs {
+    per_row: Vec<f64>,
+    lse: Vec<f64>,
+    entropy: Option<Vec<f64>>,
+    z_loss: Option<Vec<f64>>,
+    lambda: f64,
+    ignored: usize,
+}
+
+impl RowOutputs {
+    /// For `rows` rows, keeping the target entropy if `with_entropy`, the z-loss of `lambda` if
+    /// positive.
+    pub(crate) fn new(rows: usize, with_entropy: bool, lambda: f64) -> Self {
+        Self {
+            per_row: Vec::with_capacity(rows),
+            lse: Vec::with_capacity(rows),
+            entropy: with_entropy.then(|| Vec::with_capacity(rows)),
+            z_loss: (lambda > 0.0).then(|| Vec::with_capacity(rows)),
+            lambda,
+            ignored: 0,
+        }
+    }
+
+    /// The next row: its cross-entropy (0 for an ignored row), log-sum-exp, whether it is
+    /// counted (not ignored), and its target entropy (kept when asked for).
+    pub(crate) fn push(&mut self, loss: f64, lse: f64, counted: bool, entropy: f64) {
+        self.lse.push(lse);
+        self.ignored += usize::from(!counted);
+        if let Some(h) = self.entropy.as_mut() {
+            h.push(entropy);
+        }
+        match self.z_loss.as_mut() {
+            Some(zl) => {
+                let z = if counted {
+                    self.lambda * lse * lse
+                } else {
+                    0.0
+                };
+                zl.push(z);
+                self.per_row.push(loss + z);
+            }
+            None => self.per_row.push(loss),
+        }
+    }
+
+    /// The output, reduced by `reduction` over `mean_denominator`.
+    pub(crate) fn finish(
+        self,
+        reduction: Reduction,
+        classes: usize,
+        mean_denominator: f64,
+    ) -> LossOutput {
+        LossOutput::from_parts(
+            reduction,
+            classes,
+            mean_denominator,
+            self.per_row,
+            self.lse,
+            self.entropy,
+            self.z_loss,
+            self.ignored,
+        )
+    }
+}
+
 /// The reduced outputs of one call, as a prepared loss reads them from its small result
 /// buffer (no per-row values).
 #[derive(Clone, Debug, PartialEq)]

@@ -12,11 +12,11 @@
 
 use std::ops::Range;
 
-use crate::cpu::effective_row;
+use crate::cpu::{effective_row, target_entropy};
 use crate::error::{Result, XentError};
 use crate::grad::MeanNormalisers;
 use crate::logits::Logits;
-use crate::output::LossOutput;
+use crate::output::{LossOutput, RowOutputs};
 use crate::spec::CrossEntropy;
 use crate::targets::Targets;
 
@@ -223,41 +223,12 @@ pub fn merged_output(
         }
     };
     let with_entropy = matches!(targets, MergeTargets::Probabilities) && spec.weights().is_none();
-    let lambda = spec.z_loss();
-    let mut per_row = Vec::with_capacity(rows);
-    let mut lse = Vec::with_capacity(rows);
-    let mut entropy = with_entropy.then(|| Vec::with_capacity(rows));
-    let mut z_loss = (lambda > 0.0).then(|| Vec::with_capacity(rows));
-    for (i, row) in merged.iter().enumerate() {
-        let lse_i = row.log_sum_exp();
-        lse.push(lse_i);
-        let loss = if ignored[i] { 0.0 } else { row.loss() };
-        if let Some(h) = entropy.as_mut() {
-            h.push(row.h);
-        }
-        match z_loss.as_mut() {
-            Some(zl) => {
-                let zi = if ignored[i] {
-                    0.0
-                } else {
-                    lambda * lse_i * lse_i
-                };
-                zl.push(zi);
-                per_row.push(loss + zi);
-            }
-            None => per_row.push(loss),
-        }
+    let mut out = RowOutputs::new(rows, with_entropy, spec.z_loss());
+    for (row, &ignored) in merged.iter().zip(&ignored) {
+        let loss = if ignored { 0.0 } else { row.loss() };
+        out.push(loss, row.log_sum_exp(), !ignored, row.h);
     }
-    Ok(LossOutput::from_parts(
-        spec.reduction(),
-        classes,
-        mean.denominator,
-        per_row,
-        lse,
-        entropy,
-        z_loss,
-        ignored.iter().filter(|&&g| g).count(),
-    ))
+    Ok(out.finish(spec.reduction(), classes, mean.denominator))
 }
 
 /// The f64 reference of a shard's partials: `logits` `[N, C]` are the classes
@@ -305,11 +276,7 @@ pub fn cpu_partials(
                     .iter()
                     .map(|&v| (1.0 - eps) * v as f64 + per_class)
                     .collect();
-                let h = -smoothed
-                    .iter()
-                    .filter(|&&t| t > 0.0 || t.is_nan())
-                    .map(|&t| t * t.ln())
-                    .sum::<f64>();
+                let h = target_entropy(smoothed.iter().copied());
                 ((0..classes).map(|k| weight(k) * smoothed[k]).collect(), h)
             }
         };
