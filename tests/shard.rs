@@ -501,3 +501,38 @@ fn a_vulkan_and_a_gl_context_share_one_batch() {
         );
     }
 }
+
+#[test]
+fn partials_on_device_buffers_match_the_host_path() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes, total, offset) = (30usize, 700usize, 2000usize, 600usize);
+    let spec = CrossEntropy::new()
+        .with_ignore_index(-100)
+        .with_label_smoothing(0.1)
+        .with_weights((0..total).map(|k| 1.0 + (k % 3) as f32).collect::<Vec<_>>());
+    let p = problem(rows, total, 0..0, &spec);
+    let block = columns(&p.logits, total, offset..offset + classes);
+    let shard = VocabShard::new(offset, total);
+    let z = Logits::new(&block, rows, classes).unwrap();
+    let host = gpu
+        .partials(&spec, z, Targets::ClassIndices(&p.labels), shard)
+        .unwrap();
+    let logits = common::buffer_with(gpu, 16, bytemuck::cast_slice(&block));
+    let labels = common::buffer_with(gpu, 0, bytemuck::cast_slice(&p.labels));
+    let shape = xent::LossShape::class_indices(rows, classes, xent::IndexType::I64);
+    let mut loss = gpu.prepare_partials(&spec, shape, shard).unwrap();
+    let view = xent::DeviceLogits::new(&logits, 16, rows, classes);
+    let targets = xent::DeviceTargets::class_indices(&labels, 0, xent::IndexType::I64);
+    loss.run(view, targets).unwrap();
+    assert_eq!(loss.read_partials().unwrap(), host);
+    let mut plain = gpu.prepare(&CrossEntropy::new(), shape).unwrap();
+    plain.run(view, targets).unwrap();
+    assert!(matches!(
+        plain.read_partials(),
+        Err(XentError::NotPrepared(_))
+    ));
+    assert!(matches!(
+        gpu.prepare_partials(&spec, shape, VocabShard::new(1500, total)),
+        Err(XentError::Shard(_))
+    ));
+}

@@ -17,6 +17,7 @@ use crate::error::{Result, XentError};
 use crate::grad::Upstream;
 use crate::output::{LossOutput, LossTotals};
 use crate::scoring::{Distillation, DistillationOutput, TargetScore, TokenMetrics, TokenRow};
+use crate::shard::RowPartial;
 use crate::spec::{CrossEntropy, Reduction};
 
 use super::context::{Gpu, Serialised};
@@ -1473,6 +1474,25 @@ impl PreparedLoss {
             &spec,
             &raw,
             self.shape.classes(),
+        ))
+    }
+
+    /// The per-row partials of the last call of a loss made by
+    /// [`GpuContext::prepare_partials`](crate::GpuContext::prepare_partials).
+    ///
+    /// Errors: [`XentError::NotPrepared`] for a loss that is not a shard's; the device's
+    /// errors as [`PreparedLoss::read_totals`].
+    pub fn read_partials(&mut self) -> Result<Vec<RowPartial>> {
+        if self.setup.shard.is_none() {
+            return Err(XentError::NotPrepared(
+                "this loss is not a shard's: prepare it with prepare_partials".into(),
+            ));
+        }
+        let (_, raw, more) = self.read_parts()?;
+        Ok(super::shard::partials_from_raw(
+            &raw,
+            &more,
+            self.weight_scale,
         ))
     }
 

@@ -18,7 +18,8 @@ use crate::targets::Targets;
 use super::GpuContext;
 use super::host::{HostCall, HostLoss, HostTargets};
 use super::planner::Strategy;
-use super::prepared::{Output, Setup, ShardSetup};
+use super::prepared::{Output, PreparedLoss, RawRow, Setup, ShardSetup};
+use super::views::LossShape;
 
 impl GpuContext {
     /// A vocabulary shard's per-row partial statistics on the GPU, as
@@ -63,21 +64,56 @@ impl GpuContext {
             ..HostLoss::setup(strategy, &logits, targets.layout(), Output::Loss)
         };
         let run = self.run_host(&own, logits, targets, setup, HostCall::default())?;
-        let unscale = 1.0 / run.weight_scale;
-        Ok(run
-            .raw
-            .iter()
-            .zip(&run.raw_more)
-            .map(|(r, more)| RowPartial {
-                // A block of only −inf kept the kernel's finite empty max.
-                m: if r[1] == 0.0 { f64::MIN } else { r[0] as f64 },
-                s: r[1] as f64,
-                a: r[2] as f64 * unscale,
-                b: r[3] as f64 * unscale,
-                h: more[0] as f64,
-            })
-            .collect())
+        Ok(partials_from_raw(&run.raw, &run.raw_more, run.weight_scale))
     }
+
+    /// Prepares a vocabulary shard's partials for device buffers, as [`GpuContext::prepare`]
+    /// a loss: `shape` is the shard's own `[N, C]` (its targets as for
+    /// [`GpuContext::partials`]: class indices of the whole vocabulary, or the shard's
+    /// probabilities). After a call, [`PreparedLoss::row_results`] holds per row
+    /// `(m, s, a, b)` (a and b times [`PreparedLoss::weight_scale`]) and
+    /// [`PreparedLoss::read_partials`] reads them back as [`RowPartial`]s.
+    ///
+    /// Errors: the spec's options on the whole vocabulary; [`XentError::Shard`] when the shard
+    /// does not fit it.
+    pub fn prepare_partials(
+        &self,
+        spec: &CrossEntropy,
+        shape: LossShape,
+        shard: VocabShard,
+    ) -> Result<PreparedLoss> {
+        let classes = shape.classes();
+        shard.check(classes)?;
+        spec.validate_options(shard.total(), shape.targets().is_probabilities())?;
+        let (own, setup_shard) = shard_spec(spec, shard, classes)?;
+        let strategy = self.plan(shape.max_rows(), classes);
+        let setup = Setup {
+            shard: Some(setup_shard),
+            ..Setup::new(strategy, Some(shape.targets()), Output::Loss)
+        };
+        PreparedLoss::new(self.gpu.clone(), &own, shape, setup)
+    }
+}
+
+/// A shard's partials from the device's per-row results `(m, s, a, b)` and `(h, …)`; `a` and
+/// `b` carry the device's weight scale.
+pub(crate) fn partials_from_raw(
+    raw: &[RawRow],
+    more: &[RawRow],
+    weight_scale: f64,
+) -> Vec<RowPartial> {
+    let unscale = 1.0 / weight_scale;
+    raw.iter()
+        .zip(more)
+        .map(|(r, more)| RowPartial {
+            // A block of only −inf kept the kernel's finite empty max.
+            m: if r[1] == 0.0 { f64::MIN } else { r[0] as f64 },
+            s: r[1] as f64,
+            a: r[2] as f64 * unscale,
+            b: r[3] as f64 * unscale,
+            h: more[0] as f64,
+        })
+        .collect()
 }
 
 impl GpuContext {
