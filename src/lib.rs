@@ -35,9 +35,16 @@
 //! - Half precision: [`Logits::new`] takes `f32`, [`bf16`] or [`f16`] values ([`Dtype`]);
 //!   every sum is f32 on the GPU, and the gradient comes back in the logits' dtype
 //!   ([`ElementVec`]), rounded once to nearest even.
-//! - Batched scoring in f64 ([`scoring`]): knowledge distillation ([`Distillation`]: forward
-//!   and reverse KL, generalised JSD), top-k [`SparseTargets`], token metrics (accuracy, rank,
-//!   perplexity) and sequence log-likelihoods with multiple choice, as lm-evaluation-harness.
+//! - Batched scoring ([`scoring`] is its f64 reference): token metrics from the loss's own pass
+//!   ([`GpuContext::cross_entropy_metrics`]: accuracy, rank, top-k, entropy, perplexity),
+//!   sequence log-likelihoods with multiple choice as lm-evaluation-harness
+//!   ([`GpuContext::sequence_scores`]), knowledge distillation ([`Distillation`]: forward and
+//!   reverse KL, generalised JSD; [`GpuContext::distillation`]) and top-k [`SparseTargets`]
+//!   ([`GpuContext::sparse_cross_entropy`]), each with its gradient where one exists.
+//! - Past one device ([`shard`]): a vocabulary shard's per-row [`RowPartial`]s
+//!   ([`GpuContext::partials`]), their merge into the unsharded outputs, each shard's gradient
+//!   columns ([`GpuContext::partial_gradient`]), and a [`ShardedScorer`] over several contexts;
+//!   `examples/mpi_sharded.rs` does it across MPI processes.
 
 #![warn(missing_docs)]
 
