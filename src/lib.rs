@@ -32,7 +32,7 @@
 //!   records its passes on [`DeviceLogits`] and [`DeviceTargets`] (views of the caller's
 //!   `wgpu::Buffer`s) into the caller's command encoder, allocates nothing per call, and reads
 //!   back only the [`LossTotals`] (or, on request, the per-row results).
-//! - Half precision: [`Logits::new`] takes `f32`, [`bf16`] or [`f16`] values ([`Dtype`]);
+//! - Half precision: [`Logits::new`] takes `f32`, [`bf16`] or [`f16`](struct@f16) values ([`Dtype`]);
 //!   every sum is f32 on the GPU, and the gradient comes back in the logits' dtype
 //!   ([`ElementVec`]), rounded once to nearest even.
 //! - Batched scoring ([`scoring`] is its f64 reference): token metrics from the loss's own pass

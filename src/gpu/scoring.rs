@@ -38,7 +38,7 @@ impl super::GpuContext {
         self.cross_entropy_metrics_with(spec, logits, targets, top_k, strategy)
     }
 
-    /// [`GpuContext::cross_entropy_metrics`] with a strategy of the caller's choosing.
+    /// [`crate::GpuContext::cross_entropy_metrics`] with a strategy of the caller's choosing.
     pub fn cross_entropy_metrics_with(
         &self,
         spec: &CrossEntropy,
@@ -100,7 +100,7 @@ impl super::GpuContext {
         Ok(scoring::sequences_of(&metrics.rows, offsets))
     }
 
-    /// Prepares a distillation loss for device buffers, as [`GpuContext::prepare`] a
+    /// Prepares a distillation loss for device buffers, as [`crate::GpuContext::prepare`] a
     /// cross-entropy: `shape`'s targets are the teacher's logits,
     /// [`TargetLayout::Probabilities`](crate::TargetLayout::Probabilities) of f32 or of the
     /// student's dtype, bound as [`DeviceTargets::Probabilities`](crate::DeviceTargets). Calls
@@ -151,7 +151,7 @@ impl super::GpuContext {
         Ok(self.distill(spec, student, teacher, None, strategy)?.0)
     }
 
-    /// [`GpuContext::distillation`] with a strategy of the caller's choosing.
+    /// [`crate::GpuContext::distillation`] with a strategy of the caller's choosing.
     pub fn distillation_with(
         &self,
         spec: &Distillation,
@@ -177,7 +177,7 @@ impl super::GpuContext {
         self.distill(spec, student, teacher, Some(upstream), strategy)
     }
 
-    /// [`GpuContext::distillation_grad`] with a strategy of the caller's choosing.
+    /// [`crate::GpuContext::distillation_grad`] with a strategy of the caller's choosing.
     pub fn distillation_grad_with(
         &self,
         spec: &Distillation,
@@ -246,7 +246,7 @@ impl super::GpuContext {
         Ok(self.sparse(reduction, logits, targets, None, strategy)?.0)
     }
 
-    /// [`GpuContext::sparse_cross_entropy`] with a strategy of the caller's choosing.
+    /// [`crate::GpuContext::sparse_cross_entropy`] with a strategy of the caller's choosing.
     pub fn sparse_cross_entropy_with(
         &self,
         reduction: Reduction,
@@ -257,7 +257,7 @@ impl super::GpuContext {
         Ok(self.sparse(reduction, logits, targets, None, strategy)?.0)
     }
 
-    /// [`GpuContext::sparse_cross_entropy`] and its gradient with respect to the logits (in
+    /// [`crate::GpuContext::sparse_cross_entropy`] and its gradient with respect to the logits (in
     /// their dtype), `s_i·(B_i·softmax(z_i)_k − a_ik)` with `a` the row's probabilities
     /// scattered onto its indices, scaled by `upstream` as [`scoring::sparse_cross_entropy_grad`].
     pub fn sparse_cross_entropy_grad(
@@ -271,7 +271,7 @@ impl super::GpuContext {
         self.sparse(reduction, logits, targets, Some(upstream), strategy)
     }
 
-    /// [`GpuContext::sparse_cross_entropy_grad`] with a strategy of the caller's choosing.
+    /// [`crate::GpuContext::sparse_cross_entropy_grad`] with a strategy of the caller's choosing.
     pub fn sparse_cross_entropy_grad_with(
         &self,
         reduction: Reduction,

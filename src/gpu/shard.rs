@@ -119,7 +119,7 @@ pub(crate) fn partials_from_raw(
 impl GpuContext {
     /// The gradient of a vocabulary-sharded loss with respect to this shard's logits (its
     /// columns of the whole gradient, in the logits' dtype), from every row's partials merged
-    /// over the whole vocabulary (`merged[i]`, as [`merge_partials`] merges them): one more
+    /// over the whole vocabulary (`merged[i]`, as [`crate::shard::merge_partials`] merges them): one more
     /// read of the shard's logits and one write, and nothing more exchanged. Scaled by
     /// `upstream` as [`GpuContext::cross_entropy_grad`] scales the whole gradient; under
     /// `mean` the denominator is the whole batch's (from the class indices of the whole
