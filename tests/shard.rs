@@ -536,3 +536,58 @@ fn partials_on_device_buffers_match_the_host_path() {
         Err(XentError::Shard(_))
     ));
 }
+
+#[test]
+fn sharded_scorer_edges_no_rows_and_more_contexts_than_classes() {
+    let Some(a) = fresh_gpu() else { return };
+    let Some(b) = fresh_gpu() else { return };
+    let Some(c) = fresh_gpu() else { return };
+    let contexts = [a, b, c];
+    let spec = CrossEntropy::new().with_reduction(Reduction::Sum);
+    for mode in [ShardMode::Vocabulary, ShardMode::Rows] {
+        let scorer = ShardedScorer::new(&contexts, mode);
+        // No rows: sum 0, nothing per row, an empty gradient.
+        let none = Logits::new::<f32>(&[], 0, 5).unwrap();
+        let (out, grad) = scorer
+            .cross_entropy_grad(
+                &spec,
+                none,
+                Targets::ClassIndices(&[]),
+                Upstream::Scalar(1.0),
+            )
+            .unwrap();
+        assert_eq!((out.rows, out.sum, grad.len()), (0, 0.0, 0), "{mode:?}");
+        // Two classes over three contexts (one shard each, the third idle), one row over three.
+        let z = [0.5_f32, -1.0, 2.0, 0.25];
+        let logits = Logits::new(&z, 2, 2).unwrap();
+        let y = [1_i64, 0];
+        let want = cpu::cross_entropy(&spec, logits, Targets::ClassIndices(&y)).unwrap();
+        let (out, _) = scorer
+            .cross_entropy_grad(
+                &spec,
+                logits,
+                Targets::ClassIndices(&y),
+                Upstream::Scalar(1.0),
+            )
+            .unwrap();
+        assert!(
+            (out.sum - want.sum).abs() < 1e-5,
+            "{mode:?}: {} vs {}",
+            out.sum,
+            want.sum
+        );
+        let one = Logits::new(&z[..2], 1, 2).unwrap();
+        let got = scorer
+            .cross_entropy(&spec, one, Targets::ClassIndices(&y[..1]))
+            .unwrap();
+        assert_eq!(got.rows, 1, "{mode:?}");
+    }
+    assert!(matches!(
+        ShardedScorer::new(&[], ShardMode::Rows).cross_entropy(
+            &spec,
+            Logits::new(&[0.0_f32], 1, 1).unwrap(),
+            Targets::ClassIndices(&[0])
+        ),
+        Err(XentError::Shard(_))
+    ));
+}
