@@ -195,6 +195,26 @@ fn fold_metric(st: ptr<function, RowStats>, z: f32, k: u32, z_target: f32) {
     (*st).above += u32(ranks_above(z, z_target));
 }
 
+// Folds the logits z of classes k.. k + 3 as fold_metric does each, in vector operations: the
+// count above the target at once, and the argmax scanned only when one of them could take it
+// (a NaN, or one not below the best so far: ties included, for a lower class may win them).
+fn fold_metric4(st: ptr<function, RowStats>, z: vec4<f32>, k: u32, z_target: f32) {
+    let nan = (bitcast<vec4<u32>>(z) & vec4(0x7fffffffu)) > vec4(0x7f800000u);
+    if !is_nan(z_target) {
+        let above = select(vec4(0u), vec4(1u), nan | (z > vec4(z_target)));
+        (*st).above += (above.x + above.y) + (above.z + above.w);
+    }
+    let top = max(max(z.x, z.y), max(z.z, z.w));
+    if any(nan) || top >= (*st).best {
+        for (var j = 0u; j < 4u; j++) {
+            if beats(z[j], k + j, (*st).best, (*st).best_k) {
+                (*st).best = z[j];
+                (*st).best_k = k + j;
+            }
+        }
+    }
+}
+
 // Folds the teacher's four logits t (over T) beside the student's z (over T), whose
 // exp(z − m) fold4 just added (TARGET_TEACHER); the caller raised the teacher's max to
 // cover t before fold4, while every folded element had its teacher terms. Terms with w = 0

@@ -391,9 +391,7 @@ fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>, k: u32) 
     }
     _ = fold4(st, capped, t, FOLD_TARGETS);
     if METRICS {
-        for (var j = 0u; j < 4u; j++) {
-            fold_metric(st, capped[j], k + j, metric_target);
-        }
+        fold_metric4(st, capped, k, metric_target);
     }
     if ENTROPY {
         let h = entropy_terms(t);
