@@ -404,29 +404,34 @@ impl Gpu {
             })
             .collect();
         self.wait()?;
+        // Every buffer whose map succeeded is copied and unmapped, even when another's failed:
+        // a buffer left mapped would fail the next call that copies into it.
         let mut out = Vec::with_capacity(buffers.len());
+        let mut failure = None;
+        let error = |detail: String| XentError::Gpu {
+            context: "reading results back".into(),
+            detail,
+        };
         for ((buffer, bytes), rx) in buffers.iter().zip(receivers) {
             match pollster::block_on(rx.receive()) {
-                Some(Ok(())) => {}
+                Some(Ok(())) => {
+                    match buffer.slice(..*bytes).get_mapped_range() {
+                        Ok(view) => out.push(view.to_vec()),
+                        Err(e) => {
+                            failure.get_or_insert(error(e.to_string()));
+                        }
+                    }
+                    buffer.unmap();
+                }
                 other => {
-                    return Err(XentError::Gpu {
-                        context: "reading results back".into(),
-                        detail: format!("buffer map failed: {other:?}"),
-                    });
+                    failure.get_or_insert(error(format!("buffer map failed: {other:?}")));
                 }
             }
-            let view = buffer
-                .slice(..*bytes)
-                .get_mapped_range()
-                .map_err(|e| XentError::Gpu {
-                    context: "reading results back".into(),
-                    detail: e.to_string(),
-                })?;
-            out.push(view.to_vec());
-            drop(view);
-            buffer.unmap();
         }
-        Ok(out)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     /// Runs `work` with wgpu's errors captured as [`XentError`]s, failing first if the device
