@@ -5,6 +5,9 @@
 
 mod common;
 
+#[path = "../examples/evaluate.rs"]
+mod evaluate_example;
+
 use common::{buffer_with, corner_strategies, gpu, gpu_with_binding_cap, row_tolerance, ulp_f32};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -304,4 +307,21 @@ fn device_buffers_with_metrics_match_the_host_path() {
             .with_metrics(),
         Err(XentError::NotPrepared(_))
     ));
+}
+
+#[test]
+fn the_evaluate_example_agrees_with_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let Some(second) = common::fresh_gpu() else {
+        return;
+    };
+    let r = evaluate_example::run(gpu, second).unwrap();
+    // The example's model favours the gold continuation: both harness metrics are right.
+    assert_eq!((r.gpu.acc(), r.gpu.acc_norm()), (1.0, 1.0));
+    assert_eq!(r.gpu, r.reference);
+    assert_eq!(r.accuracy.0, r.accuracy.1);
+    let close = |(a, b): (f64, f64)| (a - b).abs() <= 1e-5 * b.abs();
+    assert!(close(r.perplexity), "{:?}", r.perplexity);
+    assert!(close(r.distillation), "{:?}", r.distillation);
+    assert!(close(r.sharded), "{:?}", r.sharded);
 }
