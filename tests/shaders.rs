@@ -544,3 +544,63 @@ fn the_planner_never_picks_subgroups_without_them() {
         );
     }
 }
+
+/// The planner checks a strategy against the device's workgroup memory with
+/// `Strategy::workgroup_memory`: that estimate must cover what the row kernels really declare
+/// (naga's layout of their `var<workgroup>`s, after the pipeline constants), with and without
+/// subgroup reductions, or a strategy the planner accepts could fail to compile.
+#[test]
+fn the_planner_counts_the_kernels_workgroup_memory() {
+    for kernel in [Kernel::CrossEntropy, Kernel::MergeSplitRows] {
+        for subgroups in [false, true] {
+            for (wg, lanes) in [(64u32, 64u32), (256, 8), (256, 256), (1024, 1024)] {
+                let strategy = Strategy {
+                    workgroup_size: wg,
+                    lanes_per_row: lanes,
+                    split: 1,
+                    vec4: true,
+                    subgroups,
+                    f16_builtin: false,
+                };
+                let key = PipelineKey {
+                    kernel,
+                    strategy,
+                    variant: LossVariant {
+                        target: TargetKind::ClassIndex,
+                        metrics: true,
+                        ..LossVariant::LSE_ONLY
+                    },
+                };
+                let constants: PipelineConstants = key
+                    .constants(32)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect();
+                let source = kernel.source(subgroups, F16Widening::Integer);
+                let (module, info) = validate(&source, Capabilities::all()).unwrap();
+                let (module, _) = naga::back::pipeline_constants::process_overrides(
+                    &module,
+                    &info,
+                    Some((ShaderStage::Compute, "main")),
+                    &constants,
+                )
+                .unwrap();
+                let mut layouter = naga::proc::Layouter::default();
+                layouter.update(module.to_ctx()).unwrap();
+                let declared: u64 = module
+                    .global_variables
+                    .iter()
+                    .filter(|(_, v)| v.space == naga::AddressSpace::WorkGroup)
+                    .map(|(_, v)| layouter[v.ty].size as u64)
+                    .sum();
+                let device = facts(subgroups.then_some(32), false, 1024);
+                let estimate = strategy.workgroup_memory(&device);
+                assert!(
+                    declared <= estimate,
+                    "{} wg {wg} lanes {lanes} subgroups {subgroups}: declares {declared} bytes, the planner counts {estimate}",
+                    kernel.file_name()
+                );
+            }
+        }
+    }
+}

@@ -65,14 +65,14 @@ impl Strategy {
         }
     }
 
-    /// Bytes of workgroup memory the row kernels' reductions use: a RowStats (36 bytes) and a
+    /// Bytes of workgroup memory the row kernels' reductions use: a RowStats (44 bytes) and a
     /// vec4 sum (16) per lane, or per subgroup with subgroup reductions.
     pub fn workgroup_memory(&self, device: &DeviceFacts) -> u64 {
         let slots = match (self.subgroups, device.subgroup_lanes) {
             (true, Some(lanes)) => (self.workgroup_size / lanes.min(self.workgroup_size)).max(1),
             _ => self.workgroup_size,
         };
-        slots as u64 * 52
+        slots as u64 * 60
     }
 
     /// Logits one lane folds in a row of `classes`.
