@@ -1816,29 +1816,37 @@ fn eval_sequences_and_multiple_choice_hand_computed() {
         (f, true, 1),
         ((0.25_f64).ln(), false, 1),
     ];
-    let names = ["z", "y", "o", "q", "l", "g"].map(|n| file(&format!("{n}.npy")));
-    let base = [
-        "eval",
-        "--logits",
-        path(&names[0]),
-        "--targets",
-        path(&names[1]),
-        "--offsets",
-        path(&names[2]),
-        "--choices",
-        path(&names[3]),
-        "--lengths",
-        path(&names[4]),
-        "--gold",
-        path(&names[5]),
-        "--batch-rows",
-        "2",
-        "--json",
-    ];
+    // `xent eval` with the files given by flag (the six above unless replaced) and `extra`.
+    let eval = |files: &[(&str, &Path)], extra: &[&str]| {
+        let mut args = vec!["eval".to_string()];
+        for (flag, name) in [
+            ("--logits", "z"),
+            ("--targets", "y"),
+            ("--offsets", "o"),
+            ("--choices", "q"),
+            ("--lengths", "l"),
+            ("--gold", "g"),
+        ] {
+            let given = files.iter().find(|(f, _)| *f == flag);
+            match given {
+                Some((_, p)) if p.as_os_str().is_empty() => continue,
+                Some((_, p)) => args.extend([flag.to_string(), path(p).to_string()]),
+                None => args.extend([
+                    flag.to_string(),
+                    path(&file(&format!("{name}.npy"))).to_string(),
+                ]),
+            }
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        xent(&args)
+    };
+    let none = Path::new("");
+    let base = ["--batch-rows", "2", "--json"];
     let engines = engines();
     for engine in engines {
         let args: Vec<&str> = base.iter().copied().chain(engine).collect();
-        let o = xent(&args);
+        let o = eval(&[], &args);
         assert!(o.status.success(), "{}", stderr(&o));
         let lines: Vec<serde_json::Value> = stdout(&o)
             .lines()
@@ -1874,13 +1882,7 @@ fn eval_sequences_and_multiple_choice_hand_computed() {
         assert_eq!(lines[6]["sequences"].as_u64(), Some(4));
     }
     // Text output names the values too.
-    let o = xent(
-        &base[..base.len() - 1]
-            .iter()
-            .copied()
-            .chain(["--cpu"])
-            .collect::<Vec<_>>(),
-    );
+    let o = eval(&[], &["--batch-rows", "2", "--cpu"]);
     assert!(
         stdout(&o).contains("acc 0.500000, acc_norm 1.000000 over 2 questions"),
         "{}",
@@ -1888,64 +1890,28 @@ fn eval_sequences_and_multiple_choice_hand_computed() {
     );
 
     // Errors name the file at fault.
-    write_npy(&file("bad_o.npy"), &[3], &[0_i64, 2, 4]);
-    let o = xent(&[
-        "eval",
-        "--logits",
-        path(&names[0]),
-        "--targets",
-        path(&names[1]),
-        "--offsets",
-        path(&file("bad_o.npy")),
-        "--cpu",
-    ]);
+    let (bad_o, bad_y, bad_g) = (file("bad_o.npy"), file("bad_y.npy"), file("bad_g.npy"));
+    write_npy(&bad_o, &[3], &[0_i64, 2, 4]);
+    let sequences_only = [("--choices", none), ("--lengths", none), ("--gold", none)];
+    let o = eval(
+        &[&sequences_only[..], &[("--offsets", &bad_o)]].concat(),
+        &["--cpu"],
+    );
     expect_failure(&o, 2, &["bad_o.npy", "offsets"]);
-    write_npy(&file("bad_y.npy"), &[5], &[0_i64, 1, 2, 1, 0]);
-    let o = xent(&[
-        "eval",
-        "--logits",
-        path(&names[0]),
-        "--targets",
-        path(&file("bad_y.npy")),
-        "--offsets",
-        path(&names[2]),
-        "--cpu",
-    ]);
+    write_npy(&bad_y, &[5], &[0_i64, 1, 2, 1, 0]);
+    let o = eval(
+        &[&sequences_only[..], &[("--targets", &bad_y)]].concat(),
+        &["--cpu"],
+    );
     expect_failure(&o, 2, &["bad_y.npy", "row 2", "token 2"]);
-    let o = xent(&[
-        "eval",
-        "--logits",
-        path(&names[0]),
-        "--targets",
-        path(&names[1]),
-        "--offsets",
-        path(&names[2]),
-        "--choices",
-        path(&names[3]),
-        "--cpu",
-    ]);
+    let o = eval(&[("--lengths", none), ("--gold", none)], &["--cpu"]);
     assert_eq!(
         o.status.code(),
         Some(2),
         "--choices without --lengths and --gold"
     );
-    write_npy(&file("bad_g.npy"), &[2], &[2_i64, 0]);
-    let o = xent(&[
-        "eval",
-        "--logits",
-        path(&names[0]),
-        "--targets",
-        path(&names[1]),
-        "--offsets",
-        path(&names[2]),
-        "--choices",
-        path(&names[3]),
-        "--lengths",
-        path(&names[4]),
-        "--gold",
-        path(&file("bad_g.npy")),
-        "--cpu",
-    ]);
+    write_npy(&bad_g, &[2], &[2_i64, 0]);
+    let o = eval(&[("--gold", &bad_g)], &["--cpu"]);
     expect_failure(&o, 2, &["--gold", "question 0", "2 choices"]);
 }
 

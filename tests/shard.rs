@@ -42,6 +42,24 @@ fn specs(classes: usize) -> Vec<CrossEntropy> {
     ]
 }
 
+/// Runs `check` on every spec of [`specs`] with its problem, for class indices and (where the
+/// spec has no ignore index) probabilities.
+fn each_case(
+    rows: usize,
+    classes: usize,
+    masked: std::ops::Range<usize>,
+    mut check: impl FnMut(&CrossEntropy, &Problem, bool),
+) {
+    for spec in specs(classes) {
+        let p = problem(rows, classes, masked.clone(), &spec);
+        for soft in [false, true] {
+            if !(soft && spec.ignore_index().is_some()) {
+                check(&spec, &p, soft);
+            }
+        }
+    }
+}
+
 /// A problem with −inf over the whole of shard 1's columns in row 0, targets spread over every
 /// class (so every shard owns some), and some rows ignored under a spec with an ignore index.
 fn problem(
@@ -113,44 +131,38 @@ fn f64_partials_merge_to_the_unsharded_reference() {
             let shards = VocabShard::split(classes, k);
             // Mask the whole of the second shard (or the only one) in row 0.
             let masked = shards.get(1).map_or(0..0, |s| s.1.clone());
-            for spec in specs(classes) {
-                let p = problem(rows, classes, masked.clone(), &spec);
-                for soft in [false, true] {
-                    if soft && spec.ignore_index().is_some() {
-                        continue;
-                    }
-                    let label = format!("C={classes} k={k} soft={soft} {spec:?}");
-                    let want = cpu::cross_entropy(&spec, p.logits(), p.targets(soft)).unwrap();
-                    let got = sharded(&spec, &p, soft, k, &|s, z, t, sh| cpu_partials(s, z, t, sh));
-                    assert_eq!(got.ignored_rows, want.ignored_rows, "{label}");
-                    let rel = 1e-12;
-                    for i in 0..rows {
-                        let scale = 1.0 + want.per_row[i].abs() + want.log_sum_exp[i].abs();
-                        assert!(
-                            close(got.per_row[i], want.per_row[i], rel * scale),
-                            "{label}: row {i} loss {} vs {}",
-                            got.per_row[i],
-                            want.per_row[i]
-                        );
-                        assert!(close(got.log_sum_exp[i], want.log_sum_exp[i], rel * scale));
-                    }
-                    assert!(close(got.mean_denominator, want.mean_denominator, 1e-12));
-                    match (got.loss, want.loss) {
-                        (Some(g), Some(w)) => {
-                            assert!(close(g, w, rel * (1.0 + w.abs())), "{label}")
-                        }
-                        (g, w) => assert_eq!(g.is_some(), w.is_some()),
-                    }
-                    match (&got.entropy, &want.entropy) {
-                        (Some(g), Some(w)) => {
-                            for (a, b) in g.iter().zip(w) {
-                                assert!(close(*a, *b, rel * (1.0 + b.abs())), "{label}: entropy");
-                            }
-                        }
-                        (g, w) => assert_eq!(g.is_some(), w.is_some(), "{label}: entropy"),
-                    }
+            each_case(rows, classes, masked.clone(), |spec, p, soft| {
+                let label = format!("C={classes} k={k} soft={soft} {spec:?}");
+                let want = cpu::cross_entropy(spec, p.logits(), p.targets(soft)).unwrap();
+                let got = sharded(spec, p, soft, k, &|s, z, t, sh| cpu_partials(s, z, t, sh));
+                assert_eq!(got.ignored_rows, want.ignored_rows, "{label}");
+                let rel = 1e-12;
+                for i in 0..rows {
+                    let scale = 1.0 + want.per_row[i].abs() + want.log_sum_exp[i].abs();
+                    assert!(
+                        close(got.per_row[i], want.per_row[i], rel * scale),
+                        "{label}: row {i} loss {} vs {}",
+                        got.per_row[i],
+                        want.per_row[i]
+                    );
+                    assert!(close(got.log_sum_exp[i], want.log_sum_exp[i], rel * scale));
                 }
-            }
+                assert!(close(got.mean_denominator, want.mean_denominator, 1e-12));
+                match (got.loss, want.loss) {
+                    (Some(g), Some(w)) => {
+                        assert!(close(g, w, rel * (1.0 + w.abs())), "{label}")
+                    }
+                    (g, w) => assert_eq!(g.is_some(), w.is_some()),
+                }
+                match (&got.entropy, &want.entropy) {
+                    (Some(g), Some(w)) => {
+                        for (a, b) in g.iter().zip(w) {
+                            assert!(close(*a, *b, rel * (1.0 + b.abs())), "{label}: entropy");
+                        }
+                    }
+                    (g, w) => assert_eq!(g.is_some(), w.is_some(), "{label}: entropy"),
+                }
+            });
         }
     }
 }
@@ -162,24 +174,18 @@ fn gpu_partials_merge_within_the_f32_tolerance() {
         let rows = 37;
         let shards = VocabShard::split(classes, k);
         let masked = shards.get(1).map_or(0..0, |s| s.1.clone());
-        for spec in specs(classes) {
-            let p = problem(rows, classes, masked.clone(), &spec);
-            for soft in [false, true] {
-                if soft && spec.ignore_index().is_some() {
-                    continue;
-                }
-                let label = format!("C={classes} k={k} soft={soft} {spec:?}");
-                let want = cpu::cross_entropy(&spec, p.logits(), p.targets(soft)).unwrap();
-                let got = sharded(&spec, &p, soft, k, &|s, z, t, sh| gpu.partials(s, z, t, sh));
-                assert_outputs_match(
-                    &label,
-                    &got,
-                    &want,
-                    &max_abs_per_row(&p.logits, classes),
-                    &p.mass(&spec, soft),
-                );
-            }
-        }
+        each_case(rows, classes, masked.clone(), |spec, p, soft| {
+            let label = format!("C={classes} k={k} soft={soft} {spec:?}");
+            let want = cpu::cross_entropy(spec, p.logits(), p.targets(soft)).unwrap();
+            let got = sharded(spec, p, soft, k, &|s, z, t, sh| gpu.partials(s, z, t, sh));
+            assert_outputs_match(
+                &label,
+                &got,
+                &want,
+                &max_abs_per_row(&p.logits, classes),
+                &p.mass(spec, soft),
+            );
+        });
     }
 }
 
@@ -248,36 +254,30 @@ fn sharded_scorer_over_two_contexts_matches_one() {
     };
     let single = &contexts[0];
     for (rows, classes) in [(1usize, 3usize), (50, 1000), (9, 4099)] {
-        for spec in specs(classes) {
-            let p = problem(rows, classes, 0..0, &spec);
-            for soft in [false, true] {
-                if soft && spec.ignore_index().is_some() {
-                    continue;
-                }
-                let want = cpu::cross_entropy(&spec, p.logits(), p.targets(soft)).unwrap();
-                let one = single
-                    .cross_entropy(&spec, p.logits(), p.targets(soft))
+        each_case(rows, classes, 0..0, |spec, p, soft| {
+            let want = cpu::cross_entropy(spec, p.logits(), p.targets(soft)).unwrap();
+            let one = single
+                .cross_entropy(spec, p.logits(), p.targets(soft))
+                .unwrap();
+            for mode in [ShardMode::Vocabulary, ShardMode::Rows] {
+                let label = format!("{rows}x{classes} {mode:?} soft={soft} {spec:?}");
+                let scorer = ShardedScorer::new(&contexts, mode);
+                let got = scorer
+                    .cross_entropy(spec, p.logits(), p.targets(soft))
                     .unwrap();
-                for mode in [ShardMode::Vocabulary, ShardMode::Rows] {
-                    let label = format!("{rows}x{classes} {mode:?} soft={soft} {spec:?}");
-                    let scorer = ShardedScorer::new(&contexts, mode);
-                    let got = scorer
-                        .cross_entropy(&spec, p.logits(), p.targets(soft))
-                        .unwrap();
-                    let max = max_abs_per_row(&p.logits, classes);
-                    assert_outputs_match(&label, &got, &want, &max, &p.mass(&spec, soft));
-                    if mode == ShardMode::Rows && classes % 4 == 0 {
-                        // Rows that keep their 16-byte alignment score exactly as one context
-                        // scores them.
-                        assert_eq!(got.per_row, one.per_row, "{label}");
-                    }
-                    let again = scorer
-                        .cross_entropy(&spec, p.logits(), p.targets(soft))
-                        .unwrap();
-                    assert_eq!(format!("{again:?}"), format!("{got:?}"), "{label}: rerun");
+                let max = max_abs_per_row(&p.logits, classes);
+                assert_outputs_match(&label, &got, &want, &max, &p.mass(spec, soft));
+                if mode == ShardMode::Rows && classes % 4 == 0 {
+                    // Rows that keep their 16-byte alignment score exactly as one context
+                    // scores them.
+                    assert_eq!(got.per_row, one.per_row, "{label}");
                 }
+                let again = scorer
+                    .cross_entropy(spec, p.logits(), p.targets(soft))
+                    .unwrap();
+                assert_eq!(format!("{again:?}"), format!("{got:?}"), "{label}: rerun");
             }
-        }
+        });
     }
     // A bad class index names its row in the whole batch, in either mode.
     let p = problem(40, 10, 0..0, &CrossEntropy::new());
@@ -323,74 +323,67 @@ fn shard_gradients_are_the_columns_of_the_whole_gradient() {
     for (rows, classes, k) in [(13usize, 7usize, 3usize), (21, 1000, 4), (5, 4099, 2)] {
         let shards = VocabShard::split(classes, k);
         let masked = shards[1].1.clone();
-        for spec in specs(classes) {
-            let p = problem(rows, classes, masked.clone(), &spec);
-            for soft in [false, true] {
-                if soft && spec.ignore_index().is_some() {
-                    continue;
-                }
-                let label = format!("C={classes} k={k} soft={soft} {spec:?}");
-                let want_out = cpu::cross_entropy(&spec, p.logits(), p.targets(soft)).unwrap();
-                let (g, scale) = upstream_for(&spec, rows, want_out.mean_denominator);
-                let up = upstream(&spec, &g);
-                let (_, want) =
-                    cpu::cross_entropy_grad(&spec, p.logits(), p.targets(soft), up).unwrap();
-                // The partials of every shard, merged, then each shard's columns.
-                let blocks: Vec<(Vec<f32>, Vec<f32>)> = shards
-                    .iter()
-                    .map(|(_, r)| {
-                        (
-                            columns(&p.logits, classes, r.clone()),
-                            columns(&p.probabilities, classes, r.clone()),
-                        )
-                    })
-                    .collect();
-                let targets = |q: &[f32]| -> Vec<f32> { q.to_vec() };
-                let parts: Vec<Vec<RowPartial>> = shards
-                    .iter()
-                    .zip(&blocks)
-                    .map(|((shard, r), (z, q))| {
-                        let z = Logits::new(z, rows, r.len()).unwrap();
-                        let q = targets(q);
-                        let t = if soft {
-                            Targets::probabilities(&q)
-                        } else {
-                            Targets::ClassIndices(&p.labels)
-                        };
-                        gpu.partials(&spec, z, t, *shard).unwrap()
-                    })
-                    .collect();
-                let views: Vec<&[RowPartial]> = parts.iter().map(Vec::as_slice).collect();
-                let merged = merge_rows(&views).unwrap();
-                let max = max_abs_per_row(&p.logits, classes);
-                let mass = p.mass(&spec, soft);
-                for ((shard, r), (z, q)) in shards.iter().zip(&blocks) {
+        each_case(rows, classes, masked.clone(), |spec, p, soft| {
+            let label = format!("C={classes} k={k} soft={soft} {spec:?}");
+            let want_out = cpu::cross_entropy(spec, p.logits(), p.targets(soft)).unwrap();
+            let (g, scale) = upstream_for(spec, rows, want_out.mean_denominator);
+            let up = upstream(spec, &g);
+            let (_, want) = cpu::cross_entropy_grad(spec, p.logits(), p.targets(soft), up).unwrap();
+            // The partials of every shard, merged, then each shard's columns.
+            let blocks: Vec<(Vec<f32>, Vec<f32>)> = shards
+                .iter()
+                .map(|(_, r)| {
+                    (
+                        columns(&p.logits, classes, r.clone()),
+                        columns(&p.probabilities, classes, r.clone()),
+                    )
+                })
+                .collect();
+            let targets = |q: &[f32]| -> Vec<f32> { q.to_vec() };
+            let parts: Vec<Vec<RowPartial>> = shards
+                .iter()
+                .zip(&blocks)
+                .map(|((shard, r), (z, q))| {
                     let z = Logits::new(z, rows, r.len()).unwrap();
+                    let q = targets(q);
                     let t = if soft {
-                        Targets::probabilities(q)
+                        Targets::probabilities(&q)
                     } else {
                         Targets::ClassIndices(&p.labels)
                     };
-                    let got = gpu
-                        .partial_gradient(&spec, z, t, *shard, &merged, up)
-                        .unwrap_or_else(|e| panic!("{label}: {e}"));
-                    let want_cols: Vec<f64> = want
-                        .chunks(classes)
-                        .flat_map(|row| row[r.clone()].iter().copied())
-                        .collect();
-                    assert_gradient(
-                        &format!("{label} shard {r:?}"),
-                        &got.to_f32(),
-                        &want_cols,
-                        r.len(),
-                        &*scale,
-                        &mass,
-                        &max,
-                        Dtype::F32,
-                    );
-                }
+                    gpu.partials(spec, z, t, *shard).unwrap()
+                })
+                .collect();
+            let views: Vec<&[RowPartial]> = parts.iter().map(Vec::as_slice).collect();
+            let merged = merge_rows(&views).unwrap();
+            let max = max_abs_per_row(&p.logits, classes);
+            let mass = p.mass(spec, soft);
+            for ((shard, r), (z, q)) in shards.iter().zip(&blocks) {
+                let z = Logits::new(z, rows, r.len()).unwrap();
+                let t = if soft {
+                    Targets::probabilities(q)
+                } else {
+                    Targets::ClassIndices(&p.labels)
+                };
+                let got = gpu
+                    .partial_gradient(spec, z, t, *shard, &merged, up)
+                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                let want_cols: Vec<f64> = want
+                    .chunks(classes)
+                    .flat_map(|row| row[r.clone()].iter().copied())
+                    .collect();
+                assert_gradient(
+                    &format!("{label} shard {r:?}"),
+                    &got.to_f32(),
+                    &want_cols,
+                    r.len(),
+                    &*scale,
+                    &mass,
+                    &max,
+                    Dtype::F32,
+                );
             }
-        }
+        });
     }
 }
 
@@ -400,39 +393,32 @@ fn sharded_gradients_over_two_contexts() {
         return;
     };
     for (rows, classes) in [(30usize, 1000usize), (7, 4099)] {
-        for spec in specs(classes) {
-            let p = problem(rows, classes, 0..0, &spec);
-            for soft in [false, true] {
-                if soft && spec.ignore_index().is_some() {
-                    continue;
-                }
-                let want_out = cpu::cross_entropy(&spec, p.logits(), p.targets(soft)).unwrap();
-                let (g, scale) = upstream_for(&spec, rows, want_out.mean_denominator);
-                let up = upstream(&spec, &g);
-                let (_, want) =
-                    cpu::cross_entropy_grad(&spec, p.logits(), p.targets(soft), up).unwrap();
-                for mode in [ShardMode::Vocabulary, ShardMode::Rows] {
-                    let label = format!("{rows}x{classes} {mode:?} soft={soft} {spec:?}");
-                    let scorer = ShardedScorer::new(&contexts, mode);
-                    let (out, grad) = scorer
-                        .cross_entropy_grad(&spec, p.logits(), p.targets(soft), up)
-                        .unwrap_or_else(|e| panic!("{label}: {e}"));
-                    let max = max_abs_per_row(&p.logits, classes);
-                    let mass = p.mass(&spec, soft);
-                    assert_outputs_match(&label, &out, &want_out, &max, &mass);
-                    assert_gradient(
-                        &label,
-                        &grad.to_f32(),
-                        &want,
-                        classes,
-                        &*scale,
-                        &mass,
-                        &max,
-                        Dtype::F32,
-                    );
-                }
+        each_case(rows, classes, 0..0, |spec, p, soft| {
+            let want_out = cpu::cross_entropy(spec, p.logits(), p.targets(soft)).unwrap();
+            let (g, scale) = upstream_for(spec, rows, want_out.mean_denominator);
+            let up = upstream(spec, &g);
+            let (_, want) = cpu::cross_entropy_grad(spec, p.logits(), p.targets(soft), up).unwrap();
+            for mode in [ShardMode::Vocabulary, ShardMode::Rows] {
+                let label = format!("{rows}x{classes} {mode:?} soft={soft} {spec:?}");
+                let scorer = ShardedScorer::new(&contexts, mode);
+                let (out, grad) = scorer
+                    .cross_entropy_grad(spec, p.logits(), p.targets(soft), up)
+                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                let max = max_abs_per_row(&p.logits, classes);
+                let mass = p.mass(spec, soft);
+                assert_outputs_match(&label, &out, &want_out, &max, &mass);
+                assert_gradient(
+                    &label,
+                    &grad.to_f32(),
+                    &want,
+                    classes,
+                    &*scale,
+                    &mass,
+                    &max,
+                    Dtype::F32,
+                );
             }
-        }
+        });
     }
 }
 
