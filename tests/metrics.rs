@@ -325,3 +325,31 @@ fn the_evaluate_example_agrees_with_the_reference() {
     assert!(close(r.distillation), "{:?}", r.distillation);
     assert!(close(r.sharded), "{:?}", r.sharded);
 }
+
+#[test]
+fn metrics_of_soft_capped_logits_are_those_of_the_capped_values() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (9, 130);
+    let (z, y) = tied_rows(51, rows, classes, false);
+    let cap = 3.0;
+    let spec = CrossEntropy::new()
+        .with_ignore_index(IGNORE)
+        .with_softcap(cap);
+    let (_, got) = gpu
+        .cross_entropy_metrics(&spec, Logits::new(&z, rows, classes).unwrap(), &y, TOP_K)
+        .unwrap();
+    // The reference on the capped logits, rounded to f32 as the GPU holds them: ties stay ties
+    // (the grid's values cap to distinct f32s, equal ones to equal ones).
+    let capped: Vec<f32> = z
+        .iter()
+        .map(|&v| (cap * (v as f64 / cap).tanh()) as f32)
+        .collect();
+    let want = scoring::token_metrics(
+        Logits::new(&capped, rows, classes).unwrap(),
+        &y,
+        Some(IGNORE),
+        TOP_K,
+    )
+    .unwrap();
+    assert_metrics("soft-capped", &got, &want, &capped, classes);
+}
