@@ -122,10 +122,7 @@ fn teacher_gradient(g: RowGradient, s: f32, k: u32) -> f32 {
     let log_p = cap1(probability(g.first + k)) - g.st.z;
     if DIVERGENCE == 2u {
         // JSD: q·(d − Σ q·d), d = (1−β)·(ln q − ln m); g.st.w is Σ q·d.
-        let a = log(params.beta) + log_p;
-        let b = log(1.0 - params.beta) + log_q;
-        let top = max(a, b);
-        let log_m = top + log(exp(a - top) + exp(b - top));
+        let log_m = log_mixture(vec4(log_p), vec4(log_q)).x;
         let d = (1.0 - params.beta) * (log_q - log_m);
         return g.s_ce * select(q * (d - g.st.w), 0.0, q == 0.0);
     }

@@ -356,15 +356,21 @@ var<private> metric_target: f32;
 // The row's (m, ln s, the teacher's lse, ·) from the first pass (JSD_SECOND).
 var<private> jsd_row: vec4<f32>;
 
+// ln m of the JSD's mixture m = β·p + (1−β)·q, from ln p and ln q without leaving the log
+// domain (the larger term factored out).
+fn log_mixture(log_p: vec4<f32>, log_q: vec4<f32>) -> vec4<f32> {
+    let a = log(params.beta) + log_p;
+    let b = log(1.0 - params.beta) + log_q;
+    let top = max(a, b);
+    return top + log(exp(a - top) + exp(b - top));
+}
+
 // Adds the JSD terms of four classes, student z and teacher t over T (JSD_SECOND): terms
 // with p = 0 or q = 0 are 0.
 fn fold_jsd4(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>) {
     let log_q = (z - jsd_row.x) - jsd_row.y;
     let log_p = t - jsd_row.z;
-    let a = log(params.beta) + log_p;
-    let b = log(1.0 - params.beta) + log_q;
-    let top = max(a, b);
-    let log_m = top + log(exp(a - top) + exp(b - top));
+    let log_m = log_mixture(log_p, log_q);
     let p = exp(log_p);
     let q = exp(log_q);
     let tp = select(params.beta * p * (log_p - log_m), vec4(0.0), p == vec4(0.0));
