@@ -228,8 +228,8 @@ pub enum XentError {
 
 impl XentError {
     /// The same error with its row counted from `offset` rows earlier (a part of a batch
-    /// reported against the whole).
-    pub(crate) fn with_row_offset(self, offset: usize) -> Self {
+    /// reported against the whole); errors that name no row are unchanged.
+    pub fn with_row_offset(self, offset: usize) -> Self {
         match self {
             XentError::ClassIndexOutOfRange {
                 row,
@@ -243,6 +243,19 @@ impl XentError {
                 ignore_index,
             },
             XentError::LogitOutOfRange { row } => XentError::LogitOutOfRange { row: row + offset },
+            XentError::SparseIndexOutOfRange {
+                row,
+                value,
+                classes,
+            } => XentError::SparseIndexOutOfRange {
+                row: row + offset,
+                value,
+                classes,
+            },
+            XentError::SparseDuplicateIndex { row, class } => XentError::SparseDuplicateIndex {
+                row: row + offset,
+                class,
+            },
             other => other,
         }
     }

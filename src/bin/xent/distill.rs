@@ -49,15 +49,14 @@ impl Sums {
 
 /// A spec error, naming the argument at fault.
 fn blame(e: XentError, teacher: &NpyInput, student: &NpyInput, first_row: usize) -> CliError {
-    match e {
-        XentError::Temperature(_) => CliError::input(format!("--temperature: {e}")),
-        XentError::JsdBeta(_) => CliError::input(format!("--beta: {e}")),
-        XentError::TargetsShape { .. } => teacher.error(e.to_string()),
+    match e.with_row_offset(first_row) {
+        e @ XentError::Temperature(_) => CliError::input(format!("--temperature: {e}")),
+        e @ XentError::JsdBeta(_) => CliError::input(format!("--beta: {e}")),
+        e @ XentError::TargetsShape { .. } => teacher.error(e.to_string()),
         XentError::LogitOutOfRange { row } => CliError::input(format!(
-            "{} or {}: row {}: a finite logit beyond ±2^64",
+            "{} or {}: row {row}: a finite logit beyond ±2^64",
             student.label(),
             teacher.label(),
-            first_row + row
         )),
         other => CliError::from(other),
     }

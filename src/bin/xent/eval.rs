@@ -85,10 +85,9 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
             Some(gpu) => gpu.token_metrics(z, &y, None, 1),
             None => scoring::token_metrics(z, &y, None, 1),
         };
-        let metrics = metrics.map_err(|e| match e {
+        let metrics = metrics.map_err(|e| match e.with_row_offset(first) {
             XentError::ClassIndexOutOfRange { row, value, .. } => targets.error(format!(
-                "row {} has token {value}, outside [0, {classes})",
-                first + row
+                "row {row} has token {value}, outside [0, {classes})"
             )),
             other => CliError::from(other),
         })?;

@@ -204,30 +204,11 @@ fn open_inputs(args: &ScoreArgs) -> Result<(Inputs, Option<Vec<f32>>), CliError>
 /// Turns a library error into a CLI error naming the file or argument at fault; `row_offset`
 /// makes row numbers count from the start of the file, not of the batch.
 fn blame(e: XentError, inputs: &Inputs, row_offset: usize) -> CliError {
+    let e = e.with_row_offset(row_offset);
     match e {
-        XentError::ClassIndexOutOfRange {
-            row,
-            value,
-            classes,
-            ignore_index,
-        } => {
-            let e = XentError::ClassIndexOutOfRange {
-                row: row + row_offset,
-                value,
-                classes,
-                ignore_index,
-            };
-            CliError::input(format!(
-                "{}: {}",
-                inputs.targets.label(),
-                strip_role(&e, "targets")
-            ))
-        }
-        XentError::TargetsShape { .. } => CliError::input(format!(
-            "{}: {}",
-            inputs.targets.label(),
-            strip_role(&e, "targets")
-        )),
+        XentError::ClassIndexOutOfRange { .. } | XentError::TargetsShape { .. } => CliError::input(
+            format!("{}: {}", inputs.targets.label(), strip_role(&e, "targets")),
+        ),
         XentError::LogitsShape { .. } | XentError::NoClasses | XentError::RowTooLarge { .. } => {
             CliError::input(format!(
                 "{}: {}",

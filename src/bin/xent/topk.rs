@@ -16,19 +16,17 @@ use crate::{CliError, ScoreArgs};
 
 /// An error of the targets, naming the file at fault and the row within the whole file.
 fn blame(e: XentError, indices: &NpyInput, first_row: usize) -> CliError {
-    match e {
+    match e.with_row_offset(first_row) {
         XentError::SparseIndexOutOfRange {
             row,
             value,
             classes,
         } => indices.error(format!(
-            "row {} has class index {value}, outside [0, {classes})",
-            first_row + row
+            "row {row} has class index {value}, outside [0, {classes})"
         )),
-        XentError::SparseDuplicateIndex { row, class } => indices.error(format!(
-            "row {} names class {class} more than once",
-            first_row + row
-        )),
+        XentError::SparseDuplicateIndex { row, class } => {
+            indices.error(format!("row {row} names class {class} more than once"))
+        }
         other => CliError::from(other),
     }
 }
