@@ -73,10 +73,7 @@ pub fn log_softmax(logits: Logits<'_>) -> Vec<f64> {
 /// A row of logits as the loss sees it: widened to f64 and, with a soft-cap, mapped through
 /// `z' = cap·tanh(z/cap)` (so −inf becomes −cap).
 pub(crate) fn effective_row(spec: &CrossEntropy, z: &[f32]) -> Vec<f64> {
-    match spec.softcap() {
-        Some(cap) => z.iter().map(|&v| cap * (v as f64 / cap).tanh()).collect(),
-        None => z.iter().map(|&v| v as f64).collect(),
-    }
+    z.iter().map(|&v| spec.capped(v as f64)).collect()
 }
 
 /// `dz'/dz = 1 − tanh²(z/cap)`, computed as `1/cosh²(z/cap)`, which does not cancel where

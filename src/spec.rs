@@ -175,6 +175,14 @@ impl CrossEntropy {
         self.softcap
     }
 
+    /// A logit as the loss sees it, in f64: `cap·tanh(z / cap)` with a soft-cap, else `z`.
+    pub fn capped(&self, z: f64) -> f64 {
+        match self.softcap {
+            Some(cap) => cap * (z / cap).tanh(),
+            None => z,
+        }
+    }
+
     /// The reduction in force.
     pub fn reduction(&self) -> Reduction {
         self.reduction

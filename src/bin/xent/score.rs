@@ -398,12 +398,9 @@ impl Engine {
                 let out = xent::cpu::cross_entropy(spec, logits, Targets::ClassIndices(labels))?;
                 let capped: Vec<f32>;
                 let seen = match spec.softcap() {
-                    Some(cap) => {
+                    Some(_) => {
                         let z = logits.values().to_f32(0..logits.len());
-                        capped = z
-                            .iter()
-                            .map(|&v| (cap * (v as f64 / cap).tanh()) as f32)
-                            .collect();
+                        capped = z.iter().map(|&v| spec.capped(v as f64) as f32).collect();
                         Logits::new(&capped, logits.rows(), logits.classes())?
                     }
                     None => logits,
