@@ -275,16 +275,15 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let group = group_index(wid, groups);
-    let r = group_first_row(group) + lid / LANES_PER_ROW;
+    let r = lane_row(group, lid);
     if r >= params.rows {
         return;
     }
     let g = row_gradient(r);
-    let lane = (group % SPLIT) * LANES_PER_ROW + lid % LANES_PER_ROW;
-    let lanes = SPLIT * LANES_PER_ROW;
+    let lane = lane_in_row(group, lid);
     if DTYPE == DTYPE_F32 {
-        write_row_f32(g, lane, lanes);
+        write_row_f32(g, lane, ROW_LANES);
     } else {
-        write_row_half(r, g, lane, lanes);
+        write_row_half(r, g, lane, ROW_LANES);
     }
 }

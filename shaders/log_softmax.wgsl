@@ -10,7 +10,7 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let group = group_index(wid, groups);
-    let r = group_first_row(group) + lid / LANES_PER_ROW;
+    let r = lane_row(group, lid);
     if r >= params.rows {
         return;
     }
@@ -18,8 +18,7 @@ fn main(
     let stats = results[params.first_row + r];
     let first = row_first(r);
     let out = params.outputs_offset + r * params.classes;
-    let lanes = SPLIT * LANES_PER_ROW;
-    for (var k = (group % SPLIT) * LANES_PER_ROW + lid % LANES_PER_ROW; k < params.classes; k += lanes) {
+    for (var k = lane_in_row(group, lid); k < params.classes; k += ROW_LANES) {
         outputs[out + k] = bitcast<u32>((logit(first + k) - stats.z) - stats.w);
     }
 }

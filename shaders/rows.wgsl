@@ -699,14 +699,27 @@ fn group_first_row(group: u32) -> u32 {
     return (group / SPLIT) * ROWS_PER_GROUP;
 }
 
+// The chunk row of lane `lid` of a workgroup of the row kernels.
+fn lane_row(group: u32, lid: u32) -> u32 {
+    return group_first_row(group) + lid / LANES_PER_ROW;
+}
+
+// Lane `lid`'s place among the ROW_LANES lanes (of all SPLIT workgroups) that share its row.
+fn lane_in_row(group: u32, lid: u32) -> u32 {
+    return (group % SPLIT) * LANES_PER_ROW + lid % LANES_PER_ROW;
+}
+
+// The lanes that share a row.
+override ROW_LANES: u32 = SPLIT * LANES_PER_ROW;
+
 fn gather_row(group: u32, lid: u32) -> LaneRow {
     let lane = lid % LANES_PER_ROW;
-    let row = group_first_row(group) + lid / LANES_PER_ROW;
+    let row = lane_row(group, lid);
     // Lanes past the last row still take part: every lane must reach the reduction's barriers.
     let live = row < params.rows;
     var st = row_stats_empty();
     if live {
-        st = fold_row(row, (group % SPLIT) * LANES_PER_ROW + lane, SPLIT * LANES_PER_ROW);
+        st = fold_row(row, lane_in_row(group, lid), ROW_LANES);
     }
     return LaneRow(row, lane, live, reduce_lanes(st, lid, lane));
 }
