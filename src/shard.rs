@@ -291,17 +291,20 @@ pub fn cpu_partials(
 }
 
 /// Checks a shard's inputs: the spec's options and class weights on the whole vocabulary,
-/// class indices of the whole vocabulary, probabilities of the shard's own shape.
+/// class indices of the whole vocabulary, probabilities of the shard's own shape. Returns the
+/// batch's mean normalisers (Σ w_y of the rows not ignored, or the row count), which the
+/// class indices' check sums on the way.
 pub(crate) fn check_shard_targets(
     spec: &CrossEntropy,
     logits: &Logits<'_>,
     targets: &Targets<'_>,
     shard: VocabShard,
-) -> Result<()> {
+) -> Result<MeanNormalisers> {
     spec.validate_options(shard.total(), targets.is_probabilities())?;
+    let mut mean = MeanNormalisers::default();
     match targets {
         Targets::ClassIndices(y) => {
-            MeanNormalisers::default().add_class_indices(spec, shard.total(), 0, y)?;
+            mean.add_class_indices(spec, shard.total(), 0, y)?;
             if y.len() != logits.rows() {
                 return Err(XentError::TargetsShape {
                     expected: logits.rows(),
@@ -309,7 +312,6 @@ pub(crate) fn check_shard_targets(
                     what: format!("one class index per row, [{}]", logits.rows()),
                 });
             }
-            Ok(())
         }
         Targets::Probabilities(p) => {
             if p.len() != logits.len() {
@@ -323,7 +325,8 @@ pub(crate) fn check_shard_targets(
                     ),
                 });
             }
-            Ok(())
+            mean.add_rows(logits.rows());
         }
     }
+    Ok(mean)
 }

@@ -57,12 +57,8 @@ impl GpuContext {
         if logits.rows() == 0 {
             return Ok(Vec::new());
         }
-        let (own, setup_shard) = shard_spec(spec, shard, classes)?;
         let targets = HostTargets::from(targets);
-        let setup = Setup {
-            shard: Some(setup_shard),
-            ..HostLoss::setup(strategy, &logits, targets.layout(), Output::Loss)
-        };
+        let (own, setup) = host_setup(spec, shard, &logits, &targets, strategy, Output::Loss)?;
         let run = self.run_host(&own, logits, targets, setup, HostCall::default())?;
         Ok(partials_from_raw(&run.raw, &run.raw_more, run.weight_scale))
     }
@@ -138,7 +134,7 @@ impl GpuContext {
     ) -> Result<ElementVec> {
         let (rows, classes) = (logits.rows(), logits.classes());
         shard.check(classes)?;
-        check_shard_targets(spec, &logits, &targets, shard)?;
+        let mean = check_shard_targets(spec, &logits, &targets, shard)?;
         upstream.check(spec.reduction(), rows)?;
         if merged.len() != rows {
             return Err(XentError::Shard(format!(
@@ -149,15 +145,10 @@ impl GpuContext {
         if rows == 0 {
             return Ok(ElementVec::zeros(logits.dtype(), 0));
         }
-        let mut mean = MeanNormalisers::default();
         let ignored = |i: usize| match targets {
             Targets::ClassIndices(y) => spec.is_ignored(y[i]),
             Targets::Probabilities(_) => false,
         };
-        match targets {
-            Targets::ClassIndices(y) => mean.add_class_indices(spec, shard.total(), 0, y)?,
-            Targets::Probabilities(_) => mean.add_rows(rows),
-        }
         let mean = upstream
             .mean_over()
             .unwrap_or((mean.denominator, mean.counted_rows as f64));
@@ -171,13 +162,9 @@ impl GpuContext {
                 [m, p.s.ln() as f32, p.b as f32, counted]
             })
             .collect();
-        let (own, setup_shard) = shard_spec(spec, shard, classes)?;
         let strategy = self.plan(rows, classes);
         let targets = HostTargets::from(targets);
-        let setup = Setup {
-            shard: Some(setup_shard),
-            ..HostLoss::setup(strategy, &logits, targets.layout(), Output::Gradient)
-        };
+        let (own, setup) = host_setup(spec, shard, &logits, &targets, strategy, Output::Gradient)?;
         let call = HostCall {
             gradient: Some((upstream, mean)),
             row_stats: Some(&stats),
@@ -187,17 +174,39 @@ impl GpuContext {
     }
 }
 
-/// A shard's own spec (its slice of the class weights) and setup.
+/// Where a shard lies, as the kernels take it (u32 classes).
+pub(crate) fn shard_setup(shard: VocabShard) -> Result<ShardSetup> {
+    let too_wide = |what| XentError::Shard(format!("{what} beyond 2^32 classes"));
+    Ok(ShardSetup {
+        offset: u32::try_from(shard.offset()).map_err(|_| too_wide("an offset"))?,
+        total: u32::try_from(shard.total()).map_err(|_| too_wide("a vocabulary"))?,
+    })
+}
+
+/// A shard's own spec (its slice of the class weights) and the host path's setup for it.
+fn host_setup(
+    spec: &CrossEntropy,
+    shard: VocabShard,
+    logits: &Logits<'_>,
+    targets: &HostTargets<'_>,
+    strategy: Strategy,
+    output: Output,
+) -> Result<(CrossEntropy, Setup)> {
+    let (own, setup) = shard_spec(spec, shard, logits.classes())?;
+    let setup = Setup {
+        shard: Some(setup),
+        ..HostLoss::setup(strategy, logits, targets.layout(), output)
+    };
+    Ok((own, setup))
+}
+
+/// A shard's own spec (its slice of the class weights) and where it lies.
 fn shard_spec(
     spec: &CrossEntropy,
     shard: VocabShard,
     classes: usize,
 ) -> Result<(CrossEntropy, ShardSetup)> {
-    let too_wide = |what| XentError::Shard(format!("{what} beyond 2^32 classes"));
-    let setup = ShardSetup {
-        offset: u32::try_from(shard.offset()).map_err(|_| too_wide("an offset"))?,
-        total: u32::try_from(shard.total()).map_err(|_| too_wide("a vocabulary"))?,
-    };
+    let setup = shard_setup(shard)?;
     let mut own = spec.clone();
     if let Some(w) = spec.weights() {
         own = own.with_weights(w[shard.range(classes)].to_vec());

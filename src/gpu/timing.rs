@@ -231,10 +231,7 @@ impl GpuContext {
                     ))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let setup = ShardSetup {
-                offset: shard.offset() as u32,
-                total: shard.total() as u32,
-            };
+            let setup = super::shard::shard_setup(shard)?;
             let strategy = self.plan(rows, range.len());
             residents.push(self.resident_sets(
                 spec,
