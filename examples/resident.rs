@@ -1,6 +1,7 @@
 //! xent inside a wgpu program: the logits are made on the GPU (a small WGSL matmul of
 //! features by weights, standing in for a model's output layer), scored by xent on the same
-//! device and queue, and only the loss comes back to the host.
+//! device and queue, step after step, and only the loss comes back to the host, each step's
+//! read while the next step runs.
 //!
 //! ```text
 //! cargo run --release --example resident
@@ -15,6 +16,8 @@ use xent::{
 const ROWS: usize = 512;
 const FEATURES: usize = 64;
 const CLASSES: usize = 1000;
+/// Steps of the loop.
+pub const STEPS: usize = 4;
 
 /// Z = X · W, one invocation per logit.
 const MATMUL: &str = r#"
@@ -112,8 +115,9 @@ impl Default for Problem {
 }
 
 /// Opens a device as a wgpu program would, makes the logits on it, scores them with xent on
-/// the same device and queue, and returns the mean loss (the only value read back).
-pub fn run(problem: &Problem) -> Result<f64, Box<dyn std::error::Error>> {
+/// the same device and queue, [`STEPS`] times as a training loop would, and returns each
+/// step's mean loss (the only values read back).
+pub fn run(problem: &Problem) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
     // The program's own device (xent's adapter choice, for the environment variables).
     let adapter = xent::gpu::select_adapter()?;
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -189,30 +193,44 @@ pub fn run(problem: &Problem) -> Result<f64, Box<dyn std::error::Error>> {
         LossShape::class_indices(ROWS, CLASSES, IndexType::I64),
     )?;
 
-    // One encoder: the model's pass, then the loss's passes; one submission.
-    let mut encoder = device.create_command_encoder(&Default::default());
-    {
-        let mut pass = encoder.begin_compute_pass(&Default::default());
-        pass.set_pipeline(&matmul);
-        pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups((ROWS * CLASSES).div_ceil(64) as u32, 1, 1);
+    // A training loop's shape: each step's encoder holds the model's pass, then the loss's
+    // passes; one submission a step. The loss of step i is read while step i + 1 runs
+    // (`read_later`), so the device never waits for the host.
+    let mut losses = Vec::with_capacity(STEPS);
+    let mut pending: Option<xent::PendingTotals> = None;
+    for _step in 0..STEPS {
+        let mut encoder = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&matmul);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups((ROWS * CLASSES).div_ceil(64) as u32, 1, 1);
+        }
+        loss.record(
+            &mut encoder,
+            DeviceLogits::new(&logits, 0, ROWS, CLASSES),
+            DeviceTargets::class_indices(&targets, 0, IndexType::I64),
+        )?;
+        queue.submit([encoder.finish()]);
+        // (A real step would also record the gradient and the optimiser's update here.)
+        if let Some(previous) = pending.replace(loss.read_later()?) {
+            // Only the 80-byte status comes back.
+            losses.push(previous.wait()?.loss.expect("mean reduction"));
+        }
     }
-    loss.record(
-        &mut encoder,
-        DeviceLogits::new(&logits, 0, ROWS, CLASSES),
-        DeviceTargets::class_indices(&targets, 0, IndexType::I64),
-    )?;
-    queue.submit([encoder.finish()]);
-
-    // Only the 48-byte status comes back.
-    let totals = loss.read_totals()?;
-    Ok(totals.loss.expect("mean reduction"))
+    if let Some(last) = pending {
+        losses.push(last.wait()?.loss.expect("mean reduction"));
+    }
+    Ok(losses)
 }
 
 #[allow(dead_code)]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let problem = Problem::new();
-    let loss = run(&problem)?;
-    println!("mean loss of {ROWS} x {CLASSES} logits made and scored on the GPU: {loss:.9}");
+    for (step, loss) in run(&problem)?.iter().enumerate() {
+        println!(
+            "step {step}: mean loss of {ROWS} x {CLASSES} logits made and scored on the GPU: {loss:.9}"
+        );
+    }
     Ok(())
 }

@@ -65,7 +65,7 @@ pub use dtype::{Dtype, Element, ElementVec, Elements};
 pub use error::{Result, XentError};
 pub use gpu::{
     BoundInputs, DeviceLogits, DeviceTargets, GpuContext, GpuOptions, GradientOutput, IndexType,
-    LossShape, PreparedLoss, ShardMode, ShardedScorer, Strategy, TargetLayout,
+    LossShape, PendingTotals, PreparedLoss, ShardMode, ShardedScorer, Strategy, TargetLayout,
 };
 pub use grad::{MeanNormalisers, Upstream};
 pub use half::{bf16, f16};

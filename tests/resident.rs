@@ -462,7 +462,14 @@ fn the_resident_example_scores_what_the_cpu_scores() {
         return;
     }
     let problem = resident_example::Problem::new();
-    let loss = resident_example::run(&problem).unwrap();
+    let losses = resident_example::run(&problem).unwrap();
+    assert_eq!(losses.len(), resident_example::STEPS);
+    // Every step scores the same logits: the same bits each time.
+    assert!(
+        losses.iter().all(|l| l.to_bits() == losses[0].to_bits()),
+        "{losses:?}"
+    );
+    let loss = losses[0];
     let (rows, classes) = resident_example::Problem::shape();
     // The shader's f32 matmul may round differently from the host's (fused multiply-adds):
     // compare the losses at the f32 level of the logits (|z| ≲ 10, 64 terms).
@@ -525,4 +532,112 @@ fn empty_calls_and_a_gradient_over_an_input() {
     loss.run(view, t).unwrap();
     let want = xent::cpu::cross_entropy(&spec, inputs.logits(), inputs.targets(false)).unwrap();
     assert!((loss.read_totals().unwrap().loss.unwrap() - want.loss.unwrap()).abs() < 1e-5);
+}
+
+/// Pipelined reads (`read_later`): with two calls in flight behind the one read, each call's
+/// totals are bit-identical to a blocking read of the same inputs; an error the device finds
+/// in one call is that call's read's alone; a dropped read frees its buffer; the read-back
+/// buffers stop growing once the loop's depth is reached.
+#[test]
+fn pipelined_reads_give_each_call_its_own_totals() {
+    if gpu().is_none() {
+        return;
+    }
+    // A context of its own: the buffer count is per context.
+    let gpu = &GpuContext::new().unwrap();
+    let (rows, classes) = (40, 300);
+    let spec = CrossEntropy::new()
+        .with_ignore_index(3)
+        .with_label_smoothing(0.05)
+        .with_z_loss(1e-3);
+    let sets: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..4u64)
+        .map(|seed| {
+            let inputs = Problem::random(20 + seed, rows, classes, 4.0, 0.0);
+            let mut labels = inputs.labels.clone();
+            if seed == 2 {
+                labels[17] = classes as i64 + 5;
+            }
+            (
+                buffer_with(gpu, 0, bytemuck::cast_slice(&inputs.logits)),
+                buffer_with(gpu, 0, bytemuck::cast_slice(&labels)),
+            )
+        })
+        .collect();
+    let shape = LossShape::class_indices(rows, classes, IndexType::I64);
+    let mut loss = gpu.prepare(&spec, shape).unwrap();
+    let bound: Vec<_> = sets
+        .iter()
+        .map(|(z, y)| {
+            loss.bind(
+                DeviceLogits::new(z, 0, rows, classes),
+                DeviceTargets::class_indices(y, 0, IndexType::I64),
+            )
+            .unwrap()
+        })
+        .collect();
+    let record = |loss: &mut xent::PreparedLoss, set: usize| {
+        let mut encoder = gpu.device().create_command_encoder(&Default::default());
+        loss.record_bound(&mut encoder, &bound[set]).unwrap();
+        gpu.queue().submit([encoder.finish()]);
+    };
+    // Each set's totals by a blocking read.
+    let blocking: Vec<_> = (0..sets.len())
+        .map(|set| {
+            record(&mut loss, set);
+            loss.read_totals()
+        })
+        .collect();
+    assert!(matches!(
+        blocking[2],
+        Err(XentError::ClassIndexOutOfRange { row: 17, .. })
+    ));
+    let check = |set: usize, got: xent::Result<xent::LossTotals>| match (&blocking[set], got) {
+        (Ok(want), Ok(got)) => assert_eq!(&got, want, "set {set}"),
+        (Err(want), Err(got)) => assert_eq!(got.to_string(), want.to_string(), "set {set}"),
+        (want, got) => panic!("set {set}: expected {want:?}, got {got:?}"),
+    };
+    let mut pending = std::collections::VecDeque::new();
+    let mut created = None;
+    for call in 0..60 {
+        let set = call % sets.len();
+        record(&mut loss, set);
+        pending.push_back((set, loss.read_later().unwrap()));
+        if pending.len() > 2 {
+            let (set, read) = pending.pop_front().unwrap();
+            check(set, read.wait());
+        }
+        // The buffers for three reads in flight exist after the first few calls; no more.
+        if call == 8 {
+            created = Some(gpu.buffers_created());
+        }
+    }
+    assert_eq!(
+        Some(gpu.buffers_created()),
+        created,
+        "buffers made after call 8"
+    );
+    // Reads may be waited for out of order, and dropped.
+    let (a, first) = pending.pop_front().unwrap();
+    let (b, second) = pending.pop_front().unwrap();
+    check(b, second.wait());
+    check(a, first.wait());
+    record(&mut loss, 1);
+    let dropped = loss.read_later().unwrap();
+    // The last call's totals are taken: a blocking read of them is refused, not stale.
+    let refused = loss.read_totals().unwrap_err();
+    assert!(refused.to_string().contains("PendingTotals"), "{refused}");
+    drop(dropped);
+    record(&mut loss, 3);
+    let ready = loss.read_later().unwrap();
+    while !ready.is_ready() {
+        std::thread::yield_now();
+    }
+    check(3, ready.wait());
+    // Blocking reads after pipelined ones, and the whole output.
+    record(&mut loss, 0);
+    check(0, loss.read_totals());
+    assert_eq!(
+        &loss.read().unwrap().totals(),
+        blocking[0].as_ref().unwrap()
+    );
 }

@@ -456,19 +456,22 @@ impl Gpu {
     pub(crate) fn fetch(&self, buffers: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>> {
         let _serial = self.serial();
         let result = self.read_back(buffers);
-        if let Some(why) = &*self.lost.lock().unwrap_or_else(|e| e.into_inner()) {
-            return Err(XentError::DeviceLost(why.clone()));
-        }
+        self.lost()?;
         result
+    }
+
+    /// [`XentError::DeviceLost`] if a poll has delivered the device-lost callback.
+    pub(crate) fn lost(&self) -> Result<()> {
+        match &*self.lost.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(why) => Err(XentError::DeviceLost(why.clone())),
+            None => Ok(()),
+        }
     }
 
     fn check_lost(&self) -> Result<()> {
         // A poll delivers a pending device-lost callback.
         let _ = self.device.poll(wgpu::PollType::Poll);
-        match &*self.lost.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(why) => Err(XentError::DeviceLost(why.clone())),
-            None => Ok(()),
-        }
+        self.lost()
     }
 }
 

@@ -13,6 +13,7 @@ mod prepared;
 mod scoring;
 mod shard;
 mod timing;
+mod totals;
 mod views;
 
 pub use context::{
@@ -22,6 +23,7 @@ pub use planner::{DeviceFacts, Strategy};
 pub use prepared::{BoundInputs, GradientOutput, PreparedLoss};
 pub use shard::{ShardMode, ShardedScorer};
 pub use timing::{ReadBandwidth, Task, Timer, Timing};
+pub use totals::PendingTotals;
 pub use views::{DeviceLogits, DeviceTargets, IndexType, LossShape, TargetLayout};
 
 use std::sync::{Arc, Mutex};

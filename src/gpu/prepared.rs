@@ -23,6 +23,7 @@ use crate::spec::{CrossEntropy, Reduction};
 use super::context::{Gpu, Serialised};
 use super::pipelines::{Kernel, LossVariant, PipelineKey, TargetKind, slot};
 use super::planner::{ChunkPlan, Strategy, grid};
+use super::totals::{PendingTotals, STATUS_BYTES, TotalsReader, TotalsSlot};
 use super::views::{DeviceLogits, DeviceTargets, IndexType, LossShape, TargetLayout, check_view};
 
 /// `Params` in `rows.wgsl`.
@@ -58,12 +59,6 @@ pub(crate) struct Params {
     _pad: [u32; 2],
 }
 
-/// The high word a top-k row's results carry for a repeated index (`TOP_K_DUPLICATE` in
-/// `rows.wgsl`).
-const TOP_K_DUPLICATE: u32 = 0x4000_0000;
-
-/// Bytes of `Status` in `rows.wgsl`.
-const STATUS_BYTES: u64 = 80;
 /// Bytes of one row's results, `vec4<f32>` (and of one half of a workgroup sum).
 const ROW_RESULT_BYTES: u64 = 16;
 /// `vec4`s of one `RowStats` of a split row, and of one workgroup sum.
@@ -313,6 +308,8 @@ pub struct PreparedLoss {
     grad_scales: Option<(f32, f32)>,
     /// Rows of the last call recorded.
     last_rows: usize,
+    /// The read-back slot of the last call's status.
+    slot: usize,
     /// Every device object, dropped under the GL serialisation.
     res: Serialised<Resources>,
 }
@@ -327,7 +324,9 @@ struct Resources {
     /// cannot be bound both ways in one dispatch).
     empty: wgpu::Buffer,
     empty_out: wgpu::Buffer,
-    totals_back: wgpu::Buffer,
+    /// Read-back buffers of calls' status: the last call's is `slots[slot]`; more than one
+    /// only while [`PendingTotals`] hold some.
+    slots: Vec<TotalsSlot>,
     rows_back: Option<wgpu::Buffer>,
     owned: wgpu::BindGroup,
     pipes: HashMap<(bool, bool), Pipes>,
@@ -468,7 +467,6 @@ impl PreparedLoss {
             let empty = gpu.storage_buffer("xent empty view", 16, wgpu::BufferUsages::empty());
             let empty_out =
                 gpu.storage_buffer("xent empty output", 16, wgpu::BufferUsages::empty());
-            let totals_back = gpu.readback_buffer("xent totals read-back", STATUS_BYTES);
             let params_size = wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64);
             let entries = [
                 wgpu::BindGroupEntry {
@@ -538,7 +536,7 @@ impl PreparedLoss {
                         status,
                         empty,
                         empty_out,
-                        totals_back,
+                        slots: vec![TotalsSlot::new(&gpu)],
                         rows_back: None,
                         owned,
                         pipes: HashMap::new(),
@@ -546,6 +544,7 @@ impl PreparedLoss {
                     },
                 ),
                 last_rows: 0,
+                slot: 0,
             };
             if setup.metrics {
                 loss.set_metrics()?;
@@ -1330,10 +1329,11 @@ impl PreparedLoss {
         }
         drop(pass);
         if finish {
+            self.slot = self.free_slot();
             encoder.copy_buffer_to_buffer(
                 &self.res.status,
                 0,
-                &self.res.totals_back,
+                &self.res.slots[self.slot].buffer,
                 0,
                 STATUS_BYTES,
             );
@@ -1344,6 +1344,67 @@ impl PreparedLoss {
                 self.copy_rows(encoder, &back);
             }
         }
+    }
+
+    /// A read-back slot no pending read holds: the last call's if it is free, else another,
+    /// else a new one.
+    fn free_slot(&mut self) -> usize {
+        let slots = &self.res.slots;
+        if !slots[self.slot].is_busy() {
+            return self.slot;
+        }
+        if let Some(free) = slots.iter().position(|s| !s.is_busy()) {
+            return free;
+        }
+        let slot = TotalsSlot::new(&self.gpu);
+        self.res.slots.push(slot);
+        self.res.slots.len() - 1
+    }
+
+    /// The read-back slot of the last call, unless a pending read holds it.
+    fn last_slot(&self) -> Result<&wgpu::Buffer> {
+        let slot = &self.res.slots[self.slot];
+        if slot.is_busy() {
+            return Err(XentError::NotPrepared(
+                "the last call's totals are already being read by a PendingTotals (wait on it)"
+                    .into(),
+            ));
+        }
+        Ok(&slot.buffer)
+    }
+
+    /// What reads the last call's status.
+    fn totals_reader(&self) -> TotalsReader {
+        TotalsReader {
+            reduction: self.reduction,
+            ignore_index: self.ignore_index,
+            classes: self.shape.classes(),
+            total_classes: self.total_classes(),
+            targets: self.setup.targets,
+            weight_scale: self.weight_scale,
+            z_loss: self.variant.z_loss,
+            entropy: self.variant.entropy,
+            rows: self.last_rows,
+        }
+    }
+
+    /// Starts reading the totals of the last call, which has been submitted, and returns at
+    /// once: [`PendingTotals::wait`] later gives what [`PreparedLoss::read_totals`] would have
+    /// given now, waiting for that call only. Meanwhile this loss records and runs further
+    /// calls (their totals go to other read-back buffers), so a loop that submits call `i`
+    /// and then reads call `i − 1` never leaves the device idle while the host waits.
+    ///
+    /// Call it after the submission that holds the call (as [`PreparedLoss::run`] makes);
+    /// before it, the device has not run the call yet and the submission would be refused.
+    ///
+    /// Errors: [`XentError::NotPrepared`] if the last call's totals are already pending.
+    pub fn read_later(&mut self) -> Result<PendingTotals> {
+        self.last_slot()?;
+        Ok(PendingTotals::start(
+            &self.gpu,
+            &self.res.slots[self.slot],
+            self.totals_reader(),
+        ))
     }
 
     /// Vec4s per row that come back: the results, and the token metrics after them.
@@ -1377,77 +1438,9 @@ impl PreparedLoss {
     pub fn read_totals(&mut self) -> Result<LossTotals> {
         let bytes = self
             .gpu
-            .fetch(&[(&self.res.totals_back, STATUS_BYTES)])?
+            .fetch(&[(self.last_slot()?, STATUS_BYTES)])?
             .remove(0);
-        self.totals_from(&bytes)
-    }
-
-    /// The totals (or the device's error) from the status bytes.
-    fn totals_from(&self, bytes: &[u8]) -> Result<LossTotals> {
-        let words: &[u32] = bytemuck::cast_slice(bytes);
-        if words[0] != 0 {
-            let row = (u32::MAX - words[0]) as usize;
-            let classes = self.shape.classes();
-            if let Some(TargetLayout::TopK { .. }) = self.setup.targets {
-                return Err(if words[3] == TOP_K_DUPLICATE {
-                    XentError::SparseDuplicateIndex {
-                        row,
-                        class: words[2] as i64,
-                    }
-                } else {
-                    XentError::SparseIndexOutOfRange {
-                        row,
-                        value: words[2] as i32 as i64,
-                        classes,
-                    }
-                });
-            }
-            let value = ((words[3] as u64) << 32 | words[2] as u64) as i64;
-            let value = match self.setup.targets {
-                Some(TargetLayout::ClassIndices(IndexType::I32)) => value as i32 as i64,
-                _ => value,
-            };
-            return Err(XentError::ClassIndexOutOfRange {
-                row: (u32::MAX - words[0]) as usize,
-                value,
-                classes: self.total_classes(),
-                ignore_index: self.ignore_index,
-            });
-        }
-        if words[1] != 0 {
-            return Err(XentError::LogitOutOfRange {
-                row: (u32::MAX - words[1]) as usize,
-            });
-        }
-        let floats: &[f32] = bytemuck::cast_slice(&bytes[16..]);
-        // Unevaluated pairs hi + lo: (loss, entropy, denominator, ignored), (z-loss, ...).
-        let total = |i: usize| {
-            let (hi, lo) = (floats[i] as f64, floats[4 + i] as f64);
-            if hi.is_finite() { hi + lo } else { hi }
-        };
-        let z_total = {
-            let (hi, lo) = (floats[8] as f64, floats[12] as f64);
-            if hi.is_finite() { hi + lo } else { hi }
-        };
-        let scale = self.weight_scale;
-        let (ce_sum, denominator) = (total(0) / scale, total(2) / scale);
-        let ignored = total(3) as usize;
-        let z_loss_sum = self.variant.z_loss.then_some(z_total);
-        let sum = ce_sum + z_loss_sum.unwrap_or(0.0);
-        let counted = self.last_rows.saturating_sub(ignored);
-        Ok(LossTotals {
-            reduction: self.reduction,
-            loss: self
-                .reduction
-                .apply_with_z_loss(sum, denominator, z_loss_sum, counted),
-            sum,
-            mean_denominator: denominator,
-            entropy_sum: self.variant.entropy.then(|| total(1)),
-            z_loss_sum,
-            ignored_rows: ignored,
-            rows: self.last_rows,
-            classes: self.shape.classes(),
-        })
+        self.totals_reader().read(&bytes)
     }
 
     /// [`PreparedLoss::read_totals`], then the per-row results of the same call: the
@@ -1535,9 +1528,9 @@ impl PreparedLoss {
             let gpu = self.gpu.clone();
             let back = self.rows_back_buffer();
             let bytes = self.last_rows as u64 * ROW_RESULT_BYTES * self.row_vec4s();
-            let data = gpu.fetch(&[(&self.res.totals_back, STATUS_BYTES), (&back, bytes)])?;
+            let data = gpu.fetch(&[(self.last_slot()?, STATUS_BYTES), (&back, bytes)])?;
             let rows: Vec<[f32; 4]> = bytemuck::cast_slice(&data[1]).to_vec();
-            (self.totals_from(&data[0])?, rows)
+            (self.totals_reader().read(&data[0])?, rows)
         } else {
             (self.read_totals()?, self.read_rows()?)
         };

@@ -159,6 +159,50 @@ impl GpuContext {
         wall_clock(warmup, runs, &mut call)
     }
 
+    /// Wall-clock time per call of resident calls in a pipelined loop: each call recorded and
+    /// submitted, its totals read with [`PreparedLoss::read_later`](crate::PreparedLoss::read_later),
+    /// and the totals of the call `depth` calls back waited for (so `depth` calls are in
+    /// flight while the host waits). In steady state this is the loop's time per call.
+    pub fn time_pipelined_calls(
+        &self,
+        spec: &CrossEntropy,
+        sets: &[(Logits<'_>, Targets<'_>)],
+        depth: usize,
+        warmup: usize,
+        runs: usize,
+    ) -> Result<Timing> {
+        let (rows, classes) = sets.first().map_or((0, 1), |s| (s.0.rows(), s.0.classes()));
+        let mut resident =
+            self.resident_sets(spec, sets, self.plan(rows, classes), Task::Loss, None)?;
+        let mut pending = std::collections::VecDeque::new();
+        let mut call = |run: usize| -> Result<()> {
+            let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
+            resident.record(&mut encoder, run, None)?;
+            self.gpu.queue.submit([encoder.finish()]);
+            pending.push_back(resident.loss.read_later()?);
+            if pending.len() > depth.max(1) {
+                pending.pop_front().map(|p| p.wait()).transpose()?;
+            }
+            Ok(())
+        };
+        wall_clock(warmup, runs, &mut call)
+    }
+
+    /// Wall-clock time of the device round trip a blocking read costs whatever the loss: an
+    /// encoder that copies 16 bytes into a read-back buffer, submitted, mapped and read.
+    pub fn time_round_trip(&self, warmup: usize, runs: usize) -> Result<Timing> {
+        let gpu = &self.gpu;
+        let source = gpu.storage_buffer("xent round trip", 16, wgpu::BufferUsages::COPY_SRC);
+        let back = gpu.readback_buffer("xent round trip read-back", 16);
+        let mut call = |_| {
+            let mut encoder = gpu.device.create_command_encoder(&Default::default());
+            encoder.copy_buffer_to_buffer(&source, 0, &back, 0, 16);
+            gpu.queue.submit([encoder.finish()]);
+            gpu.fetch(&[(&back, 16)]).map(|_| ())
+        };
+        wall_clock(warmup, runs, &mut call)
+    }
+
     /// Wall-clock time of whole host calls ([`GpuContext::cross_entropy`]: upload, passes,
     /// read-back of the results).
     pub fn time_host_calls(

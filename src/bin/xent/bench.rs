@@ -23,6 +23,8 @@ const QUICK_SHAPES: [(usize, usize); 4] = [(1024, 1000), (256, 32000), (64, 1282
 const WARMUP: usize = 5;
 /// The largest workgroup a `--kernel` may name (the device may allow less).
 const MAX_WORKGROUP: u32 = 1024;
+/// Calls in flight behind the one the host waits for, on the pipelined path.
+const PIPELINE_DEPTH: usize = 2;
 /// The most workgroups a `--kernel` may split a row across.
 const MAX_SPLIT: u32 = 64;
 
@@ -33,6 +35,9 @@ pub enum PathChoice {
     Kernel,
     /// Whole prepared calls on device-resident inputs, the totals read back (wall clock).
     Resident,
+    /// Resident calls in a loop that reads each call's totals while the next two run
+    /// (`PreparedLoss::read_later`; wall clock per call).
+    Pipelined,
     /// Whole calls from host slices, upload included (wall clock).
     Host,
 }
@@ -42,6 +47,7 @@ impl PathChoice {
         match self {
             Self::Kernel => "kernel",
             Self::Resident => "resident",
+            Self::Pipelined => "pipelined",
             Self::Host => "host",
         }
     }
@@ -370,6 +376,11 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     } else {
         None
     };
+    let round_trip_ms = if args.path.contains(&PathChoice::Resident) {
+        Some(gpu.time_round_trip(WARMUP, 50)?.median_ms())
+    } else {
+        None
+    };
     if !args.json {
         outln!(out, "device: {device}")?;
         outln!(
@@ -383,6 +394,12 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             outln!(
                 out,
                 "host-to-device copy: {copy:.1} GB/s (write_buffer, submit and wait, wall clock)"
+            )?;
+        }
+        if let Some(ms) = round_trip_ms {
+            outln!(
+                out,
+                "device round trip: {ms:.4} ms (a 16-byte copy submitted, mapped and read: what every blocking read waits for)"
             )?;
         }
         if timer.name() == "wall" {
@@ -497,6 +514,11 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                         let timing = gpu.time_resident_calls(&spec, &sets, WARMUP, runs)?;
                         push(Task::Loss, path, KernelChoice::Auto, timing.median_ms());
                     }
+                    PathChoice::Pipelined => {
+                        let timing =
+                            gpu.time_pipelined_calls(&spec, &sets, PIPELINE_DEPTH, WARMUP, runs)?;
+                        push(Task::Loss, path, KernelChoice::Auto, timing.median_ms());
+                    }
                     PathChoice::Host => {
                         let timing = gpu.time_host_calls(&spec, &sets, WARMUP, runs)?;
                         push(Task::Loss, path, KernelChoice::Auto, timing.median_ms());
@@ -516,7 +538,15 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             }
         }
     }
-    let json = to_json(&table, &device, timer.name(), roof_gbps, copy_gbps).to_string();
+    let json = to_json(
+        &table,
+        &device,
+        timer.name(),
+        roof_gbps,
+        copy_gbps,
+        round_trip_ms,
+    )
+    .to_string();
     // The results go to stdout first: if the file cannot be written after all, they are not lost.
     if args.json {
         outln!(out, "{json}")?;
@@ -614,6 +644,7 @@ fn to_json(
     timer: &str,
     roof_gbps: f64,
     copy_gbps: Option<f64>,
+    round_trip_ms: Option<f64>,
 ) -> serde_json::Value {
     let rows: Vec<_> = table
         .iter()
@@ -635,6 +666,7 @@ fn to_json(
                 "merge_ms": json_opt(r.merge_ms),
                 "copy_gbps": json_opt(copy_gbps),
                 "copy_fraction": json_opt(copy_gbps.filter(|_| r.path == "host").map(|c| r.gbps / c)),
+                "round_trip_ms": json_opt(round_trip_ms),
                 "device": device,
                 "timer": if r.path == "kernel" { timer } else { "wall" },
             })

@@ -240,7 +240,9 @@ pub struct BenchArgs {
     kernel: Vec<bench::KernelChoice>,
     /// What to time, comma-separated: kernel (the passes on inputs already on the device,
     /// timestamp queries; every --kernel), resident (whole prepared calls on device inputs:
-    /// record, submit, read the totals; wall clock; the planner's kernel), host (whole calls
+    /// record, submit, read the totals; wall clock; the planner's kernel; with the device's
+    /// round trip measured in the same run), pipelined (resident calls in a loop that reads
+    /// each call's totals while the next two run: wall clock per call), host (whole calls
     /// from host slices, upload included; wall clock; with the host-to-device copy bandwidth
     /// measured in the same run).
     #[arg(long, value_delimiter = ',', default_value = "kernel")]
