@@ -7,6 +7,11 @@
 #   scripts/gpu-run.sh scoring tests, then the loss beside token metrics, distillation (f32,
 #                              bf16), top-8 sparse targets and the loss in 2 and 4 vocabulary
 #                              shards (issues 11 and 13)
+#   scripts/gpu-run.sh next    tests, then every open issue's unmeasured figure, one bounded
+#                              xent process per shape (≈ 8 min in all): resident, pipelined, round
+#                              trip (8); metrics, sparse, distillation, shards (11, 13); loss and
+#                              gradient in f32 and bf16, z-loss, soft-capping (9, 10)
+#   scripts/gpu-run.sh peers   the peers in f32 and bf16 (≈ 6 min), a call of its own
 #   scripts/gpu-run.sh final   info, the GPU test binaries, and the benchmark: the loss on the
 #                              kernel, resident and host paths; loss + gradient (separate and in
 #                              place) beside the naive kernel; the gradient with z-loss and with
@@ -17,6 +22,8 @@ set -uo pipefail
 mode=${1:-final}
 out=${OUT:-$PWD/gpu-out}
 mkdir -p "$out"
+# The binaries travel packed (scripts/stage-gpu.sh).
+if [ -f .gpu/bin.tar.xz ] && [ ! -d .gpu/bin ]; then tar xJf .gpu/bin.tar.xz -C .gpu; fi
 export LD_LIBRARY_PATH="$PWD/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PATH="$PWD/.gpu/bin:$PATH"
 export PYTHONPATH="$PWD/.gpu/peers${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,6 +31,9 @@ export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 export XENT_GOLDEN_DIR="$PWD/tests/golden"
 # XENT_BENCH_QUICK=1 shrinks the bench shapes, for a dry run on a software adapter.
 quick=${XENT_BENCH_QUICK:+--quick}
+# Seconds per GPU test binary (a hung one must not eat the call).
+test_limit=${XENT_TEST_LIMIT:-120}
+[ "$mode" = next ] && test_limit=${XENT_TEST_LIMIT:-30}
 
 {
     date -u
@@ -32,7 +42,7 @@ quick=${XENT_BENCH_QUICK:+--quick}
     echo "== GPU tests (against the CPU reference and PyTorch's golden cases)"
     for t in .gpu/bin/test-*; do
         [ "$mode" = figures ] && break
-        timeout 120 "$t" --test-threads 4 2>&1 | grep -E "^test result|FAILED|panicked" | sed "s#^#$(basename "$t"): #"
+        timeout "$test_limit" "$t" --test-threads 4 2>&1 | grep -E "^test result|FAILED|panicked" | sed "s#^#$(basename "$t"): #"
     done
 } 2>&1 | tee "$out/log.txt"
 
@@ -40,7 +50,8 @@ bench() { # label, then xent bench arguments
     local label=$1
     shift
     echo "== $label" | tee -a "$out/bench.txt"
-    xent bench $quick --no-cpu --json-out "$out/one.json" "$@" 2>&1 | grep -v XDG_RUNTIME | tee -a "$out/bench.txt"
+    timeout "${XENT_LIMIT:-600}" xent bench $quick --no-cpu --json-out "$out/one.json" "$@" 2>&1 |
+        grep -v XDG_RUNTIME | tee -a "$out/bench.txt"
     [ -f "$out/one.json" ] && cat "$out/one.json" >> "$out/bench.json" && echo >> "$out/bench.json"
     rm -f "$out/one.json"
 }
@@ -68,6 +79,33 @@ if [ "$mode" = scoring ]; then
     bench "loss beside metrics, sparse top-8 and vocabulary shards (hard); distillation (soft)" \
         --task loss,metrics,sparse,distill --shards 2,4
     bench "distillation and the loss in bf16" --task loss,distill --dtype bf16
+    exit 0
+fi
+if [ "$mode" = next ]; then
+    # Every open issue's unmeasured figure in one call, most wanted first: resident, pipelined
+    # and the round trip (8); metrics, sparse, distillation and shards (11, 13); loss and
+    # gradient in f32 and bf16 (9, 10); z-loss and soft-capping (9). One xent process per
+    # shape, each time-bounded, so that a call that runs out keeps every finished shape.
+    # The peers are `peers` mode, a call of their own.
+    shapes=${XENT_SHAPES:-4096x32000 1024x128256 8192x1000 65536x10}
+    for s in $shapes; do
+        XENT_LIMIT=50 bench "$s: loss (kernel, resident, pipelined), metrics, sparse top-8, distillation, 2 and 4 shards" \
+            --shapes "$s" --path kernel,resident,pipelined --task loss,metrics,sparse,distill --shards 2,4
+    done
+    for s in $shapes; do
+        XENT_LIMIT=50 bench "$s: loss and gradient (separate, in place) in f32 and bf16" \
+            --shapes "$s" --task loss,grad,grad-inplace --dtype f32,bf16
+    done
+    for extra in "--z-loss 1e-4" "--softcap 30"; do
+        XENT_LIMIT=50 bench "loss + gradient with $extra" --task grad $extra --shapes "${shapes%% *}"
+    done
+    exit 0
+fi
+if [ "$mode" = peers ]; then
+    # PyTorch eager, torch.compile and Liger in f32 (issue 9) and bf16 (issue 10) on this card.
+    for d in float32 bfloat16; do
+        { timeout 240 python3 .gpu/peers/peers.py --dtype $d 2>&1; } | tee -a "$out/peers.txt"
+    done
     exit 0
 fi
 if [ "$mode" = probe ]; then
