@@ -511,6 +511,13 @@ fn partials_on_device_buffers_match_the_host_path() {
     let targets = xent::DeviceTargets::class_indices(&labels, 0, xent::IndexType::I64);
     loss.run(view, targets).unwrap();
     assert_eq!(loss.read_partials().unwrap(), host);
+    // A shard's calls have no totals of their own.
+    for refused in [loss.read_totals().err(), loss.read().err()] {
+        assert!(
+            matches!(&refused, Some(XentError::NotPrepared(why)) if why.contains("read_partials")),
+            "{refused:?}"
+        );
+    }
     let mut plain = gpu.prepare(&CrossEntropy::new(), shape).unwrap();
     plain.run(view, targets).unwrap();
     assert!(matches!(

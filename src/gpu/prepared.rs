@@ -1313,8 +1313,11 @@ impl PreparedLoss {
                 elementwise_pass(&mut pass, k, p);
             }
         }
+        // A shard's calls have no totals of their own (their partials merge on the host):
+        // no reduction.
         if finish
             && passes.statistics
+            && self.setup.shard.is_none()
             && let Some(pipes) = stats.last()
         {
             pass.set_pipeline(&pipes.reduce);
@@ -1397,8 +1400,11 @@ impl PreparedLoss {
     /// Call it after the submission that holds the call (as [`PreparedLoss::run`] makes);
     /// before it, the device has not run the call yet and the submission would be refused.
     ///
-    /// Errors: [`XentError::NotPrepared`] if the last call's totals are already pending.
+    /// Errors: [`XentError::NotPrepared`] if the last call's totals are already pending, or
+    /// for a shard's loss ([`GpuContext::prepare_partials`](crate::GpuContext::prepare_partials):
+    /// its calls have no totals of their own).
     pub fn read_later(&mut self) -> Result<PendingTotals> {
+        self.check_totals()?;
         self.last_slot()?;
         Ok(PendingTotals::start(
             &self.gpu,
@@ -1435,7 +1441,16 @@ impl PreparedLoss {
     /// Maps the status of the last call submitted and returns its totals, or the error the
     /// device found (an out-of-range class index, naming its row and value; a logit beyond
     /// f32's safe range). Waits for the device.
+    ///
+    /// Errors: those the device found; [`XentError::NotPrepared`] while a
+    /// [`PendingTotals`] reads the same call, or for a shard's loss (read its partials).
     pub fn read_totals(&mut self) -> Result<LossTotals> {
+        self.check_totals()?;
+        self.fetch_totals()
+    }
+
+    /// The last call's totals (for a shard, only its errors mean anything).
+    fn fetch_totals(&self) -> Result<LossTotals> {
         let bytes = self
             .gpu
             .fetch(&[(self.last_slot()?, STATUS_BYTES)])?
@@ -1446,7 +1461,19 @@ impl PreparedLoss {
     /// [`PreparedLoss::read_totals`], then the per-row results of the same call: the
     /// [`LossOutput`] the host-slice API returns.
     pub fn read(&mut self) -> Result<LossOutput> {
+        self.check_totals()?;
         Ok(self.read_parts()?.0)
+    }
+
+    /// A shard's loss has no totals of its own.
+    fn check_totals(&self) -> Result<()> {
+        if self.setup.shard.is_some() {
+            return Err(XentError::NotPrepared(
+                "a shard's calls have no totals of their own: read_partials, then merge them"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The distillation output of the last call of a loss made by
@@ -1532,7 +1559,7 @@ impl PreparedLoss {
             let rows: Vec<[f32; 4]> = bytemuck::cast_slice(&data[1]).to_vec();
             (self.totals_reader().read(&data[0])?, rows)
         } else {
-            (self.read_totals()?, self.read_rows()?)
+            (self.fetch_totals()?, self.read_rows()?)
         };
         let metrics = rows.split_off(self.last_rows);
         let scale = self.weight_scale;
