@@ -36,6 +36,71 @@ struct RowGradient {
     out: u32,
     // The row's first top-k word (targets binding).
     top_k_at: u32,
+    // Which of the row's top-k entries (bit j for entry j) may fall to the classes this lane
+    // writes: all of them until the lane narrows it (top_k_of_lane).
+    top_k_mine: u32,
+}
+
+// Every top-k entry (SPARSE_K of them; more than 32 are always all checked).
+fn top_k_all() -> u32 {
+    // (The shift stays below 32 for every k: pipeline constants are checked as written.)
+    return select(0xffffffffu, (1u << (SPARSE_K & 31u)) - 1u, SPARSE_K < 32u);
+}
+
+// The entries of the row whose class `owner` gives to `lane`, so that each class a lane
+// writes is checked against those alone rather than all k (most lanes hold none).
+fn top_k_of_lane(g: RowGradient, lane: u32, owner: ptr<function, LaneOwner>) -> u32 {
+    if TARGET_KIND != TARGET_TOP_K || SPARSE_K > 32u {
+        return top_k_all();
+    }
+    var mine = 0u;
+    for (var j = 0u; j < SPARSE_K; j++) {
+        let k = target_word(g.top_k_at + j);
+        if k < params.classes && lane_of(owner, k) == lane {
+            mine |= 1u << j;
+        }
+    }
+    return mine;
+}
+
+// The lane that writes class k of a row: the element's index over the lanes (f32), or its
+// output word's (halves, from the row's first word).
+struct LaneOwner {
+    lanes: u32,
+    // Halves: the row's first output element and first word; f32: unused.
+    out: u32,
+    w_first: u32,
+}
+
+fn lane_of(owner: ptr<function, LaneOwner>, k: u32) -> u32 {
+    if DTYPE == DTYPE_F32 {
+        return k % (*owner).lanes;
+    }
+    return (((*owner).out + k) / 2u - (*owner).w_first) % (*owner).lanes;
+}
+
+// The row's target weight of class k from its top-k entries (those of g.top_k_mine).
+fn top_k_weight(g: RowGradient, k: u32) -> f32 {
+    var a = 0.0;
+    var mine = g.top_k_mine;
+    loop {
+        if mine == 0u {
+            break;
+        }
+        let j = firstTrailingBit(mine);
+        mine &= mine - 1u;
+        if target_word(g.top_k_at + j) == k {
+            a += bitcast<f32>(target_word(g.top_k_at + SPARSE_K + j));
+        }
+    }
+    if SPARSE_K > 32u {
+        for (var j = 32u; j < SPARSE_K; j++) {
+            if target_word(g.top_k_at + j) == k {
+                a += bitcast<f32>(target_word(g.top_k_at + SPARSE_K + j));
+            }
+        }
+    }
+    return a;
 }
 
 // The gradient context of chunk row r.
@@ -69,6 +134,7 @@ fn row_gradient(r: u32) -> RowGradient {
     g.first = row_first(r);
     g.out = params.outputs_offset + r * params.classes;
     g.top_k_at = params.targets_offset + r * 2u * SPARSE_K;
+    g.top_k_mine = top_k_all();
     return g;
 }
 
@@ -95,11 +161,7 @@ fn gradient_of(g: RowGradient, z: f32, k: u32) -> f32 {
         a += g.w_y;
     }
     if TARGET_KIND == TARGET_TOP_K {
-        for (var j = 0u; j < SPARSE_K; j++) {
-            if target_word(g.top_k_at + j) == k {
-                a += bitcast<f32>(target_word(g.top_k_at + SPARSE_K + j));
-            }
-        }
+        a += top_k_weight(g, k);
     }
     var d = g.s_ce * (g.st.z * q - a);
     if ZLOSS {
@@ -186,7 +248,10 @@ fn half_bits(x: f32) -> u32 {
 // f32 logits: element by element, four loads in flight per lane, neighbouring lanes on
 // neighbouring elements. (vec4 loads with four scalar stores each measured 1.8x slower on an
 // H200: every store instruction of a warp then touches four times the sectors.)
-fn write_row_f32(g: RowGradient, lane: u32, lanes: u32) {
+fn write_row_f32(g0: RowGradient, lane: u32, lanes: u32) {
+    var g = g0;
+    var owner = LaneOwner(lanes, 0u, 0u);
+    g.top_k_mine = top_k_of_lane(g, lane, &owner);
     let end = params.classes;
     let out = g.out;
     var k = lane;
@@ -219,8 +284,8 @@ fn load_pair(g: RowGradient, w: u32, k: u32) -> vec2<f32> {
 }
 
 // Halves: the lanes of chunk row r walk the output words the row owns.
-fn write_row_half(r: u32, g: RowGradient, lane: u32, lanes: u32) {
-    let o = g.out;
+fn write_row_half(r: u32, g0: RowGradient, lane: u32, lanes: u32) {
+    let o = g0.out;
     let end = o + params.classes;
     // Words whose first value is in the row, and for the chunk's first row the word holding
     // its first value.
@@ -228,6 +293,9 @@ fn write_row_half(r: u32, g: RowGradient, lane: u32, lanes: u32) {
     if r == 0u {
         w_first = o / 2u;
     }
+    var g = g0;
+    var owner = LaneOwner(lanes, o, w_first);
+    g.top_k_mine = top_k_of_lane(g, lane, &owner);
     let w_end = (end + 1u) / 2u;
     for (var w = w_first + lane; w < w_end; w += lanes) {
         let e = 2u * w;

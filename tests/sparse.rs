@@ -97,6 +97,8 @@ fn sparse_targets_on_every_strategy_match_the_reference() {
         (9, 37, 5),
         (4, 1000, 8),
         (3, 50257, 16),
+        // More entries than a lane's 32-bit mask of them: every entry checked.
+        (3, 77, 40),
     ]
     .into_iter()
     .enumerate()
@@ -138,6 +140,69 @@ fn sparse_targets_on_every_strategy_match_the_reference() {
                 &mass,
                 &max,
                 Dtype::F32,
+            );
+        }
+    }
+}
+
+/// The gradient in a half dtype with an odd C (rows share output words) on every strategy
+/// corner, top-k entries on each row's first and last class among them: each class is
+/// checked against the entries that fall to the lane writing it.
+#[test]
+fn half_gradients_of_top_k_targets() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes, k) = (7, 37, 5);
+    let (z, mut idx, p) = random_sparse(23, rows, classes, k);
+    for i in 0..rows {
+        // Row i's first and last class among its entries (distinct from the others).
+        let row = &mut idx[i * k..(i + 1) * k];
+        for (slot, class) in [(i % k, 0), ((i + 2) % k, classes as i64 - 1)] {
+            if let Some(j) = row.iter().position(|&c| c == class) {
+                row.swap(j, slot);
+            } else {
+                row[slot] = class;
+            }
+        }
+    }
+    let targets = SparseTargets::new(&idx, &p, k);
+    let mass: Vec<f64> = (0..rows)
+        .map(|i| p[i * k..(i + 1) * k].iter().map(|&v| v as f64).sum())
+        .collect();
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        let half = ElementVec::rounded(dtype, z.iter().map(|&v| v as f64));
+        let wide = half.to_f32();
+        let (_, want) = scoring::sparse_cross_entropy_grad(
+            Reduction::Sum,
+            Logits::new(&wide, rows, classes).unwrap(),
+            targets,
+            Upstream::Scalar(1.0),
+        )
+        .unwrap();
+        let max: Vec<f64> = (0..rows)
+            .map(|i| max_abs(&wide[i * classes..(i + 1) * classes]))
+            .collect();
+        let logits = Logits::from_elements(half.as_elements(), rows, classes).unwrap();
+        for strategy in corner_strategies(gpu) {
+            let label = format!("{dtype} {}", strategy.name());
+            let (_, grad) = gpu
+                .sparse_cross_entropy_grad_with(
+                    Reduction::Sum,
+                    logits,
+                    targets,
+                    Upstream::Scalar(1.0),
+                    strategy,
+                )
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            assert_eq!(grad.dtype(), dtype);
+            assert_gradient(
+                &label,
+                &grad.to_f32(),
+                &want,
+                classes,
+                &|_| 1.0,
+                &mass,
+                &max,
+                dtype,
             );
         }
     }
