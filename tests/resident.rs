@@ -597,7 +597,7 @@ fn pipelined_reads_give_each_call_its_own_totals() {
         (want, got) => panic!("set {set}: expected {want:?}, got {got:?}"),
     };
     let mut pending = std::collections::VecDeque::new();
-    let mut created = None;
+    let before = gpu.buffers_created();
     for call in 0..60 {
         let set = call % sets.len();
         record(&mut loss, set);
@@ -606,16 +606,11 @@ fn pipelined_reads_give_each_call_its_own_totals() {
             let (set, read) = pending.pop_front().unwrap();
             check(set, read.wait());
         }
-        // The buffers for three reads in flight exist after the first few calls; no more.
-        if call == 8 {
-            created = Some(gpu.buffers_created());
-        }
     }
-    assert_eq!(
-        Some(gpu.buffers_created()),
-        created,
-        "buffers made after call 8"
-    );
+    // Two reads pending while a third call records: at most two read-back buffers beyond the
+    // first, however the calls and reads interleave.
+    let made = gpu.buffers_created() - before;
+    assert!(made <= 2, "{made} buffers made by 60 pipelined calls");
     // Reads may be waited for out of order, and dropped.
     let (a, first) = pending.pop_front().unwrap();
     let (b, second) = pending.pop_front().unwrap();
@@ -623,9 +618,13 @@ fn pipelined_reads_give_each_call_its_own_totals() {
     check(a, first.wait());
     record(&mut loss, 1);
     let dropped = loss.read_later().unwrap();
-    // The last call's totals are taken: a blocking read of them is refused, not stale.
-    let refused = loss.read_totals().unwrap_err();
-    assert!(refused.to_string().contains("PendingTotals"), "{refused}");
+    // While the read is pending a blocking read of the same call is refused; once it has
+    // been read (a call already done when read_later began is read there and then) the
+    // blocking read gives the same totals: never stale ones.
+    match loss.read_totals() {
+        Err(refused) => assert!(refused.to_string().contains("PendingTotals"), "{refused}"),
+        Ok(totals) => assert_eq!(&totals, blocking[1].as_ref().unwrap()),
+    }
     drop(dropped);
     record(&mut loss, 3);
     let ready = loss.read_later().unwrap();

@@ -380,13 +380,38 @@ impl Gpu {
 
     /// Waits until the device has done all the work submitted so far.
     pub(crate) fn wait(&self) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| XentError::Gpu {
-                context: "waiting for the device".into(),
-                detail: e.to_string(),
-            })
+        self.wait_for(None)
+    }
+
+    /// Waits until the device has done `submission` and the work before it (all the work
+    /// submitted so far without one). A wait that times out is waited again: GL caps each
+    /// wait at about 2 s whatever was asked.
+    pub(crate) fn wait_for(&self, submission: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        loop {
+            let wait = wgpu::PollType::Wait {
+                submission_index: submission.clone(),
+                timeout: None,
+            };
+            match self.device.poll(wait) {
+                Ok(_) => return Ok(()),
+                Err(wgpu::PollError::Timeout) => self.lost()?,
+                Err(e) => {
+                    return Err(XentError::Gpu {
+                        context: "waiting for the device".into(),
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Unmaps `buffer` whatever became of its map: after a failed map wgpu still records a
+    /// mapping that only `unmap` clears (else every later map of the buffer fails), while
+    /// its core has nothing mapped and reports the unmap as an error, caught here and dropped.
+    pub(crate) fn unmap_quietly(&self, buffer: &wgpu::Buffer) {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        buffer.unmap();
+        let _ = pollster::block_on(scope.pop());
     }
 
     /// Maps `buffers` (each with the byte count wanted), waits, and copies their contents out.
@@ -424,6 +449,7 @@ impl Gpu {
                     buffer.unmap();
                 }
                 other => {
+                    self.unmap_quietly(buffer);
                     failure.get_or_insert(error(format!("buffer map failed: {other:?}")));
                 }
             }

@@ -1397,19 +1397,30 @@ impl PreparedLoss {
     /// calls (their totals go to other read-back buffers), so a loop that submits call `i`
     /// and then reads call `i − 1` never leaves the device idle while the host waits.
     ///
-    /// Call it after the submission that holds the call (as [`PreparedLoss::run`] makes);
-    /// before it, the device has not run the call yet and the submission would be refused.
+    /// Call it after the submission that holds the call (as [`PreparedLoss::run`] makes):
+    /// before it, the device has not run the call and the read gives what its read-back
+    /// buffer held (an earlier call's totals, or zeros), as [`PreparedLoss::read_totals`]
+    /// would. A call the device has already run is
+    /// read at once, and its read-back buffer freed. Each read also submits an empty batch,
+    /// whose index bounds [`PendingTotals::wait`].
     ///
     /// Errors: [`XentError::NotPrepared`] if the last call's totals are already pending, or
     /// for a shard's loss ([`GpuContext::prepare_partials`](crate::GpuContext::prepare_partials):
     /// its calls have no totals of their own).
     pub fn read_later(&mut self) -> Result<PendingTotals> {
+        self.start_read(true)
+    }
+
+    /// [`PreparedLoss::read_later`]; `read_early` reads a status whose map is done as the read
+    /// begins there and then (false only in tests, to take the waiting path every time).
+    pub(crate) fn start_read(&mut self, read_early: bool) -> Result<PendingTotals> {
         self.check_totals()?;
         self.last_slot()?;
         Ok(PendingTotals::start(
             &self.gpu,
             &self.res.slots[self.slot],
             self.totals_reader(),
+            read_early,
         ))
     }
 

@@ -4,7 +4,8 @@
 //! calls submitted after it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::error::{Result, XentError};
 use crate::output::LossTotals;
@@ -125,6 +126,37 @@ impl TotalsSlot {
     }
 }
 
+/// The outcome of a map, as its callback reports it (on whichever thread ran the callback).
+#[derive(Default)]
+struct MapSignal {
+    outcome: Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>,
+    done: Condvar,
+}
+
+impl MapSignal {
+    fn set(&self, outcome: std::result::Result<(), wgpu::BufferAsyncError>) {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        self.done.notify_all();
+    }
+
+    fn get(&self) -> Option<std::result::Result<(), wgpu::BufferAsyncError>> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The outcome, waiting up to `limit` for a callback that another thread is running.
+    fn wait(&self, limit: Duration) -> Option<std::result::Result<(), wgpu::BufferAsyncError>> {
+        let guard = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = self
+            .done
+            .wait_timeout_while(guard, limit, |o| o.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        guard.clone()
+    }
+}
+
 /// The totals of one call of a [`PreparedLoss`](crate::PreparedLoss), on their way back
 /// from the device: made by [`PreparedLoss::read_later`](crate::PreparedLoss::read_later)
 /// right after the call is submitted, read with [`PendingTotals::wait`], which waits for that
@@ -141,7 +173,9 @@ pub struct PendingTotals {
     busy: Arc<AtomicBool>,
     /// A submission made after the call's own: waiting for it waits for the call.
     after: wgpu::SubmissionIndex,
-    mapped: Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>,
+    mapped: Arc<MapSignal>,
+    /// The status (or the map's error), when the map was done as the read began.
+    early: Option<Result<Vec<u8>>>,
     reader: TotalsReader,
     /// The buffer is unmapped and the slot released.
     done: bool,
@@ -149,98 +183,121 @@ pub struct PendingTotals {
 
 impl PendingTotals {
     /// Starts mapping `slot` (which the call copied its status into); the call has been
-    /// submitted. Marks the slot busy.
-    pub(crate) fn start(gpu: &Arc<Gpu>, slot: &TotalsSlot, reader: TotalsReader) -> Self {
+    /// submitted. Marks the slot busy. Where the map is done at once (the call has finished,
+    /// or was never submitted), the status is read and the buffer unmapped here, so that no
+    /// later submission finds it mapped.
+    pub(crate) fn start(
+        gpu: &Arc<Gpu>,
+        slot: &TotalsSlot,
+        reader: TotalsReader,
+        read_early: bool,
+    ) -> Self {
         let _serial = gpu.serial();
         slot.busy.store(true, Ordering::Release);
-        let mapped = Arc::new(Mutex::new(None));
+        let mapped = Arc::new(MapSignal::default());
         let signal = mapped.clone();
         slot.buffer
             .slice(..STATUS_BYTES)
-            .map_async(wgpu::MapMode::Read, move |r| {
-                *signal.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-            });
+            .map_async(wgpu::MapMode::Read, move |r| signal.set(r));
         // An empty submission after the call's: its index bounds the wait (wgpu does not tell
-        // which submission a mapping waits for).
+        // which submission a mapping waits for). Submitting also runs the callbacks of maps
+        // that are due, this one's included when the buffer is idle.
         let after = gpu.queue.submit([]);
-        PendingTotals {
+        let mut pending = PendingTotals {
             gpu: gpu.clone(),
             buffer: Serialised::new(gpu, slot.buffer.clone()),
             busy: slot.busy.clone(),
             after,
             mapped,
+            early: None,
             reader,
             done: false,
+        };
+        if read_early && pending.mapped.get().is_some() {
+            pending.early = Some(pending.mapped_bytes());
+            pending.release();
         }
+        pending
     }
 
-    /// Whether the call has finished and its totals are mapped, so that
-    /// [`PendingTotals::wait`] returns at once. Checks the device without blocking.
+    /// Whether [`PendingTotals::wait`] would return at once: the call has finished and its
+    /// status is mapped (or its map failed). Checks the device without blocking.
     pub fn is_ready(&self) -> bool {
+        if self.early.is_some() {
+            return true;
+        }
         let _serial = self.gpu.serial();
         let _ = self.gpu.device.poll(wgpu::PollType::Poll);
-        self.mapped
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.mapped.get().is_some()
     }
 
     /// Waits for the call (and the calls submitted before it; not those after) and returns
     /// its totals, or the error the device found in it, as
     /// [`PreparedLoss::read_totals`](crate::PreparedLoss::read_totals) does.
     pub fn wait(mut self) -> Result<LossTotals> {
-        let bytes = self.bytes();
+        let bytes = match self.early.take() {
+            Some(bytes) => bytes,
+            None => self.wait_for_bytes(),
+        };
         self.release();
         self.reader.read(&bytes?)
     }
 
-    /// The call's status bytes, once mapped.
-    fn bytes(&self) -> Result<Vec<u8>> {
+    /// Waits for the call, then for its map's callback, and reads the status.
+    fn wait_for_bytes(&self) -> Result<Vec<u8>> {
+        {
+            let _serial = self.gpu.serial();
+            self.gpu.wait_for(Some(self.after.clone()))?;
+            self.gpu.lost()?;
+        }
+        // The wait has made the map due; its callback may be running on another thread that
+        // polled at the same moment (without the GL serialisation held, which that thread
+        // may need to finish).
+        if self.mapped.wait(CALLBACK_LIMIT).is_none() {
+            return Err(read_error(
+                "the call's status was never mapped: was the call submitted before read_later?"
+                    .into(),
+            ));
+        }
         let _serial = self.gpu.serial();
-        let error = |detail: String| XentError::Gpu {
-            context: "reading a call's totals".into(),
-            detail,
-        };
-        let wait = wgpu::PollType::Wait {
-            submission_index: Some(self.after.clone()),
-            timeout: None,
-        };
-        let polled = self.gpu.device.poll(wait);
-        self.gpu.lost()?;
-        polled.map_err(|e| error(e.to_string()))?;
-        let mapped = self
-            .mapped
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match mapped {
-            Some(Ok(())) => {
-                let view = self
-                    .buffer
-                    .slice(..STATUS_BYTES)
-                    .get_mapped_range()
-                    .map_err(|e| error(e.to_string()))?;
-                Ok(view.to_vec())
-            }
-            other => Err(error(format!("buffer map failed: {other:?}"))),
+        self.mapped_bytes()
+    }
+
+    /// The status, its map having completed: the bytes, or the map's error.
+    fn mapped_bytes(&self) -> Result<Vec<u8>> {
+        match self.mapped.get() {
+            Some(Ok(())) => self
+                .buffer
+                .slice(..STATUS_BYTES)
+                .get_mapped_range()
+                .map(|view| view.to_vec())
+                .map_err(|e| read_error(e.to_string())),
+            other => Err(read_error(format!("buffer map failed: {other:?}"))),
         }
     }
 
-    /// Unmaps the buffer (cancelling a map still pending; a map that failed left nothing to
-    /// unmap) and frees the slot.
+    /// Unmaps the buffer (cancelling a map still pending) and frees the slot.
     fn release(&mut self) {
         if !self.done {
             let _serial = self.gpu.serial();
-            let failed = matches!(
-                *self.mapped.lock().unwrap_or_else(|e| e.into_inner()),
-                Some(Err(_))
-            );
-            if !failed {
-                self.buffer.unmap();
+            match self.mapped.get() {
+                // Mapped, or pending (the unmap aborts it): a valid unmap.
+                Some(Ok(())) | None => self.buffer.unmap(),
+                Some(Err(_)) => self.gpu.unmap_quietly(&self.buffer),
             }
             self.busy.store(false, Ordering::Release);
             self.done = true;
         }
+    }
+}
+
+/// How long a map's callback, due after the wait, may take on another thread.
+const CALLBACK_LIMIT: Duration = Duration::from_secs(10);
+
+fn read_error(detail: String) -> XentError {
+    XentError::Gpu {
+        context: "reading a call's totals".into(),
+        detail,
     }
 }
 
@@ -256,5 +313,78 @@ impl std::fmt::Debug for PendingTotals {
             .field("rows", &self.reader.rows)
             .field("done", &self.done)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wgpu::util::DeviceExt;
+
+    use crate::{CrossEntropy, DeviceLogits, DeviceTargets, GpuContext, IndexType, LossShape};
+
+    /// The waiting path of a pending read, which CPU adapters never take by themselves (they
+    /// have run a call by the time `read_later` maps its status): two calls in flight, read
+    /// in the opposite order, each giving a blocking read's totals of its own inputs.
+    #[test]
+    fn reads_that_wait_give_their_own_calls_totals() {
+        let gpu = match GpuContext::new() {
+            Ok(gpu) => gpu,
+            Err(_) if std::env::var("XENT_SKIP_GPU_TESTS").as_deref() == Ok("1") => return,
+            Err(e) => panic!("no GPU adapter: {e} (set XENT_SKIP_GPU_TESTS=1 to skip)"),
+        };
+        let (rows, classes) = (33, 50);
+        let logits: Vec<f32> = (0..rows * classes)
+            .map(|i| ((i * 37) % 101) as f32 / 10.0 - 5.0)
+            .collect();
+        let buffer = |bytes: &[u8]| {
+            gpu.device()
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: bytes,
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        };
+        let z = buffer(bytemuck::cast_slice(&logits));
+        let sets: Vec<wgpu::Buffer> = [3i64, 11]
+            .iter()
+            .map(|&step| {
+                let y: Vec<i64> = (0..rows as i64)
+                    .map(|i| (i * step) % classes as i64)
+                    .collect();
+                buffer(bytemuck::cast_slice(&y))
+            })
+            .collect();
+        let shape = LossShape::class_indices(rows, classes, IndexType::I64);
+        let mut loss = gpu.prepare(&CrossEntropy::new(), shape).unwrap();
+        let call = |loss: &mut crate::PreparedLoss, y: &wgpu::Buffer| {
+            let mut encoder = gpu.device().create_command_encoder(&Default::default());
+            loss.record(
+                &mut encoder,
+                DeviceLogits::new(&z, 0, rows, classes),
+                DeviceTargets::class_indices(y, 0, IndexType::I64),
+            )
+            .unwrap();
+            gpu.queue().submit([encoder.finish()]);
+        };
+        let blocking: Vec<_> = sets
+            .iter()
+            .map(|y| {
+                call(&mut loss, y);
+                loss.read_totals().unwrap()
+            })
+            .collect();
+        assert_ne!(blocking[0], blocking[1]);
+        call(&mut loss, &sets[0]);
+        let first = loss.start_read(false).unwrap();
+        call(&mut loss, &sets[1]);
+        let second = loss.start_read(false).unwrap();
+        assert!(first.early.is_none() && second.early.is_none());
+        assert_eq!(second.wait().unwrap(), blocking[1]);
+        assert_eq!(first.wait().unwrap(), blocking[0]);
+        // A pending read dropped unread frees its buffer: the next call reads as before.
+        call(&mut loss, &sets[1]);
+        drop(loss.start_read(false).unwrap());
+        call(&mut loss, &sets[0]);
+        assert_eq!(loss.read_totals().unwrap(), blocking[0]);
     }
 }
