@@ -138,36 +138,17 @@ impl GpuContext {
         })
     }
 
-    /// Wall-clock time of whole resident calls: record, submit, and read the totals, one
-    /// call after another on device-resident inputs (after `warmup` calls).
+    /// Wall-clock time per call of whole resident calls on device-resident inputs (after
+    /// `warmup` calls): each call recorded and submitted, then, with `in_flight` 0, its totals
+    /// read at once (a blocking read); else read with
+    /// [`PreparedLoss::read_later`](crate::PreparedLoss::read_later) and the totals of the call
+    /// `in_flight` calls back waited for, so that many calls run while the host waits (a
+    /// pipelined loop; in steady state its time per call).
     pub fn time_resident_calls(
         &self,
         spec: &CrossEntropy,
         sets: &[(Logits<'_>, Targets<'_>)],
-        warmup: usize,
-        runs: usize,
-    ) -> Result<Timing> {
-        let (rows, classes) = sets.first().map_or((0, 1), |s| (s.0.rows(), s.0.classes()));
-        let mut resident =
-            self.resident_sets(spec, sets, self.plan(rows, classes), Task::Loss, None)?;
-        let mut call = |run: usize| -> Result<()> {
-            let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
-            resident.record(&mut encoder, run, None)?;
-            self.gpu.queue.submit([encoder.finish()]);
-            resident.loss.read_totals().map(|_| ())
-        };
-        wall_clock(warmup, runs, &mut call)
-    }
-
-    /// Wall-clock time per call of resident calls in a pipelined loop: each call recorded and
-    /// submitted, its totals read with [`PreparedLoss::read_later`](crate::PreparedLoss::read_later),
-    /// and the totals of the call `depth` calls back waited for (so `depth` calls are in
-    /// flight while the host waits). In steady state this is the loop's time per call.
-    pub fn time_pipelined_calls(
-        &self,
-        spec: &CrossEntropy,
-        sets: &[(Logits<'_>, Targets<'_>)],
-        depth: usize,
+        in_flight: usize,
         warmup: usize,
         runs: usize,
     ) -> Result<Timing> {
@@ -179,8 +160,11 @@ impl GpuContext {
             let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
             resident.record(&mut encoder, run, None)?;
             self.gpu.queue.submit([encoder.finish()]);
+            if in_flight == 0 {
+                return resident.loss.read_totals().map(|_| ());
+            }
             pending.push_back(resident.loss.read_later()?);
-            if pending.len() > depth.max(1) {
+            if pending.len() > in_flight {
                 pending.pop_front().map(|p| p.wait()).transpose()?;
             }
             Ok(())

@@ -510,13 +510,14 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                             }
                         }
                     }
-                    PathChoice::Resident => {
-                        let timing = gpu.time_resident_calls(&spec, &sets, WARMUP, runs)?;
-                        push(Task::Loss, path, KernelChoice::Auto, timing.median_ms());
-                    }
-                    PathChoice::Pipelined => {
+                    PathChoice::Resident | PathChoice::Pipelined => {
+                        let in_flight = if path == PathChoice::Resident {
+                            0
+                        } else {
+                            PIPELINE_DEPTH
+                        };
                         let timing =
-                            gpu.time_pipelined_calls(&spec, &sets, PIPELINE_DEPTH, WARMUP, runs)?;
+                            gpu.time_resident_calls(&spec, &sets, in_flight, WARMUP, runs)?;
                         push(Task::Loss, path, KernelChoice::Auto, timing.median_ms());
                     }
                     PathChoice::Host => {
