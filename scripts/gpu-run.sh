@@ -10,7 +10,8 @@
 #   scripts/gpu-run.sh next    tests, then every open issue's unmeasured figure, one bounded
 #                              xent process per shape (≈ 8 min in all): resident, pipelined, round
 #                              trip (8); metrics, sparse, distillation, shards (11, 13); loss and
-#                              gradient in f32 and bf16, z-loss, soft-capping (9, 10)
+#                              gradient in f32 and bf16, four loads in flight beside two,
+#                              z-loss, soft-capping (9, 10)
 #   scripts/gpu-run.sh peers   the peers in f32 and bf16 (≈ 6 min), a call of its own
 #   scripts/gpu-run.sh final   info, the GPU test binaries, and the benchmark: the loss on the
 #                              kernel, resident and host paths; loss + gradient (separate and in
@@ -95,6 +96,8 @@ if [ "$mode" = next ]; then
     for s in $shapes; do
         XENT_LIMIT=50 bench "$s: loss and gradient (separate, in place) in f32 and bf16" \
             --shapes "$s" --task loss,grad,grad-inplace --dtype f32,bf16
+        XENT_LIMIT=30 bench "$s: the loss with four loads in flight per lane (auto/x4) beside two" \
+            --shapes "$s" --task loss --dtype f32,bf16 --kernel auto,auto/x4
     done
     for extra in "--z-loss 1e-4" "--softcap 30"; do
         XENT_LIMIT=50 bench "loss + gradient with $extra" --task grad $extra --shapes "${shapes%% *}"

@@ -560,3 +560,64 @@ fn more_rows_than_one_host_call() {
         );
     }
 }
+
+/// Four 16-byte loads in flight per lane fold a lane's logits in the same order as two: the
+/// same bits for every dtype, target kind, row alignment and strategy corner, loss, per-row
+/// results and gradient alike (the two-load kernels are the ones checked against the
+/// reference everywhere else).
+#[test]
+fn four_loads_in_flight_give_the_same_bits() {
+    let Some(gpu) = gpu() else { return };
+    let plain = common::plain_strategy;
+    let mut corners = vec![
+        plain(256, 1, 1, true),
+        plain(256, 8, 1, true),
+        plain(256, 256, 1, true),
+        plain(256, 256, 3, true),
+    ];
+    if let Some(sg) = gpu.facts().subgroup_lanes.filter(|&l| l <= 256) {
+        corners.push(Strategy {
+            subgroups: true,
+            ..plain(256, sg, 1, true)
+        });
+    }
+    let spec = CrossEntropy::new()
+        .with_label_smoothing(0.1)
+        .with_z_loss(1e-3);
+    let upstream = xent::Upstream::Scalar(1.0);
+    for (i, &(rows, classes)) in [(3, 4099), (17, 1000), (2, 50257), (40, 131)]
+        .iter()
+        .enumerate()
+    {
+        let p = Problem::random(300 + i as u64, rows, classes, 6.0, 0.0);
+        for dtype in [xent::Dtype::F32, xent::Dtype::Bf16, xent::Dtype::F16] {
+            let z = xent::ElementVec::rounded(dtype, p.logits.iter().map(|&v| v as f64));
+            let logits = Logits::from_elements(z.as_elements(), rows, classes).unwrap();
+            for soft in [false, true] {
+                let fits = |s: &&Strategy| {
+                    s.elements_per_lane(classes) <= xent::gpu::planner::MAX_ELEMENTS_PER_LANE
+                };
+                for &two in corners.iter().filter(fits) {
+                    let four = Strategy {
+                        loads_in_flight: 4,
+                        ..two
+                    };
+                    let label = format!("{rows}x{classes} {dtype} soft {soft} {}", four.name());
+                    let run = |s| {
+                        gpu.cross_entropy_grad_with(&spec, logits, p.targets(soft), upstream, s)
+                            .unwrap_or_else(|e| panic!("{label}: {e}"))
+                    };
+                    let ((a, ga), (b, gb)) = (run(two), run(four));
+                    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(a.sum.to_bits(), b.sum.to_bits(), "{label}: sum");
+                    assert_eq!(bits(&a.per_row), bits(&b.per_row), "{label}: per row");
+                    assert_eq!(bits(&a.log_sum_exp), bits(&b.log_sum_exp), "{label}: lse");
+                    let g = |g: &xent::ElementVec| {
+                        g.to_f32().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                    };
+                    assert_eq!(g(&ga), g(&gb), "{label}: gradient");
+                }
+            }
+        }
+    }
+}
