@@ -270,20 +270,21 @@ fn write_row_f32(g0: RowGradient, lane: u32, lanes: u32) {
     }
 }
 
-// The two logits of output word w (elements 2w, 2w + 1 of the outputs binding), whose first
-// value is class k of the row.
-fn load_pair(g: RowGradient, w: u32, k: u32) -> vec2<f32> {
+// The two logits of interior output word w (elements 2w, 2w + 1 of the outputs binding).
+fn load_pair(g: RowGradient, w: u32) -> vec2<f32> {
     if IN_PLACE {
         return widen2(outputs[w]);
     }
-    let i = g.first + k;
+    let i = g.first + (2u * w - g.out);
     if PAIRED {
         return widen2(logits1[i / 2u]);
     }
     return vec2(raw_logit(i), raw_logit(i + 1u));
 }
 
-// Halves: the lanes of chunk row r walk the output words the row owns.
+// Halves: the lanes of chunk row r walk the output words the row owns, lane l the words
+// w_first + l, + lanes, …: the interior words (both values in the row) four in flight, a
+// word the row shares with the previous or the next row one value at a time.
 fn write_row_half(r: u32, g0: RowGradient, lane: u32, lanes: u32) {
     let o = g0.out;
     let end = o + params.classes;
@@ -297,34 +298,62 @@ fn write_row_half(r: u32, g0: RowGradient, lane: u32, lanes: u32) {
     var owner = LaneOwner(lanes, o, w_first);
     g.top_k_mine = top_k_of_lane(g, lane, &owner);
     let w_end = (end + 1u) / 2u;
-    for (var w = w_first + lane; w < w_end; w += lanes) {
-        let e = 2u * w;
-        if e >= o && e + 1u < end {
-            // Both values in the row.
-            let k = e - o;
-            let z = load_pair(g, w, k);
-            let lo = half_bits(gradient_of(g, z.x, k));
-            let hi = half_bits(gradient_of(g, z.y, k + 1u));
-            outputs[w] = lo | (hi << 16u);
-        } else {
-            // A word at the row's start (the chunk's first row) or end: each value from its
-            // own row, or kept.
-            let old = outputs[w];
-            var lo = old & 0xffffu;
-            var hi = old >> 16u;
-            if e >= o {
-                let k = e - o;
-                lo = half_bits(gradient_of(g, load_one(g, k, old, 0u), k));
-                if r + 1u < params.rows {
-                    let n = row_gradient(r + 1u);
-                    hi = half_bits(gradient_of(n, load_one(n, 0u, old, 1u), 0u));
-                }
-            } else {
-                hi = half_bits(gradient_of(g, load_one(g, 0u, old, 1u), 0u));
-            }
-            outputs[w] = lo | (hi << 16u);
-        }
+    // The interior words: from the first starting at or after the row's first value to the
+    // last ending inside the row.
+    let w_lo = (o + 1u) / 2u;
+    let w_hi = max(end / 2u, w_lo);
+    var w = w_first + lane;
+    // The chunk's first row may start inside a word (w_first = w_lo − 1, lane 0's).
+    if w < w_lo && w < w_end {
+        write_edge_word(r, g, w);
+        w += lanes;
     }
+    for (; w + 3u * lanes < w_hi; w += 4u * lanes) {
+        let z0 = load_pair(g, w);
+        let z1 = load_pair(g, w + lanes);
+        let z2 = load_pair(g, w + 2u * lanes);
+        let z3 = load_pair(g, w + 3u * lanes);
+        write_pair(g, w, z0);
+        write_pair(g, w + lanes, z1);
+        write_pair(g, w + 2u * lanes, z2);
+        write_pair(g, w + 3u * lanes, z3);
+    }
+    for (; w < w_hi; w += lanes) {
+        write_pair(g, w, load_pair(g, w));
+    }
+    // A word ending past the row (an odd end): its first value is the row's last.
+    if w < w_end {
+        write_edge_word(r, g, w);
+    }
+}
+
+// Interior output word w of the row, whose logits are z.
+fn write_pair(g: RowGradient, w: u32, z: vec2<f32>) {
+    let k = 2u * w - g.out;
+    let lo = half_bits(gradient_of(g, z.x, k));
+    let hi = half_bits(gradient_of(g, z.y, k + 1u));
+    outputs[w] = lo | (hi << 16u);
+}
+
+// A word at the row's start (the chunk's first row) or end: each value from its own row, or
+// kept.
+fn write_edge_word(r: u32, g: RowGradient, w: u32) {
+    let o = g.out;
+    let e = 2u * w;
+    let old = outputs[w];
+    var lo = old & 0xffffu;
+    var hi = old >> 16u;
+    if e >= o {
+        let k = e - o;
+        lo = half_bits(gradient_of(g, load_one(g, k, old, 0u), k));
+        if r + 1u < params.rows {
+            let n = row_gradient(r + 1u);
+            hi = half_bits(gradient_of(n, load_one(n, 0u, old, 1u), 0u));
+        }
+    } else {
+        hi = half_bits(gradient_of(g, load_one(g, 0u, old, 1u), 0u));
+    }
+    outputs[w] = lo | (hi << 16u);
 }
 
 // The raw logit of class k of the row; `old` is the output word and `half` which half of it
