@@ -39,7 +39,8 @@ pub struct Strategy {
     pub f16_builtin: bool,
     /// 16-byte loads each lane issues before it folds them, in the statistics pass over a
     /// row's aligned body: 2, or 4 for more bytes in flight on a device whose memory wants
-    /// them (the fold order, and so every result, is the same).
+    /// them (the fold order, and so every result, is the same). The gradient pass then has
+    /// eight elements (f32) or words (halves) in flight per lane instead of four.
     pub loads_in_flight: u32,
 }
 
