@@ -94,10 +94,8 @@ if [ "$mode" = next ]; then
             --shapes "$s" --path kernel,resident,pipelined --task loss,metrics,sparse,distill --shards 2,4
     done
     for s in $shapes; do
-        XENT_LIMIT=50 bench "$s: loss and gradient (separate, in place) in f32 and bf16" \
-            --shapes "$s" --task loss,grad,grad-inplace --dtype f32,bf16
-        XENT_LIMIT=30 bench "$s: the loss with four loads in flight per lane (auto/x4) beside two" \
-            --shapes "$s" --task loss --dtype f32,bf16 --kernel auto,auto/x4
+        XENT_LIMIT=60 bench "$s: loss and gradient (separate, in place) in f32 and bf16, two loads in flight (auto) and four (auto/x4)" \
+            --shapes "$s" --task loss,grad,grad-inplace --dtype f32,bf16 --kernel auto,auto/x4
     done
     for extra in "--z-loss 1e-4" "--softcap 30"; do
         XENT_LIMIT=50 bench "loss + gradient with $extra" --task grad $extra --shapes "${shapes%% *}"

@@ -36,31 +36,59 @@ struct RowGradient {
     out: u32,
     // The row's first top-k word (targets binding).
     top_k_at: u32,
-    // Which of the row's top-k entries (bit j for entry j) may fall to the classes this lane
-    // writes: all of them until the lane narrows it (top_k_of_lane).
-    top_k_mine: u32,
+    // The lane's top-k walk (top_k_begin) is this row's: its classes are met in order.
+    top_k_walk: bool,
 }
 
-// Every top-k entry (SPARSE_K of them; more than 32 are always all checked).
-fn top_k_all() -> u32 {
-    // (The shift stays below 32 for every k: pipeline constants are checked as written.)
-    return select(0xffffffffu, (1u << (SPARSE_K & 31u)) - 1u, SPARSE_K < 32u);
-}
+// A lane's walk through its row's top-k entries (TARGET_TOP_K): the lane meets the classes it
+// writes in increasing order, so it only compares each with the next entry that falls to it
+// (one comparison a class, rather than k). The next entry's class (NO_CLASS when none is
+// left) and probability, and the entries not yet met (bit j for entry j).
+var<private> top_k_next: u32;
+var<private> top_k_next_p: f32;
+var<private> top_k_left: u32;
 
-// The entries of the row whose class `owner` gives to `lane`, so that each class a lane
-// writes is checked against those alone rather than all k (most lanes hold none).
-fn top_k_of_lane(g: RowGradient, lane: u32, owner: ptr<function, LaneOwner>) -> u32 {
+// Starts the walk of `lane` through row g's entries: those whose class `owner` gives to the
+// lane (and that the lane meets at all). Up to 32 entries; with more, every class is
+// checked against all of them.
+fn top_k_begin(g: ptr<function, RowGradient>, lane: u32, owner: ptr<function, LaneOwner>) {
     if TARGET_KIND != TARGET_TOP_K || SPARSE_K > 32u {
-        return top_k_all();
+        return;
     }
     var mine = 0u;
     for (var j = 0u; j < SPARSE_K; j++) {
-        let k = target_word(g.top_k_at + j);
-        if k < params.classes && lane_of(owner, k) == lane {
+        let k = target_word((*g).top_k_at + j);
+        if k < params.classes && lane_meets(owner, k) && lane_of(owner, k) == lane {
             mine |= 1u << j;
         }
     }
-    return mine;
+    top_k_left = mine;
+    top_k_next = NO_CLASS;
+    top_k_advance(*g, NO_CLASS);
+    (*g).top_k_walk = true;
+}
+
+// Moves the walk to the entry with the smallest class above `met` (the class just met; NO_CLASS
+// at the start): repeated classes, an error the statistics pass reports, are passed over.
+fn top_k_advance(g: RowGradient, met: u32) {
+    var best = NO_CLASS;
+    var best_j = 0u;
+    var left = top_k_left;
+    while left != 0u {
+        let j = firstTrailingBit(left);
+        left &= left - 1u;
+        let k = target_word(g.top_k_at + j);
+        if (met == NO_CLASS || k > met) && k < best {
+            best = k;
+            best_j = j;
+        }
+    }
+    top_k_next = best;
+    top_k_next_p = 0.0;
+    if best != NO_CLASS {
+        top_k_next_p = bitcast<f32>(target_word(g.top_k_at + SPARSE_K + best_j));
+        top_k_left &= ~(1u << best_j);
+    }
 }
 
 // The lane that writes class k of a row: the element's index over the lanes (f32), or its
@@ -79,25 +107,27 @@ fn lane_of(owner: ptr<function, LaneOwner>, k: u32) -> u32 {
     return (((*owner).out + k) / 2u - (*owner).w_first) % (*owner).lanes;
 }
 
-// The row's target weight of class k from its top-k entries (those of g.top_k_mine).
+// Whether the row's lanes meet class k at all: a half row's first value may lie in a word the
+// previous row's lanes write.
+fn lane_meets(owner: ptr<function, LaneOwner>, k: u32) -> bool {
+    return DTYPE == DTYPE_F32 || ((*owner).out + k) / 2u >= (*owner).w_first;
+}
+
+// The row's target weight of class k from its top-k entries: on the lane's walk, the next
+// entry's when k is its class; else (another row's class, or more than 32 entries) from all.
 fn top_k_weight(g: RowGradient, k: u32) -> f32 {
-    var a = 0.0;
-    var mine = g.top_k_mine;
-    loop {
-        if mine == 0u {
-            break;
+    if g.top_k_walk {
+        if k != top_k_next {
+            return 0.0;
         }
-        let j = firstTrailingBit(mine);
-        mine &= mine - 1u;
+        let p = top_k_next_p;
+        top_k_advance(g, k);
+        return p;
+    }
+    var a = 0.0;
+    for (var j = 0u; j < SPARSE_K; j++) {
         if target_word(g.top_k_at + j) == k {
             a += bitcast<f32>(target_word(g.top_k_at + SPARSE_K + j));
-        }
-    }
-    if SPARSE_K > 32u {
-        for (var j = 32u; j < SPARSE_K; j++) {
-            if target_word(g.top_k_at + j) == k {
-                a += bitcast<f32>(target_word(g.top_k_at + SPARSE_K + j));
-            }
         }
     }
     return a;
@@ -134,7 +164,7 @@ fn row_gradient(r: u32) -> RowGradient {
     g.first = row_first(r);
     g.out = params.outputs_offset + r * params.classes;
     g.top_k_at = params.targets_offset + r * 2u * SPARSE_K;
-    g.top_k_mine = top_k_all();
+    g.top_k_walk = false;
     return g;
 }
 
@@ -252,7 +282,7 @@ fn half_bits(x: f32) -> u32 {
 fn write_row_f32(g0: RowGradient, lane: u32, lanes: u32) {
     var g = g0;
     var owner = LaneOwner(lanes, 0u, 0u);
-    g.top_k_mine = top_k_of_lane(g, lane, &owner);
+    top_k_begin(&g, lane, &owner);
     let end = params.classes;
     var k = lane;
     if LOADS >= 4u {
@@ -321,7 +351,7 @@ fn write_row_half(r: u32, g0: RowGradient, lane: u32, lanes: u32) {
     }
     var g = g0;
     var owner = LaneOwner(lanes, o, w_first);
-    g.top_k_mine = top_k_of_lane(g, lane, &owner);
+    top_k_begin(&g, lane, &owner);
     let w_end = (end + 1u) / 2u;
     // The interior words: from the first starting at or after the row's first value to the
     // last ending inside the row.

@@ -304,7 +304,9 @@ impl GpuContext {
         let (rows, classes) = (first.rows(), first.classes());
         let top_k = classes.min(8);
         let layout = match (first_targets, task) {
-            (Targets::ClassIndices(_), Task::Sparse) => TargetLayout::TopK { k: top_k as u32 },
+            (Targets::ClassIndices(_), Task::Sparse | Task::SparseGradient) => {
+                TargetLayout::TopK { k: top_k as u32 }
+            }
             (Targets::ClassIndices(_), _) => TargetLayout::ClassIndices(IndexType::I64),
             (Targets::Probabilities(p), _) => TargetLayout::Probabilities(p.dtype()),
         };
@@ -364,7 +366,7 @@ impl GpuContext {
                     super::host::write_words(&gpu.queue, &b, 0, bytes);
                     b
                 };
-                let gradient = (task == Task::Gradient).then(|| {
+                let gradient = task.separate_gradient().then(|| {
                     gpu.storage_buffer(
                         "xent bench gradient",
                         (logit_bytes.len() as u64).next_multiple_of(4),
@@ -386,7 +388,7 @@ impl GpuContext {
                 (Task::GradientInPlace, _) => {
                     loss.bind_gradient(view, targets, GradientOutput::InPlace)?
                 }
-                (Task::Gradient, gradient) => {
+                (Task::Gradient | Task::SparseGradient, gradient) => {
                     let buffer = gradient.as_ref().expect("made for this task");
                     let out = GradientOutput::Buffer { buffer, offset: 0 };
                     loss.bind_gradient(view, targets, out)?
@@ -396,7 +398,7 @@ impl GpuContext {
         Ok(ResidentSets {
             loss,
             bound,
-            gradient: matches!(task, Task::Gradient | Task::GradientInPlace),
+            gradient: task.separate_gradient() || task == Task::GradientInPlace,
         })
     }
     /// Measures the read bandwidth with `read_bandwidth.wgsl` over a buffer of about `bytes`
@@ -513,6 +515,8 @@ pub enum Task {
     /// Cross-entropy against top-8 sparse targets made from the class indices (k =
     /// min(8, C) distinct classes a row, probability 1/k each).
     Sparse,
+    /// The same and its gradient into a separate buffer.
+    SparseGradient,
 }
 
 impl Task {
@@ -525,7 +529,13 @@ impl Task {
             Task::Metrics => "metrics",
             Task::Distill => "distill",
             Task::Sparse => "sparse",
+            Task::SparseGradient => "sparse-grad",
         }
+    }
+
+    /// The task writes its gradient into a buffer of its own.
+    fn separate_gradient(self) -> bool {
+        matches!(self, Task::Gradient | Task::SparseGradient)
     }
 
     /// Times the logits are read or written: 1 for the loss, 3 with the gradient.
@@ -533,7 +543,7 @@ impl Task {
         match self {
             Task::Loss | Task::Metrics | Task::Sparse => 1,
             Task::Distill => 2,
-            Task::Gradient | Task::GradientInPlace => 3,
+            Task::Gradient | Task::GradientInPlace | Task::SparseGradient => 3,
         }
     }
 }

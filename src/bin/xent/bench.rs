@@ -69,6 +69,8 @@ pub enum TaskChoice {
     Distill,
     /// Top-8 sparse targets made from the class indices (hard rows only).
     Sparse,
+    /// The same and its gradient into a separate buffer (hard rows only).
+    SparseGrad,
 }
 
 impl TaskChoice {
@@ -80,6 +82,7 @@ impl TaskChoice {
             Self::Metrics => Task::Metrics,
             Self::Distill => Task::Distill,
             Self::Sparse => Task::Sparse,
+            Self::SparseGrad => Task::SparseGradient,
         }
     }
 }
@@ -486,8 +489,10 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                     PathChoice::Kernel => {
                         for &task in &args.task {
                             let needs_soft = task == TaskChoice::Distill;
-                            let needs_hard =
-                                matches!(task, TaskChoice::Metrics | TaskChoice::Sparse);
+                            let needs_hard = matches!(
+                                task,
+                                TaskChoice::Metrics | TaskChoice::Sparse | TaskChoice::SparseGrad
+                            );
                             if (soft && needs_hard) || (!soft && needs_soft) {
                                 continue;
                             }

@@ -253,8 +253,8 @@ pub struct BenchArgs {
     /// (loss and gradient of the mean into a separate buffer: two reads and one write),
     /// grad-inplace (the gradient over the logits), metrics (loss and token metrics in one
     /// read; hard rows), distill (forward distillation at T = 2, one read of the logits and
-    /// one of a teacher's; soft rows, whose arrays stand in for the teacher) or sparse (top-8
-    /// sparse targets; hard rows).
+    /// one of a teacher's; soft rows, whose arrays stand in for the teacher), sparse (top-8
+    /// sparse targets; hard rows) or sparse-grad (the same and its gradient; hard rows).
     #[arg(long, value_delimiter = ',', default_value = "loss")]
     task: Vec<bench::TaskChoice>,
     /// Also time the loss split into K vocabulary shards on this one GPU (comma-separated Ks;
