@@ -90,8 +90,8 @@ if [ "$mode" = next ]; then
     # The peers are `peers` mode, a call of their own.
     shapes=${XENT_SHAPES:-4096x32000 1024x128256 8192x1000 65536x10}
     for s in $shapes; do
-        XENT_LIMIT=50 bench "$s: loss (kernel, resident, pipelined), metrics, sparse top-8, distillation, 2 and 4 shards" \
-            --shapes "$s" --path kernel,resident,pipelined --task loss,metrics,sparse,distill --shards 2,4
+        XENT_LIMIT=50 bench "$s: loss (kernel, resident, pipelined), metrics, sparse top-8 (loss, gradient), distillation, 2 and 4 shards" \
+            --shapes "$s" --path kernel,resident,pipelined --task loss,metrics,sparse,sparse-grad,distill --shards 2,4
     done
     for s in $shapes; do
         XENT_LIMIT=60 bench "$s: loss and gradient (separate, in place) in f32 and bf16, two loads in flight (auto) and four (auto/x4)" \
