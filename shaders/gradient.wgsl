@@ -275,48 +275,28 @@ fn half_bits(x: f32) -> u32 {
     return f16_bits(x);
 }
 
-// f32 logits: element by element, four loads in flight per lane (eight with LOADS = 4),
-// neighbouring lanes on neighbouring elements. (vec4 loads with four scalar stores each
-// measured 1.8x slower on an H200: every store instruction of a warp then touches four times
-// the sectors.)
+// f32 logits: element by element, four loads in flight per lane, neighbouring lanes on
+// neighbouring elements. (vec4 loads with four scalar stores each measured 1.8x slower on an
+// H200: every store instruction of a warp then touches four times the sectors.)
 fn write_row_f32(g0: RowGradient, lane: u32, lanes: u32) {
     var g = g0;
     var owner = LaneOwner(lanes, 0u, 0u);
     top_k_begin(&g, lane, &owner);
     let end = params.classes;
     var k = lane;
-    if LOADS >= 4u {
-        for (; k + 7u * lanes < end; k += 8u * lanes) {
-            let a = load4(g, k, lanes);
-            let b = load4(g, k + 4u * lanes, lanes);
-            store4(g, k, lanes, a);
-            store4(g, k + 4u * lanes, lanes, b);
-        }
-    }
     for (; k + 3u * lanes < end; k += 4u * lanes) {
-        store4(g, k, lanes, load4(g, k, lanes));
+        let z0 = load_logit(g, k);
+        let z1 = load_logit(g, k + lanes);
+        let z2 = load_logit(g, k + 2u * lanes);
+        let z3 = load_logit(g, k + 3u * lanes);
+        g_store(g, k, z0);
+        g_store(g, k + lanes, z1);
+        g_store(g, k + 2u * lanes, z2);
+        g_store(g, k + 3u * lanes, z3);
     }
     for (; k < end; k += lanes) {
         g_store(g, k, load_logit(g, k));
     }
-}
-
-// The raw logits of classes k, k + lanes, k + 2·lanes, k + 3·lanes (f32).
-fn load4(g: RowGradient, k: u32, lanes: u32) -> vec4<f32> {
-    return vec4(
-        load_logit(g, k),
-        load_logit(g, k + lanes),
-        load_logit(g, k + 2u * lanes),
-        load_logit(g, k + 3u * lanes),
-    );
-}
-
-// The gradient of those four classes from their logits z (f32).
-fn store4(g: RowGradient, k: u32, lanes: u32, z: vec4<f32>) {
-    g_store(g, k, z.x);
-    g_store(g, k + lanes, z.y);
-    g_store(g, k + 2u * lanes, z.z);
-    g_store(g, k + 3u * lanes, z.w);
 }
 
 // The gradient of class k from its logit z (f32).
@@ -337,9 +317,8 @@ fn load_pair(g: RowGradient, w: u32) -> vec2<f32> {
 }
 
 // Halves: the lanes of chunk row r walk the output words the row owns, lane l the words
-// w_first + l, + lanes, …: the interior words (both values in the row) four in flight (eight
-// with LOADS = 4), a word the row shares with the previous or the next row one value at a
-// time.
+// w_first + l, + lanes, …: the interior words (both values in the row) four in flight, a
+// word the row shares with the previous or the next row one value at a time.
 fn write_row_half(r: u32, g0: RowGradient, lane: u32, lanes: u32) {
     let o = g0.out;
     let end = o + params.classes;
@@ -363,16 +342,13 @@ fn write_row_half(r: u32, g0: RowGradient, lane: u32, lanes: u32) {
         write_edge_word(r, g, w);
         w += lanes;
     }
-    if LOADS >= 4u {
-        for (; w + 7u * lanes < w_hi; w += 8u * lanes) {
-            let a = load_pairs4(g, w, lanes);
-            let b = load_pairs4(g, w + 4u * lanes, lanes);
-            write_pairs4(g, w, lanes, a);
-            write_pairs4(g, w + 4u * lanes, lanes, b);
-        }
-    }
+    // Four words loaded, then written in a loop of constant length (one inlined copy of the
+    // gradient: shader compilers take time per copy).
     for (; w + 3u * lanes < w_hi; w += 4u * lanes) {
-        write_pairs4(g, w, lanes, load_pairs4(g, w, lanes));
+        let z = load_pairs4(g, w, lanes);
+        for (var j = 0u; j < 4u; j++) {
+            write_pair(g, w + j * lanes, z[j]);
+        }
     }
     for (; w < w_hi; w += lanes) {
         write_pair(g, w, load_pair(g, w));
@@ -391,14 +367,6 @@ fn load_pairs4(g: RowGradient, w: u32, lanes: u32) -> mat4x2<f32> {
         load_pair(g, w + 2u * lanes),
         load_pair(g, w + 3u * lanes),
     );
-}
-
-// Those four words from their logits z.
-fn write_pairs4(g: RowGradient, w: u32, lanes: u32, z: mat4x2<f32>) {
-    write_pair(g, w, z[0]);
-    write_pair(g, w + lanes, z[1]);
-    write_pair(g, w + 2u * lanes, z[2]);
-    write_pair(g, w + 3u * lanes, z[3]);
 }
 
 // Interior output word w of the row, whose logits are z.

@@ -14,8 +14,6 @@ override ROWS_PER_GROUP: u32 = WORKGROUP_SIZE / LANES_PER_ROW;
 override SPLIT: u32 = 1u;
 // Aligned 16-byte loads for the body of each row, scalar loads for its ragged ends.
 override VEC4: bool = true;
-// 16-byte loads a lane issues before folding them (2 or 4): more bytes in flight per lane.
-override LOADS: u32 = 2u;
 
 // The logits' dtype (src/gpu/pipelines.rs mirrors these numbers). Every binding of values is
 // read as u32 words: an f32 is one word; bf16 and f16 values are two to a word, the element
@@ -481,20 +479,8 @@ fn fold_row(r: u32, lane: u32, lanes: u32) -> RowStats {
         // Whole 16-byte loads inside the row, then the < PER_VEC logits before and after them.
         let v_first = (first + PER_VEC - 1u) / PER_VEC;
         let v_end = max(end / PER_VEC, v_first);
-        // LOADS loads in flight per lane before any is used; the fold order is the same.
+        // Two loads in flight per lane before either is used.
         var v = v_first + lane;
-        if LOADS >= 4u {
-            for (; v + 3u * lanes < v_end; v += 4u * lanes) {
-                let q0 = logits[v];
-                let q1 = logits[v + lanes];
-                let q2 = logits[v + 2u * lanes];
-                let q3 = logits[v + 3u * lanes];
-                wild = fold_vector(&st, q0, v, first) || wild;
-                wild = fold_vector(&st, q1, v + lanes, first) || wild;
-                wild = fold_vector(&st, q2, v + 2u * lanes, first) || wild;
-                wild = fold_vector(&st, q3, v + 3u * lanes, first) || wild;
-            }
-        }
         for (; v + lanes < v_end; v += 2u * lanes) {
             let q0 = logits[v];
             let q1 = logits[v + lanes];

@@ -58,7 +58,6 @@ impl Variant {
 /// variants (every flag on in some), with the constants `Pipelines` gives them (a subgroup
 /// size of 32).
 fn variants() -> Vec<Variant> {
-    // The 8-lane corner takes four loads in flight, the others two.
     let strategy = |workgroup_size, lanes_per_row, split, vec4, subgroups, f16_builtin| Strategy {
         workgroup_size,
         lanes_per_row,
@@ -66,7 +65,6 @@ fn variants() -> Vec<Variant> {
         vec4,
         subgroups,
         f16_builtin,
-        loads_in_flight: if lanes_per_row == 8 { 4 } else { 2 },
     };
     let base = LossVariant::LSE_ONLY;
     let losses = [
@@ -563,7 +561,6 @@ fn the_planner_counts_the_kernels_workgroup_memory() {
                     vec4: true,
                     subgroups,
                     f16_builtin: false,
-                    loads_in_flight: 2,
                 };
                 let key = PipelineKey {
                     kernel,

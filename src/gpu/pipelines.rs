@@ -239,7 +239,6 @@ impl PipelineKey {
             ("LANES_PER_ROW", lanes as f64),
             ("SPLIT", s.split as f64),
             ("VEC4", flag(s.vec4)),
-            ("LOADS", s.loads_in_flight as f64),
             ("DTYPE", dtype_constant(v.dtype)),
             ("TARGETS_HALF", flag(v.targets_half)),
             ("TARGET_KIND", v.target as u32 as f64),
