@@ -1400,9 +1400,9 @@ impl PreparedLoss {
     /// Call it after the submission that holds the call (as [`PreparedLoss::run`] makes):
     /// before it, the device has not run the call and the read gives what its read-back
     /// buffer held (an earlier call's totals, or zeros), as [`PreparedLoss::read_totals`]
-    /// would. A call the device has already run is
-    /// read at once, and its read-back buffer freed. Each read also submits an empty batch,
-    /// whose index bounds [`PendingTotals::wait`].
+    /// would. A call the device has already run is read at once, and its read-back buffer
+    /// freed. Each read also submits an empty batch, whose index bounds
+    /// [`PendingTotals::wait`].
     ///
     /// Errors: [`XentError::NotPrepared`] if the last call's totals are already pending, or
     /// for a shard's loss ([`GpuContext::prepare_partials`](crate::GpuContext::prepare_partials):
