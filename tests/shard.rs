@@ -584,3 +584,34 @@ fn sharded_scorer_edges_no_rows_and_more_contexts_than_classes() {
         Err(XentError::Shard(_))
     ));
 }
+
+/// A class index out of range in a shard's device buffer is found on the device, as the
+/// unsharded loss finds it: its row and its value (the host path checks on the host first).
+#[test]
+fn a_shard_on_device_buffers_names_a_bad_class_index() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes, total, offset) = (30usize, 700usize, 2000usize, 600usize);
+    let spec = CrossEntropy::new();
+    let p = problem(rows, total, 0..0, &spec);
+    let block = columns(&p.logits, total, offset..offset + classes);
+    let mut y = p.labels.clone();
+    y[7] = 5000;
+    let logits = common::buffer_with(gpu, 16, bytemuck::cast_slice(&block));
+    let labels = common::buffer_with(gpu, 0, bytemuck::cast_slice(&y));
+    let shape = xent::LossShape::class_indices(rows, classes, xent::IndexType::I64);
+    let mut loss = gpu
+        .prepare_partials(&spec, shape, VocabShard::new(offset, total))
+        .unwrap();
+    let view = xent::DeviceLogits::new(&logits, 16, rows, classes);
+    let targets = xent::DeviceTargets::class_indices(&labels, 0, xent::IndexType::I64);
+    loss.run(view, targets).unwrap();
+    match loss.read_partials() {
+        Err(XentError::ClassIndexOutOfRange {
+            row: 7,
+            value: 5000,
+            classes: 2000,
+            ..
+        }) => {}
+        other => panic!("expected row 7's class 5000 out of range of 2000, got {other:?}"),
+    }
+}

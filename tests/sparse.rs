@@ -316,3 +316,65 @@ fn device_buffers_of_packed_top_k_targets() {
         Err(XentError::NotPrepared(_))
     ));
 }
+
+/// Top-k gradients of half logits on device buffers cut into chunks whose first row starts
+/// inside a word (a 2 KiB binding, an odd C, the logits 6 bytes into their buffer), entries on
+/// each row's first and last class: into a buffer and in place, byte for byte the host path's.
+#[test]
+fn top_k_half_gradients_across_chunks_that_start_inside_a_word() {
+    let Some(gpu) = gpu() else { return };
+    let Some(capped) = common::gpu_with_binding_cap(2048) else {
+        return;
+    };
+    let (rows, classes, k) = (205, 7, 3);
+    let (z, mut idx, p) = random_sparse(5, rows, classes, k);
+    for i in 0..rows {
+        let row = &mut idx[i * k..(i + 1) * k];
+        for (slot, class) in [(i % k, 0), ((i + 1) % k, classes as i64 - 1)] {
+            if let Some(j) = row.iter().position(|&c| c == class) {
+                row.swap(j, slot);
+            } else {
+                row[slot] = class;
+            }
+        }
+    }
+    let targets = SparseTargets::new(&idx, &p, k);
+    let half = ElementVec::rounded(Dtype::Bf16, z.iter().map(|&v| v as f64));
+    let logits = Logits::from_elements(half.as_elements(), rows, classes).unwrap();
+    let up = Upstream::Scalar(1.0);
+    let pad = 6;
+    let bytes = half.bytes().len();
+    let read = |ctx: &xent::GpuContext, buffer: &wgpu::Buffer| {
+        let words = common::read_f32(ctx, buffer, 0, (pad + bytes + 2).div_ceil(4));
+        bytemuck::cast_slice::<f32, u8>(&words)[pad..pad + bytes].to_vec()
+    };
+    for strategy in corner_strategies(gpu) {
+        let (_, host) = gpu
+            .sparse_cross_entropy_grad_with(Reduction::Sum, logits, targets, up, strategy)
+            .unwrap();
+        let shape = LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 })
+            .with_dtype(Dtype::Bf16);
+        let spec = CrossEntropy::new().with_reduction(Reduction::Sum);
+        let mut loss = capped.prepare_with(&spec, shape, strategy).unwrap();
+        // 2870 bytes of logits in 2 KiB bindings: at least two chunks.
+        let label = strategy.name();
+        let z_buffer = buffer_with(&capped, pad, half.bytes());
+        let t_buffer = buffer_with(&capped, 0, bytemuck::cast_slice(&packed(&idx, &p, k)));
+        let g_buffer = buffer_with(&capped, pad, &vec![0xa5; bytes]);
+        let view = DeviceLogits::new(&z_buffer, pad as u64, rows, classes).with_dtype(Dtype::Bf16);
+        let t = DeviceTargets::top_k(&t_buffer, 0, k as u32);
+        let out = xent::GradientOutput::Buffer {
+            buffer: &g_buffer,
+            offset: pad as u64,
+        };
+        loss.run_gradient(view, t, out, up).unwrap();
+        assert_eq!(
+            read(&capped, &g_buffer),
+            host.bytes(),
+            "{label}: into a buffer"
+        );
+        loss.run_gradient(view, t, xent::GradientOutput::InPlace, up)
+            .unwrap();
+        assert_eq!(read(&capped, &z_buffer), host.bytes(), "{label}: in place");
+    }
+}

@@ -1313,11 +1313,10 @@ impl PreparedLoss {
                 elementwise_pass(&mut pass, k, p);
             }
         }
-        // A shard's calls have no totals of their own (their partials merge on the host):
-        // no reduction.
+        // (A shard's calls need it too: besides the totals it brings the value of an
+        // out-of-range class index into the status.)
         if finish
             && passes.statistics
-            && self.setup.shard.is_none()
             && let Some(pipes) = stats.last()
         {
             pass.set_pipeline(&pipes.reduce);
@@ -1397,12 +1396,11 @@ impl PreparedLoss {
     /// calls (their totals go to other read-back buffers), so a loop that submits call `i`
     /// and then reads call `i − 1` never leaves the device idle while the host waits.
     ///
-    /// Call it after the submission that holds the call (as [`PreparedLoss::run`] makes):
-    /// before it, the device has not run the call and the read gives what its read-back
-    /// buffer held (an earlier call's totals, or zeros), as [`PreparedLoss::read_totals`]
-    /// would. A call the device has already run is read at once, and its read-back buffer
-    /// freed. Each read also submits an empty batch, whose index bounds
-    /// [`PendingTotals::wait`].
+    /// Call it after the submission that holds the call (as [`PreparedLoss::run`] makes).
+    /// Before it, the read maps the buffer the call is to copy its status into, and wgpu then
+    /// refuses the submission that holds the call (a buffer still mapped). A call the device
+    /// has already run is read at once, and its read-back buffer freed. Each read also submits
+    /// an empty batch, whose index bounds [`PendingTotals::wait`].
     ///
     /// Errors: [`XentError::NotPrepared`] if the last call's totals are already pending, or
     /// for a shard's loss ([`GpuContext::prepare_partials`](crate::GpuContext::prepare_partials):

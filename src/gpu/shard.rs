@@ -68,8 +68,8 @@ impl GpuContext {
     /// [`GpuContext::partials`]: class indices of the whole vocabulary, or the shard's
     /// probabilities). After a call, [`PreparedLoss::row_results`] holds per row
     /// `(m, s, a, b)` (a and b times [`PreparedLoss::weight_scale`]) and
-    /// [`PreparedLoss::read_partials`] reads them back as [`RowPartial`]s. Its calls compute
-    /// no totals (no reduction pass: the partials merge on the host), so
+    /// [`PreparedLoss::read_partials`] reads them back as [`RowPartial`]s. Its calls have no
+    /// totals of their own (the partials merge on the host), so
     /// [`PreparedLoss::read_totals`] and [`PreparedLoss::read`] refuse it.
     ///
     /// Errors: the spec's options on the whole vocabulary; [`XentError::Shard`] when the shard
