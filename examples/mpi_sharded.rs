@@ -1,10 +1,12 @@
 //! Cross-entropy across MPI processes, each on its own GPU context, in two ways:
 //!
 //! - vocabulary-parallel (Megatron's): each rank holds a contiguous block of the classes of
-//!   every row, computes its per-row partials (`GpuContext::partials`), and one all-gather of
-//!   five f32 per row per rank gives every rank every partial; each merges them in rank order
-//!   (the same bits on every rank) into the loss, and writes its own columns of the gradient
-//!   from the merged statistics (`GpuContext::partial_gradient`), moving nothing more;
+//!   every row (with more ranks than classes, one class each and the rest none, which send
+//!   the partials of no classes), computes its per-row partials (`GpuContext::partials`),
+//!   and one all-gather of five f32 per row per rank gives every rank every partial; each
+//!   merges them in rank order (the same bits on every rank) into the loss, and writes its own
+//!   columns of the gradient from the merged statistics (`GpuContext::partial_gradient`),
+//!   moving nothing more;
 //! - batch-parallel: each rank holds a block of rows, and one sum-reduce of four numbers (Σ
 //!   loss, Σ z-loss, the mean's denominator, the rows counted) gives the loss.
 //!
@@ -16,6 +18,8 @@
 //! cargo build --release --features mpi --example mpi_sharded
 //! mpirun -n 3 target/release/examples/mpi_sharded [ROWS [CLASSES]]
 //! ```
+//!
+//! ROWS (64 by default) and CLASSES (1001) must be at least 1.
 //!
 //! (As root in a container, OpenMPI wants `--allow-run-as-root`; more ranks than cores want
 //! `--oversubscribe`.) Every rank makes the same seeded batch here; a real job would hold only
@@ -41,13 +45,16 @@ fn main() -> ExitCode {
     };
     let world = universe.world();
     let (rank, ranks) = (world.rank() as usize, world.size() as usize);
-    let arg = |i: usize, default: usize| {
-        std::env::args()
-            .nth(i)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(default)
+    // Every rank has the same arguments, so every rank refuses them alike (rank 0 says why).
+    let (rows, classes) = match sizes() {
+        Ok(sizes) => sizes,
+        Err(why) => {
+            if rank == 0 {
+                eprintln!("mpi_sharded: {why}\nusage: mpi_sharded [ROWS [CLASSES]]");
+            }
+            return ExitCode::FAILURE;
+        }
     };
-    let (rows, classes) = (arg(1, 64), arg(2, 1001));
     match run(&world, rank, ranks, rows, classes) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -56,6 +63,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// ROWS and CLASSES from the command line (64 and 1001 by default), each at least 1.
+fn sizes() -> Result<(usize, usize), String> {
+    let arg = |i: usize, name: &str, default: usize| match std::env::args().nth(i) {
+        None => Ok(default),
+        Some(a) => match a.parse::<usize>() {
+            Ok(0) => Err(format!(
+                "{name} is 0: a batch needs at least one row and one class"
+            )),
+            Ok(n) => Ok(n),
+            Err(e) => Err(format!("{name} {a:?} is not a count: {e}")),
+        },
+    };
+    Ok((arg(1, "ROWS", 64)?, arg(2, "CLASSES", 1001)?))
 }
 
 /// The same batch on every rank: logits, and class indices with every 11th row ignored.
@@ -103,15 +125,28 @@ fn run(
     let (want, want_grad) = gpu.cross_entropy_grad(&spec, whole, targets, Upstream::Scalar(1.0))?;
     let want_loss = want.loss.unwrap_or(f64::NAN);
 
-    // Vocabulary-parallel: this rank's block of classes.
-    let (shard, range) = VocabShard::split(classes, ranks)[rank.min(classes - 1)].clone();
-    let block = columns(&logits, classes, range.clone());
-    let block = Logits::new(&block, rows, range.len())?;
-    // Once to compile the pipelines, then timed.
-    gpu.partials(&spec, block, targets, shard)?;
-    let clock = Instant::now();
-    let partials = gpu.partials(&spec, block, targets, shard)?;
-    let kernel_s = clock.elapsed().as_secs_f64();
+    // Vocabulary-parallel: this rank's block of classes. With more ranks than classes the
+    // split has one shard per class, and the ranks past them hold no classes: they send the
+    // partials of no classes (the merge's identity) and write no columns of the gradient.
+    let mine = VocabShard::split(classes, ranks).get(rank).cloned();
+    let values = mine
+        .as_ref()
+        .map(|(_, range)| columns(&logits, classes, range.clone()))
+        .unwrap_or_default();
+    let block = match mine {
+        Some((shard, range)) => Some((shard, Logits::new(&values, rows, range.len())?, range)),
+        None => None,
+    };
+    let (partials, kernel_s) = match &block {
+        Some((shard, z, _)) => {
+            // Once to compile the pipelines, then timed.
+            gpu.partials(&spec, *z, targets, *shard)?;
+            let clock = Instant::now();
+            let partials = gpu.partials(&spec, *z, targets, *shard)?;
+            (partials, clock.elapsed().as_secs_f64())
+        }
+        None => (vec![RowPartial::EMPTY; rows], 0.0),
+    };
     let send: Vec<f32> = partials
         .iter()
         .flat_map(|p| [p.m, p.s, p.a, p.b, p.h].map(|v| v as f32))
@@ -130,7 +165,12 @@ fn run(
                 .map(|v| {
                     let v = v.iter().map(|&x| x as f64).collect::<Vec<_>>();
                     RowPartial {
-                        m: v[0],
+                        // f64::MIN, the max of no classes (or of only −inf), is −inf in f32.
+                        m: if v[0] == f64::NEG_INFINITY {
+                            f64::MIN
+                        } else {
+                            v[0]
+                        },
                         s: v[1],
                         a: v[2],
                         b: v[3],
@@ -145,15 +185,25 @@ fn run(
     let merged = merge_rows(&views)?;
     let vocab = merged_output(&spec, classes, &merged, MergeTargets::ClassIndices(&labels))?;
     let merge_s = clock.elapsed().as_secs_f64();
-    let grad =
-        gpu.partial_gradient(&spec, block, targets, shard, &merged, Upstream::Scalar(1.0))?;
-    // This rank's columns of the one-process gradient.
-    let want_cols = columns(&want_grad.to_f32(), classes, range.clone());
-    let grad_err = grad
-        .to_f32()
-        .iter()
-        .zip(&want_cols)
-        .fold(0.0f64, |e, (g, w)| e.max((g - w).abs() as f64));
+    // This rank's columns of the gradient, against those of the one-process gradient (a NaN
+    // counts as the largest error).
+    let mut grad_err = 0.0f64;
+    if let Some((shard, z, range)) = &block {
+        let up = Upstream::Scalar(1.0);
+        let grad = gpu.partial_gradient(&spec, *z, targets, *shard, &merged, up)?;
+        let want_cols = columns(&want_grad.to_f32(), classes, range.clone());
+        if grad.len() != want_cols.len() {
+            return Err(xent::XentError::Shard(format!(
+                "{} gradient elements for {rows} rows of {} columns",
+                grad.len(),
+                range.len()
+            )));
+        }
+        grad_err = grad.to_f32().iter().zip(&want_cols).fold(0.0, |e, (g, w)| {
+            let d = (g - w).abs() as f64;
+            if d.is_nan() || d > e { d } else { e }
+        });
+    }
 
     // Batch-parallel: this rank's block of rows, and one sum-reduce.
     let per = rows.div_ceil(ranks);
@@ -189,11 +239,12 @@ fn run(
     let ok_here = (vocab_loss - want_loss).abs() <= loss_tol
         && (rows_loss - want_loss).abs() <= loss_tol
         && grad_err <= grad_tol;
-    // Every rank's verdict, and the slowest rank's times.
+    // Every rank's verdict, the slowest rank's times and the largest gradient error (a rank
+    // without classes has none).
     let mut all_ok = 0i32;
     world.all_reduce_into(&i32::from(ok_here), &mut all_ok, SystemOperation::min());
-    let times = [kernel_s, collective_s, merge_s, reduce_s];
-    let mut slowest = [0.0f64; 4];
+    let times = [kernel_s, collective_s, merge_s, reduce_s, grad_err];
+    let mut slowest = [0.0f64; 5];
     world.all_reduce_into(&times[..], &mut slowest[..], SystemOperation::max());
     if rank == 0 {
         println!(
@@ -202,8 +253,9 @@ fn run(
         );
         println!("one process:          loss {want_loss:.9}");
         println!(
-            "vocabulary-parallel:  loss {vocab_loss:.9} (|diff| {:.2e}), gradient columns within {grad_err:.2e} (tolerance {grad_tol:.2e})",
-            (vocab_loss - want_loss).abs()
+            "vocabulary-parallel:  loss {vocab_loss:.9} (|diff| {:.2e}), gradient columns within {:.2e} (tolerance {grad_tol:.2e})",
+            (vocab_loss - want_loss).abs(),
+            slowest[4]
         );
         println!(
             "  exchanged {} bytes per row per rank ({PARTIAL_FLOATS} f32); all-gather {:.3} ms, merge {:.3} ms, partials kernel call {:.3} ms (slowest rank)",

@@ -214,7 +214,7 @@ pub fn run(problem: &Problem) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
         queue.submit([encoder.finish()]);
         // (A real step would also record the gradient and the optimiser's update here.)
         if let Some(previous) = pending.replace(loss.read_later()?) {
-            // Only the 80-byte status comes back.
+            // Only the 96-byte status comes back.
             losses.push(previous.wait()?.loss.expect("mean reduction"));
         }
     }

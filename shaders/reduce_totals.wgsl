@@ -3,7 +3,8 @@
 // merge in a fixed tree with TwoSum. The result is an unevaluated pair hi + lo per quantity
 // (loss, entropy, mean denominator, ignored rows), bit-identical from run to run, and within
 // about 2·2⁻²⁴·|Σ| + n·2⁻⁴⁸·Σ|x| of the exact sum of the n workgroup sums.
-// Also copies the offending class index of the first bad row (if any) into the status.
+// Also copies the offending class index of the first bad row (if any) into the status, and
+// the call's slot number (params.call).
 
 struct Pair {
     hi: vec4<f32>,
@@ -16,10 +17,18 @@ const REDUCE_LANES: u32 = 256u;
 
 var<workgroup> pairs: array<Pair, REDUCE_LANES>;
 
-// a + b = s + e exactly (Knuth's TwoSum; no ordering of |a|, |b| needed).
+// A value the compiler cannot see through: times params.one, which is 1.0 at run time.
+// Shader compilers may reassociate float arithmetic (WGSL has no `precise`; Mesa's NIR
+// rewrites −a + (a + b) to b), which would fold TwoSum's error term to 0.
+fn opaque(x: vec4<f32>) -> vec4<f32> {
+    return x * params.one;
+}
+
+// a + b = s + e exactly (Knuth's TwoSum; no ordering of |a|, |b| needed), with s and
+// s − a opaque so that no rewrite of the sum's algebra applies.
 fn two_sum(a: vec4<f32>, b: vec4<f32>) -> Pair {
-    let s = a + b;
-    let bb = s - a;
+    let s = opaque(a + b);
+    let bb = opaque(s - a);
     return Pair(s, (a - (s - bb)) + (b - bb));
 }
 
@@ -64,6 +73,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         status.totals_lo = first.lo;
         status.totals2_hi = second.hi;
         status.totals2_lo = second.lo;
+        status.call = params.call;
         let bad = atomicLoad(&status.bad_index);
         if bad != 0u {
             let r = results[0xffffffffu - bad];

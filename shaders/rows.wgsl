@@ -131,6 +131,11 @@ struct Params {
     // total_classes (0 and classes unsharded). Class indices are of the whole vocabulary.
     class_offset: u32,
     total_classes: u32,
+    // The call's slot among the prepared loss's parameter slots, plus 1; the reduction writes
+    // it into the status, so that a read can tell its call's status from an earlier one's.
+    call: u32,
+    // 1.0, unknown to the compiler (reduce_totals.wgsl, `opaque`).
+    one: f32,
 }
 
 // Written by the kernels, read by the host: errors found on the device and the call's totals
@@ -149,6 +154,8 @@ struct Status {
     totals_lo: vec4<f32>,
     totals2_hi: vec4<f32>,
     totals2_lo: vec4<f32>,
+    // params.call of the call whose reduction wrote these totals.
+    call: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -183,12 +190,22 @@ struct Status {
 // params.outputs_offset; for a gradient in place, a view of the logits themselves.
 @group(1) @binding(4) var<storage, read_write> outputs: array<u32>;
 
-// Four logits as the loss sees them: soft-capped (SOFTCAP; tanh saturates to ±1 in f32 by
-// |x| = 9, and clamping first keeps ±inf from reaching tanh), divided by the temperature
+// Four logits as the loss sees them: soft-capped (SOFTCAP), divided by the temperature
 // against a teacher, else as they are.
+//
+// Soft-capping is cap·tanh(x), x = z / cap. tanh saturates to ±1 in f32 by |x| = 9, and
+// clamping first keeps ±inf from reaching it; a NaN stays NaN (clamp may return a bound).
+// Below |x| = 1/4 tanh is its odd series to x⁹ (relative error < 1e-8): the builtin's error
+// there is absolute, a few ulp of 1, which the cap scales into the logit's absolute error
+// (a cap of 1e4 would move every logit by ~1e-3).
 fn cap4(z: vec4<f32>) -> vec4<f32> {
     if SOFTCAP {
-        return params.cap * tanh(clamp(z / params.cap, vec4(-15.0), vec4(15.0)));
+        let x = clamp(z / params.cap, vec4(-15.0), vec4(15.0));
+        let x2 = x * x;
+        let series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))));
+        let t = select(tanh(x), series, abs(x) < vec4(0.25));
+        let nan = (bitcast<vec4<u32>>(z) & vec4(0x7fffffffu)) > vec4(0x7f800000u);
+        return select(params.cap * t, z, nan);
     }
     if TARGET_KIND == TARGET_TEACHER {
         return z * params.inv_temperature;
@@ -393,7 +410,7 @@ fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>, k: u32) 
         *st = raise_teacher(*st, max(max(teacher.x, teacher.y), max(teacher.z, teacher.w)));
         let e = fold4(st, capped, t, false);
         fold_teacher4(st, capped, e, teacher);
-        return wild4(z) || wild4(t);
+        return wild4(capped) || wild4(teacher);
     }
     _ = fold4(st, capped, t, FOLD_TARGETS);
     if METRICS {
@@ -434,8 +451,11 @@ fn fold_scalar(st: ptr<function, RowStats>, i: u32, k: u32) -> bool {
         let teacher = cap1(raw);
         *st = raise_teacher(*st, teacher);
         let e = fold1(st, capped, 0.0, false);
-        fold_teacher4(st, vec4(capped, 0.0, 0.0, 0.0), vec4(e, 0.0, 0.0, 0.0), vec4(teacher, EMPTY_MAX, EMPTY_MAX, EMPTY_MAX));
-        return wild4(vec4(z, raw, 0.0, 0.0));
+        // The three unused places have teacher weight exp(−inf) = 0 whatever the max so far
+        // (EMPTY_MAX would weigh 1 while the teacher's max is still EMPTY_MAX).
+        let none = vec3(bitcast<f32>(0xff800000u));
+        fold_teacher4(st, vec4(capped, 0.0, 0.0, 0.0), vec4(e, 0.0, 0.0, 0.0), vec4(teacher, none));
+        return wild4(vec4(capped, teacher, 0.0, 0.0));
     }
     _ = fold1(st, capped, t, FOLD_TARGETS);
     if METRICS {
@@ -537,6 +557,10 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
             let nan = bitcast<f32>(0x7fc00000u);
             results[row].x = nan;
             results[row].y = lse;
+            if GRAD_STATS {
+                // A counted row without statistics: its gradient is NaN, as its loss is.
+                results[params.rows2_at + row] = vec4(nan, nan, nan, 1.0);
+            }
             return RowSums(vec4(nan, 0.0, 0.0, 0.0), 0.0);
         } else {
             // The target's own term, where this block of classes holds it (a shard).
@@ -568,10 +592,16 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
                 let high = select(select(0u, 0xffffffffu, (k & 0x80000000u) != 0u), TOP_K_DUPLICATE, repeated && k < params.classes);
                 let nan = bitcast<f32>(0x7fc00000u);
                 results[row] = vec4(nan, lse, bitcast<f32>(k), bitcast<f32>(high));
+                if GRAD_STATS {
+                    results[params.rows2_at + row] = vec4(nan, nan, nan, 1.0);
+                }
                 return RowSums(vec4(nan, 0.0, 0.0, 0.0), 0.0);
             }
             let p = bitcast<f32>(target_word(first + SPARSE_K + j));
-            a += p * (logit(row_first(r) + k) - st.m);
+            // p = 0 adds nothing, even on a −inf logit (not 0·(−inf)).
+            if p != 0.0 {
+                a += p * (logit(row_first(r) + k) - st.m);
+            }
             b += p;
         }
         sums = vec4(b * log_s - a, 0.0, 1.0, 0.0);

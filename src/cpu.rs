@@ -39,17 +39,50 @@ pub fn log_sum_exp_row(z: &[f32]) -> f64 {
     log_sum_exp_f64(z.iter().map(|&v| v as f64))
 }
 
-/// [`log_sum_exp_row`] of values already in f64 (NaN anywhere gives NaN: `f64::max` alone
-/// would skip it, and a row of only NaN would come out −inf).
+/// [`log_sum_exp_row`] of values already in f64.
 pub(crate) fn log_sum_exp_f64(z: impl Iterator<Item = f64> + Clone) -> f64 {
-    if z.clone().any(|v| v.is_nan()) {
-        return f64::NAN;
+    RowLse::of(z).value()
+}
+
+/// A row's log-sum-exp kept as its two parts, the max `m` and `ln s` with
+/// `s = Σ_k exp(z_k − m)`, so that a log-probability is `(z_k − m) − ln s`: exact where
+/// `z_k − (m + ln s)` would lose the low bits of a large max (an f64 near 1e15 has an ulp of
+/// 0.125, as much as a loss's digits).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowLse {
+    m: f64,
+    ln_s: f64,
+}
+
+impl RowLse {
+    /// NaN anywhere gives NaN (`f64::max` alone would skip it, and a row of only NaN would
+    /// come out −inf); a row of only −inf has `m = −inf` and `ln s = 0`.
+    pub(crate) fn of(z: impl Iterator<Item = f64> + Clone) -> RowLse {
+        if z.clone().any(|v| v.is_nan()) {
+            return RowLse {
+                m: f64::NAN,
+                ln_s: f64::NAN,
+            };
+        }
+        let m = z.clone().fold(f64::NEG_INFINITY, f64::max);
+        if m == f64::NEG_INFINITY {
+            return RowLse { m, ln_s: 0.0 };
+        }
+        RowLse {
+            m,
+            ln_s: z.map(|v| (v - m).exp()).sum::<f64>().ln(),
+        }
     }
-    let m = z.clone().fold(f64::NEG_INFINITY, f64::max);
-    if m == f64::NEG_INFINITY {
-        return m;
+
+    /// The log-sum-exp `m + ln s`.
+    pub(crate) fn value(self) -> f64 {
+        self.m + self.ln_s
     }
-    m + z.map(|v| (v - m).exp()).sum::<f64>().ln()
+
+    /// `log softmax(z)` of a value `z` of the row: `(z − m) − ln s`.
+    pub(crate) fn log_prob(self, z: f64) -> f64 {
+        (z - self.m) - self.ln_s
+    }
 }
 
 /// Per-row log-sum-exp.
@@ -64,8 +97,8 @@ pub fn log_softmax(logits: Logits<'_>) -> Vec<f64> {
     let mut out = Vec::with_capacity(logits.values().len());
     for i in 0..logits.rows() {
         let z = logits.row(i);
-        let lse = log_sum_exp_row(&z);
-        out.extend(z.iter().map(|&v| v as f64 - lse));
+        let lse = RowLse::of(z.iter().map(|&v| v as f64));
+        out.extend(z.iter().map(|&v| lse.log_prob(v as f64)));
     }
     out
 }
@@ -146,16 +179,19 @@ pub fn cross_entropy(
 
     for i in 0..logits.rows() {
         let z = effective_row(spec, &logits.row(i));
-        let lse_i = log_sum_exp_f64(z.iter().copied());
+        let lse = RowLse::of(z.iter().copied());
+        let lse_i = lse.value();
         let (loss, counted, h) = match targets {
             Targets::ClassIndices(y) if spec.is_ignored(y[i]) => (0.0, false, 0.0),
             Targets::ClassIndices(y) => {
                 let yi = y[i] as usize;
                 denominator += weight(yi);
-                let nll = weight(yi) * (lse_i - z[yi]);
+                let nll = -weight(yi) * lse.log_prob(z[yi]);
                 // PyTorch adds the smoothing term only when ε > 0 (so 0·inf never arises).
                 let smooth: f64 = if eps > 0.0 {
-                    (0..classes).map(|k| weight(k) * (lse_i - z[k])).sum()
+                    -(0..classes)
+                        .map(|k| weight(k) * lse.log_prob(z[k]))
+                        .sum::<f64>()
                 } else {
                     0.0
                 };
@@ -166,7 +202,7 @@ pub fn cross_entropy(
                 let p = targets.probabilities_row(&logits, i).unwrap_or_default();
                 let smoothed = |k: usize| (1.0 - eps) * p[k] as f64 + per_class;
                 let loss = -(0..classes)
-                    .map(|k| weight(k) * smoothed(k) * (z[k] - lse_i))
+                    .map(|k| weight(k) * smoothed(k) * lse.log_prob(z[k]))
                     .sum::<f64>();
                 (loss, true, target_entropy((0..classes).map(smoothed)))
             }
@@ -233,9 +269,10 @@ pub fn cross_entropy_grad(
         let raw = logits.row(i);
         let z = effective_row(spec, &raw);
         let lse = out.log_sum_exp[i];
+        let parts = RowLse::of(z.iter().copied());
         let b: f64 = a.iter().sum();
         for k in 0..z.len() {
-            let q = (z[k] - lse).exp();
+            let q = parts.log_prob(z[k]).exp();
             let mut d = ce_scale * (b * q - a[k]);
             if lambda > 0.0 {
                 d += z_scale * 2.0 * lambda * lse * q;

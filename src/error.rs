@@ -79,11 +79,17 @@ pub enum XentError {
     /// Label smoothing must lie in `[0, 1]`.
     #[error("label smoothing {0} is outside [0, 1]")]
     LabelSmoothing(f64),
-    /// The z-loss coefficient λ must be finite and non-negative.
-    #[error("z-loss coefficient {0} must be finite and >= 0 (0 turns the z-loss off)")]
+    /// The z-loss coefficient λ must be finite and non-negative; on the GPU, a λ > 0 must
+    /// also be a normal f32 (about 1.2e-38 to 3.4e38).
+    #[error(
+        "z-loss coefficient {0} must be finite and >= 0 (0 turns the z-loss off; on the GPU a positive one lies between about 1.2e-38 and 3.4e38)"
+    )]
     ZLoss(f64),
-    /// The soft-capping bound must be finite and positive.
-    #[error("logit soft-cap {0} must be finite and > 0")]
+    /// The soft-capping bound must be finite and positive; on the GPU also a normal f32
+    /// (about 1.2e-38 to 3.4e38).
+    #[error(
+        "logit soft-cap {0} must be finite and > 0 (on the GPU between about 1.2e-38 and 3.4e38)"
+    )]
     Softcap(f64),
     /// The upstream gradient is not the kind the reduction takes: a scalar for `sum` and
     /// `mean`, one value per row for `none` (as autograd passes `grad_output`).
@@ -124,8 +130,9 @@ pub enum XentError {
         /// Which invariant.
         why: &'static str,
     },
-    /// A finite logit beyond ±2^64: the GPU computes in f32, where differences and weighted
-    /// sums of such values overflow while the f64 reference stays finite.
+    /// A finite logit beyond ±2^64 (in distillation, a student's or teacher's logit divided
+    /// by the temperature): the GPU computes in f32, where differences and weighted sums of
+    /// such values overflow while the f64 reference stays finite.
     #[error(
         "logits: row {row} has a finite logit beyond ±2^64 (1.8e19), where the GPU's f32 arithmetic overflows; rescale the logits or use the CPU reference"
     )]
@@ -141,6 +148,12 @@ pub enum XentError {
         /// What is wrong with it.
         why: String,
     },
+    /// A read found the outputs of an earlier call than the last one recorded: the encoder
+    /// holding that call has not been submitted (or its submission failed).
+    #[error(
+        "prepared loss: the last call recorded has not run; submit the encoder it was recorded into before reading"
+    )]
+    NotSubmitted,
     /// A call does not fit the prepared loss it was given to.
     #[error("prepared loss: {0}")]
     NotPrepared(String),
@@ -190,8 +203,11 @@ pub enum XentError {
         /// The variable's value.
         value: String,
     },
-    /// A distillation temperature must be finite and > 0.
-    #[error("distillation: temperature {0} must be finite and > 0")]
+    /// A distillation temperature must be finite and > 0; on the GPU, which scales the
+    /// logits by 1/T in f32, 1/T must be a normal f32 too (T between about 3e-39 and 8.5e37).
+    #[error(
+        "distillation: temperature {0} must be finite and > 0 (on the GPU also between about 3e-39 and 8.5e37, so that 1/T is a normal f32)"
+    )]
     Temperature(f64),
     /// The generalised Jensen–Shannon weight β must lie in `[0, 1]`.
     #[error("distillation: JSD weight beta {0} is outside [0, 1]")]

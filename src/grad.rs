@@ -100,6 +100,9 @@ pub struct MeanNormalisers {
 impl MeanNormalisers {
     /// Adds the class indices of rows `first_row..` (of `classes` classes) under `spec`. An
     /// index outside `[0, classes)` that is not the ignore index is an error naming its row.
+    ///
+    /// Errors: those of [`CrossEntropy::validate_options`] (class weights must number
+    /// `classes`); [`XentError::ClassIndexOutOfRange`].
     pub fn add_class_indices(
         &mut self,
         spec: &CrossEntropy,
@@ -107,6 +110,7 @@ impl MeanNormalisers {
         first_row: usize,
         labels: &[i64],
     ) -> Result<()> {
+        spec.validate_options(classes, false)?;
         for (i, &y) in labels.iter().enumerate() {
             if spec.is_ignored(y) {
                 continue;

@@ -75,6 +75,10 @@ impl<'a> Logits<'a> {
     }
 
     /// Rows `range` as logits of their own.
+    ///
+    /// # Panics
+    ///
+    /// When `range` does not lie within `0..rows()` (as slicing does).
     pub fn slice_rows(&self, range: std::ops::Range<usize>) -> Logits<'a> {
         Logits {
             values: self

@@ -13,6 +13,7 @@
 //! - `mean` is `sum / N` over all rows ("batchmean"), NaN for an empty batch, and `sum` of no
 //!   rows is +0.
 
+use crate::cpu::RowLse;
 use crate::error::{Result, XentError};
 use crate::grad::Upstream;
 use crate::logits::Logits;
@@ -23,17 +24,11 @@ use crate::spec::Reduction;
 // Shared helpers
 // ---------------------------------------------------------------------------------------------
 
-/// `log Σ exp v` with the maximum subtracted; −inf for a row of only −inf, NaN if any value is
-/// NaN or +inf (the CPU reference's one log-sum-exp).
-fn log_sum_exp(v: &[f64]) -> f64 {
-    crate::cpu::log_sum_exp_f64(v.iter().copied())
-}
-
 /// `log_softmax(z / t)` of one row, in f64.
 fn log_softmax_scaled(z: &[f32], t: f64) -> Vec<f64> {
     let s: Vec<f64> = z.iter().map(|&v| v as f64 / t).collect();
-    let lse = log_sum_exp(&s);
-    s.iter().map(|&v| v - lse).collect()
+    let lse = RowLse::of(s.iter().copied());
+    s.iter().map(|&v| lse.log_prob(v)).collect()
 }
 
 /// `ln(exp a + exp b)`, exact for −inf operands, NaN if either is NaN.
@@ -601,20 +596,20 @@ fn sparse_impl(
     for i in 0..rows {
         let z = logits.row(i);
         let zf: Vec<f64> = z.iter().map(|&v| v as f64).collect();
-        let lse = log_sum_exp(&zf);
+        let parts = RowLse::of(zf.iter().copied());
         let idx = targets.indices_row(i);
         let p = targets.probabilities_row(i);
         let loss = -(0..targets.k)
             .filter(|&j| p[j] != 0.0)
-            .map(|j| p[j] as f64 * (zf[idx[j] as usize] - lse))
+            .map(|j| p[j] as f64 * parts.log_prob(zf[idx[j] as usize]))
             .sum::<f64>();
         per_row.push(loss);
-        lses.push(lse);
+        lses.push(parts.value());
         if let Some(u) = upstream {
             let s = row_scale(reduction, u, rows, i);
             let b: f64 = p.iter().map(|&v| v as f64).sum();
             let start = grad.len();
-            grad.extend(zf.iter().map(|&v| s * b * (v - lse).exp()));
+            grad.extend(zf.iter().map(|&v| s * b * parts.log_prob(v).exp()));
             for j in 0..targets.k {
                 grad[start + idx[j] as usize] -= s * p[j] as f64;
             }
@@ -811,17 +806,18 @@ impl TokenMetrics {
 /// One row's metrics against class `y` (checked to be in range).
 fn token_row(z: &[f32], y: Option<usize>, top_k: usize) -> TokenRow {
     let zf: Vec<f64> = z.iter().map(|&v| v as f64).collect();
-    let lse = log_sum_exp(&zf);
+    let parts = RowLse::of(zf.iter().copied());
+    let lse = parts.value();
     let best = argmax(zf.iter().copied());
     // Folded from +0.0 by subtraction, so a one-hot prediction has entropy +0.
     let entropy = zf
         .iter()
-        .map(|&v| v - lse)
+        .map(|&v| parts.log_prob(v))
         .filter(|&lq| lq.exp() != 0.0)
         .fold(0.0, |h, lq| h - lq.exp() * lq);
     let target = y.map(|class| {
         let rank = zf.iter().filter(|&&v| ranks_above(v, zf[class])).count();
-        TargetScore::new(class, zf[class] - lse, rank, best, top_k)
+        TargetScore::new(class, parts.log_prob(zf[class]), rank, best, top_k)
     });
     TokenRow {
         argmax: best,

@@ -13,6 +13,7 @@
 use std::ops::Range;
 
 use crate::cpu::{effective_row, target_entropy};
+use crate::dtype::Dtype;
 use crate::error::{Result, XentError};
 use crate::grad::MeanNormalisers;
 use crate::logits::Logits;
@@ -49,9 +50,10 @@ impl VocabShard {
         self.total
     }
 
-    /// The classes of a shard `classes` wide.
+    /// The classes of a shard `classes` wide (its end saturating at `usize::MAX`: a shard
+    /// that passes [`VocabShard::check`] never gets there).
     pub fn range(&self, classes: usize) -> Range<usize> {
-        self.offset..self.offset + classes
+        self.offset..self.offset.saturating_add(classes)
     }
 
     /// Splits `total` classes into `k` contiguous shards in order, as even as can be (the
@@ -71,9 +73,11 @@ impl VocabShard {
             .collect()
     }
 
-    /// Checks that a shard `classes` wide (at least one) fits the vocabulary.
+    /// Checks that a shard `classes` wide (at least one) fits the vocabulary (an end past
+    /// `usize::MAX` does not).
     pub fn check(&self, classes: usize) -> Result<()> {
-        if classes == 0 || self.offset + classes > self.total {
+        let end = self.offset.checked_add(classes);
+        if classes == 0 || end.is_none_or(|end| end > self.total) {
             return Err(XentError::Shard(format!(
                 "{classes} classes from class {} do not fit a vocabulary of {}",
                 self.offset, self.total
@@ -96,7 +100,8 @@ pub struct RowPartial {
     pub a: f64,
     /// `Σ a_k`.
     pub b: f64,
-    /// `−Σ p̃_k·ln p̃_k` (probability targets; 0 otherwise).
+    /// `−Σ p̃_k·ln p̃_k` (probability targets without class weights, the only case whose
+    /// outputs report the targets' entropy; 0 otherwise).
     pub h: f64,
 }
 
@@ -236,6 +241,11 @@ pub fn merged_output(
 /// (checked against it; an ignored row's partial has no target mass), probabilities are the
 /// shard's own columns `[N, C]`; `spec`'s class weights are the whole vocabulary's.
 ///
+/// The terms of `a` are those of the unsharded reference ([`crate::cpu::cross_entropy`]): for
+/// class indices the target's (where this shard holds it) and, with smoothing, every class's;
+/// for probabilities every class's, so that a target weight of 0 on a −inf logit makes the
+/// row NaN here as it does there (and in PyTorch).
+///
 /// Errors: those of [`CrossEntropy::validate`] on the whole vocabulary;
 /// [`XentError::Shard`] when the shard does not fit it.
 pub fn cpu_partials(
@@ -260,15 +270,21 @@ pub fn cpu_partials(
             top
         };
         let s = z.iter().map(|&v| (v - m).exp()).sum();
-        let (weights, h): (Vec<f64>, f64) = match targets {
-            Targets::ClassIndices(y) if spec.is_ignored(y[i]) => (vec![0.0; classes], 0.0),
+        // (a, b) with one more term a_k of class k.
+        let add = |(a, b): (f64, f64), w: f64, k: usize| (a + w * (z[k] - m), b + w);
+        let (a, b, h) = match targets {
+            Targets::ClassIndices(y) if spec.is_ignored(y[i]) => (0.0, 0.0, 0.0),
             Targets::ClassIndices(y) => {
-                let mut w: Vec<f64> = (0..classes).map(|k| weight(k) * per_class).collect();
-                let local = y[i] as usize;
-                if shard.range(classes).contains(&local) {
-                    w[local - shard.offset()] += (1.0 - eps) * weight(local - shard.offset());
+                let mut ab = (0.0, 0.0);
+                if eps > 0.0 {
+                    ab = (0..classes).fold(ab, |ab, k| add(ab, weight(k) * per_class, k));
                 }
-                (w, 0.0)
+                let target = y[i] as usize;
+                if shard.range(classes).contains(&target) {
+                    let local = target - shard.offset();
+                    ab = add(ab, (1.0 - eps) * weight(local), local);
+                }
+                (ab.0, ab.1, 0.0)
             }
             Targets::Probabilities(_) => {
                 let p = targets.probabilities_row(&logits, i).unwrap_or_default();
@@ -276,22 +292,24 @@ pub fn cpu_partials(
                     .iter()
                     .map(|&v| (1.0 - eps) * v as f64 + per_class)
                     .collect();
-                let h = target_entropy(smoothed.iter().copied());
-                ((0..classes).map(|k| weight(k) * smoothed[k]).collect(), h)
+                let (a, b) =
+                    (0..classes).fold((0.0, 0.0), |ab, k| add(ab, weight(k) * smoothed[k], k));
+                let h = if spec.weights().is_none() {
+                    target_entropy(smoothed.iter().copied())
+                } else {
+                    0.0
+                };
+                (a, b, h)
             }
         };
-        let (a, b) = weights
-            .iter()
-            .zip(&z)
-            .filter(|(w, _)| **w != 0.0)
-            .fold((0.0, 0.0), |(a, b), (&w, &v)| (a + w * (v - m), b + w));
         out.push(RowPartial { m, s, a, b, h });
     }
     Ok(out)
 }
 
 /// Checks a shard's inputs: the spec's options and class weights on the whole vocabulary,
-/// class indices of the whole vocabulary, probabilities of the shard's own shape. Returns the
+/// class indices of the whole vocabulary, probabilities of the shard's own shape in f32 or
+/// the logits' dtype (as [`CrossEntropy::validate`] wants them unsharded). Returns the
 /// batch's mean normalisers (Σ w_y of the rows not ignored, or the row count), which the
 /// class indices' check sums on the way.
 pub(crate) fn check_shard_targets(
@@ -304,7 +322,6 @@ pub(crate) fn check_shard_targets(
     let mut mean = MeanNormalisers::default();
     match targets {
         Targets::ClassIndices(y) => {
-            mean.add_class_indices(spec, shard.total(), 0, y)?;
             if y.len() != logits.rows() {
                 return Err(XentError::TargetsShape {
                     expected: logits.rows(),
@@ -312,8 +329,15 @@ pub(crate) fn check_shard_targets(
                     what: format!("one class index per row, [{}]", logits.rows()),
                 });
             }
+            mean.add_class_indices(spec, shard.total(), 0, y)?;
         }
         Targets::Probabilities(p) => {
+            if p.dtype() != Dtype::F32 && p.dtype() != logits.dtype() {
+                return Err(XentError::TargetsDtype {
+                    logits: logits.dtype(),
+                    targets: p.dtype(),
+                });
+            }
             if p.len() != logits.len() {
                 return Err(XentError::TargetsShape {
                     expected: logits.len(),

@@ -1793,7 +1793,9 @@ fn token_metrics_through_score() {
 /// - question 1: choice A (sequence 2, row 3 [0, ln 3], token 1: ln 3/4, greedy), choice B
 ///   (sequence 3, row 4, token 0: ln 1/4), 5 characters each; gold A: both right.
 ///
-/// With two rows per batch, sequence 1 spans the first two batches.
+/// With two rows per batch, sequence 1 spans the first two batches. The summary's aggregates
+/// (the harness's perplexity, the per-token perplexity, the greedy fraction) are checked
+/// against closed forms; zero lengths, empty sequences and uint16 tokens are refused.
 #[test]
 fn eval_sequences_and_multiple_choice_hand_computed() {
     let dir = tempfile::tempdir().unwrap();
@@ -1845,7 +1847,7 @@ fn eval_sequences_and_multiple_choice_hand_computed() {
     let base = ["--batch-rows", "2", "--json"];
     let engines = engines();
     for engine in engines {
-        let args: Vec<&str> = base.iter().copied().chain(engine).collect();
+        let args: Vec<&str> = base.iter().copied().chain(engine.iter().copied()).collect();
         let o = eval(&[], &args);
         assert!(o.status.success(), "{}", stderr(&o));
         let lines: Vec<serde_json::Value> = stdout(&o)
@@ -1880,14 +1882,48 @@ fn eval_sequences_and_multiple_choice_hand_computed() {
         assert_eq!(lines[6]["acc"].as_f64(), Some(0.5));
         assert_eq!(lines[6]["acc_norm"].as_f64(), Some(1.0));
         assert_eq!(lines[6]["sequences"].as_u64(), Some(4));
+        // The aggregates, by hand: Σ ll = 2·ln 3/4 + 4·ln 1/2 = ln 9/256 over 4 sequences and
+        // 5 tokens, so the harness's perplexity exp(−Σ ll / 4) = (256/9)^(1/4) = 4/√3 and
+        // the per-token one (256/9)^(1/5); 2 of 4 sequences are greedy.
+        for (key, want) in [
+            ("perplexity", 4.0 / 3.0_f64.sqrt()),
+            ("token_perplexity", (256.0_f64 / 9.0).powf(0.2)),
+            ("greedy_fraction", 0.5),
+        ] {
+            let got = lines[6][key].as_f64().unwrap_or(f64::NAN);
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{engine:?} {key}: {got} vs {want}"
+            );
+        }
     }
     // Text output names the values too.
     let o = eval(&[], &["--batch-rows", "2", "--cpu"]);
-    assert!(
-        stdout(&o).contains("acc 0.500000, acc_norm 1.000000 over 2 questions"),
-        "{}",
-        stdout(&o)
+    for line in [
+        "acc 0.500000, acc_norm 1.000000 over 2 questions",
+        "perplexity 2.309401 (exp of minus the mean loglikelihood), token perplexity 1.953437, greedy fraction 0.500000 over 4 sequences",
+    ] {
+        assert!(stdout(&o).contains(line), "{}", stdout(&o));
+    }
+    // No sequences: nothing to average, so the aggregates are null.
+    let (z0, y0, o0) = (file("z0.npy"), file("y0.npy"), file("o0.npy"));
+    write_npy(&z0, &[0, 2], &[0.0_f32; 0]);
+    write_npy(&y0, &[0], &[0_i64; 0]);
+    write_npy(&o0, &[1], &[0_i64]);
+    let nothing = [("--choices", none), ("--lengths", none), ("--gold", none)];
+    let o = eval(
+        &[
+            &nothing[..],
+            &[("--logits", &z0), ("--targets", &y0), ("--offsets", &o0)],
+        ]
+        .concat(),
+        &["--cpu", "--json"],
     );
+    let summary = json(&o);
+    assert_eq!(summary["sequences"].as_u64(), Some(0), "{summary}");
+    for key in ["perplexity", "token_perplexity", "greedy_fraction"] {
+        assert!(summary[key].is_null(), "{key}: {summary}");
+    }
 
     // Errors name the file at fault.
     let (bad_o, bad_y, bad_g) = (file("bad_o.npy"), file("bad_y.npy"), file("bad_g.npy"));
@@ -1913,6 +1949,35 @@ fn eval_sequences_and_multiple_choice_hand_computed() {
     write_npy(&bad_g, &[2], &[2_i64, 0]);
     let o = eval(&[("--gold", &bad_g)], &["--cpu"]);
     expect_failure(&o, 2, &["--gold", "question 0", "2 choices"]);
+    // A length of 0 (acc_norm would divide by it) and a sequence of no tokens (it would score
+    // 0, above every other choice) are refused, naming the entry.
+    let (zero_l, empty_o) = (file("zero_l.npy"), file("empty_o.npy"));
+    write_npy(&zero_l, &[4], &[1_i64, 100, 0, 5]);
+    let o = eval(&[("--lengths", &zero_l)], &["--cpu"]);
+    expect_failure(&o, 2, &["lengths", "zero_l.npy", "value 2 is 0", "≥ 1"]);
+    write_npy(&empty_o, &[6], &[0_i64, 1, 3, 3, 4, 5]);
+    let o = eval(
+        &[
+            ("--offsets", &empty_o),
+            ("--choices", none),
+            ("--lengths", none),
+            ("--gold", none),
+        ],
+        &["--cpu"],
+    );
+    expect_failure(
+        &o,
+        2,
+        &["offsets", "empty_o.npy", "sequence 2 has no tokens"],
+    );
+    // uint16 tokens are raw half bits to xent, not integers: the dtype is named.
+    let u16_y = file("u16_y.npy");
+    write_npy(&u16_y, &[5], &[0_u16, 1, 1, 1, 0]);
+    let o = eval(
+        &[&sequences_only[..], &[("--targets", &u16_y)]].concat(),
+        &["--cpu"],
+    );
+    expect_failure(&o, 2, &["u16_y.npy", "int64 or int32", "found uint16"]);
 }
 
 /// `xent score --teacher` on the golden distillation cases: the mean loss, KL and entropy of
@@ -2195,4 +2260,335 @@ fn sum_rows_and_gradient(
         );
     }
     v
+}
+
+/// The files of `dir` whose names start with a dot: xent's temporary outputs, if any were left.
+fn hidden_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+/// A run that fails part way leaves an existing --per-row or --grad file as it was (the
+/// outputs go to a temporary file, renamed over the destination only on success), on the
+/// dense, top-k and distillation paths; a run that succeeds replaces the file (through a link,
+/// which stays a link), and no temporary file is left either way.
+#[test]
+fn failed_runs_leave_existing_outputs_untouched() {
+    let b = BadInputs::new();
+    let old = b"not an npy\n";
+    // Row 2 is out of range: batches of one row have written rows 0 and 1 by then.
+    write_npy(&b.p("ybad.npy"), &[4], &[2i64, 0, 7, 1]);
+    let dense = [
+        "--logits",
+        "z.npy",
+        "--targets",
+        "ybad.npy",
+        "--batch-rows",
+        "1",
+    ];
+    for (flag, extra) in [
+        ("--per-row", &[][..]),
+        ("--grad", &["--reduction", "sum"][..]),
+        ("--grad", &["--reduction", "none"][..]),
+    ] {
+        std::fs::write(b.p("out.npy"), old).unwrap();
+        b.expect_error(
+            &[&dense[..], &[flag, "out.npy"], extra].concat(),
+            &["ybad.npy", "row 2"],
+        );
+        assert_eq!(
+            std::fs::read(b.p("out.npy")).unwrap(),
+            old,
+            "{flag} {extra:?}: the existing file was changed"
+        );
+    }
+    // Both outputs at once, and the top-k path (a repeated index in row 2).
+    std::fs::write(b.p("rows.npy"), old).unwrap();
+    std::fs::write(b.p("grad.npy"), old).unwrap();
+    write_npy(&b.p("ti.npy"), &[4, 2], &[0i64, 1, 2, 0, 1, 1, 0, 2]);
+    write_npy(&b.p("tp.npy"), &[4, 2], &[0.5f32; 8]);
+    b.expect_error(
+        &[
+            "--logits",
+            "z.npy",
+            "--topk-indices",
+            "ti.npy",
+            "--topk-probs",
+            "tp.npy",
+            "--batch-rows",
+            "1",
+            "--reduction",
+            "sum",
+            "--per-row",
+            "rows.npy",
+            "--grad",
+            "grad.npy",
+        ],
+        &["ti.npy", "row 2", "more than once"],
+    );
+    // Distillation: a truncated teacher, found in its last batch.
+    let teacher = std::fs::read(b.p("z.npy")).unwrap();
+    std::fs::write(b.p("cut.npy"), &teacher[..teacher.len() - 4]).unwrap();
+    let o = xent_with(
+        &[
+            "score",
+            "--logits",
+            &b.s("z.npy"),
+            "--teacher",
+            "/dev/stdin",
+            "--batch-rows",
+            "1",
+            "--per-row",
+            &b.s("rows.npy"),
+            "--grad",
+            &b.s("grad.npy"),
+            "--cpu",
+        ],
+        &[],
+        Some(&b.p("cut.npy")),
+    );
+    expect_failure(&o, 2, &["teacher /dev/stdin", "truncated"]);
+    for name in ["rows.npy", "grad.npy"] {
+        assert_eq!(std::fs::read(b.p(name)).unwrap(), old, "{name} was changed");
+    }
+    assert_eq!(hidden_files(b.dir.path()), Vec::<String>::new());
+
+    // Success replaces the file, through a link that stays a link.
+    std::os::unix::fs::symlink(b.p("rows.npy"), b.p("link.npy")).unwrap();
+    let o = xent(&[
+        "score",
+        "--logits",
+        &b.s("z.npy"),
+        "--targets",
+        &b.s("y.npy"),
+        "--batch-rows",
+        "1",
+        "--per-row",
+        &b.s("link.npy"),
+        "--grad",
+        &b.s("grad.npy"),
+        "--cpu",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let per_row: Vec<f32> = read_npy(&b.p("rows.npy"));
+    assert_eq!(per_row.len(), 4);
+    // Row 0: z = [0.5, −1, 2], target 2: lse − 2, by hand.
+    let lse = (0.5f64.exp() + (-1.0f64).exp() + 2.0f64.exp()).ln();
+    assert!(close(per_row[0] as f64, lse - 2.0, 1e-6), "{per_row:?}");
+    assert!(
+        std::fs::symlink_metadata(b.p("link.npy"))
+            .unwrap()
+            .is_symlink()
+    );
+    let (_, shape, _) = read_gradient(&b.p("grad.npy"));
+    assert_eq!(shape, [4, 3]);
+    assert_eq!(hidden_files(b.dir.path()), Vec::<String>::new());
+}
+
+/// A finite float64 value beyond the float32 range would silently become ±inf (and NaN): it
+/// is bad input naming the file, row and column, in logits, teacher logits and
+/// probabilities; float32's largest value itself is read.
+#[test]
+fn float64_beyond_float32_is_refused() {
+    let b = BadInputs::new();
+    let mut z = vec![0.0f64; 12];
+    z[5] = 1e39;
+    write_npy(&b.p("z64.npy"), &[4, 3], &z);
+    b.expect_error(
+        &["--logits", "z64.npy", "--targets", "y.npy"],
+        &[
+            "logits",
+            "z64.npy",
+            "row 1, column 2",
+            "1e39",
+            "float32 range",
+        ],
+    );
+    // In a later batch, the row counts from the start of the file.
+    z[5] = 0.0;
+    z[10] = -1e300;
+    write_npy(&b.p("t64.npy"), &[4, 3], &z);
+    b.expect_error(
+        &[
+            "--logits",
+            "z.npy",
+            "--teacher",
+            "t64.npy",
+            "--batch-rows",
+            "2",
+        ],
+        &["teacher", "t64.npy", "row 3, column 1", "float32 range"],
+    );
+    let mut p = vec![1.0f64 / 3.0; 12];
+    p[0] = 5e38;
+    write_npy(&b.p("p64.npy"), &[4, 3], &p);
+    b.expect_error(
+        &["--logits", "z.npy", "--targets", "p64.npy"],
+        &["targets", "p64.npy", "row 0, column 0", "float32 range"],
+    );
+    // The largest float32 is in range: row 0 = [MAX, 0, 0] with target 2 has loss MAX.
+    z[10] = 0.0;
+    z[0] = f32::MAX as f64;
+    write_npy(&b.p("zmax.npy"), &[4, 3], &z);
+    let j = json(&xent(&[
+        "score",
+        "--logits",
+        &b.s("zmax.npy"),
+        "--targets",
+        &b.s("y.npy"),
+        "--reduction",
+        "none",
+        "--cpu",
+        "--json",
+    ]));
+    assert!(j["mean"].as_f64().unwrap().is_finite(), "{j}");
+}
+
+/// A finite logit beyond ±2^64 (the GPU's f32 limit) is bad input naming the logits file and
+/// row, on every GPU path: class indices (plain, --grad, --metrics), top-k targets and eval;
+/// no gradient file is left.
+#[test]
+fn logits_beyond_2_64_are_bad_input_on_every_path() {
+    if !gpu_available() {
+        return;
+    }
+    let b = BadInputs::new();
+    let mut z = vec![0.0f32; 12];
+    z[7] = 1e20;
+    write_npy(&b.p("zbig.npy"), &[4, 3], &z);
+    write_npy(&b.p("ti.npy"), &[4, 1], &[0i64, 1, 2, 0]);
+    write_npy(&b.p("tp.npy"), &[4, 1], &[1.0f32; 4]);
+    let want = ["logits", "zbig.npy", "row 2", "2^64"];
+    let run = |args: &[&str]| {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.ends_with(".npy") {
+                    b.s(a)
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        xent(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let dense = ["score", "--logits", "zbig.npy", "--targets", "y.npy"];
+    for extra in [
+        &[][..],
+        &["--grad", "g.npy"],
+        &["--grad", "g.npy", "--reduction", "sum", "--batch-rows", "1"],
+        &["--metrics"],
+    ] {
+        expect_failure(&run(&[&dense[..], extra].concat()), 2, &want);
+        assert!(!b.p("g.npy").exists(), "{extra:?} left g.npy");
+    }
+    expect_failure(
+        &run(&[
+            "score",
+            "--logits",
+            "zbig.npy",
+            "--topk-indices",
+            "ti.npy",
+            "--topk-probs",
+            "tp.npy",
+        ]),
+        2,
+        &want,
+    );
+    write_npy(&b.p("o.npy"), &[3], &[0i64, 2, 4]);
+    expect_failure(
+        &run(&[
+            "eval",
+            "--logits",
+            "zbig.npy",
+            "--targets",
+            "y.npy",
+            "--offsets",
+            "o.npy",
+        ]),
+        2,
+        &want,
+    );
+    // The f64 reference has no such limit.
+    let o = run(&[&dense[..], &["--cpu"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// `bench` refuses a bad --z-loss, --softcap or --shards before any work: status 2, one line,
+/// nothing on stdout (no roofline printed first), at once.
+#[test]
+fn bench_options_are_checked_before_any_output() {
+    for (args, fragments) in [
+        (&["--z-loss", "-1"][..], &["--z-loss", "-1", ">= 0"][..]),
+        (&["--z-loss", "nan"], &["--z-loss", "NaN"]),
+        (&["--softcap", "0"], &["--softcap", "> 0"]),
+        (&["--softcap", "inf"], &["--softcap", "finite"]),
+        // Valid for the f64 reference, but not normal f32s, as the GPU takes them.
+        (&["--z-loss", "1e-40"], &["--z-loss", "1.2e-38"]),
+        (&["--softcap", "1e39"], &["--softcap", "3.4e38"]),
+        (&["--shards", "0"], &["--shards 0", "at least 1"]),
+        (&["--shards", "2,0"], &["--shards 0", "at least 1"]),
+        (
+            &["--shapes", "8x100,8x3", "--shards", "2,4"],
+            &["--shards 4", "3 classes", "8x3"],
+        ),
+    ] {
+        let clock = Instant::now();
+        let o = xent(&[&["bench", "--quick"][..], args].concat());
+        expect_failure(&o, 2, fragments);
+        assert!(
+            clock.elapsed() < Duration::from_secs(2),
+            "{args:?}: checked late"
+        );
+    }
+}
+
+/// Zero counts and unclear messages: --top-k 0, top-k files with k = 0, uint16 targets (the
+/// dtype is named), --topk-probs without --topk-indices (said in one line).
+#[test]
+fn zero_counts_and_dtypes_are_named() {
+    let b = BadInputs::new();
+    b.expect_error(
+        &[
+            "--logits",
+            "z.npy",
+            "--targets",
+            "y.npy",
+            "--metrics",
+            "--top-k",
+            "0",
+        ],
+        &["--top-k 0", "at least 1"],
+    );
+    write_npy(&b.p("i0.npy"), &[4, 0], &[0i64; 0]);
+    write_npy(&b.p("p0.npy"), &[4, 0], &[0.0f32; 0]);
+    b.expect_error(
+        &[
+            "--logits",
+            "z.npy",
+            "--topk-indices",
+            "i0.npy",
+            "--topk-probs",
+            "p0.npy",
+        ],
+        &["i0.npy", "k = 0"],
+    );
+    for (shape, name) in [(&[4u64, 3][..], "u2x.npy"), (&[4][..], "u2.npy")] {
+        let n = shape.iter().product::<u64>() as usize;
+        write_npy(&b.p(name), shape, &vec![1u16; n]);
+        b.expect_error(
+            &["--logits", "z.npy", "--targets", name],
+            &["targets", name, "holds uint16", "neither class indices"],
+        );
+    }
+    write_npy(&b.p("tp.npy"), &[4, 1], &[1.0f32; 4]);
+    for extra in [&[][..], &["--targets", "y.npy"][..]] {
+        b.expect_error(
+            &[&["--logits", "z.npy", "--topk-probs", "tp.npy"][..], extra].concat(),
+            &["--topk-probs", "needs --topk-indices"],
+        );
+    }
 }

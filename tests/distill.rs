@@ -319,3 +319,70 @@ fn device_buffers_match_the_host_path() {
         Err(XentError::NotPrepared(_))
     ));
 }
+
+/// A row whose teacher (or student) has no finite logit has no softmax: NaN on the GPU as in
+/// the reference, for every divergence, while the rows beside it keep their values.
+#[test]
+fn rows_without_a_finite_logit_are_nan_as_in_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (4, 37);
+    let (mut student, mut teacher) = random_pair(41, rows, classes, false);
+    teacher[classes..2 * classes].fill(f32::NEG_INFINITY);
+    student[2 * classes..3 * classes].fill(f32::NEG_INFINITY);
+    let z = Logits::new(&student, rows, classes).unwrap();
+    for divergence in [
+        Divergence::ForwardKl,
+        Divergence::ReverseKl,
+        Divergence::Jsd { beta: 0.4 },
+    ] {
+        let spec = Distillation::new()
+            .with_temperature(2.0)
+            .with_divergence(divergence)
+            .with_reduction(Reduction::None);
+        let want = scoring::distillation(&spec, z, &teacher).unwrap();
+        assert!(want.per_row[1].is_nan() && want.per_row[2].is_nan());
+        let m = |i: usize| seen_max(&student, &teacher, classes, i, 2.0);
+        for strategy in corner_strategies(gpu) {
+            let label = format!("{divergence:?} {}", strategy.name());
+            let got = gpu
+                .distillation_with(&spec, z, &teacher, strategy)
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            assert_rows(&label, &got.per_row, &want.per_row, &want.per_row, &m);
+            // H(p) of the masked student's row exists: each term at its own scale.
+            if let (Some((h, kl)), Some((wh, wkl))) = (terms(&got), terms(&want)) {
+                assert_rows(&format!("{label} H"), h, wh, wh, &m);
+                assert_rows(&format!("{label} KL"), kl, wkl, wkl, &m);
+            }
+        }
+    }
+}
+
+/// Temperatures whose reciprocal is no normal f32 are refused on the GPU (the f32 scale
+/// would be 0 or infinite); logits that leave ±2^64 once divided by T are out of range.
+#[test]
+fn temperatures_beyond_f32_are_refused() {
+    let Some(gpu) = gpu() else { return };
+    let (mut student, teacher) = random_pair(43, 3, 5, false);
+    student[0] = 6.5;
+    let z = Logits::new(&student, 3, 5).unwrap();
+    for t in [1e-300, 1e-39, 1e39, 1e300] {
+        let spec = Distillation::new().with_temperature(t);
+        assert!(
+            matches!(
+                gpu.distillation(&spec, z, &teacher),
+                Err(XentError::Temperature(v)) if v == t
+            ),
+            "T = {t:e}"
+        );
+    }
+    // 6.5 / 1e-19 = 6.5e19 > 2^64: row 0's scaled logits are out of range.
+    let spec = Distillation::new().with_temperature(1e-19);
+    assert!(matches!(
+        gpu.distillation(&spec, z, &teacher),
+        Err(XentError::LogitOutOfRange { row: 0 })
+    ));
+    let fine = gpu
+        .distillation(&Distillation::new().with_temperature(1e30), z, &teacher)
+        .unwrap();
+    assert!(fine.loss.unwrap().is_finite());
+}

@@ -37,17 +37,87 @@ fn gpu_gradients_reproduce_pytorch() {
             .map(|(o, g)| (o, g.to_f32()))
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let denominator = out.mean_denominator;
-        let label = format!("{} mean", case.name);
-        assert_gradient(
-            &label,
-            &got,
-            &want,
-            classes,
-            &|_| 1.0 / denominator,
-            &mass,
-            &max_abs,
-            Dtype::F32,
+        let check_mean = |label: &str, got: &[f32]| {
+            if denominator == 0.0 {
+                // Every row ignored: PyTorch's gradient is +0 everywhere (its scale 1/0 would
+                // make any tolerance infinite).
+                assert!(want.iter().all(|&w| w == 0.0), "{label}: golden zeros");
+                let bad = got.iter().position(|g| g.to_bits() != 0);
+                assert!(bad.is_none(), "{label}: element {bad:?} is not +0");
+                return;
+            }
+            assert_gradient(
+                label,
+                got,
+                &want,
+                classes,
+                &|_| 1.0 / denominator,
+                &mass,
+                &max_abs,
+                Dtype::F32,
+            );
+        };
+        check_mean(&format!("{} mean", case.name), &got);
+
+        // The device path: logits and targets in buffers (class indices as i64 and i32 in
+        // turn), the gradient of the mean into a buffer and over the logits; the mean's scale
+        // comes from the device's own totals.
+        let n = rows * classes;
+        let logits_buf = buffer_with(gpu, 16, bytemuck::cast_slice(&inputs.logits));
+        let i32s: Vec<i32> = inputs.classes_idx.iter().map(|&y| y as i32).collect();
+        let (shape, targets_buf, view_targets): (LossShape, _, fn(&wgpu::Buffer) -> DeviceTargets) =
+            if inputs.soft {
+                (
+                    LossShape::probabilities(rows, classes),
+                    buffer_with(gpu, 0, bytemuck::cast_slice(&inputs.probabilities)),
+                    |b| DeviceTargets::probabilities(b, 0),
+                )
+            } else if case.name.len() % 2 == 0 {
+                (
+                    LossShape::class_indices(rows, classes, IndexType::I64),
+                    buffer_with(gpu, 0, bytemuck::cast_slice(&inputs.classes_idx)),
+                    |b| DeviceTargets::class_indices(b, 0, IndexType::I64),
+                )
+            } else {
+                (
+                    LossShape::class_indices(rows, classes, IndexType::I32),
+                    buffer_with(gpu, 0, bytemuck::cast_slice(&i32s)),
+                    |b| DeviceTargets::class_indices(b, 0, IndexType::I32),
+                )
+            };
+        let mut prepared = gpu.prepare(&mean, shape).unwrap();
+        let view = DeviceLogits::new(&logits_buf, 16, rows, classes);
+        let grad_buf = buffer_with(gpu, 0, &vec![0u8; n * 4]);
+        let into = GradientOutput::Buffer {
+            buffer: &grad_buf,
+            offset: 0,
+        };
+        prepared
+            .run_gradient(
+                view,
+                view_targets(&targets_buf),
+                into,
+                Upstream::Scalar(1.0),
+            )
+            .unwrap();
+        let device_out = prepared.read().unwrap();
+        assert_eq!(
+            device_out.mean_denominator, denominator,
+            "{}: device denominator",
+            case.name
         );
+        let separate = read_f32(gpu, &grad_buf, 0, n);
+        check_mean(&format!("{} device mean", case.name), &separate);
+        prepared
+            .run_gradient(
+                view,
+                view_targets(&targets_buf),
+                GradientOutput::InPlace,
+                Upstream::Scalar(1.0),
+            )
+            .unwrap();
+        let in_place = read_f32(gpu, &logits_buf, 16, n);
+        check_mean(&format!("{} device mean in place", case.name), &in_place);
         // Sum: the mean's gradient times the denominator; none with per-row upstream g_i: row i
         // of the sum's gradient times g_i.
         let sum = inputs.spec.clone().with_reduction(Reduction::Sum);
@@ -401,5 +471,145 @@ fn empty_batches_agree() {
             .unwrap();
         assert!(grad.is_empty());
         assert_eq!(format!("{out:?}"), format!("{cpu_out:?}"));
+    }
+}
+
+/// A NaN logit makes its row's loss and gradient NaN, soft-capped or not, as in the f64
+/// reference (a clamp before tanh must not turn it into a bound); the other rows keep their
+/// values.
+#[test]
+fn a_nan_logit_gives_its_row_nan_soft_capped_too() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (3, 5);
+    let mut p = Problem::random(91, rows, classes, 4.0, 0.0);
+    p.logits[classes + 2] = f32::NAN;
+    for spec in [
+        CrossEntropy::new().with_reduction(Reduction::Sum),
+        CrossEntropy::new()
+            .with_reduction(Reduction::Sum)
+            .with_softcap(5.0),
+    ] {
+        let up = Upstream::Scalar(1.0);
+        let (want_out, want) =
+            cpu::cross_entropy_grad(&spec, p.logits(), p.targets(false), up).unwrap();
+        let (out, got) = gpu
+            .cross_entropy_grad(&spec, p.logits(), p.targets(false), up)
+            .unwrap();
+        let got = got.to_f32();
+        assert!(
+            want_out.per_row[1].is_nan() && out.per_row[1].is_nan(),
+            "{spec:?}"
+        );
+        for i in [0, 2] {
+            let (g, w) = (out.per_row[i], want_out.per_row[i]);
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
+                "{spec:?} row {i}: {g} vs {w}"
+            );
+        }
+        let row = classes..2 * classes;
+        assert!(want[row.clone()].iter().all(|g| g.is_nan()));
+        assert!(
+            got[row].iter().all(|g| g.is_nan()),
+            "{spec:?}: gradient row 1"
+        );
+    }
+}
+
+/// On the device path a row whose class index is out of range gets a NaN gradient (its loss
+/// is NaN and the read names it), not values from an earlier call's row statistics.
+#[test]
+fn an_out_of_range_class_on_the_device_gives_its_row_a_nan_gradient() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (3, 5);
+    let p = Problem::random(92, rows, classes, 4.0, 0.0);
+    let spec = CrossEntropy::new().with_reduction(Reduction::Sum);
+    let good: Vec<i32> = p.labels.iter().map(|&y| y as i32).collect();
+    let mut bad = good.clone();
+    bad[2] = 7;
+    let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&p.logits));
+    let good_buf = buffer_with(gpu, 0, bytemuck::cast_slice(&good));
+    let bad_buf = buffer_with(gpu, 0, bytemuck::cast_slice(&bad));
+    let grad = buffer_with(gpu, 0, &vec![0u8; rows * classes * 4]);
+    let mut loss = gpu
+        .prepare(
+            &spec,
+            LossShape::class_indices(rows, classes, IndexType::I32),
+        )
+        .unwrap();
+    let view = DeviceLogits::new(&logits, 0, rows, classes);
+    let out = GradientOutput::Buffer {
+        buffer: &grad,
+        offset: 0,
+    };
+    let up = Upstream::Scalar(1.0);
+    let targets = |b| DeviceTargets::class_indices(b, 0, IndexType::I32);
+    loss.run_gradient(view, targets(&good_buf), out, up)
+        .unwrap();
+    loss.read().unwrap();
+    let before = read_f32(gpu, &grad, 0, rows * classes);
+    loss.run_gradient(view, targets(&bad_buf), out, up).unwrap();
+    assert!(matches!(
+        loss.read(),
+        Err(xent::XentError::ClassIndexOutOfRange { row: 2, .. })
+    ));
+    let after = read_f32(gpu, &grad, 0, rows * classes);
+    assert_eq!(after[..2 * classes], before[..2 * classes], "rows 0 and 1");
+    assert!(after[2 * classes..].iter().all(|g| g.is_nan()), "{after:?}");
+}
+
+/// Large soft-caps keep the f32 accuracy of the uncapped loss (tanh near 0 by its series, not
+/// the builtin, whose absolute error the cap would scale); caps and z-loss coefficients that
+/// are no normal f32 are refused on the GPU.
+#[test]
+fn large_soft_caps_keep_their_accuracy_and_f32_options_are_checked() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (4, 300);
+    let p = Problem::random(93, rows, classes, 6.0, 0.0);
+    let max_abs = max_abs_per_row(&p.logits, classes);
+    for cap in [0.5, 7.0, 1e3, 1e5, 1e7, 1e20] {
+        let spec = CrossEntropy::new()
+            .with_reduction(Reduction::Sum)
+            .with_softcap(cap);
+        let up = Upstream::Scalar(1.0);
+        let (want_out, want) =
+            cpu::cross_entropy_grad(&spec, p.logits(), p.targets(false), up).unwrap();
+        let (out, got) = gpu
+            .cross_entropy_grad(&spec, p.logits(), p.targets(false), up)
+            .unwrap();
+        for (i, &m) in max_abs.iter().enumerate() {
+            let (g, w) = (out.per_row[i], want_out.per_row[i]);
+            let tol = common::row_tolerance(w, m, 1.0);
+            assert!(
+                (g - w).abs() <= tol,
+                "cap {cap:e} row {i}: {g} vs {w} ({tol:e})"
+            );
+        }
+        assert_gradient(
+            &format!("cap {cap:e}"),
+            &got.to_f32(),
+            &want,
+            classes,
+            &|_| 1.0,
+            &vec![1.0; rows],
+            &max_abs,
+            Dtype::F32,
+        );
+    }
+    for cap in [1e-39, 1e39, 1e300] {
+        let spec = CrossEntropy::new().with_softcap(cap);
+        assert!(matches!(
+            gpu.cross_entropy(&spec, p.logits(), p.targets(false)),
+            Err(xent::XentError::Softcap(c)) if c == cap
+        ));
+        // The f64 reference takes them.
+        cpu::cross_entropy(&spec, p.logits(), p.targets(false)).unwrap();
+    }
+    for lambda in [1e-39, 1e39] {
+        let spec = CrossEntropy::new().with_z_loss(lambda);
+        assert!(matches!(
+            gpu.cross_entropy(&spec, p.logits(), p.targets(false)),
+            Err(xent::XentError::ZLoss(l)) if l == lambda
+        ));
     }
 }

@@ -996,3 +996,49 @@ fn empty_batch_has_an_empty_gradient() {
         }
     }
 }
+
+/// Rows far from 0: each log-probability is (z − m) − ln s, which keeps every digit, where
+/// z − (m + ln s) would lose those the max's ulp takes (0.125 at 1e15, 256 at 2^60). A row of
+/// C equal logits has log-softmax −ln C, loss ln C with any smoothing and gradient
+/// 1/C − ((1 − ε)·[k = y] + ε/C), wherever it sits.
+#[test]
+fn rows_far_from_zero_keep_their_digits() {
+    let classes = 5;
+    let eps = 0.1;
+    let spec = CrossEntropy::new()
+        .with_reduction(Reduction::None)
+        .with_label_smoothing(eps);
+    let c = classes as f64;
+    for offset in [1e15_f32, -1e15, 1e18, 2f32.powi(60), 3.0] {
+        let logits = vec![offset; 2 * classes];
+        let labels = [1_i64, 4];
+        let z = Logits::new(&logits, 2, classes).unwrap();
+        let (out, grad) = cpu::cross_entropy_grad(
+            &spec,
+            z,
+            Targets::ClassIndices(&labels),
+            Upstream::PerRow(&[1.0, 1.0]),
+        )
+        .unwrap();
+        for (i, &loss) in out.per_row.iter().enumerate() {
+            assert!(
+                (loss - c.ln()).abs() <= 4.0 * EPS,
+                "{offset:e} row {i}: {loss}"
+            );
+        }
+        for (j, &lp) in cpu::log_softmax(z).iter().enumerate() {
+            assert!(
+                (lp + c.ln()).abs() <= 4.0 * EPS,
+                "{offset:e} element {j}: {lp}"
+            );
+        }
+        for (j, &g) in grad.iter().enumerate() {
+            let hot = (j % classes) as i64 == labels[j / classes];
+            let want = 1.0 / c - ((1.0 - eps) * hot as u8 as f64 + eps / c);
+            assert!(
+                (g - want).abs() <= 4.0 * EPS,
+                "{offset:e} gradient {j}: {g} vs {want}"
+            );
+        }
+    }
+}

@@ -74,6 +74,7 @@ fn specs(classes: usize, probabilities: bool) -> Vec<CrossEntropy> {
                 .with_weights(Inputs::new(7).weights(classes))
                 .with_label_smoothing(0.05),
         );
+        out.push(base.clone().with_z_loss(1e-3).with_softcap(6.0));
         if !probabilities {
             out.push(base.clone().with_ignore_index(-100));
             out.push(
@@ -339,6 +340,57 @@ fn bad_device_inputs_are_refused_before_recording() {
         "other targets",
         "targets",
     );
+    // The same checks on the targets' view and on the gradient's output.
+    let view = DeviceLogits::new(&logits, 0, rows, classes);
+    let foreign_targets = buffer_with(&other, 0, bytemuck::cast_slice(&inputs.labels[..]));
+    let tiny = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 16,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    for (targets, what, needle) in [
+        (&tiny, "small targets", "do not fit"),
+        (&no_storage, "targets without STORAGE", "STORAGE"),
+        (
+            &foreign_targets,
+            "targets of another device",
+            "binding the inputs",
+        ),
+    ] {
+        let t = DeviceTargets::class_indices(targets, 0, IndexType::I64);
+        expect(loss.record(&mut encoder, view, t), what, needle);
+    }
+    expect(
+        loss.record(
+            &mut encoder,
+            view,
+            DeviceTargets::class_indices(&targets, 2, IndexType::I64),
+        ),
+        "misaligned targets",
+        "multiple of 4",
+    );
+    let grad = buffer_with(gpu, 0, &vec![0u8; rows * classes * 4]);
+    let foreign_grad = buffer_with(&other, 0, &vec![0u8; rows * classes * 4]);
+    for (buffer, offset, what, needle) in [
+        (&small, 0, "small gradient", "do not fit"),
+        (&grad, 2, "misaligned gradient", "multiple of 4"),
+        (&no_storage, 0, "gradient without STORAGE", "STORAGE"),
+        (
+            &foreign_grad,
+            0,
+            "gradient of another device",
+            "binding the inputs",
+        ),
+    ] {
+        let out = xent::GradientOutput::Buffer { buffer, offset };
+        let up = xent::Upstream::Scalar(1.0);
+        expect(
+            loss.record_gradient(&mut encoder, view, t, out, up),
+            what,
+            needle,
+        );
+    }
     // Nothing was recorded: the encoder still finishes, and the loss still works.
     gpu.queue().submit([encoder.finish()]);
     loss.run(DeviceLogits::new(&logits, 0, rows, classes), t)
@@ -454,6 +506,52 @@ fn device_totals_stay_within_the_stated_bound() {
         );
         assert_eq!(out.mean_denominator, rows as f64);
     }
+}
+
+/// The compensated reduction against its stated bound where plain f32 summation misses it:
+/// one row per workgroup (so the workgroup sums are the per-row losses the device reports,
+/// exactly), class weights ±1e6 whose terms cancel. The device's sum and mean denominator stay
+/// within 2·2⁻²⁴·|Σ| + n·2⁻⁴⁸·Σ|x| of the f64 sums of the same n values; a left-to-right f32
+/// sum of them does not (asserted too, so that the data keep the test able to fail).
+#[test]
+fn the_compensated_reduction_survives_cancellation() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (4000, 4);
+    let inputs = Problem::random(23, rows, classes, 4.0, 0.0);
+    let weights = vec![1e6_f32, -1e6, 1.0, 0.5];
+    let spec = CrossEntropy::new()
+        .with_reduction(Reduction::Sum)
+        .with_weights(weights.clone());
+    let out = gpu
+        .cross_entropy_with(
+            &spec,
+            inputs.logits(),
+            Targets::ClassIndices(&inputs.labels),
+            Strategy::NAIVE,
+        )
+        .unwrap();
+    let n = rows as f64;
+    let check = |what: &str, got: f64, x: &[f64]| {
+        let exact: f64 = x.iter().sum();
+        let magnitude: f64 = x.iter().map(|v| v.abs()).sum();
+        let bound = 2.0 * 2f64.powi(-24) * exact.abs() + n * 2f64.powi(-48) * magnitude;
+        assert!(
+            (got - exact).abs() <= bound,
+            "{what}: device {got} vs {exact} (bound {bound:e})"
+        );
+        let plain = x.iter().fold(0.0_f32, |acc, &v| acc + v as f32) as f64;
+        assert!(
+            (plain - exact).abs() > bound,
+            "{what}: the data must defeat plain f32 summation ({plain} vs {exact}, bound {bound:e})"
+        );
+    };
+    check("sum", out.sum, &out.per_row);
+    let w_y: Vec<f64> = inputs
+        .labels
+        .iter()
+        .map(|&y| weights[y as usize] as f64)
+        .collect();
+    check("mean denominator", out.mean_denominator, &w_y);
 }
 
 #[test]
@@ -639,4 +737,93 @@ fn pipelined_reads_give_each_call_its_own_totals() {
         &loss.read().unwrap().totals(),
         blocking[0].as_ref().unwrap()
     );
+}
+
+/// Several calls recorded into one encoder before one submission (micro-batches of different
+/// sizes, each with its own per-row upstream gradient) each run with their own parameters,
+/// and give the gradients the host path gives them one by one.
+#[test]
+fn calls_recorded_before_one_submission_keep_their_own_parameters() {
+    let Some(gpu) = gpu() else { return };
+    let classes = 37;
+    let spec = CrossEntropy::new()
+        .with_reduction(Reduction::None)
+        .with_z_loss(0.01);
+    let sizes = [9usize, 4, 7];
+    let mut loss = gpu
+        .prepare(&spec, LossShape::class_indices(9, classes, IndexType::I64))
+        .unwrap();
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let mut calls = Vec::new();
+    for (c, &rows) in sizes.iter().enumerate() {
+        let p = Problem::random(70 + c as u64, rows, classes, 5.0, 0.0);
+        let upstream: Vec<f64> = (0..rows).map(|i| 0.5 + (c * 10 + i) as f64).collect();
+        let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&p.logits));
+        let labels = buffer_with(gpu, 0, bytemuck::cast_slice(&p.labels));
+        let grad = buffer_with(gpu, 0, &vec![0u8; rows * classes * 4]);
+        loss.record_gradient(
+            &mut encoder,
+            DeviceLogits::new(&logits, 0, rows, classes),
+            DeviceTargets::class_indices(&labels, 0, IndexType::I64),
+            xent::GradientOutput::Buffer {
+                buffer: &grad,
+                offset: 0,
+            },
+            xent::Upstream::PerRow(&upstream),
+        )
+        .unwrap();
+        calls.push((p, upstream, logits, labels, grad));
+    }
+    gpu.queue().submit([encoder.finish()]);
+    // The totals are the last call's.
+    let last = loss.read().unwrap();
+    assert_eq!(last.per_row.len(), sizes[2]);
+    for (c, (p, upstream, _, _, grad)) in calls.iter().enumerate() {
+        let (want_out, want) = gpu
+            .cross_entropy_grad(
+                &spec,
+                p.logits(),
+                p.targets(false),
+                xent::Upstream::PerRow(upstream),
+            )
+            .unwrap();
+        let got = common::read_f32(gpu, grad, 0, p.rows * classes);
+        let want = want.to_f32();
+        for (k, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 2.0 * f32::EPSILON * w.abs(),
+                "call {c} element {k}: {g} vs {w}"
+            );
+        }
+        if c == 2 {
+            assert_eq!(last.per_row, want_out.per_row);
+        }
+    }
+}
+
+/// Reading before the encoder holding the last call is submitted is an error, not the
+/// outputs of the call before it; after the submission the read gives that call's.
+#[test]
+fn a_read_before_the_submission_is_refused() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (6, 11);
+    let spec = CrossEntropy::new();
+    let p = Problem::random(80, rows, classes, 5.0, 0.0);
+    let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&p.logits));
+    let labels = buffer_with(gpu, 0, bytemuck::cast_slice(&p.labels));
+    let view = DeviceLogits::new(&logits, 0, rows, classes);
+    let targets = DeviceTargets::class_indices(&labels, 0, IndexType::I64);
+    let mut loss = gpu
+        .prepare(
+            &spec,
+            LossShape::class_indices(rows, classes, IndexType::I64),
+        )
+        .unwrap();
+    loss.run(view, targets).unwrap();
+    let first = loss.read().unwrap();
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    loss.record(&mut encoder, view, targets).unwrap();
+    assert!(matches!(loss.read(), Err(XentError::NotSubmitted)));
+    gpu.queue().submit([encoder.finish()]);
+    assert_eq!(loss.read().unwrap(), first);
 }

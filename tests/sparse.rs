@@ -70,7 +70,7 @@ fn random_sparse(
     k: usize,
 ) -> (Vec<f32>, Vec<i64>, Vec<f32>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let z = (0..rows * classes)
+    let z: Vec<f32> = (0..rows * classes)
         .map(|_| rng.random_range(-8.0..8.0))
         .collect();
     let mut idx = Vec::with_capacity(rows * k);
@@ -84,7 +84,13 @@ fn random_sparse(
         }
         idx.extend(row);
     }
-    let p = (0..rows * k).map(|_| rng.random_range(0.0..0.4)).collect();
+    let mut z: Vec<f32> = z;
+    let mut p: Vec<f32> = (0..rows * k).map(|_| rng.random_range(0.0..0.4)).collect();
+    // Every third row's last entry: p = 0 on a masked class, which adds nothing.
+    for i in (1..rows).step_by(3).filter(|_| k >= 2) {
+        p[i * k + k - 1] = 0.0;
+        z[i * classes + idx[i * k + k - 1] as usize] = f32::NEG_INFINITY;
+    }
     (z, idx, p)
 }
 

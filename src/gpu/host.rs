@@ -447,6 +447,7 @@ impl super::GpuContext {
             }
             for start in (0..rows).step_by(per_call) {
                 let range = start..(start + per_call).min(rows);
+                host.loss.begin_call();
                 let passes = match gradient {
                     Some((upstream, mean)) => {
                         let upstream = match upstream {

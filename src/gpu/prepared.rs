@@ -56,8 +56,15 @@ pub(crate) struct Params {
     beta: f32,
     class_offset: u32,
     total_classes: u32,
-    _pad: [u32; 2],
+    call: u32,
+    /// 1.0, which the shaders multiply by where the compiler must not simplify.
+    one: f32,
 }
+
+/// Parameter slots of a prepared loss: each call takes the next, so that up to this many
+/// calls recorded before one submission each run with their own parameters (written with
+/// `Queue::write_buffer`, which takes effect at the submission, before any of them runs).
+const PARAM_SLOTS: usize = 8;
 
 /// Bytes of one row's results, `vec4<f32>` (and of one half of a workgroup sum).
 const ROW_RESULT_BYTES: u64 = 16;
@@ -266,9 +273,13 @@ impl Passes {
 /// put it, and the totals and any error found on the device in a small status buffer that
 /// [`PreparedLoss::read_totals`] maps.
 ///
-/// Record at most one call per queue submission: a call's parameters are written with
-/// `Queue::write_buffer`, which takes effect at the next submission, and its outputs are
-/// those of the last call submitted. Submit the encoder before reading.
+/// Up to 8 calls may be recorded before one queue submission (micro-batches in one encoder,
+/// say): each takes its own slot of parameters and per-row upstream gradients, which are
+/// written with `Queue::write_buffer` and take effect at that submission. More than 8 would
+/// reuse the first call's slot before it runs. The outputs (totals, per-row results) are those
+/// of the last call; the gradients are each where its call put them. Submit the encoder
+/// before reading: a read that finds an earlier call's status instead of the last one's
+/// returns [`XentError::NotSubmitted`].
 pub struct PreparedLoss {
     id: u64,
     gpu: Arc<Gpu>,
@@ -301,6 +312,12 @@ pub struct PreparedLoss {
     /// Where the per-row upstream gradient starts in the weights buffer.
     upstream_at: u32,
     params_stride: u64,
+    /// Chunks of a call at most: each parameter slot holds this many chunks' parameters.
+    chunks: usize,
+    /// The slot of the call being recorded (or last recorded).
+    call_slot: usize,
+    /// What the last recorded call's reduction writes into the status (its slot + 1), or 0.
+    last_call: u32,
     written: Vec<Option<Params>>,
     /// The last call's per-row results were copied to `rows_back` with its totals.
     rows_copied: bool,
@@ -348,6 +365,20 @@ fn weight_scale(weights: Option<&[f32]>) -> f64 {
     }
 }
 
+/// The options the kernels take as f32: a soft-cap must be a normal f32 (0 or ∞ would make
+/// every capped logit NaN), and a z-loss λ > 0 one too (it would vanish or overflow), so that
+/// the GPU computes what the f64 reference does rather than quietly something else.
+fn check_f32_options(spec: &CrossEntropy) -> Result<()> {
+    if let Some(cap) = spec.softcap().filter(|&c| !(c as f32).is_normal()) {
+        return Err(XentError::Softcap(cap));
+    }
+    let lambda = spec.z_loss();
+    if lambda > 0.0 && !(lambda as f32).is_normal() {
+        return Err(XentError::ZLoss(lambda));
+    }
+    Ok(())
+}
+
 impl PreparedLoss {
     /// Makes every buffer and pipeline for `spec` on `shape` (whose targets are ignored when
     /// `setup.targets` is `None`).
@@ -360,6 +391,7 @@ impl PreparedLoss {
         let classes = shape.classes();
         let probabilities = setup.targets.is_some_and(TargetLayout::is_probabilities);
         spec.validate_options(classes, probabilities)?;
+        check_f32_options(spec)?;
         if let Some(TargetLayout::TopK { k }) = setup.targets {
             if k == 0 {
                 return Err(XentError::NotPrepared("top-k targets need k ≥ 1".into()));
@@ -444,12 +476,17 @@ impl PreparedLoss {
             let copy_dst = wgpu::BufferUsages::COPY_DST;
             let params = gpu.buffer(
                 "xent params",
-                chunks as u64 * params_stride,
+                (PARAM_SLOTS * chunks) as u64 * params_stride,
                 wgpu::BufferUsages::UNIFORM | copy_dst,
             );
+            // One region of per-row upstream gradients per parameter slot (reduction none).
+            let upstream_rows = match spec.reduction() {
+                Reduction::None => PARAM_SLOTS as u64 * rows,
+                _ => 0,
+            };
             let weights = gpu.storage_buffer(
                 "xent class weights and upstream gradient",
-                (upstream_at + rows) * 4,
+                (upstream_at + upstream_rows) * 4,
                 copy_dst,
             );
             if let Some(w) = spec.weights().filter(|_| variant.weights) {
@@ -524,7 +561,10 @@ impl PreparedLoss {
                 grad_factor: setup.teacher.map_or(1.0, |t| f64::from_bits(t.grad_factor)),
                 upstream_at: upstream_at as u32,
                 params_stride,
-                written: vec![None; chunks],
+                chunks,
+                call_slot: 0,
+                last_call: 0,
+                written: vec![None; PARAM_SLOTS * chunks],
                 rows_copied: false,
                 grad_scales: None,
                 res: Serialised::new(
@@ -798,15 +838,19 @@ impl PreparedLoss {
                 "these inputs were bound by another prepared loss".into(),
             ));
         }
+        if let Some(upstream) = upstream {
+            if inputs.gradient.is_none() {
+                return Err(XentError::NotPrepared(
+                    "these inputs were bound without a gradient output (use bind_gradient)".into(),
+                ));
+            }
+            upstream.check(self.reduction, inputs.rows)?;
+        }
+        // Checked: the call is recorded, in a parameter slot of its own.
+        self.begin_call();
         let passes = match upstream {
             None => Passes::LOSS,
             Some(upstream) => {
-                if inputs.gradient.is_none() {
-                    return Err(XentError::NotPrepared(
-                        "these inputs were bound without a gradient output (use bind_gradient)"
-                            .into(),
-                    ));
-                }
                 self.set_upstream(upstream, inputs.rows, None)?;
                 Passes::gradient(
                     self.reduction == Reduction::Mean && upstream.mean_over().is_none(),
@@ -816,6 +860,12 @@ impl PreparedLoss {
         let chunks = 0..inputs.chunks.len();
         self.record_call(encoder, inputs, chunks, true, true, passes, timestamps);
         Ok(())
+    }
+
+    /// Moves to the next parameter slot for a call about to be recorded: the calls recorded
+    /// before one submission keep their own parameters and per-row upstream gradients.
+    pub(crate) fn begin_call(&mut self) {
+        self.call_slot = (self.call_slot + 1) % PARAM_SLOTS;
     }
 
     /// Writes the upstream gradient's scales into every chunk's parameters (recorded with the
@@ -833,7 +883,7 @@ impl PreparedLoss {
         let (ce, z) = match (self.reduction, upstream) {
             (Reduction::None, Upstream::PerRow(g)) => {
                 let values: Vec<f32> = g.iter().map(|&v| v as f32).collect();
-                let offset = self.upstream_at as u64 * 4;
+                let offset = self.upstream_slot_at() as u64 * 4;
                 self.gpu.queue.write_buffer(
                     &self.res.weights,
                     offset,
@@ -906,6 +956,14 @@ impl PreparedLoss {
         targets: DeviceTargets<'_>,
         gradient: GradientOutput<'_>,
     ) -> Result<BoundInputs> {
+        if self.setup.shard.is_some() {
+            // This loss's row statistics are the shard's own, not the whole vocabulary's.
+            return Err(XentError::NotPrepared(
+                "a shard's gradient needs the row statistics merged over the whole vocabulary: \
+                 GpuContext::partial_gradient computes it"
+                    .into(),
+            ));
+        }
         self.bind_device(&logits, &targets, Some(gradient))
     }
 
@@ -1148,7 +1206,9 @@ impl PreparedLoss {
                     beta: self.beta,
                     class_offset: self.class_offset(),
                     total_classes: self.total_classes() as u32,
-                    _pad: [0; 2],
+                    // Set as the call is recorded, with its parameter slot.
+                    call: 0,
+                    one: 1.0,
                 },
                 inputs,
                 in_place,
@@ -1221,13 +1281,19 @@ impl PreparedLoss {
         } else {
             (0.0, 0.0)
         };
-        // A chunk's parameters take effect at the next submission, the one that runs it.
+        // A chunk's parameters take effect at the next submission, the one that runs it; each
+        // call has its own slot of them (`begin_call`).
+        let first_param = self.call_slot * self.chunks;
+        let call_number = self.call_slot as u32 + 1;
         for k in chunks.clone() {
             let p = Params {
                 grad_ce,
                 grad_z,
+                upstream_at: self.upstream_slot_at(),
+                call: call_number,
                 ..call.chunks[k].params
             };
+            let k = first_param + k;
             if self.written[k] != Some(p) {
                 let offset = k as u64 * self.params_stride;
                 self.gpu
@@ -1264,12 +1330,13 @@ impl PreparedLoss {
         let s = self.setup.strategy;
         let max_dim = self.gpu.facts.max_groups_per_dimension;
         let stride = self.params_stride;
+        let param_offset = |k: usize| ((first_param + k) as u64 * stride) as u32;
         let owned = &self.res.owned;
         let main_groups = |rows: usize| (rows as u32).div_ceil(s.rows_per_group()) * s.split;
         let elementwise_pass =
             |pass: &mut wgpu::ComputePass<'_>, k: usize, pipeline: &wgpu::ComputePipeline| {
                 let chunk = &call.chunks[k];
-                pass.set_bind_group(0, owned, &[(k as u64 * stride) as u32]);
+                pass.set_bind_group(0, owned, &[param_offset(k)]);
                 pass.set_bind_group(1, chunk.in_place.as_ref().unwrap_or(&chunk.inputs), &[]);
                 pass.set_pipeline(pipeline);
                 let (x, y) = grid(main_groups(chunk.rows), max_dim);
@@ -1283,7 +1350,7 @@ impl PreparedLoss {
         for (i, k) in chunks.clone().enumerate() {
             let chunk = &call.chunks[k];
             let pipes = &stats[i];
-            pass.set_bind_group(0, owned, &[(k as u64 * stride) as u32]);
+            pass.set_bind_group(0, owned, &[param_offset(k)]);
             pass.set_bind_group(1, &chunk.inputs, &[]);
             if !passes.statistics {
                 if let Some(p) = &elementwise[i] {
@@ -1315,12 +1382,14 @@ impl PreparedLoss {
         }
         // (A shard's calls need it too: besides the totals it brings the value of an
         // out-of-range class index into the status.)
+        let mut reduced = false;
         if finish
             && passes.statistics
             && let Some(pipes) = stats.last()
         {
             pass.set_pipeline(&pipes.reduce);
             pass.dispatch_workgroups(1, 1, 1);
+            reduced = true;
         }
         if late {
             for (i, k) in chunks.enumerate() {
@@ -1331,6 +1400,8 @@ impl PreparedLoss {
         }
         drop(pass);
         if finish {
+            // A call without a reduction (no rows, or no statistics pass) leaves no number.
+            self.last_call = if reduced { call_number } else { 0 };
             self.slot = self.free_slot();
             encoder.copy_buffer_to_buffer(
                 &self.res.status,
@@ -1387,6 +1458,15 @@ impl PreparedLoss {
             z_loss: self.variant.z_loss,
             entropy: self.variant.entropy,
             rows: self.last_rows,
+            call: self.last_call,
+        }
+    }
+
+    /// Where the current call's per-row upstream gradient starts in the weights buffer.
+    fn upstream_slot_at(&self) -> u32 {
+        match self.reduction {
+            Reduction::None => self.upstream_at + (self.call_slot * self.shape.max_rows()) as u32,
+            _ => self.upstream_at,
         }
     }
 

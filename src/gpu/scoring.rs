@@ -108,6 +108,7 @@ impl super::GpuContext {
     /// logits) and [`PreparedLoss::read_distillation`] reads the output.
     ///
     /// Errors: those of [`Distillation::validate`] on the options;
+    /// [`XentError::Temperature`] unless 1/T is a normal f32;
     /// [`XentError::NotPrepared`] unless the targets are logits-shaped values.
     pub fn prepare_distillation(
         &self,
@@ -124,7 +125,7 @@ impl super::GpuContext {
         }
         let strategy = self.plan(shape.max_rows(), shape.classes());
         let setup = Setup {
-            teacher: Some(Teacher::of(spec)),
+            teacher: Some(Teacher::of(spec)?),
             ..Setup::new(strategy, Some(shape.targets()), Output::Loss)
         };
         let ce = CrossEntropy::new().with_reduction(spec.reduction());
@@ -139,8 +140,9 @@ impl super::GpuContext {
     /// forward (the cross-entropy H(p) + KL(p‖q), both reported per row) and reverse KL(q‖p).
     /// The generalised JSD needs the mixture's log per class, so a second read of both.
     ///
-    /// Errors: those of [`Distillation::validate`]; [`XentError::LogitOutOfRange`] for a
-    /// finite logit of either beyond ±2^64.
+    /// Errors: those of [`Distillation::validate`]; [`XentError::Temperature`] unless 1/T
+    /// is a normal f32; [`XentError::LogitOutOfRange`] for a logit of either that is beyond
+    /// ±2^64 once divided by T.
     pub fn distillation(
         &self,
         spec: &Distillation,
@@ -215,7 +217,7 @@ impl super::GpuContext {
             Output::Loss
         };
         let setup = Setup {
-            teacher: Some(Teacher::of(spec)),
+            teacher: Some(Teacher::of(spec)?),
             ..HostLoss::setup(strategy, &student, targets.layout(), output)
         };
         // "batchmean": the mean divides by the rows.
@@ -333,19 +335,27 @@ impl Teacher {
     /// The kernels' setup of a distillation spec: 1/T, the divergence (0 forward, 1 reverse,
     /// 2 the generalised JSD; the JSD's ends are the two KLs) and its β, the gradient's
     /// factor (the loss scale over T).
-    pub(crate) fn of(spec: &Distillation) -> Teacher {
+    ///
+    /// Errors: [`XentError::Temperature`] unless 1/T is a normal f32 (T between about 3e-39
+    /// and 8.5e37): the kernels scale both logits by it in f32, where 0 or ∞ would turn
+    /// masked and finite logits alike into NaN.
+    pub(crate) fn of(spec: &Distillation) -> Result<Teacher> {
         let (divergence, beta) = match spec.divergence() {
             Divergence::ForwardKl | Divergence::Jsd { beta: 0.0 } => (0, 0.0),
             Divergence::ReverseKl | Divergence::Jsd { beta: 1.0 } => (1, 0.0),
             Divergence::Jsd { beta } => (2, beta),
         };
         let t = spec.temperature();
-        Teacher {
-            inv_temperature: ((1.0 / t) as f32).to_bits(),
+        let inv_temperature = (1.0 / t) as f32;
+        if !inv_temperature.is_normal() {
+            return Err(XentError::Temperature(t));
+        }
+        Ok(Teacher {
+            inv_temperature: inv_temperature.to_bits(),
             divergence,
             beta: (beta as f32).to_bits(),
             grad_factor: (spec.loss_scale() / t).to_bits(),
-        }
+        })
     }
 }
 

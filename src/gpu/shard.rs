@@ -19,7 +19,7 @@ use super::GpuContext;
 use super::host::{HostCall, HostLoss, HostTargets};
 use super::planner::Strategy;
 use super::prepared::{Output, PreparedLoss, RawRow, Setup, ShardSetup};
-use super::views::LossShape;
+use super::views::{LossShape, TargetLayout};
 
 impl GpuContext {
     /// A vocabulary shard's per-row partial statistics on the GPU, as
@@ -73,7 +73,8 @@ impl GpuContext {
     /// [`PreparedLoss::read_totals`] and [`PreparedLoss::read`] refuse it.
     ///
     /// Errors: the spec's options on the whole vocabulary; [`XentError::Shard`] when the shard
-    /// does not fit it.
+    /// does not fit it; [`XentError::TargetsDtype`] for probabilities neither f32 nor of the
+    /// logits' dtype; [`XentError::NotPrepared`] for top-k targets.
     pub fn prepare_partials(
         &self,
         spec: &CrossEntropy,
@@ -82,6 +83,13 @@ impl GpuContext {
     ) -> Result<PreparedLoss> {
         let classes = shape.classes();
         shard.check(classes)?;
+        if let TargetLayout::TopK { .. } = shape.targets() {
+            return Err(XentError::NotPrepared(
+                "a shard's targets are class indices or probabilities (top-k entries are not split \
+                 by vocabulary)"
+                    .into(),
+            ));
+        }
         spec.validate_options(shard.total(), shape.targets().is_probabilities())?;
         let (own, setup_shard) = shard_spec(spec, shard, classes)?;
         let strategy = self.plan(shape.max_rows(), classes);

@@ -15,8 +15,12 @@ use super::context::{Gpu, Serialised};
 use super::views::{IndexType, TargetLayout};
 
 /// Bytes of the status buffer: 4 words of errors, then (loss, entropy, denominator, ignored)
-/// and the z-loss, each as an unevaluated pair hi + lo of f32.
-pub(crate) const STATUS_BYTES: u64 = 80;
+/// and the z-loss, each as an unevaluated pair hi + lo of f32, then the number of the call
+/// whose reduction wrote them (`Params::call`), padded to a whole `vec4`.
+pub(crate) const STATUS_BYTES: u64 = 96;
+
+/// The word of the status that holds the call's number.
+const CALL_WORD: usize = 20;
 
 /// The high word of a top-k error's value that marks a repeated index (not one out of range).
 pub(crate) const TOP_K_DUPLICATE: u32 = 0x4000_0000;
@@ -36,6 +40,9 @@ pub(crate) struct TotalsReader {
     pub entropy: bool,
     /// Rows of the call.
     pub rows: usize,
+    /// The number the call's reduction writes into the status (its parameter slot + 1), or
+    /// 0 for a call without a reduction (nothing to check).
+    pub call: u32,
 }
 
 impl TotalsReader {
@@ -44,6 +51,10 @@ impl TotalsReader {
     /// f32's safe range.
     pub(crate) fn read(&self, bytes: &[u8]) -> Result<LossTotals> {
         let words: &[u32] = bytemuck::cast_slice(bytes);
+        if self.call != 0 && words[CALL_WORD] != self.call {
+            // The status of an earlier call (or none): the last one recorded has not run.
+            return Err(XentError::NotSubmitted);
+        }
         if words[0] != 0 {
             let row = (u32::MAX - words[0]) as usize;
             if let Some(TargetLayout::TopK { .. }) = self.targets {

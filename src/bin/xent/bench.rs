@@ -350,8 +350,58 @@ fn copies(bytes: u64, quick: bool) -> usize {
     ((256u64 << 20).div_ceil(bytes.max(1)) as usize).clamp(1, 32)
 }
 
+/// The loss every row times, with `--z-loss` and `--softcap` checked; and `--shards` checked
+/// against every shape.
+fn check_arguments(args: &BenchArgs, shapes: &[(usize, usize)]) -> Result<CrossEntropy, CliError> {
+    let mut spec = CrossEntropy::new();
+    if let Some(lambda) = args.z_loss {
+        spec = spec.with_z_loss(lambda);
+    }
+    if let Some(cap) = args.softcap {
+        spec = spec.with_softcap(cap);
+    }
+    let none = Logits::new::<f32>(&[], 0, 1)?;
+    let gpu_limits = match (args.z_loss, args.softcap) {
+        // The GPU takes both as f32: a positive λ and the cap must be normal f32s (the
+        // library checks this at the first call, which would come after the roofline).
+        (Some(lambda), _) if lambda > 0.0 && !(lambda as f32).is_normal() => {
+            Err(XentError::ZLoss(lambda))
+        }
+        (_, Some(cap)) if cap.is_finite() && !(cap as f32).is_normal() => {
+            Err(XentError::Softcap(cap))
+        }
+        _ => Ok(()),
+    };
+    spec.validate(&none, &Targets::ClassIndices(&[]))
+        .and(gpu_limits)
+        .map_err(|e| match e {
+            XentError::ZLoss(_) => CliError::input(format!("--z-loss: {e}")),
+            XentError::Softcap(_) => CliError::input(format!("--softcap: {e}")),
+            other => other.into(),
+        })?;
+    for &k in &args.shards {
+        if k == 0 {
+            return Err(CliError::input("--shards 0: must be at least 1"));
+        }
+        if let Some(&(rows, classes)) = shapes.iter().find(|&&(_, classes)| k > classes) {
+            return Err(CliError::input(format!(
+                "--shards {k}: more shards than the {classes} classes of shape {rows}x{classes}; every shard needs at least one class"
+            )));
+        }
+    }
+    Ok(spec)
+}
+
 pub fn run(args: &BenchArgs) -> Result<(), CliError> {
-    // Every argument is checked before any work, so a mistake costs no measuring.
+    // Every argument is checked before any work or output, so a mistake costs no measuring.
+    let shapes: Vec<(usize, usize)> = if !args.shapes.is_empty() {
+        args.shapes.clone()
+    } else if args.quick {
+        QUICK_SHAPES.to_vec()
+    } else {
+        DEFAULT_SHAPES.to_vec()
+    };
+    let spec = check_arguments(args, &shapes)?;
     if let Some(path) = &args.json_out {
         check_writable(path)?;
     }
@@ -362,13 +412,6 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     let mut out = Out::lock();
     let device = gpu.describe();
     let timer = gpu.timer();
-    let shapes: Vec<(usize, usize)> = if !args.shapes.is_empty() {
-        args.shapes.clone()
-    } else if args.quick {
-        QUICK_SHAPES.to_vec()
-    } else {
-        DEFAULT_SHAPES.to_vec()
-    };
     let roofline_bytes = if args.quick { 64 << 20 } else { 1 << 30 };
     let roofline: ReadBandwidth =
         gpu.measure_read_bandwidth(roofline_bytes, WARMUP, args.runs as usize)?;
@@ -431,13 +474,6 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             dtype,
         )?;
         for (target, soft) in [("hard", false), ("soft", true)] {
-            let mut spec = CrossEntropy::new();
-            if let Some(lambda) = args.z_loss {
-                spec = spec.with_z_loss(lambda);
-            }
-            if let Some(cap) = args.softcap {
-                spec = spec.with_softcap(cap);
-            }
             // Bytes that must move: the logits (once for the loss; read twice and written once
             // with the gradient), and the targets as the device reads them.
             let target_bytes = if soft { set_bytes } else { rows as u64 * 8 };

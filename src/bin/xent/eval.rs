@@ -1,9 +1,10 @@
 //! `xent eval`: lm-evaluation-harness's `loglikelihood` requests scored from logits already
 //! computed. The tokens of one continuation are consecutive rows; per sequence come the sum of
 //! its tokens' log-probabilities, whether greedy decoding gives it (`is_greedy`), its token
-//! count and perplexity; with questions, multiple choice `acc` and `acc_norm`. The logits
-//! stream through the GPU (or the f64 reference) in batches, one pass each; sequences may
-//! span batches.
+//! count and perplexity; over all sequences, the harness's `perplexity` (exp of minus the mean
+//! log-likelihood), the per-token perplexity and the fraction greedy; with questions, multiple
+//! choice `acc` and `acc_norm`. The logits stream through the GPU (or the f64 reference) in
+//! batches, one pass each; sequences may span batches.
 
 use std::path::Path;
 use std::time::Instant;
@@ -12,18 +13,19 @@ use xent::scoring::{self, MultipleChoiceOutput, SequenceScore, TokenRow};
 use xent::{Logits, XentError};
 
 use crate::npy::NpyInput;
-use crate::out::{Out, json_f64, outln};
-use crate::score::{checked_batch_rows, open_logits};
+use crate::out::{Out, json_f64, json_opt, outln};
+use crate::score::{checked_batch_rows, logits_error, open_logits};
 use crate::stream;
 use crate::{CliError, EvalArgs};
 
-/// Reads a 1-D file of `what` (non-negative integers) of `expected` values, or of any length;
-/// returns them and the file's label for later errors.
+/// Reads a 1-D file of `what` (integers at least `min`: 0 or 1) of `expected` values, or of
+/// any length; returns them and the file's label for later errors.
 fn read_counts(
     role: &'static str,
     path: &Path,
     expected: Option<usize>,
     what: &str,
+    min: usize,
 ) -> Result<(Vec<usize>, String), CliError> {
     let mut file = NpyInput::open(role, path)?;
     let &[n] = file.shape.as_slice() else {
@@ -41,7 +43,10 @@ fn read_counts(
         .iter()
         .enumerate()
         .map(|(i, &v)| {
-            usize::try_from(v).map_err(|_| file.error(format!("value {i} is {v}; {what} are ≥ 0")))
+            usize::try_from(v)
+                .ok()
+                .filter(|&n| n >= min)
+                .ok_or_else(|| file.error(format!("value {i} is {v}; {what} are ≥ {min}")))
         })
         .collect::<Result<_, _>>()?;
     Ok((counts, file.label()))
@@ -52,21 +57,30 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
     let mut logits = open_logits(&args.logits, None)?;
     let (rows, classes) = (logits.rows, logits.classes);
     let mut targets = NpyInput::open("targets", &args.targets)?;
-    if targets.elem.is_float() || targets.shape != [rows] {
+    if !targets.elem.is_int() || targets.shape != [rows] {
         return Err(targets.error(format!(
-            "expected one integer token per row of {}, shape [{rows}]; found {} of shape {:?}",
+            "expected one token (int64 or int32) per row of {}, shape [{rows}]; found {} of shape {:?}",
             logits.file.label(),
             targets.elem.name(),
             targets.shape
         )));
     }
-    let (offsets, offsets_label) = read_counts("offsets", &args.offsets, None, "row offsets")?;
+    let (offsets, offsets_label) = read_counts("offsets", &args.offsets, None, "row offsets", 0)?;
+    // A continuation has at least one token: an empty one would score 0, above every other.
+    if let Some(s) = offsets.windows(2).position(|w| w[0] == w[1]) {
+        return Err(CliError::input(format!(
+            "{offsets_label}: sequence {s} has no tokens (offsets {s} and {} are both {}); every sequence needs at least one row",
+            s + 1,
+            offsets[s]
+        )));
+    }
     let sequences = offsets.len().saturating_sub(1);
     let questions = match (&args.choices, &args.lengths, &args.gold) {
         (Some(q), Some(l), Some(g)) => {
-            let question = read_counts("choices", q, Some(sequences), "question ids")?.0;
-            let lengths = read_counts("lengths", l, Some(sequences), "lengths")?.0;
-            let gold = read_counts("gold", g, None, "gold choices")?.0;
+            let question = read_counts("choices", q, Some(sequences), "question ids", 0)?.0;
+            // acc_norm divides by the lengths.
+            let lengths = read_counts("lengths", l, Some(sequences), "lengths", 1)?.0;
+            let gold = read_counts("gold", g, None, "gold choices", 0)?.0;
             Some((question, lengths, gold))
         }
         _ => None,
@@ -89,6 +103,7 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
             XentError::ClassIndexOutOfRange { row, value, .. } => targets.error(format!(
                 "row {row} has token {value}, outside [0, {classes})"
             )),
+            e @ XentError::LogitOutOfRange { .. } => logits_error(&logits.file, &e),
             other => CliError::from(other),
         })?;
         tokens.extend(metrics.rows);
@@ -112,6 +127,35 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         &device,
         start.elapsed().as_secs_f64(),
     )
+}
+
+/// The sequences' aggregates, as lm-evaluation-harness reduces `loglikelihood` requests.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Aggregates {
+    /// The harness's `perplexity`: exp(−mean over sequences of the log-likelihood).
+    perplexity: f64,
+    /// exp(−Σ log-likelihood / Σ tokens): the perplexity per token over all sequences.
+    token_perplexity: f64,
+    /// The mean of `is_greedy` (the harness's `acc` of such tasks, as LAMBADA's).
+    greedy_fraction: f64,
+}
+
+impl Aggregates {
+    /// `None` for no sequences (there is nothing to average).
+    fn of(scores: &[SequenceScore]) -> Option<Self> {
+        if scores.is_empty() {
+            return None;
+        }
+        let n = scores.len() as f64;
+        let ll: f64 = scores.iter().map(|s| s.loglikelihood).sum();
+        let tokens: usize = scores.iter().map(|s| s.tokens).sum();
+        let greedy = scores.iter().filter(|s| s.is_greedy).count();
+        Some(Self {
+            perplexity: (-ll / n).exp(),
+            token_perplexity: (-ll / tokens as f64).exp(),
+            greedy_fraction: greedy as f64 / n,
+        })
+    }
 }
 
 fn report(
@@ -171,12 +215,16 @@ fn report(
         }
     }
     let (acc, acc_norm) = choice.map_or((None, None), |c| (Some(c.acc()), Some(c.acc_norm())));
+    let aggregates = Aggregates::of(scores);
     if args.json {
         let line = serde_json::json!({
             "sequences": scores.len(),
             "questions": choice.map(|c| c.questions.len()),
             "acc": acc.map(json_f64),
             "acc_norm": acc_norm.map(json_f64),
+            "perplexity": json_opt(aggregates.map(|a| a.perplexity)),
+            "token_perplexity": json_opt(aggregates.map(|a| a.token_perplexity)),
+            "greedy_fraction": json_opt(aggregates.map(|a| a.greedy_fraction)),
             "device": device,
             "seconds": json_f64(seconds),
         });
@@ -187,6 +235,16 @@ fn report(
                 out,
                 "acc {acc:.6}, acc_norm {acc_norm:.6} over {} questions",
                 c.questions.len()
+            )?;
+        }
+        if let Some(a) = aggregates {
+            outln!(
+                out,
+                "perplexity {:.6} (exp of minus the mean loglikelihood), token perplexity {:.6}, greedy fraction {:.6} over {} sequences",
+                a.perplexity,
+                a.token_perplexity,
+                a.greedy_fraction,
+                scores.len()
             )?;
         }
         outln!(out, "sequences: {}", scores.len())?;

@@ -50,8 +50,9 @@ enum Command {
 
 #[derive(clap::Args)]
 pub struct ScoreArgs {
-    /// Logits [N, C]: float32, float64 (rounded to float32), float16, bfloat16 (`'<V2'`, as
-    /// np.save writes ml_dtypes' bfloat16), or uint16 raw bits with --logits-dtype.
+    /// Logits [N, C]: float32, float64 (rounded to float32; a finite value beyond the float32
+    /// range is refused), float16, bfloat16 (`'<V2'`, as np.save writes ml_dtypes' bfloat16),
+    /// or uint16 raw bits with --logits-dtype.
     #[arg(long, value_name = "Z.npy")]
     logits: PathBuf,
     /// The half type of uint16 logits (raw bits): bf16 or f16. For other files it must agree
@@ -59,7 +60,7 @@ pub struct ScoreArgs {
     #[arg(long, value_name = "DTYPE")]
     logits_dtype: Option<xent::Dtype>,
     /// Class indices [N] (int64 or int32), or probabilities [N, C] (float, the logits' shape).
-    #[arg(long, value_name = "T.npy", required_unless_present_any = ["teacher", "topk_indices"])]
+    #[arg(long, value_name = "T.npy", required_unless_present_any = ["teacher", "topk_indices", "topk_probs"])]
     targets: Option<PathBuf>,
     /// Top-k sparse targets: the k class indices of every row [N, k] (integers, distinct in a
     /// row, in [0, C)), with --topk-probs; the loss is −Σ_j p_j·log_softmax(z)[i_j] per row,
@@ -71,8 +72,10 @@ pub struct ScoreArgs {
         conflicts_with_all = ["targets", "teacher", "weights", "ignore_index", "label_smoothing", "z_loss", "softcap", "metrics"]
     )]
     topk_indices: Option<PathBuf>,
-    /// The probabilities of --topk-indices [N, k] (float), used as given.
-    #[arg(long, value_name = "P.npy", requires = "topk_indices")]
+    /// The probabilities of --topk-indices [N, k] (float), used as given; needs
+    /// --topk-indices.
+    // (Needs --topk-indices: checked by `score`, which says so in one line.)
+    #[arg(long, value_name = "P.npy")]
     topk_probs: Option<PathBuf>,
     /// Distil against a teacher's logits [N, C] (float, the logits' shape) instead of
     /// targets: per row p = softmax(teacher / T), q = softmax(logits / T), and the loss is
@@ -127,13 +130,16 @@ pub struct ScoreArgs {
     #[arg(long, default_value = "mean")]
     reduction: Reduction,
     /// Write the per-row losses here (.npy, float32, or float64 for float64 logits), row by
-    /// row as batches finish; never one of the input files.
+    /// row as batches finish; never one of the input files. A file is written beside OUT.npy
+    /// under a temporary name and renamed over it only when the run succeeds: a failed run
+    /// leaves an existing OUT.npy as it was (a pipe or device is written directly).
     #[arg(long, value_name = "OUT.npy")]
     per_row: Option<PathBuf>,
     /// Write the gradient of the loss with respect to the logits here: .npy, float32 [N, C]
     /// (float32 also for float64 logits; with --cpu, the f64 reference rounded to float32), row
-    /// by row as batches finish; never one of the input files. Under mean it is the gradient of
-    /// the mean over the whole file, whatever --batch-rows.
+    /// by row as batches finish, like --per-row (renamed into place on success); never one of
+    /// the input files. Under mean it is the gradient of the mean over the whole file, whatever
+    /// --batch-rows.
     #[arg(long, value_name = "OUT.npy")]
     grad: Option<PathBuf>,
     /// The upstream gradient ∂objective/∂loss that --grad is scaled by (autograd's
@@ -165,8 +171,8 @@ pub struct ScoreArgs {
     /// --softcap.
     #[arg(long, conflicts_with = "grad")]
     metrics: bool,
-    /// The K of --metrics' top-K accuracy: a hit when fewer than K classes score strictly
-    /// higher than the target.
+    /// The K of --metrics' top-K accuracy, at least 1: a hit when fewer than K classes score
+    /// strictly higher than the target [default: 5].
     #[arg(long, value_name = "K", requires = "metrics")]
     top_k: Option<usize>,
     /// Use the f64 CPU reference instead of the GPU.
@@ -188,21 +194,22 @@ pub struct ScoreArgs {
 #[derive(clap::Args)]
 pub struct EvalArgs {
     /// Logits [N, C] of every token of every continuation: float32, float64 (rounded to
-    /// float32), float16 or bfloat16.
+    /// float32; a finite value beyond the float32 range is refused), float16 or bfloat16.
     #[arg(long, value_name = "Z.npy")]
     logits: PathBuf,
     /// The continuation's token at each row [N] (int64 or int32), in [0, C).
     #[arg(long, value_name = "Y.npy")]
     targets: PathBuf,
     /// Sequence boundaries [S + 1] (integers): sequence s is rows offsets[s]..offsets[s + 1];
-    /// they start at 0, never decrease and end at N.
+    /// they start at 0, increase (every sequence has at least one token) and end at N.
     #[arg(long, value_name = "O.npy")]
     offsets: PathBuf,
     /// The question each sequence answers [S] (integers 0..Q): a question's choices are its
     /// sequences, in order. Needs --lengths and --gold.
     #[arg(long, value_name = "Q.npy", requires_all = ["lengths", "gold"])]
     choices: Option<PathBuf>,
-    /// Each continuation's length in characters [S] (acc_norm divides the log-likelihood by it).
+    /// Each continuation's length in characters [S], at least 1 (acc_norm divides the
+    /// log-likelihood by it).
     #[arg(long, value_name = "L.npy", requires = "choices")]
     lengths: Option<PathBuf>,
     /// Each question's correct choice [Q], an index among its choices.
@@ -215,8 +222,15 @@ pub struct EvalArgs {
     #[arg(long, value_name = "ROWS", allow_negative_numbers = true)]
     batch_rows: Option<i64>,
     /// JSON Lines: one object per sequence (`sequence`, `loglikelihood`, `is_greedy`,
-    /// `tokens`, `perplexity`), one per question (`question`, `acc`, `acc_norm`, `predicted`,
-    /// `predicted_norm`, `gold`, `choices`), then a summary (`acc`, `acc_norm`, `device`).
+    /// `tokens`, and `perplexity` = exp(−loglikelihood / tokens)), one per question
+    /// (`question`, `acc`, `acc_norm`, `predicted`, `predicted_norm`, `gold`, `choices`), then a
+    /// summary (`sequences`, `questions`, `acc`, `acc_norm`, `perplexity`, `token_perplexity`,
+    /// `greedy_fraction`, `device`, `seconds`). The summary's `perplexity` is
+    /// lm-evaluation-harness's aggregate of loglikelihood requests, exp(−(1/S)·Σ_s ll_s) (the
+    /// mean over sequences, not tokens); `token_perplexity` is exp(−Σ_s ll_s / Σ_s tokens_s);
+    /// `greedy_fraction` is the mean of is_greedy (the harness's `acc` of LAMBADA-style
+    /// tasks). The text output prints the same summary; null (JSON) or no line (text) for
+    /// no sequences. No bits per byte: xent has no byte counts.
     #[arg(long)]
     json: bool,
 }
@@ -255,19 +269,21 @@ pub struct BenchArgs {
     /// sparse targets; hard rows) or sparse-grad (the same and its gradient; hard rows).
     #[arg(long, value_delimiter = ',', default_value = "loss")]
     task: Vec<bench::TaskChoice>,
-    /// Also time the loss split into K vocabulary shards on this one GPU (comma-separated Ks;
-    /// hard rows): the shards' partials passes back to back, and the host's merge of their
-    /// partials (JSON `merge_ms`).
+    /// Also time the loss split into K vocabulary shards on this one GPU (comma-separated Ks,
+    /// each at least 1 and at most the classes of every shape; hard rows): the shards'
+    /// partials passes back to back, and the host's merge of their partials (JSON
+    /// `merge_ms`).
     #[arg(long, value_delimiter = ',', value_name = "K")]
     shards: Vec<usize>,
     /// Logits' dtypes, comma-separated: f32, bf16, f16 (soft targets in the same dtype; bytes
     /// are counted in the real dtype).
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     dtype: Vec<xent::Dtype>,
-    /// Adds a z-loss λ·lse² to the timed loss.
+    /// Adds a z-loss λ·lse² to the timed loss (λ finite and ≥ 0, checked before any work).
     #[arg(long, value_name = "λ", allow_negative_numbers = true)]
     z_loss: Option<f64>,
-    /// Soft-caps the logits, cap·tanh(z / cap), in the timed loss.
+    /// Soft-caps the logits, cap·tanh(z / cap), in the timed loss (CAP finite and > 0,
+    /// checked before any work).
     #[arg(long, value_name = "CAP", allow_negative_numbers = true)]
     softcap: Option<f64>,
     /// Timed runs per shape and kernel (after warm-up; at least 20); the median is reported.
@@ -373,7 +389,10 @@ impl CliError {
 impl From<xent::XentError> for CliError {
     fn from(e: xent::XentError) -> Self {
         match e {
-            xent::XentError::UnknownBackend { .. } => Self::input(e.to_string()),
+            // (Each command names the file at fault where it can; this is the fallback.)
+            xent::XentError::UnknownBackend { .. } | xent::XentError::LogitOutOfRange { .. } => {
+                Self::input(e.to_string())
+            }
             e => Self::runtime(e.to_string()),
         }
     }

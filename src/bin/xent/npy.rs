@@ -6,9 +6,10 @@
 //! 22 deep took 45 s. This parser reads each byte once, and takes only what NumPy writes and
 //! accepts: a dict of exactly 'descr', 'fortran_order' and 'shape'.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use xent::{Dtype, ElementVec, bf16, f16};
 
@@ -49,6 +50,12 @@ impl Elem {
         matches!(self, Elem::F32 | Elem::F64 | Elem::F16 | Elem::Bf16)
     }
 
+    /// The integer types read as class indices, tokens and counts (uint16 is not one: it
+    /// holds raw half bits).
+    pub fn is_int(self) -> bool {
+        matches!(self, Elem::I32 | Elem::I64)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Elem::F32 => "float32",
@@ -81,6 +88,8 @@ pub struct NpyInput {
     pub shape: Vec<usize>,
     big_endian: bool,
     reader: BufReader<File>,
+    /// Values read so far (where the next read starts), for messages naming a row.
+    consumed: usize,
 }
 
 impl NpyInput {
@@ -137,6 +146,7 @@ impl NpyInput {
             shape,
             big_endian,
             reader,
+            consumed: 0,
         })
     }
 
@@ -161,7 +171,19 @@ impl NpyInput {
         CliError::input(format!("{}: {problem}", self.label()))
     }
 
+    /// Where the value `index` (counted from the start of the data) lies: "row R, column K"
+    /// of a 2-D array, "value I" otherwise.
+    fn position(&self, index: usize) -> String {
+        match self.shape.as_slice() {
+            &[_, width] if width > 0 => {
+                format!("row {}, column {}", index / width, index % width)
+            }
+            _ => format!("value {index}"),
+        }
+    }
+
     fn read_raw(&mut self, count: usize) -> Result<Vec<u8>, CliError> {
+        self.consumed += count;
         let mut bytes = vec![0u8; count * self.elem.size()];
         self.reader.read_exact(&mut bytes).map_err(|e| {
             if e.kind() == ErrorKind::UnexpectedEof {
@@ -198,6 +220,7 @@ impl NpyInput {
             (Elem::U16, Some(Dtype::F16)) => Elem::F16,
             (e, _) => e,
         };
+        let first = self.consumed;
         let bytes = self.read_raw(count)?;
         let be = self.big_endian;
         let halves = || decode(&bytes, be, u16::from_le_bytes, u16::from_be_bytes);
@@ -208,12 +231,21 @@ impl NpyInput {
                 f32::from_le_bytes,
                 f32::from_be_bytes,
             ))),
-            Elem::F64 => Ok(ElementVec::F32(
-                decode(&bytes, be, f64::from_le_bytes, f64::from_be_bytes)
-                    .into_iter()
-                    .map(|v| v as f32)
-                    .collect(),
-            )),
+            Elem::F64 => {
+                let wide = decode(&bytes, be, f64::from_le_bytes, f64::from_be_bytes);
+                let narrow: Vec<f32> = wide.iter().map(|&v| v as f32).collect();
+                // A finite value that float32 cannot hold would silently become ±inf.
+                if let Some(i) =
+                    (0..wide.len()).find(|&i| narrow[i].is_infinite() && wide[i].is_finite())
+                {
+                    return Err(self.error(format!(
+                        "{}: float64 value {:e} is beyond the float32 range (±3.4e38); xent computes in float32",
+                        self.position(first + i),
+                        wide[i]
+                    )));
+                }
+                Ok(ElementVec::F32(narrow))
+            }
             Elem::F16 => Ok(ElementVec::F16(
                 halves().into_iter().map(f16::from_bits).collect(),
             )),
@@ -241,7 +273,10 @@ impl NpyInput {
                 .map(i64::from)
                 .collect()),
             Elem::I64 => Ok(decode(&bytes, be, i64::from_le_bytes, i64::from_be_bytes)),
-            _ => Err(self.error(format!("expected integers, found {}", self.elem.name()))),
+            _ => Err(self.error(format!(
+                "expected integers (int64 or int32), found {}",
+                self.elem.name()
+            ))),
         }
     }
 }
@@ -569,19 +604,25 @@ fn shorten(text: &str) -> String {
 
 /// An output .npy written as batches finish (`--per-row`'s losses, `--grad`'s gradient): the
 /// header (the final shape is known up front) comes first, then each batch's values in row
-/// order, so nothing per row is kept in memory and a pipe works as well as a file. A file this
-/// writer created is removed again when the run fails before [`NpyWriter::finish`].
+/// order, so nothing per row is kept in memory.
+///
+/// A file (new or existing) is written to a temporary file beside it, renamed over it by
+/// [`NpyWriter::finish_all`] once every output is complete: a run that fails leaves no partial
+/// file and an existing file as it was (the temporary file is removed when the writer is
+/// dropped unfinished). A link is followed, and the file it names is replaced. A pipe or
+/// device (`/dev/stdout`) cannot be renamed over and is written directly.
 pub struct NpyWriter {
     /// The option that named the file ("--per-row", "--grad"), for messages.
     flag: &'static str,
+    /// The path as given, for messages.
     path: PathBuf,
+    /// The temporary file and the file it replaces; `None` when writing directly to `path`.
+    temp: Option<(PathBuf, PathBuf)>,
     writer: BufWriter<File>,
     /// The values' type: `<f8`, `<f4`, `<f2` or `<V2` (bfloat16, as np.save writes it).
     descr: &'static str,
     /// Values still to come.
     remaining: usize,
-    /// Whether the file was created by this run (and so is removed on failure).
-    created: bool,
     finished: bool,
 }
 
@@ -619,15 +660,31 @@ impl NpyWriter {
         shape: &[usize],
         descr: &'static str,
     ) -> Result<Self, CliError> {
-        let created = std::fs::symlink_metadata(path).is_err();
-        let file = File::create(path).map_err(|e| write_error(flag, path, e))?;
+        let fail = |e| write_error(flag, path, e);
+        let (file, temp) = match std::fs::metadata(path) {
+            // A pipe, a device, or a directory (which fails here with its own message).
+            Ok(m) if !m.is_file() => (File::create(path).map_err(fail)?, None),
+            existing => {
+                let target = destination(path);
+                if let Ok(m) = &existing {
+                    // An existing file must be writable, as it would be written in place.
+                    OpenOptions::new().write(true).open(&target).map_err(fail)?;
+                    let (file, temp) = create_temp(&target).map_err(fail)?;
+                    let _ = file.set_permissions(m.permissions());
+                    (file, Some((temp, target)))
+                } else {
+                    let (file, temp) = create_temp(&target).map_err(fail)?;
+                    (file, Some((temp, target)))
+                }
+            }
+        };
         let mut writer = Self {
             flag,
             path: path.to_path_buf(),
+            temp,
             writer: BufWriter::new(file),
             descr,
             remaining: shape.iter().product(),
-            created,
             finished: false,
         };
         let dims: String = match shape {
@@ -677,18 +734,22 @@ impl NpyWriter {
         self.put(values.bytes())
     }
 
-    /// The file being written.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Flushes the file once every value is written.
-    pub fn finish(mut self) -> Result<(), CliError> {
-        debug_assert_eq!(self.remaining, 0, "the header promised more values");
-        self.writer
-            .flush()
-            .map_err(|e| write_error(self.flag, &self.path, e))?;
-        self.finished = true;
+    /// Completes a run's outputs together: every file is flushed first, and only then is each
+    /// renamed into place, so a failure while flushing leaves every destination untouched.
+    pub fn finish_all(writers: impl IntoIterator<Item = NpyWriter>) -> Result<(), CliError> {
+        let mut writers: Vec<NpyWriter> = writers.into_iter().collect();
+        for w in &mut writers {
+            debug_assert_eq!(w.remaining, 0, "the header promised more values");
+            w.writer
+                .flush()
+                .map_err(|e| write_error(w.flag, &w.path, e))?;
+        }
+        for w in &mut writers {
+            if let Some((temp, target)) = &w.temp {
+                std::fs::rename(temp, target).map_err(|e| write_error(w.flag, &w.path, e))?;
+            }
+            w.finished = true;
+        }
         Ok(())
     }
 
@@ -701,10 +762,64 @@ impl NpyWriter {
 
 impl Drop for NpyWriter {
     fn drop(&mut self) {
-        if !self.finished && self.created {
-            let _ = std::fs::remove_file(&self.path);
+        if let (false, Some((temp, _))) = (self.finished, &self.temp) {
+            let _ = std::fs::remove_file(temp);
         }
     }
+}
+
+/// The file `path` names once links are followed (a link to a file not yet there included).
+fn destination(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf();
+    // As many links as Linux follows (a loop ends here too).
+    for _ in 0..40 {
+        let Ok(link) = std::fs::read_link(&p) else {
+            break;
+        };
+        p = match p.parent() {
+            Some(dir) => dir.join(link),
+            None => link,
+        };
+    }
+    p
+}
+
+/// A new temporary file beside `target`, in its directory (so that a rename replaces it).
+fn create_temp(target: &Path) -> std::io::Result<(File, PathBuf)> {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let name = target
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_string_lossy());
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    loop {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let temp = dir.join(format!(".{name}.xent-{}-{n}.tmp", std::process::id()));
+        match File::create_new(&temp) {
+            Ok(file) => return Ok((file, temp)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether two output paths are one file: the same name, the same file once links are
+/// followed (also a link to a file not yet there), or the same existing file.
+pub fn same_output(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| {
+        let d = destination(p);
+        let dir = match d.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        match (std::fs::canonicalize(dir), d.file_name()) {
+            (Ok(dir), Some(name)) => dir.join(name),
+            _ => d,
+        }
+    };
+    a == b || resolved(a) == resolved(b) || same_file(a, b)
 }
 
 fn write_error(flag: &str, path: &Path, e: std::io::Error) -> CliError {

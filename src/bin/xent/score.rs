@@ -16,7 +16,7 @@ use xent::{
     MeanNormalisers, Reduction, Scorer, Targets, Upstream, XentError,
 };
 
-use crate::npy::{Elem, NpyInput, NpyWriter, same_file};
+use crate::npy::{Elem, NpyInput, NpyWriter, same_file, same_output};
 use crate::out::{Out, json_f64, json_opt, outln};
 use crate::{CliError, ScoreArgs};
 
@@ -66,11 +66,6 @@ pub fn check_outputs(args: &ScoreArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
-}
-
-/// Whether two outputs are one file: the same name, or the same existing file.
-fn same_output(a: &Path, b: &Path) -> bool {
-    a == b || same_file(a, b)
 }
 
 fn same_output_error(grad: &Path) -> CliError {
@@ -148,6 +143,12 @@ fn open_inputs(args: &ScoreArgs) -> Result<(Inputs, Option<Vec<f32>>), CliError>
     };
     let targets = NpyInput::open("targets", targets_path)?;
     let soft = targets.elem.is_float();
+    if !soft && !targets.elem.is_int() {
+        return Err(targets.error(format!(
+            "holds {}, which is neither class indices (int64 or int32, shape [N]) nor probabilities (float32, float64, float16 or bfloat16, shape [N, C]); raw uint16 bits of a half type are read only for --logits, with --logits-dtype",
+            targets.elem.name()
+        )));
+    }
     if soft && targets.shape != [rows, classes] {
         return Err(targets.error(format!(
             "float targets are probabilities and must have the logits' shape [{rows}, {classes}] ({}), found {:?}; class indices must be integers of shape [{rows}]",
@@ -209,13 +210,10 @@ fn blame(e: XentError, inputs: &Inputs, row_offset: usize) -> CliError {
         XentError::ClassIndexOutOfRange { .. } | XentError::TargetsShape { .. } => CliError::input(
             format!("{}: {}", inputs.targets.label(), strip_role(&e, "targets")),
         ),
-        XentError::LogitsShape { .. } | XentError::NoClasses | XentError::RowTooLarge { .. } => {
-            CliError::input(format!(
-                "{}: {}",
-                inputs.logits.label(),
-                strip_role(&e, "logits")
-            ))
-        }
+        XentError::LogitsShape { .. }
+        | XentError::NoClasses
+        | XentError::RowTooLarge { .. }
+        | XentError::LogitOutOfRange { .. } => logits_error(&inputs.logits, &e),
         XentError::WeightsLength { .. } | XentError::WeightNotFinite { .. } => {
             CliError::input(format!(
                 "{}: {}",
@@ -232,6 +230,11 @@ fn blame(e: XentError, inputs: &Inputs, row_offset: usize) -> CliError {
         )),
         other => CliError::runtime(other.to_string()),
     }
+}
+
+/// A library error about the logits (its message starts "logits: "), naming their file.
+pub fn logits_error(logits: &NpyInput, e: &XentError) -> CliError {
+    logits.error(strip_role(e, "logits"))
 }
 
 fn strip_role(e: &XentError, role: &str) -> String {
@@ -462,6 +465,11 @@ fn whole_file_mean(
 }
 
 pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
+    if args.topk_probs.is_some() && args.topk_indices.is_none() {
+        return Err(CliError::input(
+            "--topk-probs: needs --topk-indices, the class indices [N, k] its probabilities belong to",
+        ));
+    }
     if let Some(teacher) = &args.teacher {
         return crate::distill::run(args, teacher);
     }
@@ -481,6 +489,11 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
         return crate::topk::run(args, indices, probabilities);
     }
     let requested = requested_batch_rows(args)?;
+    if args.top_k == Some(0) {
+        return Err(CliError::input(
+            "--top-k 0: must be at least 1 (a hit is the target among the K highest classes)",
+        ));
+    }
     let grad_output = crate::stream::grad_output(args.grad_output)?;
     let (mut inputs, weights) = open_inputs(args)?;
     let mut spec = CrossEntropy::new()
@@ -546,21 +559,12 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
         None => None,
     };
     let mut grad = match &args.grad {
-        Some(path) => {
-            // The per-row file now exists: an alias of it is found by what it is.
-            if per_row
-                .as_ref()
-                .is_some_and(|w| same_output(path, w.path()))
-            {
-                return Err(same_output_error(path));
-            }
-            Some(NpyWriter::create_as(
-                "--grad",
-                path,
-                &[rows, classes],
-                inputs.dtype,
-            )?)
-        }
+        Some(path) => Some(NpyWriter::create_as(
+            "--grad",
+            path,
+            &[rows, classes],
+            inputs.dtype,
+        )?),
         None => None,
     };
     let start = Instant::now();
@@ -634,12 +638,7 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
     }
     inputs.logits.finish()?;
     inputs.targets.finish()?;
-    if let Some(writer) = per_row {
-        writer.finish()?;
-    }
-    if let Some(writer) = grad {
-        writer.finish()?;
-    }
+    NpyWriter::finish_all(per_row.into_iter().chain(grad))?;
     let seconds = start.elapsed().as_secs_f64();
     report(
         args,

@@ -111,14 +111,8 @@ impl Outputs {
         Ok(())
     }
 
-    /// Completes both files.
+    /// Completes both files (each replaces its destination only now).
     pub fn finish(self) -> Result<(), CliError> {
-        if let Some(writer) = self.per_row {
-            writer.finish()?;
-        }
-        if let Some(writer) = self.grad {
-            writer.finish()?;
-        }
-        Ok(())
+        NpyWriter::finish_all(self.per_row.into_iter().chain(self.grad))
     }
 }

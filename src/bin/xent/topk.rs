@@ -10,13 +10,15 @@ use xent::{ElementVec, Logits, XentError};
 
 use crate::npy::NpyInput;
 use crate::out::{Out, json_f64, json_opt, outln};
-use crate::score::{check_outputs, checked_batch_rows, open_logits, update_progress};
+use crate::score::{check_outputs, checked_batch_rows, logits_error, open_logits, update_progress};
 use crate::stream::{self, Outputs};
 use crate::{CliError, ScoreArgs};
 
-/// An error of the targets, naming the file at fault and the row within the whole file.
-fn blame(e: XentError, indices: &NpyInput, first_row: usize) -> CliError {
+/// An error of the targets or the logits, naming the file at fault and the row within the
+/// whole file.
+fn blame(e: XentError, logits: &NpyInput, indices: &NpyInput, first_row: usize) -> CliError {
     match e.with_row_offset(first_row) {
+        e @ XentError::LogitOutOfRange { .. } => logits_error(logits, &e),
         XentError::SparseIndexOutOfRange {
             row,
             value,
@@ -38,16 +40,22 @@ pub fn run(args: &ScoreArgs, indices_path: &Path, probs_path: &Path) -> Result<(
     let (rows, classes) = (logits.rows, logits.classes);
     let mut indices = NpyInput::open("top-k indices", indices_path)?;
     let k = match indices.shape.as_slice() {
-        &[n, k] if n == rows && !indices.elem.is_float() => k,
+        &[n, k] if n == rows && indices.elem.is_int() => k,
         _ => {
             return Err(indices.error(format!(
-                "expected integer class indices [N, k] with N = {rows} (the rows of {}); found {} of shape {:?}",
+                "expected class indices (int64 or int32) [N, k] with N = {rows} (the rows of {}); found {} of shape {:?}",
                 logits.file.label(),
                 indices.elem.name(),
                 indices.shape
             )));
         }
     };
+    if k == 0 {
+        return Err(indices.error(format!(
+            "has shape {:?}: k = 0 classes per row; top-k targets need at least one",
+            indices.shape
+        )));
+    }
     let mut probabilities = NpyInput::open("top-k probabilities", probs_path)?;
     if !probabilities.elem.is_float() || probabilities.shape != [rows, k] {
         return Err(probabilities.error(format!(
@@ -82,7 +90,7 @@ pub fn run(args: &ScoreArgs, indices_path: &Path, probs_path: &Path) -> Result<(
             (None, Some(up)) => scoring::sparse_cross_entropy_grad(args.reduction, z, targets, up)
                 .map(|(o, g)| (o, Some(ElementVec::rounded(z.dtype(), g)))),
         };
-        let (out, gradient) = result.map_err(|e| blame(e, &indices, done))?;
+        let (out, gradient) = result.map_err(|e| blame(e, &logits.file, &indices, done))?;
         outputs.write(&out.per_row, gradient)?;
         sum += out.sum;
         done += n;
