@@ -68,14 +68,20 @@ impl std::fmt::Display for Dtype {
 }
 
 impl std::str::FromStr for Dtype {
-    type Err = String;
+    type Err = crate::XentError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    /// `f32`/`float32`, `bf16`/`bfloat16` or `f16`/`float16`; anything else is
+    /// [`XentError::UnknownName`](crate::XentError::UnknownName).
+    fn from_str(s: &str) -> Result<Self, crate::XentError> {
         match s {
             "f32" | "float32" => Ok(Dtype::F32),
             "bf16" | "bfloat16" => Ok(Dtype::Bf16),
             "f16" | "float16" => Ok(Dtype::F16),
-            _ => Err(format!("unknown dtype `{s}` (expected f32, bf16 or f16)")),
+            _ => Err(crate::XentError::UnknownName {
+                what: "dtype",
+                value: s.into(),
+                expected: "f32, bf16 or f16",
+            }),
         }
     }
 }
@@ -118,7 +124,7 @@ impl Element for f16 {
 }
 
 /// A borrowed slice of values of one dtype, row-major.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Elements<'a> {
     /// f32 values.
     F32(&'a [f32]),

@@ -6,7 +6,10 @@ use thiserror::Error;
 ///
 /// Input errors are found on the host before any GPU work is queued, so a context stays
 /// usable after any of them.
+///
+/// Non-exhaustive: new kinds of errors may come in minor versions.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum XentError {
     /// The logits slice does not hold `rows × classes` values.
     #[error(
@@ -202,6 +205,16 @@ pub enum XentError {
     UnknownBackend {
         /// The variable's value.
         value: String,
+    },
+    /// A name that is not one of a fixed set (a reduction, a dtype), as parsed by `FromStr`.
+    #[error("unknown {what} {value:?} (expected {expected})")]
+    UnknownName {
+        /// What was being named.
+        what: &'static str,
+        /// The text given.
+        value: String,
+        /// The names accepted.
+        expected: &'static str,
     },
     /// A distillation temperature must be finite and > 0; on the GPU, which scales the
     /// logits by 1/T in f32, 1/T must be a normal f32 too (T between about 3e-39 and 8.5e37).

@@ -71,7 +71,10 @@ pub use grad::{MeanNormalisers, Upstream};
 pub use half::{bf16, f16};
 pub use logits::Logits;
 pub use output::{LossOutput, LossTotals};
-pub use scoring::{Distillation, Divergence, SparseTargets};
+pub use scoring::{
+    Distillation, DistillationOutput, DistillationTerms, Divergence, MetricsSummary,
+    MultipleChoiceOutput, SequenceScore, SparseTargets, TokenMetrics,
+};
 pub use shard::{MergeTargets, RowPartial, VocabShard};
 pub use spec::{CrossEntropy, Reduction};
 pub use targets::Targets;

@@ -6,7 +6,7 @@ use crate::dtype::{Dtype, Element, Elements};
 use crate::error::{Result, XentError};
 
 /// Logits `[rows, classes]`, row-major, of f32, bf16 or f16 ([`Element`]).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Logits<'a> {
     values: Elements<'a>,
     rows: usize,

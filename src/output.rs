@@ -229,13 +229,9 @@ pub struct LossOutput {
 }
 
 impl LossOutput {
-    /// The output of an empty batch (N = 0): sum 0, mean NaN, no rows, as in PyTorch.
-    pub fn empty(reduction: Reduction, classes: usize, with_entropy: bool) -> Self {
-        Self::empty_with_z_loss(reduction, classes, with_entropy, false)
-    }
-
-    /// [`LossOutput::empty`], with an (empty) z-loss when `with_z_loss` (the spec's λ > 0).
-    pub fn empty_with_z_loss(
+    /// The output of an empty batch (N = 0): sum 0, mean NaN, no rows, as in PyTorch; an
+    /// (empty) entropy and z-loss when asked for (the spec's λ > 0).
+    pub(crate) fn empty_with_z_loss(
         reduction: Reduction,
         classes: usize,
         with_entropy: bool,
@@ -397,7 +393,7 @@ mod tests {
     /// N = 0 sums to +0.0, not −0.0.
     #[test]
     fn empty_sums_are_positive_zero() {
-        let out = LossOutput::empty(Reduction::Sum, 3, true);
+        let out = LossOutput::empty_with_z_loss(Reduction::Sum, 3, true, false);
         for value in [out.sum, out.loss.unwrap(), out.entropy_sum.unwrap()] {
             assert!(value == 0.0 && value.is_sign_positive(), "{value}");
         }
@@ -405,7 +401,11 @@ mod tests {
         let z = out.z_loss_sum.unwrap();
         assert!(z == 0.0 && z.is_sign_positive(), "{z}");
         assert_eq!(out.z_loss, Some(Vec::new()));
-        assert!(LossOutput::empty(Reduction::Sum, 3, false).z_loss.is_none());
+        assert!(
+            LossOutput::empty_with_z_loss(Reduction::Sum, 3, false, false)
+                .z_loss
+                .is_none()
+        );
     }
 
     /// Three rows, the middle one ignored; the class weights make the denominator 5 while two

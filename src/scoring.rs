@@ -507,7 +507,7 @@ pub fn distillation_grad(
 ///
 /// The probabilities are used as given, not renormalised (as the golden cases, which PyTorch
 /// computed as `−Σ_j p_j·log_softmax(z)[idx_j]`): a row whose mass is not 1 has `B = Σ_j p_j`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SparseTargets<'a> {
     indices: &'a [i64],
     probabilities: &'a [f32],

@@ -105,6 +105,13 @@ pub struct RowPartial {
     pub h: f64,
 }
 
+impl Default for RowPartial {
+    /// [`RowPartial::EMPTY`].
+    fn default() -> Self {
+        RowPartial::EMPTY
+    }
+}
+
 impl RowPartial {
     /// The partial of no classes: the identity of [`RowPartial::merge`].
     pub const EMPTY: RowPartial = RowPartial {

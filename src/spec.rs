@@ -63,16 +63,25 @@ impl Reduction {
     }
 }
 
+impl std::fmt::Display for Reduction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Reduction {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = XentError;
+    /// `none`, `sum` or `mean`; anything else is [`XentError::UnknownName`].
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "none" => Ok(Reduction::None),
             "sum" => Ok(Reduction::Sum),
             "mean" => Ok(Reduction::Mean),
-            _ => Err(format!(
-                "unknown reduction {s:?} (expected none, sum or mean)"
-            )),
+            _ => Err(XentError::UnknownName {
+                what: "reduction",
+                value: s.into(),
+                expected: "none, sum or mean",
+            }),
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::logits::Logits;
 
 /// Targets, following PyTorch's rule: one integer per row is a class index; values shaped
 /// like the logits are probabilities.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Targets<'a> {
     /// One class index per row, `[N]`; a value equal to the spec's ignore index skips the row.
     ClassIndices(&'a [i64]),

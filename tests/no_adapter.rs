@@ -8,9 +8,7 @@ use xent::{GpuContext, XentError};
 fn missing_adapters_are_clear_errors() {
     // SAFETY: the only test in this binary; no other thread reads the environment meanwhile.
     unsafe { std::env::set_var("WGPU_ADAPTER_NAME", "no such adapter 7f3a") };
-    let err = GpuContext::new()
-        .err()
-        .expect("an adapter matched a made-up name");
+    let err = GpuContext::new().expect_err("an adapter matched a made-up name");
     assert!(matches!(err, XentError::AdapterNotFound { .. }), "{err}");
     assert!(err.to_string().contains("no such adapter 7f3a"), "{err}");
 
@@ -24,9 +22,7 @@ fn missing_adapters_are_clear_errors() {
         std::env::remove_var("WGPU_ADAPTER_NAME");
         std::env::set_var("WGPU_BACKEND", empty_backend);
     }
-    let err = GpuContext::new()
-        .err()
-        .expect("an adapter on an empty backend");
+    let err = GpuContext::new().expect_err("an adapter on an empty backend");
     assert!(matches!(err, XentError::NoAdapter { .. }), "{err}");
     assert!(err.to_string().contains("mesa-vulkan-drivers"), "{err}");
 
@@ -34,9 +30,7 @@ fn missing_adapters_are_clear_errors() {
     // lists the valid names, from both ways of looking for adapters.
     for value in ["bogus", "", "vulkan,bogus", " , "] {
         unsafe { std::env::set_var("WGPU_BACKEND", value) };
-        let err = GpuContext::new()
-            .err()
-            .expect("an adapter on a bogus backend");
+        let err = GpuContext::new().expect_err("an adapter on a bogus backend");
         assert!(
             matches!(&err, XentError::UnknownBackend { value: v } if v == value),
             "{value:?}: {err}"
@@ -54,8 +48,6 @@ fn missing_adapters_are_clear_errors() {
     let spelled = format!("{}, {empty_backend}", empty_backend.to_uppercase());
     unsafe { std::env::set_var("WGPU_BACKEND", &spelled) };
     assert!(xent::gpu::enumerate_adapters().is_ok());
-    let err = GpuContext::new()
-        .err()
-        .expect("an adapter on an empty backend");
+    let err = GpuContext::new().expect_err("an adapter on an empty backend");
     assert!(!matches!(err, XentError::UnknownBackend { .. }), "{err}");
 }

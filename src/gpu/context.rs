@@ -8,12 +8,23 @@ use crate::error::{Result, XentError};
 use super::pipelines::Pipelines;
 use super::planner::DeviceFacts;
 
-/// Options for a [`GpuContext`](super::GpuContext).
-#[derive(Clone, Debug, Default)]
+/// Options for a [`GpuContext`](super::GpuContext): `GpuOptions::default()` and the
+/// `with_*` methods (non-exhaustive: options may be added in minor versions).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GpuOptions {
     /// Caps the bytes bound per dispatch below the adapter's own limit; rows are chunked to
     /// fit. Useful to bound memory use, and lets tests exercise chunking without gigabytes.
     pub max_binding_bytes: Option<u64>,
+}
+
+impl GpuOptions {
+    /// Caps the bytes bound per dispatch at `bytes` (see
+    /// [`GpuOptions::max_binding_bytes`]).
+    pub fn with_max_binding_bytes(mut self, bytes: u64) -> Self {
+        self.max_binding_bytes = Some(bytes);
+        self
+    }
 }
 
 /// Every adapter wgpu can see on the backends in `WGPU_BACKEND` (all by default); an error

@@ -49,6 +49,14 @@ pub struct GpuContext {
     pool: Mutex<Vec<HostLoss>>,
 }
 
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("adapter", &describe_adapter(&self.gpu.info))
+            .finish_non_exhaustive()
+    }
+}
+
 impl GpuContext {
     /// Opens the adapter chosen by wgpu's environment variables (`WGPU_BACKEND`,
     /// `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`), the high-performance one by default, with the

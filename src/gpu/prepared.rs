@@ -178,6 +178,15 @@ pub struct BoundInputs {
     gradient: Option<GradientMode>,
 }
 
+impl std::fmt::Debug for BoundInputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundInputs")
+            .field("rows", &self.rows)
+            .field("gradient", &self.gradient)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Where a bound call's gradient goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum GradientMode {
@@ -329,6 +338,17 @@ pub struct PreparedLoss {
     slot: usize,
     /// Every device object, dropped under the GL serialisation.
     res: Serialised<Resources>,
+}
+
+impl std::fmt::Debug for PreparedLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedLoss")
+            .field("shape", &self.shape)
+            .field("reduction", &self.reduction)
+            .field("strategy", &self.setup.strategy)
+            .field("last_rows", &self.last_rows)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The device objects of a prepared loss.

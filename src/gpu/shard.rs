@@ -225,7 +225,7 @@ fn shard_spec(
 }
 
 /// How a [`ShardedScorer`] splits a batch over its contexts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ShardMode {
     /// Each context holds a contiguous block of classes of every row (Megatron's
     /// vocabulary-parallel loss): the partials of each row are merged, five numbers a row per
@@ -240,6 +240,7 @@ pub enum ShardMode {
 /// than once), concurrently, one thread per context, and merges the results in context order:
 /// the same outputs as one context within the f32 tolerance, the same bits every time for a
 /// fixed list of contexts.
+#[derive(Debug)]
 pub struct ShardedScorer<'a> {
     contexts: &'a [GpuContext],
     mode: ShardMode,

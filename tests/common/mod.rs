@@ -26,9 +26,7 @@ pub fn fresh_gpu() -> Option<GpuContext> {
 
 /// A context whose bindings are capped at `bytes`, so chunking runs on small inputs.
 pub fn gpu_with_binding_cap(bytes: u64) -> Option<GpuContext> {
-    open(GpuOptions {
-        max_binding_bytes: Some(bytes),
-    })
+    open(GpuOptions::default().with_max_binding_bytes(bytes))
 }
 
 fn open(options: GpuOptions) -> Option<GpuContext> {
