@@ -25,11 +25,14 @@ fn opaque(x: vec4<f32>) -> vec4<f32> {
 }
 
 // a + b = s + e exactly (Knuth's TwoSum; no ordering of |a|, |b| needed), with s and
-// s − a opaque so that no rewrite of the sum's algebra applies.
+// s − a opaque so that no rewrite of the sum's algebra applies. An infinite (or NaN) s has no
+// error term: inf − inf would make a sum of +inf NaN.
 fn two_sum(a: vec4<f32>, b: vec4<f32>) -> Pair {
     let s = opaque(a + b);
     let bb = opaque(s - a);
-    return Pair(s, (a - (s - bb)) + (b - bb));
+    let e = (a - (s - bb)) + (b - bb);
+    let finite = (bitcast<vec4<u32>>(s) & vec4(0x7f800000u)) != vec4(0x7f800000u);
+    return Pair(s, select(vec4(0.0), e, finite));
 }
 
 fn add_pairs(x: Pair, y: Pair) -> Pair {

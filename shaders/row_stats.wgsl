@@ -56,6 +56,10 @@ fn is_nan(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
 
+fn is_minus_inf(x: f32) -> bool {
+    return bitcast<u32>(x) == 0xff800000u;
+}
+
 // Whether a ranks strictly above b in torch.argmax's order: NaN above everything, NaNs equal.
 fn ranks_above(a: f32, b: f32) -> bool {
     return !is_nan(b) && (is_nan(a) || a > b);
@@ -92,7 +96,8 @@ fn raise_teacher(x: RowStats, mt: f32) -> RowStats {
         let d = x.mt - mt;
         let f = exp(d);
         out.h = rebase_e(x.h, x.b, x.mt, mt);
-        out.a = x.a * f;
+        // A −inf (p > 0 on a q = 0) stays −inf, even where f underflows.
+        out.a = select(x.a * f, x.a, is_minus_inf(x.a));
         out.b = x.b * f;
         out.zc = select(x.zc + x.s * d, x.zc, x.s == 0.0);
         out.mt = mt;
@@ -101,8 +106,9 @@ fn raise_teacher(x: RowStats, mt: f32) -> RowStats {
 }
 
 // A part's zc moved to a larger student max: its exp(z_k − m) shrink by exp(m_old − m_new).
+// A −inf (q > 0 on a p = 0) stays −inf.
 fn rebase_zc(zc: f32, m_old: f32, m_new: f32) -> f32 {
-    if m_old == m_new {
+    if m_old == m_new || is_minus_inf(zc) {
         return zc;
     }
     let f = exp(m_old - m_new);
@@ -217,14 +223,20 @@ fn fold_metric4(st: ptr<function, RowStats>, z: vec4<f32>, k: u32, z_target: f32
 
 // Folds the teacher's four logits t (over T) beside the student's z (over T), whose
 // exp(z − m) fold4 just added (TARGET_TEACHER); the caller raised the teacher's max to
-// cover t before fold4, while every folded element had its teacher terms. Terms with w = 0
-// or exp(z − m) = 0 add nothing (a −inf mask is not 0·(−inf)).
+// cover t before fold4, while every folded element had its teacher terms.
+//
+// A class is out of a softmax only where its logit is −inf: a weight that underflows f32 is
+// still a positive probability. So a teacher's −inf adds nothing to a and h, a student's −inf
+// nothing to zc, and where only the other side is −inf the term is −inf (p > 0 on q = 0, or
+// q > 0 on p = 0): never 0·(−inf), and the same whichever order the classes come in.
 fn fold_teacher4(st: ptr<function, RowStats>, z: vec4<f32>, e: vec4<f32>, t: vec4<f32>) {
     let w = exp(t - (*st).mt);
-    let none = w == vec4(0.0);
-    let a = select(w * (z - (*st).m), vec4(0.0), none);
-    let h = select(w * (t - (*st).mt), vec4(0.0), none);
-    let c = select(e * (t - (*st).mt), vec4(0.0), e == vec4(0.0));
+    let minus_inf = vec4(bitcast<f32>(0xff800000u));
+    let t_out = t == minus_inf;
+    let z_out = z == minus_inf;
+    let a = select(select(w * (z - (*st).m), minus_inf, z_out), vec4(0.0), t_out);
+    let h = select(w * (t - (*st).mt), vec4(0.0), t_out);
+    let c = select(select(e * (t - (*st).mt), minus_inf, t_out), vec4(0.0), z_out);
     (*st).b += (w.x + w.y) + (w.z + w.w);
     (*st).a += (a.x + a.y) + (a.z + a.w);
     (*st).h += (h.x + h.y) + (h.z + h.w);

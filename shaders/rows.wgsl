@@ -368,6 +368,12 @@ fn wild4(z: vec4<f32>) -> bool {
     return any((a > vec4(LOGIT_LIMIT)) & (a <= vec4(F32_MAX)));
 }
 
+// Whether any finite logit of `raw` is beyond ±LOGIT_LIMIT once divided by the temperature
+// (`scaled`; a finite logit may overflow to ±inf there, at T < 1).
+fn wild_scaled4(raw: vec4<f32>, scaled: vec4<f32>) -> bool {
+    return any((abs(scaled) > vec4(LOGIT_LIMIT)) & (abs(raw) <= vec4(F32_MAX)));
+}
+
 // The (capped) logit of the row's target class, for the rank (METRICS); NaN ranks nothing.
 var<private> metric_target: f32;
 // The row's (m, ln s, the teacher's lse, ·) from the first pass (JSD_SECOND).
@@ -410,7 +416,7 @@ fn fold_loaded(st: ptr<function, RowStats>, z: vec4<f32>, t: vec4<f32>, k: u32) 
         *st = raise_teacher(*st, max(max(teacher.x, teacher.y), max(teacher.z, teacher.w)));
         let e = fold4(st, capped, t, false);
         fold_teacher4(st, capped, e, teacher);
-        return wild4(capped) || wild4(teacher);
+        return wild_scaled4(z, capped) || wild_scaled4(t, teacher);
     }
     _ = fold4(st, capped, t, FOLD_TARGETS);
     if METRICS {
@@ -451,11 +457,11 @@ fn fold_scalar(st: ptr<function, RowStats>, i: u32, k: u32) -> bool {
         let teacher = cap1(raw);
         *st = raise_teacher(*st, teacher);
         let e = fold1(st, capped, 0.0, false);
-        // The three unused places have teacher weight exp(−inf) = 0 whatever the max so far
-        // (EMPTY_MAX would weigh 1 while the teacher's max is still EMPTY_MAX).
+        // The three unused places are −inf on both sides: classes of neither softmax, which
+        // add nothing (EMPTY_MAX would weigh 1 while the teacher's max is still EMPTY_MAX).
         let none = vec3(bitcast<f32>(0xff800000u));
-        fold_teacher4(st, vec4(capped, 0.0, 0.0, 0.0), vec4(e, 0.0, 0.0, 0.0), vec4(teacher, none));
-        return wild4(vec4(capped, teacher, 0.0, 0.0));
+        fold_teacher4(st, vec4(capped, none), vec4(e, 0.0, 0.0, 0.0), vec4(teacher, none));
+        return wild_scaled4(vec4(z, raw, 0.0, 0.0), vec4(capped, teacher, 0.0, 0.0));
     }
     _ = fold1(st, capped, t, FOLD_TARGETS);
     if METRICS {
@@ -607,8 +613,9 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
         sums = vec4(b * log_s - a, 0.0, 1.0, 0.0);
     }
     var z_loss = 0.0;
-    if ZLOSS {
-        z_loss = counted * params.z_loss * lse * lse;
+    if ZLOSS && counted > 0.0 {
+        // Not 0·(λ·lse²) for an ignored row: its lse may be ±inf or NaN.
+        z_loss = params.z_loss * lse * lse;
     }
     if TARGET_KIND == TARGET_NONE {
         // Statistics only (log-sum-exp, log-softmax): m and ln s too.

@@ -206,6 +206,13 @@ pub enum XentError {
         /// The variable's value.
         value: String,
     },
+    /// The gradient's scale on the GPU (the upstream gradient over the mean's denominator,
+    /// times the inverse of the power of two the class weights were scaled by on the device)
+    /// is beyond f32: class weights very far from 1 with a large upstream gradient.
+    #[error(
+        "gradient: its scale {0:e} (upstream gradient over the class weights' scale) overflows f32 on the GPU; bring the class weights nearer 1 or use the CPU reference"
+    )]
+    GradientScale(f64),
     /// A name that is not one of a fixed set (a reduction, a dtype), as parsed by `FromStr`.
     #[error("unknown {what} {value:?} (expected {expected})")]
     UnknownName {

@@ -599,10 +599,15 @@ fn sparse_impl(
         let parts = RowLse::of(zf.iter().copied());
         let idx = targets.indices_row(i);
         let p = targets.probabilities_row(i);
-        let loss = -(0..targets.k)
-            .filter(|&j| p[j] != 0.0)
-            .map(|j| p[j] as f64 * parts.log_prob(zf[idx[j] as usize]))
-            .sum::<f64>();
+        // A row without a softmax (NaN, +inf, or only −inf) is NaN whatever its entries.
+        let loss = if parts.value().is_finite() {
+            -(0..targets.k)
+                .filter(|&j| p[j] != 0.0)
+                .map(|j| p[j] as f64 * parts.log_prob(zf[idx[j] as usize]))
+                .sum::<f64>()
+        } else {
+            f64::NAN
+        };
         per_row.push(loss);
         lses.push(parts.value());
         if let Some(u) = upstream {
@@ -631,7 +636,8 @@ fn sparse_impl(
 /// Cross-entropy against top-k sparse targets with the student's full-vocabulary log-sum-exp,
 /// in f64: `l_i = Σ_j p_ij·(lse_i − z_{i,idx_ij})` (the probabilities as given, see
 /// [`SparseTargets`]); `mean` is `Σ_i l_i / N`. A pair with `p = 0` contributes 0 even on a
-/// masked class. The output's `log_sum_exp` is each row's `lse`; it has no entropy.
+/// masked class; a row with no softmax (a NaN or +inf logit, or only −inf) is NaN. The
+/// output's `log_sum_exp` is each row's `lse`; it has no entropy.
 ///
 /// Errors: those of [`SparseTargets::validate`].
 pub fn sparse_cross_entropy(

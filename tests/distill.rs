@@ -386,3 +386,54 @@ fn temperatures_beyond_f32_are_refused() {
         .unwrap();
     assert!(fine.loss.unwrap().is_finite());
 }
+
+/// A teacher's probability that underflows f32 is still a probability: on a class the student
+/// masks (−inf), the cross-entropy is +inf as in the f64 reference, whatever the order of the
+/// classes (it was NaN, 0 or finite by order). And a finite logit that overflows f32 once
+/// divided by T < 1 is out of range, not NaN.
+#[test]
+fn underflowing_teachers_on_masked_classes_and_overflowing_scaled_logits() {
+    let Some(gpu) = gpu() else { return };
+    let ninf = f32::NEG_INFINITY;
+    for (z, t) in [
+        (vec![ninf, 0.0], vec![0.0, 110.0]),
+        (vec![0.0, ninf], vec![110.0, 0.0]),
+        (vec![0.0, 1.0, ninf], vec![110.0, 0.0, 0.0]),
+        (vec![1.0, ninf, 0.5], vec![0.0, -30.0, 120.0]),
+    ] {
+        for divergence in [Divergence::ForwardKl, Divergence::Jsd { beta: 0.0 }] {
+            let spec = Distillation::new()
+                .with_divergence(divergence)
+                .with_reduction(Reduction::None);
+            let logits = Logits::new(&z, 1, z.len()).unwrap();
+            let want = scoring::distillation(&spec, logits, &t).unwrap();
+            let got = gpu.distillation(&spec, logits, &t).unwrap();
+            assert_eq!(want.per_row, vec![f64::INFINITY], "{z:?} {t:?}");
+            assert_eq!(got.per_row, want.per_row, "{divergence:?} {z:?} {t:?}");
+        }
+    }
+    // The reverse KL's mirror: the student's probability underflows on a class the teacher
+    // masks.
+    let z = vec![0.0, 110.0];
+    let t = vec![ninf, 0.0];
+    let spec = Distillation::new()
+        .with_divergence(Divergence::ReverseKl)
+        .with_reduction(Reduction::None);
+    let logits = Logits::new(&z, 1, 2).unwrap();
+    let want = scoring::distillation(&spec, logits, &t).unwrap();
+    let got = gpu.distillation(&spec, logits, &t).unwrap();
+    assert_eq!(want.per_row, vec![f64::INFINITY]);
+    assert_eq!(got.per_row, want.per_row);
+
+    let spec = Distillation::new().with_temperature(0.5);
+    for (z, t) in [([0.0, 1.0], [0.0, 2e38]), ([0.0, 3e38], [0.0, 1.0])] {
+        let logits = Logits::new(&z, 1, 2).unwrap();
+        assert!(
+            matches!(
+                gpu.distillation(&spec, logits, &t),
+                Err(XentError::LogitOutOfRange { row: 0 })
+            ),
+            "{z:?} {t:?}"
+        );
+    }
+}

@@ -560,3 +560,68 @@ fn more_rows_than_one_host_call() {
         );
     }
 }
+
+/// Edge cases a differential fuzzer found, each against the f64 reference: an infinite row
+/// loss makes the reduced loss infinite (not NaN: the device's compensated sum has no error
+/// term for an infinite sum); an ignored row of only −inf logits adds no z-loss (not
+/// 0·(λ·lse²) = NaN); the mean over probability targets with class weights far from 1 divides
+/// by the row count, not by it times the weights' scale.
+#[test]
+fn infinite_rows_ignored_masked_rows_and_weighted_probabilities() {
+    let Some(gpu) = gpu() else { return };
+    let inf = f32::INFINITY;
+    let agree = |label: &str, got: Option<f64>, want: Option<f64>| {
+        let (g, w) = (got.unwrap(), want.unwrap());
+        let same = if w.is_finite() {
+            (g - w).abs() <= 1e-5 * w.abs() + 1e-6
+        } else {
+            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())
+        };
+        assert!(same, "{label}: {g} vs {w}");
+    };
+    let z = [0.0, -inf, 0.0, 0.0];
+    for (weights, reduction) in [
+        (None, Reduction::Sum),
+        (None, Reduction::Mean),
+        (Some(vec![1.0, -2.0]), Reduction::Sum),
+    ] {
+        let mut spec = CrossEntropy::new().with_reduction(reduction);
+        if let Some(w) = weights {
+            spec = spec.with_weights(w);
+        }
+        let t = Targets::ClassIndices(&[1, 0]);
+        let logits = Logits::new(&z, 2, 2).unwrap();
+        let got = gpu.cross_entropy(&spec, logits, t).unwrap();
+        let want = cpu::cross_entropy(&spec, logits, t).unwrap();
+        assert!(want.loss.unwrap().is_infinite(), "{spec:?}");
+        agree(&format!("{spec:?}"), got.loss, want.loss);
+    }
+    let z = [-inf, -inf, 0.0, 1.0];
+    let spec = CrossEntropy::new()
+        .with_ignore_index(-100)
+        .with_z_loss(1e-4);
+    let t = Targets::ClassIndices(&[-100, 0]);
+    let logits = Logits::new(&z, 2, 2).unwrap();
+    let got = gpu.cross_entropy(&spec, logits, t).unwrap();
+    let want = cpu::cross_entropy(&spec, logits, t).unwrap();
+    agree("ignored masked row, loss", got.loss, want.loss);
+    agree(
+        "ignored masked row, z-loss",
+        got.z_loss_sum,
+        want.z_loss_sum,
+    );
+    let z = [0.0, 1.0, 2.0, 0.5];
+    let p = [0.25, 0.75, 1.0, 0.0];
+    for w in [[1e7_f32, 1.0], [1.0, 1e-30], [1e30, 3.0]] {
+        let spec = CrossEntropy::new()
+            .with_weights(w.to_vec())
+            .with_reduction(Reduction::Mean);
+        let logits = Logits::new(&z, 2, 2).unwrap();
+        let got = gpu
+            .cross_entropy(&spec, logits, Targets::probabilities(&p))
+            .unwrap();
+        let want = cpu::cross_entropy(&spec, logits, Targets::probabilities(&p)).unwrap();
+        assert_eq!(got.mean_denominator, 2.0, "weights {w:?}");
+        agree(&format!("weights {w:?}"), got.loss, want.loss);
+    }
+}

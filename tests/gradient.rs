@@ -613,3 +613,65 @@ fn large_soft_caps_keep_their_accuracy_and_f32_options_are_checked() {
         ));
     }
 }
+
+/// Where class weights far from 1 (scaled by a power of two on the device) meet a large
+/// upstream gradient, the kernel's f32 scale would overflow although the gradient is finite:
+/// refused, not inf. The mean of probability targets with such weights on the device path
+/// (its scale from the device's own totals) matches the reference.
+#[test]
+fn gradient_scales_beyond_f32_are_refused_and_weighted_means_hold() {
+    let Some(gpu) = gpu() else { return };
+    let z = [0.0_f32, 0.0];
+    let logits = Logits::new(&z, 1, 2).unwrap();
+    let spec = CrossEntropy::new()
+        .with_weights(vec![1.0, 3e38])
+        .with_reduction(Reduction::Sum);
+    let t = xent::Targets::ClassIndices(&[0]);
+    assert!(matches!(
+        gpu.cross_entropy_grad(&spec, logits, t, Upstream::Scalar(2.0)),
+        Err(xent::XentError::GradientScale(_))
+    ));
+    // A scale that fits: the reference's gradient.
+    let (_, got) = gpu
+        .cross_entropy_grad(&spec, logits, t, Upstream::Scalar(1.0))
+        .unwrap();
+    let (_, want) = cpu::cross_entropy_grad(&spec, logits, t, Upstream::Scalar(1.0)).unwrap();
+    for (g, w) in got.to_f32().iter().zip(&want) {
+        assert!((*g as f64 - w).abs() <= 1e-6 * w.abs(), "{g} vs {w}");
+    }
+
+    let (rows, classes) = (3, 4);
+    let p = Problem::random(94, rows, classes, 3.0, 0.0);
+    let spec = CrossEntropy::new()
+        .with_weights(vec![1e7, 1.0, 0.5, 2e7])
+        .with_reduction(Reduction::Mean);
+    let (want_out, want) =
+        cpu::cross_entropy_grad(&spec, p.logits(), p.targets(true), Upstream::Scalar(1.0)).unwrap();
+    let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&p.logits));
+    let probs = buffer_with(gpu, 0, bytemuck::cast_slice(&p.probabilities));
+    let grad = buffer_with(gpu, 0, &vec![0u8; rows * classes * 4]);
+    let mut loss = gpu
+        .prepare(&spec, LossShape::probabilities(rows, classes))
+        .unwrap();
+    loss.run_gradient(
+        DeviceLogits::new(&logits, 0, rows, classes),
+        DeviceTargets::probabilities(&probs, 0),
+        GradientOutput::Buffer {
+            buffer: &grad,
+            offset: 0,
+        },
+        Upstream::Scalar(1.0),
+    )
+    .unwrap();
+    let out = loss.read().unwrap();
+    assert_eq!(out.mean_denominator, rows as f64);
+    let (g, w) = (out.loss.unwrap(), want_out.loss.unwrap());
+    assert!((g - w).abs() <= 1e-5 * w.abs(), "mean {g} vs {w}");
+    let got = read_f32(gpu, &grad, 0, rows * classes);
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= 1e-5 * w.abs() + 1e-6 * 2e7 / 3.0,
+            "element {k}: {g} vs {w}"
+        );
+    }
+}

@@ -1144,3 +1144,55 @@ fn shard_probabilities_are_f32_or_the_logits_dtype() {
         }
     }
 }
+
+/// A shard's gradient with class weights far from 1 on the target's shard: the merged B goes
+/// to the device in the shard's own weight scale, applied in f64 (in f32 a scale beyond f32's
+/// range made B inf). Against the whole f64 gradient.
+#[test]
+fn shard_gradients_with_weights_far_from_one() {
+    let Some(gpu) = gpu() else { return };
+    let z = [0.0_f32, 1.0, 2.0, 3.0];
+    let y = [0_i64];
+    for (weights, reduction) in [
+        (vec![1e-30_f32, 1e-31, 1e-31, 1e-25], Reduction::Sum),
+        (vec![1e-30, 1e-31, 1e-31, 1e-25], Reduction::Mean),
+        // A weight scale of 2^133, beyond f32 (it was applied in f32: B came out inf).
+        (vec![1e-40, 1e-45, 1e-45, 1e-30], Reduction::Mean),
+        (vec![1e20, 1.0, 1.0, 1.0], Reduction::Sum),
+        (vec![1e7, 1.0, 1.0, 1.0], Reduction::Mean),
+    ] {
+        let spec = CrossEntropy::new()
+            .with_weights(weights.clone())
+            .with_reduction(reduction);
+        let whole = Logits::new(&z, 1, 4).unwrap();
+        let up = Upstream::Scalar(1.0);
+        let (_, want) =
+            cpu::cross_entropy_grad(&spec, whole, Targets::ClassIndices(&y), up).unwrap();
+        let shards = [VocabShard::new(0, 4), VocabShard::new(2, 4)];
+        let ranges = [0..2, 2..4];
+        let mut parts = Vec::new();
+        for (shard, r) in shards.iter().zip(&ranges) {
+            let block = Logits::new(&z[r.clone()], 1, 2).unwrap();
+            let p = gpu
+                .partials(&spec, block, Targets::ClassIndices(&y), *shard)
+                .unwrap();
+            parts.push(p);
+        }
+        let refs: Vec<&[RowPartial]> = parts.iter().map(|p| p.as_slice()).collect();
+        let merged = merge_rows(&refs).unwrap();
+        let mut got = Vec::new();
+        for (shard, r) in shards.iter().zip(&ranges) {
+            let block = Logits::new(&z[r.clone()], 1, 2).unwrap();
+            let g = gpu
+                .partial_gradient(&spec, block, Targets::ClassIndices(&y), *shard, &merged, up)
+                .unwrap();
+            got.extend(g.to_f32());
+        }
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-5 * w.abs() + 1e-45,
+                "{weights:?} {reduction:?} class {k}: {g} vs {w} (all: {got:?} vs {want:?})"
+            );
+        }
+    }
+}

@@ -384,3 +384,34 @@ fn top_k_half_gradients_across_chunks_that_start_inside_a_word() {
         assert_eq!(read(&capped, &z_buffer), host.bytes(), "{label}: in place");
     }
 }
+
+/// A row without a softmax (+inf, NaN, or only −inf logits) is NaN on the GPU and in the f64
+/// reference alike, even when its only entry has p = 0 (the reference dropped such entries
+/// before it saw the row).
+#[test]
+fn rows_without_a_softmax_are_nan_whatever_their_entries() {
+    let Some(gpu) = gpu() else { return };
+    let ninf = f32::NEG_INFINITY;
+    let rows = [
+        [f32::INFINITY, -2.0, 1.0],
+        [f32::NAN, -2.0, 1.0],
+        [ninf, ninf, ninf],
+        [0.5, -2.0, 1.0],
+    ];
+    let z: Vec<f32> = rows.concat();
+    let idx = [0_i64, 1, 2, 0];
+    let p = [0.0_f32, 0.0, 0.0, 0.0];
+    let logits = Logits::new(&z, 4, 3).unwrap();
+    let targets = SparseTargets::new(&idx, &p, 1);
+    let want = scoring::sparse_cross_entropy(Reduction::None, logits, targets).unwrap();
+    let got = gpu
+        .sparse_cross_entropy(Reduction::None, logits, targets)
+        .unwrap();
+    for i in 0..3 {
+        assert!(
+            want.per_row[i].is_nan() && got.per_row[i].is_nan(),
+            "row {i}"
+        );
+    }
+    assert_eq!((want.per_row[3], got.per_row[3]), (0.0, 0.0));
+}

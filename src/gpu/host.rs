@@ -87,7 +87,7 @@ pub(crate) struct HostCall<'a> {
     /// The k of the token metrics' top-k hits.
     pub top_k: usize,
     /// Per-row stats `(m, ln s, B, counted)` the gradient uses instead of a statistics pass.
-    pub row_stats: Option<&'a [[f32; 4]]>,
+    pub row_stats: Option<&'a [[f64; 4]]>,
 }
 
 /// What a host call returns: the loss, and what its setup asked for.

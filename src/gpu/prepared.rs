@@ -628,12 +628,13 @@ impl PreparedLoss {
 
     /// Writes per-row stats `(m, ln s, B, counted)` for rows `first_row..` of the next call,
     /// for a gradient pass without the statistics passes ([`Passes::statistics`]); `B` is
-    /// unscaled (the device's weight scale is applied here).
-    pub(crate) fn set_row_stats(&mut self, first_row: usize, stats: &[[f32; 4]]) -> Result<()> {
-        let scale = self.weight_scale as f32;
+    /// unscaled (the device's weight scale is applied here, in f64: the scale itself may lie
+    /// beyond f32, as for weights near 1e-40).
+    pub(crate) fn set_row_stats(&mut self, first_row: usize, stats: &[[f64; 4]]) -> Result<()> {
+        let scale = self.weight_scale;
         let scaled: Vec<[f32; 4]> = stats
             .iter()
-            .map(|s| [s[0], s[1], s[2] * scale, s[3]])
+            .map(|s| [s[0] as f32, s[1] as f32, (s[2] * scale) as f32, s[3] as f32])
             .collect();
         let offset = (self.rows2_at as u64 + first_row as u64) * ROW_RESULT_BYTES;
         let gpu = &self.gpu;
@@ -901,16 +902,7 @@ impl PreparedLoss {
         let _serial = self.gpu.serial();
         let unscale = 1.0 / self.weight_scale;
         let (ce, z) = match (self.reduction, upstream) {
-            (Reduction::None, Upstream::PerRow(g)) => {
-                let values: Vec<f32> = g.iter().map(|&v| v as f32).collect();
-                let offset = self.upstream_slot_at() as u64 * 4;
-                self.gpu.queue.write_buffer(
-                    &self.res.weights,
-                    offset,
-                    bytemuck::cast_slice(&values),
-                );
-                (unscale, 1.0)
-            }
+            (Reduction::None, Upstream::PerRow(_)) => (unscale, 1.0),
             (Reduction::Sum, Upstream::Scalar(g)) => (g * unscale, g),
             (Reduction::Mean, Upstream::MeanOver { grad, .. }) => {
                 let (denominator, counted) = upstream.mean_over().unwrap_or((1.0, 1.0));
@@ -921,13 +913,39 @@ impl PreparedLoss {
                 Some((denominator, counted)) => {
                     (g / (denominator * self.weight_scale), g / counted)
                 }
-                // The device divides by its own totals (the weight scale cancels).
-                None => (g, g),
+                // The device divides by its own totals: the weight scale cancels for class
+                // indices (their denominator carries it), not for a count of rows.
+                None => match self.setup.targets {
+                    Some(TargetLayout::ClassIndices(_)) => (g, g),
+                    _ => (g * unscale, g),
+                },
             },
             // Checked above.
             _ => (0.0, 0.0),
         };
-        self.grad_scales = Some(((ce * self.grad_factor) as f32, z as f32));
+        let ce = ce * self.grad_factor;
+        // The kernel multiplies each row's terms by these (and a per-row upstream value) in
+        // f32: class weights far from 1 (scaled on the device) with a large upstream gradient
+        // could overflow there where the gradient itself is finite.
+        let largest = match upstream {
+            Upstream::PerRow(g) => g.iter().fold(0.0_f64, |m, v| m.max(v.abs())),
+            _ => 1.0,
+        };
+        // (An infinite scale in f64 is no overflow: a mean over no counted rows, whose
+        // gradient is all zeros, or an infinite upstream gradient, as the reference has it.)
+        for scale in [ce * largest, z * largest] {
+            if scale.is_finite() && !(scale as f32).is_finite() {
+                return Err(XentError::GradientScale(scale));
+            }
+        }
+        if let Upstream::PerRow(g) = upstream {
+            let values: Vec<f32> = g.iter().map(|&v| v as f32).collect();
+            let offset = self.upstream_slot_at() as u64 * 4;
+            self.gpu
+                .queue
+                .write_buffer(&self.res.weights, offset, bytemuck::cast_slice(&values));
+        }
+        self.grad_scales = Some((ce as f32, z as f32));
         Ok(())
     }
 

@@ -162,19 +162,20 @@ impl GpuContext {
         let mean = upstream
             .mean_over()
             .unwrap_or((mean.denominator, mean.counted_rows as f64));
-        // (m, ln s, B, counted) as the statistics pass would keep them for the whole row.
-        let stats: Vec<[f32; 4]> = merged
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let m = p.m.max(f32::MIN as f64) as f32;
-                let counted = if ignored(i) { 0.0 } else { 1.0 };
-                [m, p.s.ln() as f32, p.b as f32, counted]
-            })
-            .collect();
         let strategy = self.plan(rows, classes);
         let targets = HostTargets::from(targets);
         let (own, setup) = host_setup(spec, shard, &logits, &targets, strategy, Output::Gradient)?;
+        // (m, ln s, B, counted) as the statistics pass would keep them for the whole row (B
+        // unscaled: the loss applies its weight scale).
+        let stats: Vec<[f64; 4]> = merged
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let m = p.m.max(f32::MIN as f64);
+                let counted = if ignored(i) { 0.0 } else { 1.0 };
+                [m, p.s.ln(), p.b, counted]
+            })
+            .collect();
         let call = HostCall {
             gradient: Some((upstream, mean)),
             row_stats: Some(&stats),

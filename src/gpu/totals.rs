@@ -96,7 +96,13 @@ impl TotalsReader {
         };
         let total = |i: usize| pair(i, 4 + i);
         let scale = self.weight_scale;
-        let (ce_sum, denominator) = (total(0) / scale, total(2) / scale);
+        // The mean's denominator is Σ w_y (weights times the scale) for class indices, a
+        // count of rows otherwise.
+        let denominator = match self.targets {
+            Some(TargetLayout::ClassIndices(_)) => total(2) / scale,
+            _ => total(2),
+        };
+        let ce_sum = total(0) / scale;
         let ignored = total(3) as usize;
         let z_loss_sum = self.z_loss.then(|| pair(8, 12));
         let sum = ce_sum + z_loss_sum.unwrap_or(0.0);
