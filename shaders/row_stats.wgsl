@@ -56,6 +56,11 @@ fn is_nan(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
 
+// is_nan of each of four values.
+fn is_nan4(x: vec4<f32>) -> vec4<bool> {
+    return (bitcast<vec4<u32>>(x) & vec4(0x7fffffffu)) > vec4(0x7f800000u);
+}
+
 fn is_minus_inf(x: f32) -> bool {
     return bitcast<u32>(x) == 0xff800000u;
 }
@@ -205,7 +210,7 @@ fn fold_metric(st: ptr<function, RowStats>, z: f32, k: u32, z_target: f32) {
 // count above the target at once, and the argmax scanned only when one of them could take it
 // (a NaN, or one not below the best so far: ties included, for a lower class may win them).
 fn fold_metric4(st: ptr<function, RowStats>, z: vec4<f32>, k: u32, z_target: f32) {
-    let nan = (bitcast<vec4<u32>>(z) & vec4(0x7fffffffu)) > vec4(0x7f800000u);
+    let nan = is_nan4(z);
     if !is_nan(z_target) {
         let above = select(vec4(0u), vec4(1u), nan | (z > vec4(z_target)));
         (*st).above += (above.x + above.y) + (above.z + above.w);

@@ -204,8 +204,7 @@ fn cap4(z: vec4<f32>) -> vec4<f32> {
         let x2 = x * x;
         let series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))));
         let t = select(tanh(x), series, abs(x) < vec4(0.25));
-        let nan = (bitcast<vec4<u32>>(z) & vec4(0x7fffffffu)) > vec4(0x7f800000u);
-        return select(params.cap * t, z, nan);
+        return select(params.cap * t, z, is_nan4(z));
     }
     if TARGET_KIND == TARGET_TEACHER {
         return z * params.inv_temperature;
@@ -364,12 +363,11 @@ fn wild4(z: vec4<f32>) -> bool {
     if SOFTCAP {
         return false;
     }
-    let a = abs(z);
-    return any((a > vec4(LOGIT_LIMIT)) & (a <= vec4(F32_MAX)));
+    return wild_scaled4(z, z);
 }
 
-// Whether any finite logit of `raw` is beyond ±LOGIT_LIMIT once divided by the temperature
-// (`scaled`; a finite logit may overflow to ±inf there, at T < 1).
+// Whether any finite logit of `raw` is beyond ±LOGIT_LIMIT as the loss sees it (`scaled`:
+// divided by the temperature, where a finite logit may overflow to ±inf at T < 1).
 fn wild_scaled4(raw: vec4<f32>, scaled: vec4<f32>) -> bool {
     return any((abs(scaled) > vec4(LOGIT_LIMIT)) & (abs(raw) <= vec4(F32_MAX)));
 }
@@ -560,14 +558,9 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
             results[row] = vec4(0.0, lse, 0.0, 0.0);
             sums = vec4(0.0, 0.0, 0.0, 1.0);
         } else if y < 0 {
-            let nan = bitcast<f32>(0x7fc00000u);
-            results[row].x = nan;
+            results[row].x = bitcast<f32>(0x7fc00000u);
             results[row].y = lse;
-            if GRAD_STATS {
-                // A counted row without statistics: its gradient is NaN, as its loss is.
-                results[params.rows2_at + row] = vec4(nan, nan, nan, 1.0);
-            }
-            return RowSums(vec4(nan, 0.0, 0.0, 0.0), 0.0);
+            return failed_row(row);
         } else {
             // The target's own term, where this block of classes holds it (a shard).
             let local = u32(y) - params.class_offset;
@@ -598,10 +591,7 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
                 let high = select(select(0u, 0xffffffffu, (k & 0x80000000u) != 0u), TOP_K_DUPLICATE, repeated && k < params.classes);
                 let nan = bitcast<f32>(0x7fc00000u);
                 results[row] = vec4(nan, lse, bitcast<f32>(k), bitcast<f32>(high));
-                if GRAD_STATS {
-                    results[params.rows2_at + row] = vec4(nan, nan, nan, 1.0);
-                }
-                return RowSums(vec4(nan, 0.0, 0.0, 0.0), 0.0);
+                return failed_row(row);
             }
             let p = bitcast<f32>(target_word(first + SPARSE_K + j));
             // p = 0 adds nothing, even on a −inf logit (not 0·(−inf)).
@@ -634,6 +624,17 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
         results[params.metrics_at + row] = vec4(st.h, 0.0, 0.0, 0.0);
     }
     return RowSums(sums, z_loss);
+}
+
+// What a row whose targets are in error (its results already written) adds: a NaN loss; for
+// a gradient pass, NaN statistics of a counted row, so that its gradient is NaN as its loss is
+// (not what an earlier call left there).
+fn failed_row(row: u32) -> RowSums {
+    let nan = bitcast<f32>(0x7fc00000u);
+    if GRAD_STATS {
+        results[params.rows2_at + row] = vec4(nan, nan, nan, 1.0);
+    }
+    return RowSums(vec4(nan, 0.0, 0.0, 0.0), 0.0);
 }
 
 // Completes chunk row r against a teacher: per row (loss, lse, H(p), KL(p‖q)) for the

@@ -168,7 +168,17 @@ pub fn cross_entropy(
     logits: Logits<'_>,
     targets: Targets<'_>,
 ) -> Result<LossOutput> {
+    Ok(cross_entropy_rows(spec, logits, targets)?.0)
+}
+
+/// [`cross_entropy`], and each row's log-sum-exp in its two parts (for the gradient).
+fn cross_entropy_rows(
+    spec: &CrossEntropy,
+    logits: Logits<'_>,
+    targets: Targets<'_>,
+) -> Result<(LossOutput, Vec<RowLse>)> {
     spec.validate(&logits, &targets)?;
+    let mut lses = Vec::with_capacity(logits.rows());
     let classes = logits.classes();
     let eps = spec.label_smoothing();
     let per_class = eps / classes as f64;
@@ -208,8 +218,9 @@ pub fn cross_entropy(
             }
         };
         rows.push(loss, lse_i, counted, h);
+        lses.push(lse);
     }
-    Ok(rows.finish(spec.reduction(), classes, denominator))
+    Ok((rows.finish(spec.reduction(), classes, denominator), lses))
 }
 
 /// `−Σ t·ln t` of target probabilities, with `0·ln 0 = 0` (NaN stays NaN).
@@ -251,11 +262,11 @@ pub fn cross_entropy_grad(
 ) -> Result<(LossOutput, Vec<f64>)> {
     spec.validate(&logits, &targets)?;
     upstream.check(spec.reduction(), logits.rows())?;
-    let out = cross_entropy(spec, logits, targets)?;
+    let (out, lses) = cross_entropy_rows(spec, logits, targets)?;
     let lambda = spec.z_loss();
     let counted = out.counted_rows() as f64;
     let mut grad = Vec::with_capacity(logits.values().len());
-    for i in 0..logits.rows() {
+    for (i, parts) in lses.into_iter().enumerate() {
         let Some(a) = target_weights(spec, &logits, &targets, i) else {
             grad.extend(std::iter::repeat_n(0.0, logits.classes()));
             continue;
@@ -268,8 +279,7 @@ pub fn cross_entropy_grad(
         };
         let raw = logits.row(i);
         let z = effective_row(spec, &raw);
-        let lse = out.log_sum_exp[i];
-        let parts = RowLse::of(z.iter().copied());
+        let lse = parts.value();
         let b: f64 = a.iter().sum();
         for k in 0..z.len() {
             let q = parts.log_prob(z[k]).exp();

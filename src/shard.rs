@@ -13,12 +13,11 @@
 use std::ops::Range;
 
 use crate::cpu::{effective_row, target_entropy};
-use crate::dtype::Dtype;
 use crate::error::{Result, XentError};
 use crate::grad::MeanNormalisers;
 use crate::logits::Logits;
 use crate::output::{LossOutput, RowOutputs};
-use crate::spec::CrossEntropy;
+use crate::spec::{CrossEntropy, check_targets_dtype};
 use crate::targets::Targets;
 
 /// Where a block of classes lies: classes `offset..offset + C` of a vocabulary of `total`,
@@ -339,12 +338,7 @@ pub(crate) fn check_shard_targets(
             mean.add_class_indices(spec, shard.total(), 0, y)?;
         }
         Targets::Probabilities(p) => {
-            if p.dtype() != Dtype::F32 && p.dtype() != logits.dtype() {
-                return Err(XentError::TargetsDtype {
-                    logits: logits.dtype(),
-                    targets: p.dtype(),
-                });
-            }
+            check_targets_dtype(logits.dtype(), p.dtype())?;
             if p.len() != logits.len() {
                 return Err(XentError::TargetsShape {
                     expected: logits.len(),

@@ -86,6 +86,14 @@ impl std::str::FromStr for Reduction {
     }
 }
 
+/// Probability targets are f32 or of the logits' dtype: [`XentError::TargetsDtype`] otherwise.
+pub(crate) fn check_targets_dtype(logits: Dtype, targets: Dtype) -> Result<()> {
+    if targets != Dtype::F32 && targets != logits {
+        return Err(XentError::TargetsDtype { logits, targets });
+    }
+    Ok(())
+}
+
 /// A cross-entropy loss with PyTorch's options and normalisation.
 ///
 /// ```
@@ -245,12 +253,7 @@ impl CrossEntropy {
                 }
             }
             Targets::Probabilities(p) => {
-                if p.dtype() != Dtype::F32 && p.dtype() != logits.dtype() {
-                    return Err(XentError::TargetsDtype {
-                        logits: logits.dtype(),
-                        targets: p.dtype(),
-                    });
-                }
+                check_targets_dtype(logits.dtype(), p.dtype())?;
                 if p.len() != logits.len() {
                     return Err(XentError::TargetsShape {
                         expected: logits.len(),

@@ -18,7 +18,7 @@ use crate::grad::Upstream;
 use crate::output::{LossOutput, LossTotals};
 use crate::scoring::{Distillation, DistillationOutput, TargetScore, TokenMetrics, TokenRow};
 use crate::shard::RowPartial;
-use crate::spec::{CrossEntropy, Reduction};
+use crate::spec::{CrossEntropy, Reduction, check_targets_dtype};
 
 use super::context::{Gpu, Serialised};
 use super::pipelines::{Kernel, LossVariant, PipelineKey, TargetKind, slot};
@@ -430,12 +430,7 @@ impl PreparedLoss {
             Some(TargetLayout::Probabilities(d)) => d,
             _ => Dtype::F32,
         };
-        if targets_dtype != Dtype::F32 && targets_dtype != dtype {
-            return Err(XentError::TargetsDtype {
-                logits: dtype,
-                targets: targets_dtype,
-            });
-        }
+        check_targets_dtype(dtype, targets_dtype)?;
         setup.strategy.check(&gpu.facts)?;
         let max_rows = shape.max_rows().max(1);
         let plan = ChunkPlan::new(
@@ -859,19 +854,18 @@ impl PreparedLoss {
                 "these inputs were bound by another prepared loss".into(),
             ));
         }
-        if let Some(upstream) = upstream {
-            if inputs.gradient.is_none() {
-                return Err(XentError::NotPrepared(
-                    "these inputs were bound without a gradient output (use bind_gradient)".into(),
-                ));
-            }
-            upstream.check(self.reduction, inputs.rows)?;
-        }
-        // Checked: the call is recorded, in a parameter slot of its own.
+        // A parameter slot of the call's own. (A call refused below leaves its slot unused,
+        // which is harmless: reads check the number of the last call recorded.)
         self.begin_call();
         let passes = match upstream {
             None => Passes::LOSS,
             Some(upstream) => {
+                if inputs.gradient.is_none() {
+                    return Err(XentError::NotPrepared(
+                        "these inputs were bound without a gradient output (use bind_gradient)"
+                            .into(),
+                    ));
+                }
                 self.set_upstream(upstream, inputs.rows, None)?;
                 Passes::gradient(
                     self.reduction == Reduction::Mean && upstream.mean_over().is_none(),
