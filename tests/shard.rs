@@ -114,6 +114,32 @@ fn rounded_problem(p: &Problem, types: Types) -> Problem {
     }
 }
 
+/// The half-precision cases of `specs` on a `rows` × `classes` problem whose `masked` classes
+/// are −inf (see [`problem`]): class indices, and probabilities where the spec has no ignore
+/// index, each in the element types [`half_types`] gives (`all` of them or not), the problem
+/// rounded to them.
+fn half_cases<'s>(
+    specs: &[&'s CrossEntropy],
+    rows: usize,
+    classes: usize,
+    masked: std::ops::Range<usize>,
+    all: bool,
+) -> Vec<(&'s CrossEntropy, bool, Types, Problem)> {
+    let mut cases = Vec::new();
+    for &spec in specs {
+        let raw = problem(rows, classes, masked.clone(), spec);
+        for soft in [false, true] {
+            if soft && spec.ignore_index().is_some() {
+                continue;
+            }
+            for types in half_types(soft, all) {
+                cases.push((spec, soft, types, rounded_problem(&raw, types)));
+            }
+        }
+    }
+    cases
+}
+
 /// A problem's (or a shard's) logits and probabilities in the element types of a case.
 struct Typed {
     rows: usize,
@@ -388,29 +414,22 @@ fn half_partials_merge_to_the_reference_on_the_rounded_values() {
     let Some(gpu) = gpu() else { return };
     for (rows, classes, k) in [(9usize, 5usize, 5usize), (11, 1001, 3)] {
         let shards = VocabShard::split(classes, k);
-        for spec in half_specs(classes) {
-            let raw = problem(rows, classes, shards[1].1.clone(), &spec);
-            for soft in [false, true] {
-                if soft && spec.ignore_index().is_some() {
-                    continue;
-                }
-                for types in half_types(soft, true) {
-                    let p = rounded_problem(&raw, types);
-                    let label = format!("C={classes} k={k} {types:?} soft={soft} {spec:?}");
-                    let whole = Typed::whole(&p, types);
-                    let targets = whole.targets(&p.labels, soft);
-                    let want = cpu::cross_entropy(&spec, whole.logits(), targets).unwrap();
-                    let max = max_abs_per_row(&p.logits, classes);
-                    let mass = p.mass(&spec, soft);
-                    let gpu_partials: &Partial = &|s, z, t, sh| gpu.partials(s, z, t, sh);
-                    let got = sharded(&spec, &p, soft, k, types, gpu_partials);
-                    assert_outputs_match(&label, &got, &want, &max, &mass);
-                    // The f64 partials of the same half values merge to it too.
-                    let f64_partials: &Partial = &|s, z, t, sh| cpu_partials(s, z, t, sh);
-                    let got = sharded(&spec, &p, soft, k, types, f64_partials);
-                    assert_outputs_match(&format!("{label} f64"), &got, &want, &max, &mass);
-                }
-            }
+        let specs = half_specs(classes);
+        let specs: Vec<_> = specs.iter().collect();
+        for (spec, soft, types, p) in half_cases(&specs, rows, classes, shards[1].1.clone(), true) {
+            let label = format!("C={classes} k={k} {types:?} soft={soft} {spec:?}");
+            let whole = Typed::whole(&p, types);
+            let targets = whole.targets(&p.labels, soft);
+            let want = cpu::cross_entropy(spec, whole.logits(), targets).unwrap();
+            let max = max_abs_per_row(&p.logits, classes);
+            let mass = p.mass(spec, soft);
+            let gpu_partials: &Partial = &|s, z, t, sh| gpu.partials(s, z, t, sh);
+            let got = sharded(spec, &p, soft, k, types, gpu_partials);
+            assert_outputs_match(&label, &got, &want, &max, &mass);
+            // The f64 partials of the same half values merge to it too.
+            let f64_partials: &Partial = &|s, z, t, sh| cpu_partials(s, z, t, sh);
+            let got = sharded(spec, &p, soft, k, types, f64_partials);
+            assert_outputs_match(&format!("{label} f64"), &got, &want, &max, &mass);
         }
     }
 }
@@ -636,18 +655,11 @@ fn half_shard_gradients_are_the_columns_of_the_whole_gradient() {
     // Odd C: shards that start and end inside a 4-byte word of halves.
     let (rows, classes, k) = (9usize, 1001usize, 3usize);
     let shards = VocabShard::split(classes, k);
-    for spec in half_specs(classes) {
-        let raw = problem(rows, classes, shards[1].1.clone(), &spec);
-        for soft in [false, true] {
-            if soft && spec.ignore_index().is_some() {
-                continue;
-            }
-            for types in half_types(soft, false) {
-                let p = rounded_problem(&raw, types);
-                let label = format!("C={classes} k={k} {types:?} soft={soft} {spec:?}");
-                check_shard_gradients(gpu, &spec, &p, soft, &shards, types, &label);
-            }
-        }
+    let specs = half_specs(classes);
+    let specs: Vec<_> = specs.iter().collect();
+    for (spec, soft, types, p) in half_cases(&specs, rows, classes, shards[1].1.clone(), false) {
+        let label = format!("C={classes} k={k} {types:?} soft={soft} {spec:?}");
+        check_shard_gradients(gpu, spec, &p, soft, &shards, types, &label);
     }
 }
 
@@ -710,18 +722,9 @@ fn half_logits_over_two_contexts() {
     // class indices, weights and smoothing for probabilities.
     let (rows, classes) = (7usize, 1001usize);
     let specs = half_specs(classes);
-    for spec in [&specs[0], &specs[2]] {
-        let raw = problem(rows, classes, 0..0, spec);
-        for soft in [false, true] {
-            if soft && spec.ignore_index().is_some() {
-                continue;
-            }
-            for types in half_types(soft, false) {
-                let p = rounded_problem(&raw, types);
-                let label = format!("{rows}x{classes} {types:?} soft={soft} {spec:?}");
-                check_scorer_gradients(&contexts, spec, &p, soft, types, &label);
-            }
-        }
+    for (spec, soft, types, p) in half_cases(&[&specs[0], &specs[2]], rows, classes, 0..0, false) {
+        let label = format!("{rows}x{classes} {types:?} soft={soft} {spec:?}");
+        check_scorer_gradients(&contexts, spec, &p, soft, types, &label);
     }
 }
 
