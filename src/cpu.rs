@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::grad::Upstream;
 use crate::logits::Logits;
 use crate::output::{LossOutput, RowOutputs};
-use crate::spec::{CrossEntropy, Reduction};
+use crate::spec::CrossEntropy;
 use crate::targets::Targets;
 
 /// The CPU reference as a [`Scorer`].
@@ -114,6 +114,35 @@ pub(crate) fn effective_row(spec: &CrossEntropy, z: &[f32]) -> Vec<f64> {
 fn softcap_slope(z: f32, cap: f64) -> f64 {
     let c = (z as f64 / cap).cosh();
     1.0 / (c * c)
+}
+
+/// Appends one counted row's gradient (see [`cross_entropy_grad`]):
+/// `(s_ce·(B·q_k − a_k) + s_z·2λ·lse·q_k)·dz'_k/dz_k` for the row's raw logits `raw`, the
+/// log-sum-exp `parts` of its effective logits, its target weights `a` (`B = Σ_k a_k`) and the
+/// scales `(s_ce, s_z)`.
+pub(crate) fn push_row_gradient(
+    grad: &mut Vec<f64>,
+    spec: &CrossEntropy,
+    raw: &[f32],
+    parts: RowLse,
+    a: &[f64],
+    (ce_scale, z_scale): (f64, f64),
+) {
+    let lambda = spec.z_loss();
+    let z = effective_row(spec, raw);
+    let lse = parts.value();
+    let b: f64 = a.iter().sum();
+    for k in 0..z.len() {
+        let q = parts.log_prob(z[k]).exp();
+        let mut d = ce_scale * (b * q - a[k]);
+        if lambda > 0.0 {
+            d += z_scale * 2.0 * lambda * lse * q;
+        }
+        if let Some(cap) = spec.softcap() {
+            d *= softcap_slope(raw[k], cap);
+        }
+        grad.push(d);
+    }
 }
 
 /// Row `i`'s effective target weights `a_k` (DESIGN.md, "One pass, one statistic"); `None`
@@ -263,35 +292,15 @@ pub fn cross_entropy_grad(
     spec.validate(&logits, &targets)?;
     upstream.check(spec.reduction(), logits.rows())?;
     let (out, lses) = cross_entropy_rows(spec, logits, targets)?;
-    let lambda = spec.z_loss();
-    let counted = out.counted_rows() as f64;
+    let own = (out.mean_denominator, out.counted_rows() as f64);
     let mut grad = Vec::with_capacity(logits.values().len());
     for (i, parts) in lses.into_iter().enumerate() {
         let Some(a) = target_weights(spec, &logits, &targets, i) else {
             grad.extend(std::iter::repeat_n(0.0, logits.classes()));
             continue;
         };
-        let g = upstream.at(i);
-        let (ce_scale, z_scale) = match (spec.reduction(), upstream.mean_over()) {
-            (Reduction::None | Reduction::Sum, _) => (g, g),
-            (Reduction::Mean, Some((denominator, counted))) => (g / denominator, g / counted),
-            (Reduction::Mean, None) => (g / out.mean_denominator, g / counted),
-        };
-        let raw = logits.row(i);
-        let z = effective_row(spec, &raw);
-        let lse = parts.value();
-        let b: f64 = a.iter().sum();
-        for k in 0..z.len() {
-            let q = parts.log_prob(z[k]).exp();
-            let mut d = ce_scale * (b * q - a[k]);
-            if lambda > 0.0 {
-                d += z_scale * 2.0 * lambda * lse * q;
-            }
-            if let Some(cap) = spec.softcap() {
-                d *= softcap_slope(raw[k], cap);
-            }
-            grad.push(d);
-        }
+        let scales = upstream.scales(spec.reduction(), i, own);
+        push_row_gradient(&mut grad, spec, &logits.row(i), parts, &a, scales);
     }
     Ok((out, grad))
 }

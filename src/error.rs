@@ -240,6 +240,12 @@ pub enum XentError {
         /// The repeated class index.
         class: i64,
     },
+    /// Top-k sparse targets take the z-loss and the soft-cap of a spec, not its class
+    /// weights, ignore index or label smoothing (each row's k pairs are its whole target).
+    #[error(
+        "sparse targets: a top-k loss takes no {0} (its rows' k probabilities are the whole target); z-loss and soft-cap are allowed"
+    )]
+    SparseOption(&'static str),
     /// A class index of top-k sparse targets is outside `[0, C)`.
     #[error("sparse targets: row {row} has class index {value}, outside [0, {classes})")]
     SparseIndexOutOfRange {

@@ -74,6 +74,21 @@ impl Upstream<'_> {
         }
     }
 
+    /// Row `i`'s scales of the cross-entropy part and of the z-loss part under `reduction`:
+    /// `g_i` for `none`, `g` for `sum`; for `mean`, `g / denominator` and `g / counted_rows`,
+    /// the whole batch's from [`Upstream::MeanOver`] where given, else this call's `own`
+    /// (denominator, counted rows). Call [`Upstream::check`] first.
+    pub(crate) fn scales(&self, reduction: Reduction, i: usize, own: (f64, f64)) -> (f64, f64) {
+        let g = self.at(i);
+        match reduction {
+            Reduction::None | Reduction::Sum => (g, g),
+            Reduction::Mean => {
+                let (denominator, counted) = self.mean_over().unwrap_or(own);
+                (g / denominator, g / counted)
+            }
+        }
+    }
+
     /// The mean's (denominator, counted rows) when they are given rather than this call's own.
     pub(crate) fn mean_over(&self) -> Option<(f64, f64)> {
         match *self {

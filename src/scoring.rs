@@ -13,12 +13,12 @@
 //! - `mean` is `sum / N` over all rows ("batchmean"), NaN for an empty batch, and `sum` of no
 //!   rows is +0.
 
-use crate::cpu::RowLse;
+use crate::cpu::{RowLse, effective_row, push_row_gradient};
 use crate::error::{Result, XentError};
 use crate::grad::Upstream;
 use crate::logits::Logits;
-use crate::output::LossOutput;
-use crate::spec::Reduction;
+use crate::output::{LossOutput, RowOutputs};
+use crate::spec::{CrossEntropy, Reduction};
 
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
@@ -70,23 +70,6 @@ fn argmax(v: impl Iterator<Item = f64>) -> usize {
         }
     }
     best.0
-}
-
-/// The gradient scale of row `i` for a loss reduced by `reduction` over `rows` rows whose mean
-/// divides by the row count ("batchmean"): `g_i` (none), `g` (sum), `g / N` (mean), or
-/// `grad / denominator` for [`Upstream::MeanOver`] (its `counted_rows` is not used: these losses
-/// have no z-loss part).
-fn row_scale(reduction: Reduction, upstream: &Upstream<'_>, rows: usize, i: usize) -> f64 {
-    match (reduction, *upstream) {
-        (
-            Reduction::Mean,
-            Upstream::MeanOver {
-                grad, denominator, ..
-            },
-        ) => grad / denominator,
-        (Reduction::Mean, _) => upstream.at(i) / rows as f64,
-        _ => upstream.at(i),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -431,8 +414,10 @@ fn distill_impl(
             kl.push(scale * d);
         }
         if let (Some(u), Some(g)) = (upstream, row.grad) {
-            // d/dz = d/ds · 1/T, times the loss scale and the reduction's scale.
-            let s = row_scale(spec.reduction, u, rows, i) * scale / t;
+            // d/dz = d/ds · 1/T, times the loss scale and the reduction's scale (the mean
+            // divides by the row count: "batchmean"; there is no z-loss part).
+            let own = (rows as f64, rows as f64);
+            let s = u.scales(spec.reduction, i, own).0 * scale / t;
             grad.extend(g.into_iter().map(|v| s * v));
         }
     }
@@ -580,57 +565,46 @@ impl<'a> SparseTargets<'a> {
 }
 
 fn sparse_impl(
-    reduction: Reduction,
+    spec: &CrossEntropy,
     logits: Logits<'_>,
     targets: SparseTargets<'_>,
     upstream: Option<&Upstream<'_>>,
 ) -> Result<(LossOutput, Vec<f64>)> {
+    spec.validate_sparse_options(logits.classes())?;
     targets.validate(&logits)?;
     let (rows, classes) = (logits.rows(), logits.classes());
     if let Some(u) = upstream {
-        u.check(reduction, rows)?;
+        u.check(spec.reduction(), rows)?;
     }
-    let mut per_row = Vec::with_capacity(rows);
-    let mut lses = Vec::with_capacity(rows);
+    let mut out = RowOutputs::new(rows, false, spec.z_loss());
     let mut grad = Vec::new();
     for i in 0..rows {
-        let z = logits.row(i);
-        let zf: Vec<f64> = z.iter().map(|&v| v as f64).collect();
-        let parts = RowLse::of(zf.iter().copied());
+        let raw = logits.row(i);
+        let z = effective_row(spec, &raw);
+        let parts = RowLse::of(z.iter().copied());
         let idx = targets.indices_row(i);
         let p = targets.probabilities_row(i);
         // A row without a softmax (NaN, +inf, or only −inf) is NaN whatever its entries.
         let loss = if parts.value().is_finite() {
             -(0..targets.k)
                 .filter(|&j| p[j] != 0.0)
-                .map(|j| p[j] as f64 * parts.log_prob(zf[idx[j] as usize]))
+                .map(|j| p[j] as f64 * parts.log_prob(z[idx[j] as usize]))
                 .sum::<f64>()
         } else {
             f64::NAN
         };
-        per_row.push(loss);
-        lses.push(parts.value());
+        out.push(loss, parts.value(), true, 0.0);
         if let Some(u) = upstream {
-            let s = row_scale(reduction, u, rows, i);
-            let b: f64 = p.iter().map(|&v| v as f64).sum();
-            let start = grad.len();
-            grad.extend(zf.iter().map(|&v| s * b * parts.log_prob(v).exp()));
+            // The row's probabilities scattered onto its indices (distinct, checked above).
+            let mut a = vec![0.0; classes];
             for j in 0..targets.k {
-                grad[start + idx[j] as usize] -= s * p[j] as f64;
+                a[idx[j] as usize] = p[j] as f64;
             }
+            let scales = u.scales(spec.reduction(), i, (rows as f64, rows as f64));
+            push_row_gradient(&mut grad, spec, &raw, parts, &a, scales);
         }
     }
-    let out = LossOutput::from_parts(
-        reduction,
-        classes,
-        rows as f64,
-        per_row,
-        lses,
-        None,
-        None,
-        0,
-    );
-    Ok((out, grad))
+    Ok((out.finish(spec.reduction(), classes, rows as f64), grad))
 }
 
 /// Cross-entropy against top-k sparse targets with the student's full-vocabulary log-sum-exp,
@@ -639,29 +613,34 @@ fn sparse_impl(
 /// masked class; a row with no softmax (a NaN or +inf logit, or only −inf) is NaN. The
 /// output's `log_sum_exp` is each row's `lse`; it has no entropy.
 ///
-/// Errors: those of [`SparseTargets::validate`].
+/// The spec's reduction, soft-cap and z-loss apply as for dense targets ([`crate::cpu::cross_entropy`]:
+/// `z` is `cap·tanh(z/cap)` throughout, and every row adds `λ·lse_i²`, every row being
+/// counted); top-k targets take no class weights, ignore index or label smoothing.
+///
+/// Errors: those of [`CrossEntropy::validate_sparse_options`] and [`SparseTargets::validate`].
 pub fn sparse_cross_entropy(
-    reduction: Reduction,
+    spec: &CrossEntropy,
     logits: Logits<'_>,
     targets: SparseTargets<'_>,
 ) -> Result<LossOutput> {
-    Ok(sparse_impl(reduction, logits, targets, None)?.0)
+    Ok(sparse_impl(spec, logits, targets, None)?.0)
 }
 
 /// [`sparse_cross_entropy`] and its gradient with respect to the logits, scaled by
-/// `upstream`: `∂l_i/∂z_k = s_i·(B_i·softmax(z_i)_k − a_ik)` with `a` the scatter of the row's
-/// probabilities onto its indices and `B_i = Σ_j p_ij`; `s_i` is `g_i` (none), `g` (sum), `g/N`
+/// `upstream`, as [`crate::cpu::cross_entropy_grad`] with the target weights `a` the scatter of
+/// the row's probabilities onto its indices (`B_i = Σ_j p_ij`): without soft-cap or z-loss
+/// `∂l_i/∂z_k = s_i·(B_i·softmax(z_i)_k − a_ik)`, `s_i` being `g_i` (none), `g` (sum), `g/N`
 /// (mean; `grad/denominator` for [`Upstream::MeanOver`]).
 ///
 /// Errors: those of [`sparse_cross_entropy`]; [`XentError::UpstreamKind`] and
 /// [`XentError::UpstreamLength`].
 pub fn sparse_cross_entropy_grad(
-    reduction: Reduction,
+    spec: &CrossEntropy,
     logits: Logits<'_>,
     targets: SparseTargets<'_>,
     upstream: Upstream<'_>,
 ) -> Result<(LossOutput, Vec<f64>)> {
-    sparse_impl(reduction, logits, targets, Some(&upstream))
+    sparse_impl(spec, logits, targets, Some(&upstream))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -266,6 +266,22 @@ impl CrossEntropy {
         Ok(())
     }
 
+    /// Checks the options for top-k sparse targets ([`crate::SparseTargets`]): those of
+    /// [`CrossEntropy::validate_options`], and no class weights, ignore index or label
+    /// smoothing ([`XentError::SparseOption`] names the first one set).
+    pub fn validate_sparse_options(&self, classes: usize) -> Result<()> {
+        self.validate_options(classes, false)?;
+        let refused = [
+            ("class weights", self.weights.is_some()),
+            ("ignore index", self.ignore_index.is_some()),
+            ("label smoothing", self.label_smoothing > 0.0),
+        ];
+        match refused.into_iter().find(|(_, set)| *set) {
+            Some((option, _)) => Err(XentError::SparseOption(option)),
+            None => Ok(()),
+        }
+    }
+
     /// Checks the options that do not depend on the data: smoothing in `[0, 1]`, one finite
     /// weight per class, no ignore index with probability targets, a finite z-loss λ ≥ 0, a
     /// finite soft-cap > 0.

@@ -2201,6 +2201,106 @@ fn top_k_targets_through_score() {
     expect_failure(&o, 2, &["short.npy", "shaped like"]);
 }
 
+/// Top-k targets take --z-loss and --softcap as dense targets do: the loss, the z-loss (JSON
+/// `z_loss`, `z_loss_sum`) and the gradient of the mean are the library's f64 reference on the
+/// golden case's logits, on the CPU and the GPU; options a top-k target does not take are
+/// refused, and a bad λ names --z-loss.
+#[test]
+fn top_k_targets_take_the_z_loss_and_the_softcap() {
+    let case = golden_case("sparse_top8");
+    let dir = tempfile::tempdir().unwrap();
+    let (zp, ip, pp) = (
+        case.dir.join("logits.npy"),
+        case.dir.join("topk_idx.npy"),
+        case.dir.join("topk_prob.npy"),
+    );
+    let (z, idx, p) = (
+        case.f32s("logits.npy"),
+        case.i64s("topk_idx.npy"),
+        case.f32s("topk_prob.npy"),
+    );
+    let (rows, classes, k) = (case.rows(), case.classes(), 8);
+    let spec = xent::CrossEntropy::new()
+        .with_reduction(xent::Reduction::Mean)
+        .with_z_loss(0.01)
+        .with_softcap(5.0);
+    let (want, want_grad) = xent::scoring::sparse_cross_entropy_grad(
+        &spec,
+        xent::Logits::new(&z, rows, classes).unwrap(),
+        xent::scoring::SparseTargets::new(&idx, &p, k),
+        xent::Upstream::Scalar(1.0),
+    )
+    .unwrap();
+    let grad_out = dir.path().join("grad.npy");
+    let base = [
+        "score",
+        "--logits",
+        path(&zp),
+        "--topk-indices",
+        path(&ip),
+        "--topk-probs",
+        path(&pp),
+        "--z-loss",
+        "0.01",
+        "--softcap",
+        "5",
+        "--grad",
+        path(&grad_out),
+        "--json",
+    ];
+    for engine in engines() {
+        let args: Vec<&str> = base.iter().chain(&engine).copied().collect();
+        let v = json(&xent(&args));
+        for (key, w) in [
+            ("loss", want.loss.unwrap()),
+            ("z_loss", want.reduced_z_loss().unwrap()),
+            ("z_loss_sum", want.z_loss_sum.unwrap()),
+        ] {
+            let got = v[key].as_f64().unwrap();
+            assert!(
+                (got - w).abs() <= 1e-5 * w.abs(),
+                "{engine:?} {key}: {got} vs {w}"
+            );
+        }
+        let grad: Vec<f32> = read_npy(&grad_out);
+        for (j, (&g, &w)) in grad.iter().zip(&want_grad).enumerate() {
+            // Capped logits lie in (−5, 5): the f32 element tolerance at scale 1/N.
+            let tol = (1.0 + 1.0) / rows as f64 * (8.0 * 5.0 * f32::EPSILON as f64 + 4e-6);
+            assert!(
+                (g as f64 - w).abs() <= tol,
+                "{engine:?} gradient {j}: {g} vs {w}"
+            );
+        }
+    }
+    let topk = ["--topk-indices", path(&ip), "--topk-probs", path(&pp)];
+    for refused in [
+        &["--label-smoothing", "0.1"][..],
+        &["--ignore-index", "-100"],
+    ] {
+        let args = [
+            &["score", "--logits", path(&zp)][..],
+            &topk,
+            refused,
+            &["--cpu"],
+        ]
+        .concat();
+        let o = xent(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(refused[0]) && err.contains("--topk-indices"),
+            "{err}"
+        );
+    }
+    let args = [
+        &["score", "--logits", path(&zp)][..],
+        &topk,
+        &["--z-loss", "-1", "--cpu"],
+    ]
+    .concat();
+    expect_failure(&xent(&args), 2, &["--z-loss", "-1"]);
+}
+
 /// The engines a CLI test runs: the CPU reference, and the GPU where there is one.
 fn engines() -> Vec<Vec<&'static str>> {
     let mut engines = vec![vec!["--cpu"]];

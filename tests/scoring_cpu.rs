@@ -13,7 +13,7 @@ use xent::scoring::{
     self, Distillation, DistillationOutput, DistillationTerms, Divergence, SequenceScore,
     SparseTargets,
 };
-use xent::{Logits, Reduction, Upstream, XentError};
+use xent::{CrossEntropy, Logits, Reduction, Upstream, XentError};
 
 const EPS: f64 = f64::EPSILON;
 
@@ -216,9 +216,13 @@ fn sparse_targets_reproduce_pytorch_golden_case() {
     let p = case.f32s("topk_prob.npy");
     let logits = Logits::new(&z, rows, classes).unwrap();
     let targets = SparseTargets::new(&idx, &p, k);
-    let (out, grad) =
-        scoring::sparse_cross_entropy_grad(Reduction::Sum, logits, targets, Upstream::Scalar(1.0))
-            .unwrap();
+    let (out, grad) = scoring::sparse_cross_entropy_grad(
+        &CrossEntropy::new().with_reduction(Reduction::Sum),
+        logits,
+        targets,
+        Upstream::Scalar(1.0),
+    )
+    .unwrap();
     let want = case.f64s("loss_none.npy");
     let m: Vec<f64> = (0..rows)
         .map(|i| max_abs(&z[i * classes..(i + 1) * classes]))
@@ -232,7 +236,12 @@ fn sparse_targets_reproduce_pytorch_golden_case() {
     }
     let tol = rows as f64 * value_tolerance(case.number("mean"), 2.0 * max_abs(&z));
     assert_close("sum", out.loss.unwrap(), case.number("sum"), tol);
-    let mean = scoring::sparse_cross_entropy(Reduction::Mean, logits, targets).unwrap();
+    let mean = scoring::sparse_cross_entropy(
+        &CrossEntropy::new().with_reduction(Reduction::Mean),
+        logits,
+        targets,
+    )
+    .unwrap();
     assert_close(
         "mean",
         mean.loss.unwrap(),
@@ -255,10 +264,12 @@ fn sparse_targets_reproduce_pytorch_golden_case() {
     report_worst("sparse_top8 gradient");
 }
 
+/// Dense probability targets with zeros outside the top k give the same loss, z-loss and
+/// gradient through the cross-entropy reference (whose gradient is checked against finite
+/// differences with soft-cap and z-loss in `gradient_cpu.rs`), for every reduction, with and
+/// without z-loss and soft-cap.
 #[test]
 fn sparse_targets_equal_dense_probabilities_and_scale_per_reduction() {
-    // Dense probability targets with zeros outside the top k give the same loss and gradient
-    // through the cross-entropy reference.
     let (rows, classes, k) = (3, 6, 2);
     let z: Vec<f32> = (0..rows * classes)
         .map(|v| (v as f32 * 0.37).sin() * 4.0)
@@ -273,46 +284,73 @@ fn sparse_targets_equal_dense_probabilities_and_scale_per_reduction() {
     }
     let logits = Logits::new(&z, rows, classes).unwrap();
     let g = [0.5, -1.0, 2.0];
-    for reduction in REDUCTIONS {
-        let upstream = match reduction {
-            Reduction::None => Upstream::PerRow(&g),
-            _ => Upstream::Scalar(0.75),
-        };
-        let (sparse, gs) = scoring::sparse_cross_entropy_grad(
-            reduction,
-            logits,
-            SparseTargets::new(&idx, &p, k),
-            upstream,
-        )
-        .unwrap();
-        let spec = xent::CrossEntropy::new().with_reduction(reduction);
-        let (dense_out, gd) = xent::cpu::cross_entropy_grad(
-            &spec,
-            logits,
-            xent::Targets::probabilities(&dense),
-            upstream,
-        )
-        .unwrap();
-        // Same formulas, different summation order: a few eps of |z| ≤ 4.
-        for (a, b) in sparse.per_row.iter().zip(&dense_out.per_row) {
-            assert_close(
-                "sparse vs dense loss",
-                *a,
-                *b,
-                64.0 * EPS * 5.0 * (1.0 + b.abs()),
-            );
-        }
-        assert_eq!(sparse.loss.is_some(), reduction != Reduction::None);
-        if let (Some(a), Some(b)) = (sparse.loss, dense_out.loss) {
-            assert_close(
-                "sparse vs dense reduced",
-                a,
-                b,
-                64.0 * EPS * 5.0 * (1.0 + b.abs()),
-            );
-        }
-        for (a, b) in gs.iter().zip(&gd) {
-            assert_close("sparse vs dense gradient", *a, *b, 64.0 * EPS * 5.0);
+    let options = [
+        (0.0, None),
+        (0.1, None),
+        (0.0, Some(2.5)),
+        (0.05, Some(3.0)),
+    ];
+    for (lambda, cap) in options {
+        for reduction in REDUCTIONS {
+            let upstream = match reduction {
+                Reduction::None => Upstream::PerRow(&g),
+                _ => Upstream::Scalar(0.75),
+            };
+            let mut spec = CrossEntropy::new()
+                .with_reduction(reduction)
+                .with_z_loss(lambda);
+            if let Some(cap) = cap {
+                spec = spec.with_softcap(cap);
+            }
+            let label = format!("λ {lambda} cap {cap:?} {reduction:?}");
+            let (sparse, gs) = scoring::sparse_cross_entropy_grad(
+                &spec,
+                logits,
+                SparseTargets::new(&idx, &p, k),
+                upstream,
+            )
+            .unwrap();
+            let (dense_out, gd) = xent::cpu::cross_entropy_grad(
+                &spec,
+                logits,
+                xent::Targets::probabilities(&dense),
+                upstream,
+            )
+            .unwrap();
+            // Same formulas, different summation order: a few eps of |z| ≤ 4.
+            let tol = |b: f64| 64.0 * EPS * 5.0 * (1.0 + b.abs());
+            let pairs = sparse.per_row.iter().zip(&dense_out.per_row);
+            for (a, b) in pairs.chain(sparse.log_sum_exp.iter().zip(&dense_out.log_sum_exp)) {
+                assert_close(
+                    &format!("{label}: sparse vs dense per row"),
+                    *a,
+                    *b,
+                    tol(*b),
+                );
+            }
+            assert_eq!(sparse.loss.is_some(), reduction != Reduction::None);
+            assert_eq!(sparse.z_loss.is_some(), lambda > 0.0, "{label}");
+            let reduced = [
+                (sparse.loss, dense_out.loss),
+                (sparse.reduced_z_loss(), dense_out.reduced_z_loss()),
+                (sparse.z_loss_sum, dense_out.z_loss_sum),
+            ];
+            for (a, b) in reduced {
+                assert_eq!(a.is_some(), b.is_some(), "{label}");
+                if let (Some(a), Some(b)) = (a, b) {
+                    assert_close(&format!("{label}: sparse vs dense reduced"), a, b, tol(b));
+                }
+            }
+            for (a, b) in gs.iter().zip(&gd) {
+                let what = format!("{label}: sparse vs dense gradient");
+                assert_close(&what, *a, *b, 64.0 * EPS * 5.0);
+            }
+            // The z-loss of each row is λ·lse², lse of the capped logits.
+            if let Some(zl) = &sparse.z_loss {
+                for (z, lse) in zl.iter().zip(&sparse.log_sum_exp) {
+                    assert_close(&label, *z, lambda * lse * lse, 4.0 * EPS * z.abs());
+                }
+            }
         }
     }
 }
@@ -862,7 +900,7 @@ fn sparse_target_errors_name_the_row() {
     let logits = Logits::new(&z, 3, 4).unwrap();
     let p = [0.5_f32; 6];
     let e = scoring::sparse_cross_entropy(
-        Reduction::Sum,
+        &CrossEntropy::new().with_reduction(Reduction::Sum),
         logits,
         SparseTargets::new(&[0, 1, 2, 3, 3, 3], &p, 2),
     )
@@ -874,7 +912,7 @@ fn sparse_target_errors_name_the_row() {
     assert!(e.to_string().contains("row 2"));
     for bad in [4, -1] {
         let e = scoring::sparse_cross_entropy(
-            Reduction::Sum,
+            &CrossEntropy::new().with_reduction(Reduction::Sum),
             logits,
             SparseTargets::new(&[0, 1, bad, 3, 3, 2], &p, 2),
         )
@@ -885,7 +923,7 @@ fn sparse_target_errors_name_the_row() {
         );
     }
     let e = scoring::sparse_cross_entropy(
-        Reduction::Sum,
+        &CrossEntropy::new().with_reduction(Reduction::Sum),
         logits,
         SparseTargets::new(&[0, 1, 2, 3, 0], &p, 2),
     )
@@ -902,13 +940,38 @@ fn sparse_target_errors_name_the_row() {
         "{e}"
     );
     let e = scoring::sparse_cross_entropy_grad(
-        Reduction::None,
+        &CrossEntropy::new().with_reduction(Reduction::None),
         logits,
         SparseTargets::new(&[0, 1, 2, 3, 0, 1], &p, 2),
         Upstream::Scalar(1.0),
     )
     .unwrap_err();
     assert!(matches!(e, XentError::UpstreamKind { .. }), "{e}");
+    // A top-k row's k probabilities are its whole target: no weights, ignore index or
+    // smoothing; the z-loss and the soft-cap are checked as for dense targets.
+    let targets = SparseTargets::new(&[0, 1, 2, 3, 0, 1], &p, 2);
+    let refused = [
+        (
+            CrossEntropy::new().with_weights(vec![1.0; 4]),
+            "class weights",
+        ),
+        (CrossEntropy::new().with_ignore_index(-100), "ignore index"),
+        (
+            CrossEntropy::new().with_label_smoothing(0.1),
+            "label smoothing",
+        ),
+    ];
+    for (spec, option) in refused {
+        let e = scoring::sparse_cross_entropy(&spec, logits, targets).unwrap_err();
+        assert!(
+            matches!(e, XentError::SparseOption(o) if o == option),
+            "{e}"
+        );
+        assert!(e.to_string().contains(option), "{e}");
+    }
+    let e = scoring::sparse_cross_entropy(&CrossEntropy::new().with_z_loss(-1.0), logits, targets)
+        .unwrap_err();
+    assert!(matches!(e, XentError::ZLoss(_)), "{e}");
 }
 
 #[test]

@@ -35,7 +35,12 @@ fn golden_sparse_case_on_the_gpu() {
     let logits = Logits::new(&z, rows, classes).unwrap();
     let targets = SparseTargets::new(&idx, &p, k);
     let (out, grad) = gpu
-        .sparse_cross_entropy_grad(Reduction::Sum, logits, targets, Upstream::Scalar(1.0))
+        .sparse_cross_entropy_grad(
+            &CrossEntropy::new().with_reduction(Reduction::Sum),
+            logits,
+            targets,
+            Upstream::Scalar(1.0),
+        )
         .unwrap();
     let want = case.f64s("loss_none.npy");
     let m = |i: usize| max_abs(&z[i * classes..(i + 1) * classes]);
@@ -46,7 +51,11 @@ fn golden_sparse_case_on_the_gpu() {
     let sum_tol: f64 = (0..rows).map(|i| row_tolerance(want[i], m(i), 1.0)).sum();
     assert!((out.loss.unwrap() - case.number("sum")).abs() <= sum_tol);
     let mean = gpu
-        .sparse_cross_entropy(Reduction::Mean, logits, targets)
+        .sparse_cross_entropy(
+            &CrossEntropy::new().with_reduction(Reduction::Mean),
+            logits,
+            targets,
+        )
         .unwrap();
     assert!((mean.loss.unwrap() - case.number("mean")).abs() <= sum_tol / rows as f64);
     let want = case.f32s("grad_sum.npy");
@@ -114,8 +123,13 @@ fn sparse_targets_on_every_strategy_match_the_reference() {
         let targets = SparseTargets::new(&idx, &p, k);
         let g: Vec<f64> = (0..rows).map(|i| 1.0 - 0.25 * i as f64).collect();
         let up = Upstream::PerRow(&g);
-        let (want, want_grad) =
-            scoring::sparse_cross_entropy_grad(Reduction::None, logits, targets, up).unwrap();
+        let (want, want_grad) = scoring::sparse_cross_entropy_grad(
+            &CrossEntropy::new().with_reduction(Reduction::None),
+            logits,
+            targets,
+            up,
+        )
+        .unwrap();
         let mass: Vec<f64> = (0..rows)
             .map(|i| p[i * k..(i + 1) * k].iter().map(|&v| v as f64).sum())
             .collect();
@@ -126,7 +140,13 @@ fn sparse_targets_on_every_strategy_match_the_reference() {
         for strategy in corner_strategies(gpu).into_iter().filter(fits) {
             let label = format!("{rows}x{classes} k={k} {}", strategy.name());
             let (out, grad) = gpu
-                .sparse_cross_entropy_grad_with(Reduction::None, logits, targets, up, strategy)
+                .sparse_cross_entropy_grad_with(
+                    &CrossEntropy::new().with_reduction(Reduction::None),
+                    logits,
+                    targets,
+                    up,
+                    strategy,
+                )
                 .unwrap_or_else(|e| panic!("{label}: {e}"));
             for i in 0..rows {
                 let tol = row_tolerance(want.per_row[i], max[i], mass[i]);
@@ -178,7 +198,7 @@ fn half_gradients_of_top_k_targets() {
         let half = ElementVec::rounded(dtype, z.iter().map(|&v| v as f64));
         let wide = half.to_f32();
         let (_, want) = scoring::sparse_cross_entropy_grad(
-            Reduction::Sum,
+            &CrossEntropy::new().with_reduction(Reduction::Sum),
             Logits::new(&wide, rows, classes).unwrap(),
             targets,
             Upstream::Scalar(1.0),
@@ -192,7 +212,7 @@ fn half_gradients_of_top_k_targets() {
             let label = format!("{dtype} {}", strategy.name());
             let (_, grad) = gpu
                 .sparse_cross_entropy_grad_with(
-                    Reduction::Sum,
+                    &CrossEntropy::new().with_reduction(Reduction::Sum),
                     logits,
                     targets,
                     Upstream::Scalar(1.0),
@@ -224,14 +244,18 @@ fn half_logits_and_errors_naming_the_row() {
         let wide = half.to_f32();
         let targets = SparseTargets::new(&idx, &p, k);
         let want = scoring::sparse_cross_entropy(
-            Reduction::None,
+            &CrossEntropy::new().with_reduction(Reduction::None),
             Logits::new(&wide, rows, classes).unwrap(),
             targets,
         )
         .unwrap();
         let logits = Logits::from_elements(half.as_elements(), rows, classes).unwrap();
         let got = gpu
-            .sparse_cross_entropy(Reduction::None, logits, targets)
+            .sparse_cross_entropy(
+                &CrossEntropy::new().with_reduction(Reduction::None),
+                logits,
+                targets,
+            )
             .unwrap();
         for i in 0..rows {
             let tol = row_tolerance(want.per_row[i], 8.0, 2.0);
@@ -245,13 +269,21 @@ fn half_logits_and_errors_naming_the_row() {
     let mut bad = idx.clone();
     bad[2 * k + 1] = classes as i64;
     assert!(matches!(
-        gpu.sparse_cross_entropy(Reduction::Sum, logits, SparseTargets::new(&bad, &p, k)),
+        gpu.sparse_cross_entropy(
+            &CrossEntropy::new().with_reduction(Reduction::Sum),
+            logits,
+            SparseTargets::new(&bad, &p, k)
+        ),
         Err(XentError::SparseIndexOutOfRange { row: 2, .. })
     ));
     let mut dup = idx.clone();
     dup[3 * k + 2] = dup[3 * k];
     assert!(matches!(
-        gpu.sparse_cross_entropy(Reduction::Sum, logits, SparseTargets::new(&dup, &p, k)),
+        gpu.sparse_cross_entropy(
+            &CrossEntropy::new().with_reduction(Reduction::Sum),
+            logits,
+            SparseTargets::new(&dup, &p, k)
+        ),
         Err(XentError::SparseDuplicateIndex { row: 3, .. })
     ));
 }
@@ -276,7 +308,7 @@ fn device_buffers_of_packed_top_k_targets() {
     let (z, idx, p) = random_sparse(23, rows, classes, k);
     let host = gpu
         .sparse_cross_entropy(
-            Reduction::Mean,
+            &CrossEntropy::new().with_reduction(Reduction::Mean),
             Logits::new(&z, rows, classes).unwrap(),
             SparseTargets::new(&idx, &p, k),
         )
@@ -316,11 +348,138 @@ fn device_buffers_of_packed_top_k_targets() {
         run(&mut loss, &packed(&idx, &p, k)).unwrap().per_row,
         host.per_row
     );
-    // Options the top-k targets do not take.
+    // Options the top-k targets do not take, on the device and host paths alike.
+    let smoothing = spec.clone().with_label_smoothing(0.1);
     assert!(matches!(
-        gpu.prepare(&spec.clone().with_label_smoothing(0.1), shape),
-        Err(XentError::NotPrepared(_))
+        gpu.prepare(&smoothing, shape),
+        Err(XentError::SparseOption("label smoothing"))
     ));
+    assert!(matches!(
+        gpu.sparse_cross_entropy(
+            &spec.clone().with_weights(vec![1.0; classes]),
+            Logits::new(&z, rows, classes).unwrap(),
+            SparseTargets::new(&idx, &p, k),
+        ),
+        Err(XentError::SparseOption("class weights"))
+    ));
+}
+
+/// Soft-capping and the z-loss with top-k targets, as with dense ones: loss, z-loss and
+/// gradient against the f64 reference on every reduction and strategy corner (masked classes
+/// with p = 0 among the entries, capped to −cap); the device path's outputs are the host
+/// path's, bit for bit.
+#[test]
+fn top_k_with_softcap_and_z_loss_matches_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let options = [(0.05, None), (0.0, Some(4.0)), (0.02, Some(30.0))];
+    for (seed, (rows, classes, k)) in [(5, 37, 5), (2, 4099, 3)].into_iter().enumerate() {
+        let (z, idx, p) = random_sparse(40 + seed as u64, rows, classes, k);
+        let logits = Logits::new(&z, rows, classes).unwrap();
+        let targets = SparseTargets::new(&idx, &p, k);
+        let g: Vec<f64> = (0..rows).map(|i| 1.0 - 0.3 * i as f64).collect();
+        let max: Vec<f64> = (0..rows)
+            .map(|i| max_abs(&z[i * classes..(i + 1) * classes]))
+            .collect();
+        for (lambda, cap) in options {
+            for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+                let mut spec = CrossEntropy::new()
+                    .with_reduction(reduction)
+                    .with_z_loss(lambda);
+                if let Some(cap) = cap {
+                    spec = spec.with_softcap(cap);
+                }
+                let up = match reduction {
+                    Reduction::None => Upstream::PerRow(&g),
+                    _ => Upstream::Scalar(0.75),
+                };
+                let (want, want_grad) =
+                    scoring::sparse_cross_entropy_grad(&spec, logits, targets, up).unwrap();
+                // B plus the z-loss's 2λ·(1 + |lse|), the weight of lse's error in a row.
+                let mass: Vec<f64> = (0..rows)
+                    .map(|i| {
+                        let b: f64 = p[i * k..(i + 1) * k].iter().map(|&v| v as f64).sum();
+                        b + 2.0 * lambda * (1.0 + want.log_sum_exp[i].abs())
+                    })
+                    .collect();
+                let scale = |i: usize| match reduction {
+                    Reduction::None => g[i],
+                    Reduction::Sum => 0.75,
+                    Reduction::Mean => 0.75 / rows as f64,
+                };
+                // Every corner for both options together (the kernels' variants are costly
+                // to compile on a software device); the planner's strategy for each alone.
+                let strategies = match (lambda > 0.0, cap) {
+                    (true, Some(_)) => corner_strategies(gpu),
+                    _ => vec![gpu.plan(rows, classes)],
+                };
+                let fits = |s: &Strategy| s.elements_per_lane(classes) <= MAX_ELEMENTS_PER_LANE;
+                for strategy in strategies.into_iter().filter(fits) {
+                    let label = format!(
+                        "{rows}x{classes} k={k} λ {lambda} cap {cap:?} {reduction:?} {}",
+                        strategy.name()
+                    );
+                    let (out, grad) = gpu
+                        .sparse_cross_entropy_grad_with(&spec, logits, targets, up, strategy)
+                        .unwrap_or_else(|e| panic!("{label}: {e}"));
+                    for i in 0..rows {
+                        let tol = row_tolerance(want.per_row[i], max[i], mass[i]);
+                        assert!(
+                            (out.per_row[i] - want.per_row[i]).abs() <= tol,
+                            "{label} row {i}: {} vs {}",
+                            out.per_row[i],
+                            want.per_row[i]
+                        );
+                    }
+                    assert_eq!(out.z_loss.is_some(), lambda > 0.0, "{label}");
+                    if let (Some(got), Some(w)) = (out.z_loss_sum, want.z_loss_sum) {
+                        assert!(
+                            (got - w).abs() <= 1e-5 * w.abs() + 1e-6,
+                            "{label}: z-loss {got} vs {w}"
+                        );
+                    }
+                    if let (Some(got), Some(w)) = (out.loss, want.loss) {
+                        assert!(
+                            (got - w).abs() <= 1e-5 * w.abs() + 1e-5,
+                            "{label}: loss {got} vs {w}"
+                        );
+                    }
+                    assert_gradient(
+                        &label,
+                        &grad.to_f32(),
+                        &want_grad,
+                        classes,
+                        &scale,
+                        &mass,
+                        &max,
+                        Dtype::F32,
+                    );
+                }
+                // The device path: the same prepared loss the host path runs.
+                let (host, host_grad) = gpu
+                    .sparse_cross_entropy_grad(&spec, logits, targets, up)
+                    .unwrap();
+                let shape = LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 });
+                let mut loss = gpu.prepare(&spec, shape).unwrap();
+                let z_buffer = buffer_with(gpu, 0, bytemuck::cast_slice(&z));
+                let t_buffer = buffer_with(gpu, 0, bytemuck::cast_slice(&packed(&idx, &p, k)));
+                let g_buffer = buffer_with(gpu, 0, &vec![0; z.len() * 4]);
+                let view = DeviceLogits::new(&z_buffer, 0, rows, classes);
+                let t = DeviceTargets::top_k(&t_buffer, 0, k as u32);
+                let into = xent::GradientOutput::Buffer {
+                    buffer: &g_buffer,
+                    offset: 0,
+                };
+                loss.run_gradient(view, t, into, up).unwrap();
+                let out = loss.read().unwrap();
+                let label = format!("device {rows}x{classes} λ {lambda} cap {cap:?} {reduction:?}");
+                assert_eq!(out.per_row, host.per_row, "{label}");
+                assert_eq!(out.z_loss, host.z_loss, "{label}");
+                assert_eq!(out.loss, host.loss, "{label}");
+                let got = common::read_f32(gpu, &g_buffer, 0, z.len());
+                assert_eq!(got, host_grad.to_f32(), "{label}: gradient");
+            }
+        }
+    }
 }
 
 /// Top-k gradients of half logits on device buffers cut into chunks whose first row starts
@@ -356,7 +515,13 @@ fn top_k_half_gradients_across_chunks_that_start_inside_a_word() {
     };
     for strategy in corner_strategies(gpu) {
         let (_, host) = gpu
-            .sparse_cross_entropy_grad_with(Reduction::Sum, logits, targets, up, strategy)
+            .sparse_cross_entropy_grad_with(
+                &CrossEntropy::new().with_reduction(Reduction::Sum),
+                logits,
+                targets,
+                up,
+                strategy,
+            )
             .unwrap();
         let shape = LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 })
             .with_dtype(Dtype::Bf16);
@@ -403,9 +568,18 @@ fn rows_without_a_softmax_are_nan_whatever_their_entries() {
     let p = [0.0_f32, 0.0, 0.0, 0.0];
     let logits = Logits::new(&z, 4, 3).unwrap();
     let targets = SparseTargets::new(&idx, &p, 1);
-    let want = scoring::sparse_cross_entropy(Reduction::None, logits, targets).unwrap();
+    let want = scoring::sparse_cross_entropy(
+        &CrossEntropy::new().with_reduction(Reduction::None),
+        logits,
+        targets,
+    )
+    .unwrap();
     let got = gpu
-        .sparse_cross_entropy(Reduction::None, logits, targets)
+        .sparse_cross_entropy(
+            &CrossEntropy::new().with_reduction(Reduction::None),
+            logits,
+            targets,
+        )
         .unwrap();
     for i in 0..3 {
         assert!(

@@ -416,14 +416,7 @@ impl PreparedLoss {
             if k == 0 {
                 return Err(XentError::NotPrepared("top-k targets need k ≥ 1".into()));
             }
-            if spec.weights().is_some()
-                || spec.ignore_index().is_some()
-                || spec.label_smoothing() > 0.0
-            {
-                return Err(XentError::NotPrepared(
-                    "top-k targets take no class weights, ignore index or label smoothing".into(),
-                ));
-            }
+            spec.validate_sparse_options(classes)?;
         }
         let dtype = shape.dtype();
         let targets_dtype = match setup.targets {

@@ -12,7 +12,7 @@ use crate::scoring::{
     self, Distillation, DistillationOutput, DistillationTerms, Divergence, SequenceScore,
     SparseTargets, TokenMetrics,
 };
-use crate::spec::{CrossEntropy, Reduction};
+use crate::spec::CrossEntropy;
 use crate::targets::Targets;
 
 use super::host::{HostCall, HostLoss, HostTargets};
@@ -234,29 +234,31 @@ impl super::GpuContext {
     /// Cross-entropy against top-k sparse targets on the GPU, as
     /// [`scoring::sparse_cross_entropy`] computes it in f64: per row `B·lse(z) − Σ_j p_j·z_{i_j}`
     /// with the full-vocabulary log-sum-exp, `B = Σ_j p_j`, in one read of the logits; the
-    /// mean divides by N. The k pairs of a row are gathered once, after its statistics.
+    /// mean divides by N. The k pairs of a row are gathered once, after its statistics. The
+    /// spec's soft-cap and z-loss apply as for dense targets.
     ///
-    /// Errors: those of [`SparseTargets::validate`] (shapes, an index out of range or
-    /// repeated, naming the row).
+    /// Errors: those of [`CrossEntropy::validate_sparse_options`] (class weights, an ignore
+    /// index or label smoothing in the spec), of [`SparseTargets::validate`] (shapes, an index
+    /// out of range or repeated, naming the row), and the GPU's f32 bounds on the cap and λ.
     pub fn sparse_cross_entropy(
         &self,
-        reduction: Reduction,
+        spec: &CrossEntropy,
         logits: Logits<'_>,
         targets: SparseTargets<'_>,
     ) -> Result<LossOutput> {
         let strategy = self.plan(logits.rows(), logits.classes());
-        Ok(self.sparse(reduction, logits, targets, None, strategy)?.0)
+        Ok(self.sparse(spec, logits, targets, None, strategy)?.0)
     }
 
     /// [`crate::GpuContext::sparse_cross_entropy`] with a strategy of the caller's choosing.
     pub fn sparse_cross_entropy_with(
         &self,
-        reduction: Reduction,
+        spec: &CrossEntropy,
         logits: Logits<'_>,
         targets: SparseTargets<'_>,
         strategy: Strategy,
     ) -> Result<LossOutput> {
-        Ok(self.sparse(reduction, logits, targets, None, strategy)?.0)
+        Ok(self.sparse(spec, logits, targets, None, strategy)?.0)
     }
 
     /// [`crate::GpuContext::sparse_cross_entropy`] and its gradient with respect to the logits (in
@@ -264,43 +266,44 @@ impl super::GpuContext {
     /// scattered onto its indices, scaled by `upstream` as [`scoring::sparse_cross_entropy_grad`].
     pub fn sparse_cross_entropy_grad(
         &self,
-        reduction: Reduction,
+        spec: &CrossEntropy,
         logits: Logits<'_>,
         targets: SparseTargets<'_>,
         upstream: Upstream<'_>,
     ) -> Result<(LossOutput, ElementVec)> {
         let strategy = self.plan(logits.rows(), logits.classes());
-        self.sparse(reduction, logits, targets, Some(upstream), strategy)
+        self.sparse(spec, logits, targets, Some(upstream), strategy)
     }
 
     /// [`crate::GpuContext::sparse_cross_entropy_grad`] with a strategy of the caller's choosing.
     pub fn sparse_cross_entropy_grad_with(
         &self,
-        reduction: Reduction,
+        spec: &CrossEntropy,
         logits: Logits<'_>,
         targets: SparseTargets<'_>,
         upstream: Upstream<'_>,
         strategy: Strategy,
     ) -> Result<(LossOutput, ElementVec)> {
-        self.sparse(reduction, logits, targets, Some(upstream), strategy)
+        self.sparse(spec, logits, targets, Some(upstream), strategy)
     }
 
     fn sparse(
         &self,
-        reduction: Reduction,
+        spec: &CrossEntropy,
         logits: Logits<'_>,
         targets: SparseTargets<'_>,
         upstream: Option<Upstream<'_>>,
         strategy: Strategy,
     ) -> Result<(LossOutput, ElementVec)> {
+        spec.validate_sparse_options(logits.classes())?;
         targets.validate(&logits)?;
         let rows = logits.rows();
         if let Some(u) = &upstream {
-            u.check(reduction, rows)?;
+            u.check(spec.reduction(), rows)?;
         }
         strategy.check(&self.gpu.facts)?;
         if rows == 0 || targets.k() == 0 {
-            let out = scoring::sparse_cross_entropy(reduction, logits, targets)?;
+            let out = scoring::sparse_cross_entropy(spec, logits, targets)?;
             return Ok((out, ElementVec::zeros(logits.dtype(), 0)));
         }
         // Per row: k indices (checked to fit [0, C), so i32), then k probabilities.
@@ -314,7 +317,6 @@ impl super::GpuContext {
         let k = u32::try_from(targets.k())
             .map_err(|_| XentError::NotPrepared(format!("k = {} pairs per row", targets.k())))?;
         let host_targets = HostTargets::TopK { packed: &packed, k };
-        let spec = CrossEntropy::new().with_reduction(reduction);
         let output = if upstream.is_some() {
             Output::Gradient
         } else {
@@ -326,7 +328,7 @@ impl super::GpuContext {
             gradient,
             ..HostCall::default()
         };
-        let run = self.run_host(&spec, logits, host_targets, setup, call)?;
+        let run = self.run_host(spec, logits, host_targets, setup, call)?;
         Ok((run.out, run.grad))
     }
 }

@@ -64,12 +64,13 @@ pub struct ScoreArgs {
     targets: Option<PathBuf>,
     /// Top-k sparse targets: the k class indices of every row [N, k] (integers, distinct in a
     /// row, in [0, C)), with --topk-probs; the loss is −Σ_j p_j·log_softmax(z)[i_j] per row,
-    /// with the full-vocabulary log-sum-exp ("mean" divides by N).
+    /// with the full-vocabulary log-sum-exp ("mean" divides by N); --z-loss and --softcap
+    /// apply as with --targets.
     #[arg(
         long,
         value_name = "I.npy",
         requires = "topk_probs",
-        conflicts_with_all = ["targets", "teacher", "weights", "ignore_index", "label_smoothing", "z_loss", "softcap", "metrics"]
+        conflicts_with_all = ["targets", "teacher", "weights", "ignore_index", "label_smoothing", "metrics"]
     )]
     topk_indices: Option<PathBuf>,
     /// The probabilities of --topk-indices [N, k] (float), used as given; needs

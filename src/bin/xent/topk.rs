@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use indicatif::ProgressBar;
 use xent::scoring::{self, SparseTargets};
-use xent::{ElementVec, Logits, XentError};
+use xent::{CrossEntropy, ElementVec, Logits, LossTotals, XentError};
 
 use crate::npy::NpyInput;
 use crate::out::{Out, json_f64, json_opt, outln};
@@ -19,6 +19,8 @@ use crate::{CliError, ScoreArgs};
 fn blame(e: XentError, logits: &NpyInput, indices: &NpyInput, first_row: usize) -> CliError {
     match e.with_row_offset(first_row) {
         e @ XentError::LogitOutOfRange { .. } => logits_error(logits, &e),
+        e @ XentError::ZLoss(_) => CliError::input(format!("--z-loss: {e}")),
+        e @ XentError::Softcap(_) => CliError::input(format!("--softcap: {e}")),
         XentError::SparseIndexOutOfRange {
             row,
             value,
@@ -65,10 +67,19 @@ pub fn run(args: &ScoreArgs, indices_path: &Path, probs_path: &Path) -> Result<(
             probabilities.shape
         )));
     }
+    let mut spec = CrossEntropy::new()
+        .with_reduction(args.reduction)
+        .with_z_loss(args.z_loss);
+    if let Some(cap) = args.softcap {
+        spec = spec.with_softcap(cap);
+    }
+    spec.validate_sparse_options(classes)
+        .map_err(|e| blame(e, &logits.file, &indices, 0))?;
     let (gpu, batch) = stream::engine(args.cpu, &logits, requested)?;
     let mut outputs = Outputs::create(args, &logits, batch)?;
     let start = Instant::now();
-    let (mut sum, mut done) = (0.0, 0);
+    let mut total = LossTotals::empty(args.reduction, classes, false, spec.z_loss() > 0.0);
+    let mut done = 0;
     let mut progress: Option<ProgressBar> = None;
     while done < rows {
         let n = batch.min(rows - done);
@@ -79,20 +90,18 @@ pub fn run(args: &ScoreArgs, indices_path: &Path, probs_path: &Path) -> Result<(
         let targets = SparseTargets::new(&idx, &p, k);
         let result = match (&gpu, outputs.upstream(n)) {
             (Some(gpu), None) => gpu
-                .sparse_cross_entropy(args.reduction, z, targets)
+                .sparse_cross_entropy(&spec, z, targets)
                 .map(|o| (o, None)),
             (Some(gpu), Some(up)) => gpu
-                .sparse_cross_entropy_grad(args.reduction, z, targets, up)
+                .sparse_cross_entropy_grad(&spec, z, targets, up)
                 .map(|(o, g)| (o, Some(g))),
-            (None, None) => {
-                scoring::sparse_cross_entropy(args.reduction, z, targets).map(|o| (o, None))
-            }
-            (None, Some(up)) => scoring::sparse_cross_entropy_grad(args.reduction, z, targets, up)
+            (None, None) => scoring::sparse_cross_entropy(&spec, z, targets).map(|o| (o, None)),
+            (None, Some(up)) => scoring::sparse_cross_entropy_grad(&spec, z, targets, up)
                 .map(|(o, g)| (o, Some(ElementVec::rounded(z.dtype(), g)))),
         };
         let (out, gradient) = result.map_err(|e| blame(e, &logits.file, &indices, done))?;
         outputs.write(&out.per_row, gradient)?;
-        sum += out.sum;
+        total.add(&out.totals());
         done += n;
         progress = update_progress(progress, start.elapsed(), done, rows);
     }
@@ -105,17 +114,19 @@ pub fn run(args: &ScoreArgs, indices_path: &Path, probs_path: &Path) -> Result<(
     outputs.finish()?;
     let device = stream::describe(gpu.as_ref());
     let seconds = start.elapsed().as_secs_f64();
-    let loss = args.reduction.apply(sum, rows as f64);
+    let (loss, sum, mean) = (total.reduced_loss(), total.sum, total.mean());
     let mut out = Out::lock();
     if args.json {
         let value = serde_json::json!({
             "loss": json_opt(loss),
             "reduction": args.reduction.name(),
             "sum": json_f64(sum),
-            "mean": json_f64(sum / rows as f64),
+            "mean": json_f64(mean),
             "rows": rows,
             "classes": classes,
             "k": k,
+            "z_loss": json_opt(total.reduced_z_loss()),
+            "z_loss_sum": json_opt(total.z_loss_sum),
             "device": device,
             "seconds": json_f64(seconds),
         });
@@ -126,9 +137,17 @@ pub fn run(args: &ScoreArgs, indices_path: &Path, probs_path: &Path) -> Result<(
         Some(l) => outln!(out, "top-{k} loss ({}): {l:.9}", args.reduction.name())?,
         None => outln!(
             out,
-            "top-{k} loss (none): {rows} per-row losses (sum {sum:.9}, mean {:.9})",
-            sum / rows as f64
+            "top-{k} loss (none): {rows} per-row losses (sum {sum:.9}, mean {mean:.9})"
         )?,
+    }
+    match (total.reduced_z_loss(), total.z_loss_sum) {
+        (Some(z), _) => outln!(out, "  of which z-loss: {z:.9}")?,
+        (None, Some(z)) => outln!(
+            out,
+            "  of which z-loss: sum {z:.9}, mean {:.9}",
+            z / rows as f64
+        )?,
+        (None, None) => {}
     }
     outln!(out, "rows: {rows}, classes: {classes}, k: {k}")?;
     if let Some(path) = &args.grad {
