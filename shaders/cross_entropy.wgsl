@@ -10,6 +10,9 @@ fn main(
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    if !own_params() {
+        return;
+    }
     let group = group_index(wid, groups);
     // Workgroups of the 2-D grid past the last row (the whole workgroup leaves together).
     if group_first_row(group) >= params.rows {

@@ -413,6 +413,9 @@ fn main(
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    if !own_params() {
+        return;
+    }
     let group = group_index(wid, groups);
     let r = lane_row(group, lid);
     if r >= params.rows {

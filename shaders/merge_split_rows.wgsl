@@ -8,6 +8,9 @@ fn main(
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    if !own_params() {
+        return;
+    }
     let group = group_index(wid, groups);
     if group * WORKGROUP_SIZE >= params.rows {
         return;

@@ -66,6 +66,9 @@ fn reduce_half(half: u32, lid: u32) -> Pair {
 
 @compute @workgroup_size(REDUCE_LANES)
 fn main(@builtin(local_invocation_index) lid: u32) {
+    if !own_params() {
+        return;
+    }
     let first = reduce_half(0u, lid);
     var second = Pair(vec4(0.0), vec4(0.0));
     if ZLOSS {

@@ -156,10 +156,14 @@ struct Status {
     totals2_lo: vec4<f32>,
     // params.call of the call whose reduction wrote these totals.
     call: u32,
+    // 1 once a call found another call's parameters in its slot (own_params); cleared by the
+    // host only after a read has seen it, so that it outlives the calls that follow.
+    overrun: atomic<u32>,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-// Class weights [C], then (from params.upstream_at) the per-row upstream gradient.
+// Class weights [C], then (from params.upstream_at) the per-row upstream gradient; its last
+// word is the number of the call being run (own_params).
 @group(0) @binding(1) var<storage, read> class_weights: array<f32>;
 // Three arrays in one binding (a stage may have only 8 storage bindings on some adapters):
 // - from 0, per row of the call: (loss, log-sum-exp, entropy of the target, 0); for a row
@@ -252,6 +256,22 @@ fn logit(i: u32) -> f32 {
 
 fn target_word(i: u32) -> u32 {
     return targets1[i];
+}
+
+// Whether the parameters in force are the running call's own. The host writes a call's
+// parameters into its slot with Queue::write_buffer, which takes effect at the submission, and
+// copies the call's number into the last word of `class_weights` in the encoder, just before
+// the call's passes. More calls recorded before one submission than there are slots leave an
+// early call with a later one's parameters: their numbers differ, and every pass of that call
+// does nothing but flag the status (the host turns the flag into an error). Both numbers come
+// from uniform and read-only bindings, so a pass may return on this before any barrier.
+fn own_params() -> bool {
+    let running = bitcast<u32>(class_weights[arrayLength(&class_weights) - 1u]);
+    if running == params.call {
+        return true;
+    }
+    atomicStore(&status.overrun, 1u);
+    return false;
 }
 
 // Records `code` (0xffffffff − global row) in a status word; the smallest row wins.

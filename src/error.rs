@@ -157,6 +157,17 @@ pub enum XentError {
         "prepared loss: the last call recorded has not run; submit the encoder it was recorded into before reading"
     )]
     NotSubmitted,
+    /// More calls of one prepared loss were recorded before one submission than it has
+    /// parameter slots: the earliest found a later call's parameters in their slot when they
+    /// ran, and did nothing (no gradient, totals or per-row results of theirs were written).
+    /// Reported by the first read after it happened; the loss stays usable.
+    #[error(
+        "prepared loss: more than {slots} calls were recorded before one submission; the earliest ran into later calls' parameters and wrote nothing (their gradients are missing). Submit at least every {slots} calls"
+    )]
+    CallsOverran {
+        /// Parameter slots of a prepared loss: the calls one submission may hold.
+        slots: usize,
+    },
     /// A call does not fit the prepared loss it was given to.
     #[error("prepared loss: {0}")]
     NotPrepared(String),

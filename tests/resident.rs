@@ -801,6 +801,110 @@ fn calls_recorded_before_one_submission_keep_their_own_parameters() {
     }
 }
 
+/// More calls recorded before one submission than a prepared loss has parameter slots (8):
+/// the earliest find a later call's parameters in their slot when they run. They write
+/// nothing (their gradient buffers keep what they held) instead of a gradient of the wrong
+/// rows or scale, the calls after them are right, and the first read after it, even one of a
+/// later submission, is `XentError::CallsOverran`; the loss stays usable. Eight calls are fine.
+#[test]
+fn more_calls_than_slots_before_one_submission_are_an_error_not_a_wrong_gradient() {
+    let Some(gpu) = gpu() else { return };
+    let classes = 13;
+    let spec = CrossEntropy::new().with_reduction(Reduction::None);
+    let mut loss = gpu
+        .prepare(&spec, LossShape::class_indices(6, classes, IndexType::I64))
+        .unwrap();
+    const SENTINEL: u8 = 0xa5;
+    // Records `calls` calls of 1 to 6 rows (each with its own per-row upstream gradient) into
+    // one encoder; returns, per call, its gradient as read back and as the host path gives it.
+    let record = |loss: &mut xent::PreparedLoss,
+                  encoder: &mut wgpu::CommandEncoder,
+                  seed: u64,
+                  calls: usize| {
+        let mut made = Vec::new();
+        for c in 0..calls {
+            let rows = 1 + (c * 5 + seed as usize) % 6;
+            let p = Problem::random(seed * 100 + c as u64, rows, classes, 5.0, 0.0);
+            let upstream: Vec<f64> = (0..rows).map(|i| 0.25 + (c * 7 + i) as f64).collect();
+            let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&p.logits));
+            let labels = buffer_with(gpu, 0, bytemuck::cast_slice(&p.labels));
+            let grad = buffer_with(gpu, 0, &vec![SENTINEL; rows * classes * 4]);
+            loss.record_gradient(
+                encoder,
+                DeviceLogits::new(&logits, 0, rows, classes),
+                DeviceTargets::class_indices(&labels, 0, IndexType::I64),
+                xent::GradientOutput::Buffer {
+                    buffer: &grad,
+                    offset: 0,
+                },
+                xent::Upstream::PerRow(&upstream),
+            )
+            .unwrap();
+            made.push((p, upstream, logits, labels, grad));
+        }
+        made
+    };
+    let check = |made: &[(Problem, Vec<f64>, wgpu::Buffer, wgpu::Buffer, wgpu::Buffer)],
+                 overran: usize| {
+        for (c, (p, upstream, _, _, grad)) in made.iter().enumerate() {
+            let got = common::read_f32(gpu, grad, 0, p.rows * classes);
+            if c < overran {
+                let untouched = f32::from_bits(u32::from_ne_bytes([SENTINEL; 4]));
+                assert!(
+                    got.iter().all(|g| g.to_bits() == untouched.to_bits()),
+                    "call {c} of {}: overran, yet wrote its gradient",
+                    made.len()
+                );
+                continue;
+            }
+            let (_, want) = gpu
+                .cross_entropy_grad(
+                    &spec,
+                    p.logits(),
+                    p.targets(false),
+                    xent::Upstream::PerRow(upstream),
+                )
+                .unwrap();
+            assert_eq!(got, want.to_f32(), "call {c} of {}", made.len());
+        }
+    };
+    // As many calls as slots: each its own.
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let made = record(&mut loss, &mut encoder, 1, 8);
+    gpu.queue().submit([encoder.finish()]);
+    loss.read().unwrap();
+    check(&made, 0);
+    // Three more: the first three ran into calls 9 to 11's parameters.
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let made = record(&mut loss, &mut encoder, 2, 11);
+    gpu.queue().submit([encoder.finish()]);
+    let e = loss.read().unwrap_err();
+    assert!(matches!(e, XentError::CallsOverran { slots: 8 }), "{e}");
+    assert!(e.to_string().contains("more than 8 calls"), "{e}");
+    check(&made, 3);
+    // Reported once, and the loss goes on.
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let made = record(&mut loss, &mut encoder, 3, 2);
+    gpu.queue().submit([encoder.finish()]);
+    let last = loss.read().unwrap();
+    assert_eq!(last.per_row.len(), made[1].0.rows);
+    check(&made, 0);
+    // Reported by the first read after it, even of a later submission.
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let overrun = record(&mut loss, &mut encoder, 4, 9);
+    gpu.queue().submit([encoder.finish()]);
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let after = record(&mut loss, &mut encoder, 5, 1);
+    gpu.queue().submit([encoder.finish()]);
+    assert!(matches!(loss.read(), Err(XentError::CallsOverran { .. })));
+    check(&overrun, 1);
+    check(&after, 0);
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    record(&mut loss, &mut encoder, 6, 1);
+    gpu.queue().submit([encoder.finish()]);
+    loss.read().unwrap();
+}
+
 /// Reading before the encoder holding the last call is submitted is an error, not the
 /// outputs of the call before it; after the submission the read gives that call's.
 #[test]

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytemuck::{Pod, Zeroable};
 
@@ -23,7 +23,7 @@ use crate::spec::{CrossEntropy, Reduction, check_targets_dtype};
 use super::context::{Gpu, Serialised};
 use super::pipelines::{Kernel, LossVariant, PipelineKey, TargetKind, slot};
 use super::planner::{ChunkPlan, Strategy, grid};
-use super::totals::{PendingTotals, STATUS_BYTES, TotalsReader, TotalsSlot};
+use super::totals::{OVERRUN_BYTE, PendingTotals, STATUS_BYTES, TotalsReader, TotalsSlot};
 use super::views::{DeviceLogits, DeviceTargets, IndexType, LossShape, TargetLayout, check_view};
 
 /// `Params` in `rows.wgsl`.
@@ -64,7 +64,13 @@ pub(crate) struct Params {
 /// Parameter slots of a prepared loss: each call takes the next, so that up to this many
 /// calls recorded before one submission each run with their own parameters (written with
 /// `Queue::write_buffer`, which takes effect at the submission, before any of them runs).
-const PARAM_SLOTS: usize = 8;
+pub(crate) const PARAM_SLOTS: usize = 8;
+
+/// Numbers a call may take (`Params::call`, 1 to this, in turn): a call checks on the device
+/// that the parameters in its slot carry its own number, so that a call whose slot a later
+/// call overwrote before the submission (more than [`PARAM_SLOTS`] calls recorded before one
+/// submission) is found, unless exactly a multiple of this many calls came between them.
+const CALL_NUMBERS: u64 = 4096;
 
 /// Bytes of one row's results, `vec4<f32>` (and of one half of a workgroup sum).
 const ROW_RESULT_BYTES: u64 = 16;
@@ -284,11 +290,13 @@ impl Passes {
 ///
 /// Up to 8 calls may be recorded before one queue submission (micro-batches in one encoder,
 /// say): each takes its own slot of parameters and per-row upstream gradients, which are
-/// written with `Queue::write_buffer` and take effect at that submission. More than 8 would
-/// reuse the first call's slot before it runs. The outputs (totals, per-row results) are those
-/// of the last call; the gradients are each where its call put them. Submit the encoder
-/// before reading: a read that finds an earlier call's status instead of the last one's
-/// returns [`XentError::NotSubmitted`].
+/// written with `Queue::write_buffer` and take effect at that submission. A ninth call reuses
+/// the first call's slot before it runs: the first call then finds another call's parameters
+/// on the device, does nothing (no gradient of its own is written, rather than a wrong one),
+/// and the next read returns [`XentError::CallsOverran`]. The outputs (totals, per-row
+/// results) are those of the last call; the gradients are each where its call put them.
+/// Submit the encoder before reading: a read that finds an earlier call's status instead of
+/// the last one's returns [`XentError::NotSubmitted`].
 pub struct PreparedLoss {
     id: u64,
     gpu: Arc<Gpu>,
@@ -323,8 +331,12 @@ pub struct PreparedLoss {
     params_stride: u64,
     /// Chunks of a call at most: each parameter slot holds this many chunks' parameters.
     chunks: usize,
-    /// The slot of the call being recorded (or last recorded).
-    call_slot: usize,
+    /// Calls begun so far: the one being recorded (or last recorded) has parameter slot
+    /// `calls % PARAM_SLOTS` and number `(calls − 1) % CALL_NUMBERS + 1`.
+    calls: u64,
+    /// A read has started since the last call was recorded: the next call clears the status's
+    /// overrun flag, which the read has reported if it was set.
+    clear_overrun: AtomicBool,
     /// What the last recorded call's reduction writes into the status (its slot + 1), or 0.
     last_call: u32,
     written: Vec<Option<Params>>,
@@ -357,6 +369,9 @@ struct Resources {
     weights: wgpu::Buffer,
     row_results: wgpu::Buffer,
     status: wgpu::Buffer,
+    /// The numbers 1 to [`CALL_NUMBERS`], one word each: a call copies its own into the last
+    /// word of `weights` as it begins (`own_params` in `rows.wgsl`).
+    call_numbers: wgpu::Buffer,
     /// 16-byte stand-ins for views that are not used: read-only, and written (a buffer
     /// cannot be bound both ways in one dispatch).
     empty: wgpu::Buffer,
@@ -492,11 +507,17 @@ impl PreparedLoss {
                 Reduction::None => PARAM_SLOTS as u64 * rows,
                 _ => 0,
             };
+            // And a last word for the number of the call being run.
             let weights = gpu.storage_buffer(
                 "xent class weights and upstream gradient",
-                (upstream_at + upstream_rows) * 4,
+                (upstream_at + upstream_rows + 1) * 4,
                 copy_dst,
             );
+            let numbers: Vec<u32> = (1..=CALL_NUMBERS as u32).collect();
+            let call_numbers =
+                gpu.buffer("xent call numbers", CALL_NUMBERS * 4, copy_src | copy_dst);
+            gpu.queue
+                .write_buffer(&call_numbers, 0, bytemuck::cast_slice(&numbers));
             if let Some(w) = spec.weights().filter(|_| variant.weights) {
                 let scaled: Vec<f32> = w.iter().map(|&v| (v as f64 * scale) as f32).collect();
                 gpu.queue
@@ -570,7 +591,8 @@ impl PreparedLoss {
                 upstream_at: upstream_at as u32,
                 params_stride,
                 chunks,
-                call_slot: 0,
+                calls: 0,
+                clear_overrun: AtomicBool::new(false),
                 last_call: 0,
                 written: vec![None; PARAM_SLOTS * chunks],
                 rows_copied: false,
@@ -582,6 +604,7 @@ impl PreparedLoss {
                         weights,
                         row_results,
                         status,
+                        call_numbers,
                         empty,
                         empty_out,
                         slots: vec![TotalsSlot::new(&gpu)],
@@ -873,7 +896,17 @@ impl PreparedLoss {
     /// Moves to the next parameter slot for a call about to be recorded: the calls recorded
     /// before one submission keep their own parameters and per-row upstream gradients.
     pub(crate) fn begin_call(&mut self) {
-        self.call_slot = (self.call_slot + 1) % PARAM_SLOTS;
+        self.calls += 1;
+    }
+
+    /// The parameter slot of the call being recorded.
+    fn call_slot(&self) -> usize {
+        (self.calls % PARAM_SLOTS as u64) as usize
+    }
+
+    /// The number of the call being recorded, 1 to [`CALL_NUMBERS`] (0 is no call).
+    fn call_number(&self) -> u32 {
+        (self.calls.saturating_sub(1) % CALL_NUMBERS) as u32 + 1
     }
 
     /// Writes the upstream gradient's scales into every chunk's parameters (recorded with the
@@ -1308,8 +1341,8 @@ impl PreparedLoss {
         };
         // A chunk's parameters take effect at the next submission, the one that runs it; each
         // call has its own slot of them (`begin_call`).
-        let first_param = self.call_slot * self.chunks;
-        let call_number = self.call_slot as u32 + 1;
+        let first_param = self.call_slot() * self.chunks;
+        let call_number = self.call_number();
         for k in chunks.clone() {
             let p = Params {
                 grad_ce,
@@ -1329,7 +1362,16 @@ impl PreparedLoss {
         }
         self.last_rows = call.rows;
         if begin {
-            encoder.clear_buffer(&self.res.status, 0, None);
+            // The status, but for the overrun flag until a read has seen it.
+            encoder.clear_buffer(&self.res.status, 0, Some(OVERRUN_BYTE));
+            if self.clear_overrun.swap(false, Ordering::Relaxed) {
+                encoder.clear_buffer(&self.res.status, OVERRUN_BYTE, Some(4));
+            }
+            // The call's number, in the encoder's order: what its passes check their
+            // parameters against.
+            let at = (call_number as u64 - 1) * 4;
+            let word = self.res.weights.size() - 4;
+            encoder.copy_buffer_to_buffer(&self.res.call_numbers, at, &self.res.weights, word, 4);
         }
         // Every pipeline this call needs, before the pass borrows the encoder.
         let in_place = call.gradient == Some(GradientMode::InPlace);
@@ -1472,7 +1514,10 @@ impl PreparedLoss {
     }
 
     /// What reads the last call's status.
+    /// What turns the last call's status into its totals; the next call recorded clears the
+    /// overrun flag, which this read reports.
     fn totals_reader(&self) -> TotalsReader {
+        self.clear_overrun.store(true, Ordering::Relaxed);
         TotalsReader {
             reduction: self.reduction,
             ignore_index: self.ignore_index,
@@ -1490,7 +1535,7 @@ impl PreparedLoss {
     /// Where the current call's per-row upstream gradient starts in the weights buffer.
     fn upstream_slot_at(&self) -> u32 {
         match self.reduction {
-            Reduction::None => self.upstream_at + (self.call_slot * self.shape.max_rows()) as u32,
+            Reduction::None => self.upstream_at + (self.call_slot() * self.shape.max_rows()) as u32,
             _ => self.upstream_at,
         }
     }
@@ -1556,8 +1601,11 @@ impl PreparedLoss {
     /// device found (an out-of-range class index, naming its row and value; a logit beyond
     /// f32's safe range). Waits for the device.
     ///
-    /// Errors: those the device found; [`XentError::NotPrepared`] while a
-    /// [`PendingTotals`] reads the same call, or for a shard's loss (read its partials).
+    /// Errors: those the device found; [`XentError::NotSubmitted`] before the call's
+    /// submission; [`XentError::CallsOverran`] when a call since the last read found its
+    /// parameter slot taken (more than 8 calls before one submission);
+    /// [`XentError::NotPrepared`] while a [`PendingTotals`] reads the same call, or for a
+    /// shard's loss (read its partials).
     pub fn read_totals(&mut self) -> Result<LossTotals> {
         self.check_totals()?;
         self.fetch_totals()

@@ -16,11 +16,17 @@ use super::views::{IndexType, TargetLayout};
 
 /// Bytes of the status buffer: 4 words of errors, then (loss, entropy, denominator, ignored)
 /// and the z-loss, each as an unevaluated pair hi + lo of f32, then the number of the call
-/// whose reduction wrote them (`Params::call`), padded to a whole `vec4`.
+/// whose reduction wrote them (`Params::call`) and the overrun flag, padded to a whole `vec4`.
 pub(crate) const STATUS_BYTES: u64 = 96;
 
 /// The word of the status that holds the call's number.
 const CALL_WORD: usize = 20;
+
+/// The word of the status that a call sets when its parameter slot held another call's
+/// parameters (`own_params` in `rows.wgsl`), and its byte offset; a call clears the status
+/// up to it, and the word itself only after a read.
+const OVERRUN_WORD: usize = 21;
+pub(crate) const OVERRUN_BYTE: u64 = OVERRUN_WORD as u64 * 4;
 
 /// The high word of a top-k error's value that marks a repeated index (not one out of range).
 pub(crate) const TOP_K_DUPLICATE: u32 = 0x4000_0000;
@@ -54,6 +60,11 @@ impl TotalsReader {
         if self.call != 0 && words[CALL_WORD] != self.call {
             // The status of an earlier call (or none): the last one recorded has not run.
             return Err(XentError::NotSubmitted);
+        }
+        if words[OVERRUN_WORD] != 0 {
+            return Err(XentError::CallsOverran {
+                slots: super::prepared::PARAM_SLOTS,
+            });
         }
         if words[0] != 0 {
             let row = (u32::MAX - words[0]) as usize;
