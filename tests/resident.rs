@@ -739,6 +739,58 @@ fn pipelined_reads_give_each_call_its_own_totals() {
     );
 }
 
+/// One call's inputs and gradient buffer, as `record_micro_batches` made them.
+struct MicroBatch {
+    p: Problem,
+    upstream: Vec<f64>,
+    _logits: wgpu::Buffer,
+    _labels: wgpu::Buffer,
+    grad: wgpu::Buffer,
+}
+
+/// Bytes a gradient buffer holds before a call writes it.
+const SENTINEL: u8 = 0xa5;
+
+/// Records one gradient call per entry of `rows` (random logits, classes and a per-row
+/// upstream gradient of its own, seeded from `seed`) into `encoder`, each into a gradient
+/// buffer filled with `SENTINEL`.
+fn record_micro_batches(
+    gpu: &xent::GpuContext,
+    loss: &mut xent::PreparedLoss,
+    encoder: &mut wgpu::CommandEncoder,
+    classes: usize,
+    rows: &[usize],
+    seed: u64,
+) -> Vec<MicroBatch> {
+    let mut made = Vec::new();
+    for (c, &rows) in rows.iter().enumerate() {
+        let p = Problem::random(seed * 100 + c as u64, rows, classes, 5.0, 0.0);
+        let upstream: Vec<f64> = (0..rows).map(|i| 0.25 + (c * 7 + i) as f64).collect();
+        let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&p.logits));
+        let labels = buffer_with(gpu, 0, bytemuck::cast_slice(&p.labels));
+        let grad = buffer_with(gpu, 0, &vec![SENTINEL; rows * classes * 4]);
+        loss.record_gradient(
+            encoder,
+            DeviceLogits::new(&logits, 0, rows, classes),
+            DeviceTargets::class_indices(&labels, 0, IndexType::I64),
+            xent::GradientOutput::Buffer {
+                buffer: &grad,
+                offset: 0,
+            },
+            xent::Upstream::PerRow(&upstream),
+        )
+        .unwrap();
+        made.push(MicroBatch {
+            p,
+            upstream,
+            _logits: logits,
+            _labels: labels,
+            grad,
+        });
+    }
+    made
+}
+
 /// Several calls recorded into one encoder before one submission (micro-batches of different
 /// sizes, each with its own per-row upstream gradient) each run with their own parameters,
 /// and give the gradients the host path gives them one by one.
@@ -754,31 +806,18 @@ fn calls_recorded_before_one_submission_keep_their_own_parameters() {
         .prepare(&spec, LossShape::class_indices(9, classes, IndexType::I64))
         .unwrap();
     let mut encoder = gpu.device().create_command_encoder(&Default::default());
-    let mut calls = Vec::new();
-    for (c, &rows) in sizes.iter().enumerate() {
-        let p = Problem::random(70 + c as u64, rows, classes, 5.0, 0.0);
-        let upstream: Vec<f64> = (0..rows).map(|i| 0.5 + (c * 10 + i) as f64).collect();
-        let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&p.logits));
-        let labels = buffer_with(gpu, 0, bytemuck::cast_slice(&p.labels));
-        let grad = buffer_with(gpu, 0, &vec![0u8; rows * classes * 4]);
-        loss.record_gradient(
-            &mut encoder,
-            DeviceLogits::new(&logits, 0, rows, classes),
-            DeviceTargets::class_indices(&labels, 0, IndexType::I64),
-            xent::GradientOutput::Buffer {
-                buffer: &grad,
-                offset: 0,
-            },
-            xent::Upstream::PerRow(&upstream),
-        )
-        .unwrap();
-        calls.push((p, upstream, logits, labels, grad));
-    }
+    let calls = record_micro_batches(gpu, &mut loss, &mut encoder, classes, &sizes, 70);
     gpu.queue().submit([encoder.finish()]);
     // The totals are the last call's.
     let last = loss.read().unwrap();
     assert_eq!(last.per_row.len(), sizes[2]);
-    for (c, (p, upstream, _, _, grad)) in calls.iter().enumerate() {
+    for (
+        c,
+        MicroBatch {
+            p, upstream, grad, ..
+        },
+    ) in calls.iter().enumerate()
+    {
         let (want_out, want) = gpu
             .cross_entropy_grad(
                 &spec,
@@ -814,39 +853,24 @@ fn more_calls_than_slots_before_one_submission_are_an_error_not_a_wrong_gradient
     let mut loss = gpu
         .prepare(&spec, LossShape::class_indices(6, classes, IndexType::I64))
         .unwrap();
-    const SENTINEL: u8 = 0xa5;
-    // Records `calls` calls of 1 to 6 rows (each with its own per-row upstream gradient) into
-    // one encoder; returns, per call, its gradient as read back and as the host path gives it.
+    // `calls` calls of 1 to 6 rows into one encoder.
     let record = |loss: &mut xent::PreparedLoss,
                   encoder: &mut wgpu::CommandEncoder,
                   seed: u64,
                   calls: usize| {
-        let mut made = Vec::new();
-        for c in 0..calls {
-            let rows = 1 + (c * 5 + seed as usize) % 6;
-            let p = Problem::random(seed * 100 + c as u64, rows, classes, 5.0, 0.0);
-            let upstream: Vec<f64> = (0..rows).map(|i| 0.25 + (c * 7 + i) as f64).collect();
-            let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&p.logits));
-            let labels = buffer_with(gpu, 0, bytemuck::cast_slice(&p.labels));
-            let grad = buffer_with(gpu, 0, &vec![SENTINEL; rows * classes * 4]);
-            loss.record_gradient(
-                encoder,
-                DeviceLogits::new(&logits, 0, rows, classes),
-                DeviceTargets::class_indices(&labels, 0, IndexType::I64),
-                xent::GradientOutput::Buffer {
-                    buffer: &grad,
-                    offset: 0,
-                },
-                xent::Upstream::PerRow(&upstream),
-            )
-            .unwrap();
-            made.push((p, upstream, logits, labels, grad));
-        }
-        made
+        let rows: Vec<usize> = (0..calls)
+            .map(|c| 1 + (c * 5 + seed as usize) % 6)
+            .collect();
+        record_micro_batches(gpu, loss, encoder, classes, &rows, seed)
     };
-    let check = |made: &[(Problem, Vec<f64>, wgpu::Buffer, wgpu::Buffer, wgpu::Buffer)],
-                 overran: usize| {
-        for (c, (p, upstream, _, _, grad)) in made.iter().enumerate() {
+    let check = |made: &[MicroBatch], overran: usize| {
+        for (
+            c,
+            MicroBatch {
+                p, upstream, grad, ..
+            },
+        ) in made.iter().enumerate()
+        {
             let got = common::read_f32(gpu, grad, 0, p.rows * classes);
             if c < overran {
                 let untouched = f32::from_bits(u32::from_ne_bytes([SENTINEL; 4]));
@@ -887,7 +911,7 @@ fn more_calls_than_slots_before_one_submission_are_an_error_not_a_wrong_gradient
     let made = record(&mut loss, &mut encoder, 3, 2);
     gpu.queue().submit([encoder.finish()]);
     let last = loss.read().unwrap();
-    assert_eq!(last.per_row.len(), made[1].0.rows);
+    assert_eq!(last.per_row.len(), made[1].p.rows);
     check(&made, 0);
     // Reported by the first read after it, even of a later submission.
     let mut encoder = gpu.device().create_command_encoder(&Default::default());

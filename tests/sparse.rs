@@ -70,6 +70,16 @@ fn golden_sparse_case_on_the_gpu() {
     }
 }
 
+/// Per-row losses against the reference within `row_tolerance` (rows' largest |logit| and
+/// target mass).
+fn assert_rows(label: &str, got: &[f64], want: &[f64], max: &[f64], mass: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{label}: rows");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = row_tolerance(*w, max[i], mass[i]);
+        assert!((g - w).abs() <= tol, "{label} row {i}: {g} vs {w}");
+    }
+}
+
 /// Random logits and k distinct indices per row with random probabilities (not normalised:
 /// B = Σ p is used as given).
 fn random_sparse(
@@ -148,15 +158,7 @@ fn sparse_targets_on_every_strategy_match_the_reference() {
                     strategy,
                 )
                 .unwrap_or_else(|e| panic!("{label}: {e}"));
-            for i in 0..rows {
-                let tol = row_tolerance(want.per_row[i], max[i], mass[i]);
-                assert!(
-                    (out.per_row[i] - want.per_row[i]).abs() <= tol,
-                    "{label} row {i}: {} vs {}",
-                    out.per_row[i],
-                    want.per_row[i]
-                );
-            }
+            assert_rows(&label, &out.per_row, &want.per_row, &max, &mass);
             assert_gradient(
                 &label,
                 &grad.to_f32(),
@@ -421,15 +423,7 @@ fn top_k_with_softcap_and_z_loss_matches_the_reference() {
                     let (out, grad) = gpu
                         .sparse_cross_entropy_grad_with(&spec, logits, targets, up, strategy)
                         .unwrap_or_else(|e| panic!("{label}: {e}"));
-                    for i in 0..rows {
-                        let tol = row_tolerance(want.per_row[i], max[i], mass[i]);
-                        assert!(
-                            (out.per_row[i] - want.per_row[i]).abs() <= tol,
-                            "{label} row {i}: {} vs {}",
-                            out.per_row[i],
-                            want.per_row[i]
-                        );
-                    }
+                    assert_rows(&label, &out.per_row, &want.per_row, &max, &mass);
                     assert_eq!(out.z_loss.is_some(), lambda > 0.0, "{label}");
                     if let (Some(got), Some(w)) = (out.z_loss_sum, want.z_loss_sum) {
                         assert!(
