@@ -844,7 +844,9 @@ fn calls_recorded_before_one_submission_keep_their_own_parameters() {
 /// the earliest find a later call's parameters in their slot when they run. They write
 /// nothing (their gradient buffers keep what they held) instead of a gradient of the wrong
 /// rows or scale, the calls after them are right, and the first read after it, even one of a
-/// later submission, is `XentError::CallsOverran`; the loss stays usable. Eight calls are fine.
+/// later submission, is `XentError::CallsOverran` (not a read refused before the submission,
+/// nor a pending read of a call before the overrun); the loss stays usable. Eight calls are
+/// fine.
 #[test]
 fn more_calls_than_slots_before_one_submission_are_an_error_not_a_wrong_gradient() {
     let Some(gpu) = gpu() else { return };
@@ -925,6 +927,34 @@ fn more_calls_than_slots_before_one_submission_are_an_error_not_a_wrong_gradient
     check(&after, 0);
     let mut encoder = gpu.device().create_command_encoder(&Default::default());
     record(&mut loss, &mut encoder, 6, 1);
+    gpu.queue().submit([encoder.finish()]);
+    loss.read().unwrap();
+    // A read refused before the submission reports nothing, so clears nothing.
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let overrun = record(&mut loss, &mut encoder, 7, 9);
+    assert!(matches!(loss.read(), Err(XentError::NotSubmitted)));
+    let after = record(&mut loss, &mut encoder, 8, 1);
+    gpu.queue().submit([encoder.finish()]);
+    assert!(matches!(loss.read(), Err(XentError::CallsOverran { .. })));
+    check(&overrun, 2);
+    check(&after, 0);
+    // A pending read of an earlier call reports only what ran before that call: an overrun
+    // recorded while it waits is the next read's.
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    record(&mut loss, &mut encoder, 9, 1);
+    gpu.queue().submit([encoder.finish()]);
+    let pending = loss.read_later().unwrap();
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let overrun = record(&mut loss, &mut encoder, 10, 10);
+    gpu.queue().submit([encoder.finish()]);
+    pending.wait().unwrap();
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    record(&mut loss, &mut encoder, 11, 1);
+    gpu.queue().submit([encoder.finish()]);
+    assert!(matches!(loss.read(), Err(XentError::CallsOverran { .. })));
+    check(&overrun, 2);
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    record(&mut loss, &mut encoder, 12, 1);
     gpu.queue().submit([encoder.finish()]);
     loss.read().unwrap();
 }

@@ -334,8 +334,8 @@ pub struct PreparedLoss {
     /// Calls begun so far: the one being recorded (or last recorded) has parameter slot
     /// `calls % PARAM_SLOTS` and number `(calls − 1) % CALL_NUMBERS + 1`.
     calls: u64,
-    /// A read has started since the last call was recorded: the next call clears the status's
-    /// overrun flag, which the read has reported if it was set.
+    /// A read of the last call's status has reported the overrun flag (set or not), or will
+    /// (a pending read): the next call clears it.
     clear_overrun: AtomicBool,
     /// What the last recorded call's reduction writes into the status (its slot + 1), or 0.
     last_call: u32,
@@ -1514,10 +1514,7 @@ impl PreparedLoss {
     }
 
     /// What reads the last call's status.
-    /// What turns the last call's status into its totals; the next call recorded clears the
-    /// overrun flag, which this read reports.
     fn totals_reader(&self) -> TotalsReader {
-        self.clear_overrun.store(true, Ordering::Relaxed);
         TotalsReader {
             reduction: self.reduction,
             ignore_index: self.ignore_index,
@@ -1564,6 +1561,11 @@ impl PreparedLoss {
     pub(crate) fn start_read(&mut self, read_early: bool) -> Result<PendingTotals> {
         self.check_totals()?;
         self.last_slot()?;
+        // The status read is the last call's, copied before any call recorded from now on
+        // runs: the next call clears the overrun flag right after it in the encoder's order.
+        // (A pending read dropped unread takes its report with it, as it does the call's
+        // other errors.)
+        self.clear_overrun.store(true, Ordering::Relaxed);
         Ok(PendingTotals::start(
             &self.gpu,
             &self.res.slots[self.slot],
@@ -1611,13 +1613,29 @@ impl PreparedLoss {
         self.fetch_totals()
     }
 
+    /// Waits for the last call and returns the first error the device found since the last
+    /// read (an overrun of the parameter slots included), whatever the kind of loss.
+    pub(crate) fn check_last_call(&self) -> Result<()> {
+        self.fetch_totals().map(|_| ())
+    }
+
     /// The last call's totals (for a shard, only its errors mean anything).
     fn fetch_totals(&self) -> Result<LossTotals> {
         let bytes = self
             .gpu
             .fetch(&[(self.last_slot()?, STATUS_BYTES)])?
             .remove(0);
-        self.totals_reader().read(&bytes)
+        self.decode(&bytes)
+    }
+
+    /// The last call's totals from its status `bytes`. A status that is the last call's has
+    /// now reported the overrun flag (set or not): the next call recorded clears it.
+    fn decode(&self, bytes: &[u8]) -> Result<LossTotals> {
+        let totals = self.totals_reader().read(bytes);
+        if !matches!(totals, Err(XentError::NotSubmitted)) {
+            self.clear_overrun.store(true, Ordering::Relaxed);
+        }
+        totals
     }
 
     /// [`PreparedLoss::read_totals`], then the per-row results of the same call: the
@@ -1719,7 +1737,7 @@ impl PreparedLoss {
             let bytes = self.last_rows as u64 * ROW_RESULT_BYTES * self.row_vec4s();
             let data = gpu.fetch(&[(self.last_slot()?, STATUS_BYTES), (&back, bytes)])?;
             let rows: Vec<[f32; 4]> = bytemuck::cast_slice(&data[1]).to_vec();
-            (self.totals_reader().read(&data[0])?, rows)
+            (self.decode(&data[0])?, rows)
         } else {
             (self.fetch_totals()?, self.read_rows()?)
         };

@@ -24,7 +24,9 @@ use crate::targets::Targets;
 
 use super::context::Gpu;
 use super::planner::{Strategy, grid};
-use super::prepared::{BoundInputs, GradientOutput, Output, Setup, ShardSetup, Teacher};
+use super::prepared::{
+    BoundInputs, GradientOutput, Output, PARAM_SLOTS, Setup, ShardSetup, Teacher,
+};
 use super::{
     DeviceLogits, DeviceTargets, GpuContext, IndexType, LossShape, PreparedLoss, TargetLayout,
 };
@@ -133,9 +135,12 @@ impl GpuContext {
         runs: usize,
     ) -> Result<Timing> {
         let mut resident = self.resident_sets(spec, sets, strategy, task, None)?;
-        time_passes(&self.gpu, warmup, runs, |encoder, run, timestamps| {
+        let timing = time_passes(&self.gpu, warmup, runs, |encoder, run, timestamps| {
             resident.record(encoder, run, timestamps)
-        })
+        })?;
+        // Every timed call did its work (none ran into another's parameters).
+        resident.loss.check_last_call()?;
+        Ok(timing)
     }
 
     /// Wall-clock time per call of whole resident calls on device-resident inputs (after
@@ -270,7 +275,7 @@ impl GpuContext {
             )?);
         }
         let last = residents.len() - 1;
-        time_passes(&self.gpu, warmup, runs, |encoder, run, timestamps| {
+        let timing = time_passes(&self.gpu, warmup, runs, |encoder, run, timestamps| {
             for (i, resident) in residents.iter_mut().enumerate() {
                 // The first shard's pass starts the clock and the last's stops it.
                 let writes = timestamps
@@ -286,7 +291,11 @@ impl GpuContext {
                 resident.record(encoder, run, writes)?;
             }
             Ok(())
-        })
+        })?;
+        for resident in &residents {
+            resident.loss.check_last_call()?;
+        }
+        Ok(timing)
     }
 
     fn resident_sets(
@@ -595,7 +604,8 @@ fn wall_clock(
 }
 
 /// Runs `record` at least `warmup` times (and for at least [`WARMUP_TIME`]), then `runs` more
-/// times, each run one compute pass, and times those.
+/// times, each run one compute pass, and times those. Runs are submitted [`PARAM_SLOTS`] at a
+/// time: a prepared loss keeps the parameters of at most that many calls per submission.
 fn time_passes(
     gpu: &Gpu,
     warmup: usize,
@@ -616,11 +626,13 @@ fn time_passes(
         let mut last: Option<f64> = None;
         loop {
             let clock = Instant::now();
-            let mut encoder = gpu.device.create_command_encoder(&Default::default());
-            for run in done..done + batch {
-                record(&mut encoder, run, None)?;
+            for first in (done..done + batch).step_by(PARAM_SLOTS) {
+                let mut encoder = gpu.device.create_command_encoder(&Default::default());
+                for run in first..(first + PARAM_SLOTS).min(done + batch) {
+                    record(&mut encoder, run, None)?;
+                }
+                gpu.queue.submit([encoder.finish()]);
             }
-            gpu.queue.submit([encoder.finish()]);
             gpu.wait()?;
             done += batch;
             let took = clock.elapsed();
@@ -679,6 +691,13 @@ fn time_passes(
         });
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
         for run in 0..runs {
+            if run > 0 && run % PARAM_SLOTS == 0 {
+                let full = std::mem::replace(
+                    &mut encoder,
+                    gpu.device.create_command_encoder(&Default::default()),
+                );
+                gpu.queue.submit([full.finish()]);
+            }
             let writes = wgpu::ComputePassTimestampWrites {
                 query_set: &queries,
                 beginning_of_pass_write_index: Some(2 * run as u32),
