@@ -160,7 +160,9 @@ pub enum XentError {
     /// More calls of one prepared loss were recorded before one submission than it has
     /// parameter slots: the earliest found a later call's parameters in their slot when they
     /// ran, and did nothing (no gradient, totals or per-row results of theirs were written).
-    /// Reported by the first read after it happened; the loss stays usable.
+    /// Reported by the reads of the first call read after it ran (a pending read dropped
+    /// unread takes the report with it, as it does its call's other errors); the loss stays
+    /// usable.
     #[error(
         "prepared loss: more than {slots} calls were recorded before one submission; the earliest ran into later calls' parameters and wrote nothing (their gradients are missing). Submit at least every {slots} calls"
     )]
