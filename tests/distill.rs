@@ -272,6 +272,10 @@ fn device_buffers_match_the_host_path() {
             let got = loss.read_distillation().unwrap();
             assert_eq!(got, host, "{divergence:?}");
         }
+        // The cross-entropy reads would give the unscaled forward loss: refused.
+        assert!(matches!(loss.read(), Err(XentError::NotPrepared(_))));
+        assert!(matches!(loss.read_totals(), Err(XentError::NotPrepared(_))));
+        assert!(matches!(loss.read_later(), Err(XentError::NotPrepared(_))));
         // The gradient of the mean into a buffer, against the host path's.
         let (_, want) = gpu
             .distillation_grad(&spec, z, &teacher, Upstream::Scalar(1.0))

@@ -1549,9 +1549,10 @@ impl PreparedLoss {
     /// has already run is read at once, and its read-back buffer freed. Each read also submits
     /// an empty batch, whose index bounds [`PendingTotals::wait`].
     ///
-    /// Errors: [`XentError::NotPrepared`] if the last call's totals are already pending, or
-    /// for a shard's loss ([`GpuContext::prepare_partials`](crate::GpuContext::prepare_partials):
-    /// its calls have no totals of their own).
+    /// Errors: [`XentError::NotPrepared`] if the last call's totals are already pending, for
+    /// a shard's loss ([`GpuContext::prepare_partials`](crate::GpuContext::prepare_partials):
+    /// its calls have no totals of their own), or for a distillation (its output is
+    /// [`PreparedLoss::read_distillation`]'s).
     pub fn read_later(&mut self) -> Result<PendingTotals> {
         self.start_read(true)
     }
@@ -1606,8 +1607,8 @@ impl PreparedLoss {
     /// Errors: those the device found; [`XentError::NotSubmitted`] before the call's
     /// submission; [`XentError::CallsOverran`] when a call since the last read found its
     /// parameter slot taken (more than 8 calls before one submission);
-    /// [`XentError::NotPrepared`] while a [`PendingTotals`] reads the same call, or for a
-    /// shard's loss (read its partials).
+    /// [`XentError::NotPrepared`] while a [`PendingTotals`] reads the same call, for a
+    /// shard's loss (read its partials) or for a distillation (read_distillation).
     pub fn read_totals(&mut self) -> Result<LossTotals> {
         self.check_totals()?;
         self.fetch_totals()
@@ -1645,12 +1646,18 @@ impl PreparedLoss {
         Ok(self.read_parts()?.0)
     }
 
-    /// A shard's loss has no totals of its own.
+    /// A shard's loss has no totals of its own; a distillation's are not a cross-entropy's
+    /// (its loss scale and the JSD's β = 0 end are applied by `read_distillation`).
     fn check_totals(&self) -> Result<()> {
         if self.setup.shard.is_some() {
             return Err(XentError::NotPrepared(
                 "a shard's calls have no totals of their own: read_partials, then merge them"
                     .into(),
+            ));
+        }
+        if self.distillation.is_some() {
+            return Err(XentError::NotPrepared(
+                "this loss is a distillation: read_distillation gives its output".into(),
             ));
         }
         Ok(())
