@@ -845,8 +845,8 @@ fn calls_recorded_before_one_submission_keep_their_own_parameters() {
 /// nothing (their gradient buffers keep what they held) instead of a gradient of the wrong
 /// rows or scale, the calls after them are right, and the first read after it, even one of a
 /// later submission, is `XentError::CallsOverran` (not a read refused before the submission,
-/// nor a pending read of a call before the overrun); the loss stays usable. Eight calls are
-/// fine.
+/// nor a pending read begun before it or of a call before the overrun); the loss stays usable.
+/// Eight calls are fine.
 #[test]
 fn more_calls_than_slots_before_one_submission_are_an_error_not_a_wrong_gradient() {
     let Some(gpu) = gpu() else { return };
@@ -957,6 +957,75 @@ fn more_calls_than_slots_before_one_submission_are_an_error_not_a_wrong_gradient
     record(&mut loss, &mut encoder, 12, 1);
     gpu.queue().submit([encoder.finish()]);
     loss.read().unwrap();
+    // Nor a pending read begun before the submission (it finds an earlier call's status).
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let overrun = record(&mut loss, &mut encoder, 13, 11);
+    let early = loss.read_later().unwrap();
+    assert!(early.is_ready(), "an idle read-back buffer maps at once");
+    gpu.queue().submit([encoder.finish()]);
+    assert!(matches!(early.wait(), Err(XentError::NotSubmitted)));
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    record(&mut loss, &mut encoder, 14, 1);
+    gpu.queue().submit([encoder.finish()]);
+    assert!(matches!(loss.read(), Err(XentError::CallsOverran { .. })));
+    check(&overrun, 3);
+}
+
+/// A call refused as it is recorded (a per-row upstream gradient of the wrong length) takes
+/// no parameter slot: with it, 8 calls recorded before one submission are still each right.
+#[test]
+fn a_refused_call_takes_no_parameter_slot() {
+    let Some(gpu) = gpu() else { return };
+    let classes = 13;
+    let spec = CrossEntropy::new().with_reduction(Reduction::None);
+    let mut loss = gpu
+        .prepare(&spec, LossShape::class_indices(6, classes, IndexType::I64))
+        .unwrap();
+    let mut encoder = gpu.device().create_command_encoder(&Default::default());
+    let mut made = record_micro_batches(gpu, &mut loss, &mut encoder, classes, &[3, 5, 1, 6], 21);
+    let p = Problem::random(2100, 4, classes, 5.0, 0.0);
+    let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&p.logits));
+    let labels = buffer_with(gpu, 0, bytemuck::cast_slice(&p.labels));
+    let grad = buffer_with(gpu, 0, &vec![SENTINEL; 4 * classes * 4]);
+    let refused = loss.record_gradient(
+        &mut encoder,
+        DeviceLogits::new(&logits, 0, 4, classes),
+        DeviceTargets::class_indices(&labels, 0, IndexType::I64),
+        xent::GradientOutput::Buffer {
+            buffer: &grad,
+            offset: 0,
+        },
+        xent::Upstream::PerRow(&[1.0; 3]),
+    );
+    assert!(matches!(refused, Err(XentError::UpstreamLength { .. })));
+    made.extend(record_micro_batches(
+        gpu,
+        &mut loss,
+        &mut encoder,
+        classes,
+        &[2, 4, 6, 1],
+        22,
+    ));
+    gpu.queue().submit([encoder.finish()]);
+    loss.read().unwrap();
+    for (
+        c,
+        MicroBatch {
+            p, upstream, grad, ..
+        },
+    ) in made.iter().enumerate()
+    {
+        let (_, want) = gpu
+            .cross_entropy_grad(
+                &spec,
+                p.logits(),
+                p.targets(false),
+                xent::Upstream::PerRow(upstream),
+            )
+            .unwrap();
+        let got = common::read_f32(gpu, grad, 0, p.rows * classes);
+        assert_eq!(got, want.to_f32(), "call {c}");
+    }
 }
 
 /// Reading before the encoder holding the last call is submitted is an error, not the

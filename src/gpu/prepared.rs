@@ -870,19 +870,22 @@ impl PreparedLoss {
                 "these inputs were bound by another prepared loss".into(),
             ));
         }
-        // A parameter slot of the call's own. (A call refused below leaves its slot unused,
-        // which is harmless: reads check the number of the last call recorded.)
+        if upstream.is_some() && inputs.gradient.is_none() {
+            return Err(XentError::NotPrepared(
+                "these inputs were bound without a gradient output (use bind_gradient)".into(),
+            ));
+        }
+        // A parameter slot of the call's own (its per-row upstream gradient goes there), given
+        // back if the upstream gradient is refused: a refused call must not take one of the 8
+        // slots of the calls before the next submission.
         self.begin_call();
         let passes = match upstream {
             None => Passes::LOSS,
             Some(upstream) => {
-                if inputs.gradient.is_none() {
-                    return Err(XentError::NotPrepared(
-                        "these inputs were bound without a gradient output (use bind_gradient)"
-                            .into(),
-                    ));
+                if let Err(e) = self.set_upstream(upstream, inputs.rows, None) {
+                    self.calls -= 1;
+                    return Err(e);
                 }
-                self.set_upstream(upstream, inputs.rows, None)?;
                 Passes::gradient(
                     self.reduction == Reduction::Mean && upstream.mean_over().is_none(),
                 )
@@ -1562,17 +1565,21 @@ impl PreparedLoss {
     pub(crate) fn start_read(&mut self, read_early: bool) -> Result<PendingTotals> {
         self.check_totals()?;
         self.last_slot()?;
-        // The status read is the last call's, copied before any call recorded from now on
-        // runs: the next call clears the overrun flag right after it in the encoder's order.
-        // (A pending read dropped unread takes its report with it, as it does the call's
-        // other errors.)
-        self.clear_overrun.store(true, Ordering::Relaxed);
-        Ok(PendingTotals::start(
+        let pending = PendingTotals::start(
             &self.gpu,
             &self.res.slots[self.slot],
             self.totals_reader(),
             read_early,
-        ))
+        );
+        // The status read is the last call's, copied before any call recorded from now on
+        // runs: the next call clears the overrun flag right after it in the encoder's order.
+        // Not if the read has already found an earlier call's status (the call was not yet
+        // submitted), nor after a call without a reduction. (A pending read dropped unread
+        // takes its report with it, as it does the call's other errors.)
+        if self.last_call != 0 && !pending.found_unsubmitted() {
+            self.clear_overrun.store(true, Ordering::Relaxed);
+        }
+        Ok(pending)
     }
 
     /// Vec4s per row that come back: the results, and the token metrics after them.
@@ -1630,10 +1637,11 @@ impl PreparedLoss {
     }
 
     /// The last call's totals from its status `bytes`. A status that is the last call's has
-    /// now reported the overrun flag (set or not): the next call recorded clears it.
+    /// now reported the overrun flag (set or not): the next call recorded clears it. (Not
+    /// after a call without a reduction, whose status cannot be told from an earlier one's.)
     fn decode(&self, bytes: &[u8]) -> Result<LossTotals> {
         let totals = self.totals_reader().read(bytes);
-        if !matches!(totals, Err(XentError::NotSubmitted)) {
+        if self.last_call != 0 && !matches!(totals, Err(XentError::NotSubmitted)) {
             self.clear_overrun.store(true, Ordering::Relaxed);
         }
         totals

@@ -52,12 +52,18 @@ pub(crate) struct TotalsReader {
 }
 
 impl TotalsReader {
+    /// Whether `bytes` are the status of another call than this one (which has not run).
+    fn is_stale(&self, bytes: &[u8]) -> bool {
+        let words: &[u32] = bytemuck::cast_slice(bytes);
+        self.call != 0 && words[CALL_WORD] != self.call
+    }
+
     /// The totals in `bytes` (a copy of the status buffer), or the error the device found: an
     /// out-of-range class index or top-k entry (naming its row and value), a logit beyond
     /// f32's safe range.
     pub(crate) fn read(&self, bytes: &[u8]) -> Result<LossTotals> {
         let words: &[u32] = bytemuck::cast_slice(bytes);
-        if self.call != 0 && words[CALL_WORD] != self.call {
+        if self.is_stale(bytes) {
             // The status of an earlier call (or none): the last one recorded has not run.
             return Err(XentError::NotSubmitted);
         }
@@ -246,6 +252,12 @@ impl PendingTotals {
             pending.release();
         }
         pending
+    }
+
+    /// The read has already found the status of an earlier call: its own was not submitted
+    /// when the read began.
+    pub(crate) fn found_unsubmitted(&self) -> bool {
+        matches!(&self.early, Some(Ok(bytes)) if self.reader.is_stale(bytes))
     }
 
     /// Whether [`PendingTotals::wait`] would return at once: the call has finished and its
