@@ -337,7 +337,7 @@ pub struct PreparedLoss {
     /// A read of the last call's status has reported the overrun flag (set or not), or will
     /// (a pending read): the next call clears it.
     clear_overrun: AtomicBool,
-    /// What the last recorded call's reduction writes into the status (its slot + 1), or 0.
+    /// What the last recorded call's reduction writes into the status (its number), or 0.
     last_call: u32,
     written: Vec<Option<Params>>,
     /// The last call's per-row results were copied to `rows_back` with its totals.

@@ -46,7 +46,7 @@ pub(crate) struct TotalsReader {
     pub entropy: bool,
     /// Rows of the call.
     pub rows: usize,
-    /// The number the call's reduction writes into the status (its parameter slot + 1), or
+    /// The number the call's reduction writes into the status (its call number), or
     /// 0 for a call without a reduction (nothing to check).
     pub call: u32,
 }
