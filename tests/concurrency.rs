@@ -99,7 +99,25 @@ impl Case {
         }
     }
 
-    fn run(&self, gpu: &GpuContext) -> Answer {
+    /// A resident call's inputs in `gpu`'s buffers (`None` for the other calls), made before
+    /// any thread runs: on GL a test thread's own device call would wait for the GL context
+    /// beside xent's calls without their serialisation, and wgpu-hal gives up after six
+    /// seconds (a loaded machine's longest hold can exceed that).
+    fn upload(&self, gpu: &GpuContext) -> Option<(wgpu::Buffer, wgpu::Buffer)> {
+        let Call::Resident { soft, .. } = &self.call else {
+            return None;
+        };
+        let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&self.logits));
+        let targets = if *soft {
+            buffer_with(gpu, 0, bytemuck::cast_slice(&self.probabilities))
+        } else {
+            buffer_with(gpu, 0, bytemuck::cast_slice(&self.labels))
+        };
+        Some((logits, targets))
+    }
+
+    /// The call on `gpu`, a resident one on its `uploaded` inputs.
+    fn run(&self, gpu: &GpuContext, uploaded: Option<&(wgpu::Buffer, wgpu::Buffer)>) -> Answer {
         let label = self.label();
         let fail = |e: xent::XentError| -> Answer { panic!("{label}: {e}") };
         match &self.call {
@@ -114,20 +132,14 @@ impl Case {
                 .map_or_else(fail, Answer::LogSoftmax),
             Call::Resident { spec, soft } => {
                 let (rows, classes) = (self.rows, self.classes);
-                let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&self.logits));
-                let (targets, shape) = if *soft {
-                    (
-                        buffer_with(gpu, 0, bytemuck::cast_slice(&self.probabilities)),
-                        LossShape::probabilities(rows, classes),
-                    )
+                let (logits, targets) = uploaded.expect("a resident call's inputs");
+                let shape = if *soft {
+                    LossShape::probabilities(rows, classes)
                 } else {
-                    (
-                        buffer_with(gpu, 0, bytemuck::cast_slice(&self.labels)),
-                        LossShape::class_indices(rows, classes, IndexType::I64),
-                    )
+                    LossShape::class_indices(rows, classes, IndexType::I64)
                 };
-                let view = DeviceLogits::new(&logits, 0, rows, classes);
-                let t = DeviceTargets::of_layout(&targets, 0, shape.targets());
+                let view = DeviceLogits::new(logits, 0, rows, classes);
+                let t = DeviceTargets::of_layout(targets, 0, shape.targets());
                 let result = gpu.prepare(spec, shape).and_then(|mut loss| {
                     loss.run(view, t)?;
                     loss.read()
@@ -268,7 +280,7 @@ fn alone(gpu: &GpuContext, cases: &[Case]) -> Vec<Answer> {
     cases
         .iter()
         .map(|case| {
-            let answer = case.run(gpu);
+            let answer = case.run(gpu, case.upload(gpu).as_ref());
             case.check_against_cpu(&answer);
             answer
         })
@@ -285,8 +297,13 @@ fn hammer(
     want: &[Answer],
 ) {
     let start = Barrier::new(contexts.len() * threads);
+    let uploads: Vec<Vec<_>> = contexts
+        .iter()
+        .map(|&gpu| cases.iter().map(|case| case.upload(gpu)).collect())
+        .collect();
     std::thread::scope(|scope| {
         for (c, &gpu) in contexts.iter().enumerate() {
+            let uploads = &uploads[c];
             for t in 0..threads {
                 let start = &start;
                 scope.spawn(move || {
@@ -294,7 +311,7 @@ fn hammer(
                     let first = (c * threads + t) * 7;
                     for n in 0..rounds * cases.len() {
                         let i = (first + n) % cases.len();
-                        let got = cases[i].run(gpu);
+                        let got = cases[i].run(gpu, uploads[i].as_ref());
                         assert!(
                             got == want[i],
                             "context {c} thread {t}: {} differs from the same call alone",
@@ -386,7 +403,7 @@ fn short_calls_wait_out_a_long_dispatch() {
                 std::thread::sleep(Duration::from_millis(300));
                 for (i, case) in cases.iter().enumerate().skip(t) {
                     assert!(
-                        case.run(gpu) == want[i],
+                        case.run(gpu, None) == want[i],
                         "thread {t}: {} differs from the same call alone",
                         case.label()
                     );
