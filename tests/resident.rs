@@ -791,6 +791,44 @@ fn record_micro_batches(
     made
 }
 
+/// Asserts that every call of `made` left the gradient the host path gives for its inputs
+/// under `spec`, within `eps` relative (0: bit for bit), but the first `overran`, which wrote
+/// nothing (their buffers still hold `SENTINEL`).
+fn assert_micro_batches(
+    gpu: &xent::GpuContext,
+    spec: &CrossEntropy,
+    classes: usize,
+    made: &[MicroBatch],
+    overran: usize,
+    eps: f32,
+) {
+    for (c, batch) in made.iter().enumerate() {
+        let MicroBatch {
+            p, upstream, grad, ..
+        } = batch;
+        let got = common::read_f32(gpu, grad, 0, p.rows * classes);
+        let calls = made.len();
+        if c < overran {
+            let untouched = u32::from_ne_bytes([SENTINEL; 4]);
+            assert!(
+                got.iter().all(|g| g.to_bits() == untouched),
+                "call {c} of {calls}: overran, yet wrote its gradient"
+            );
+            continue;
+        }
+        let up = xent::Upstream::PerRow(upstream);
+        let (_, want) = gpu
+            .cross_entropy_grad(spec, p.logits(), p.targets(false), up)
+            .unwrap();
+        for (k, (&g, &w)) in got.iter().zip(&want.to_f32()).enumerate() {
+            assert!(
+                (g - w).abs() <= eps * w.abs(),
+                "call {c} of {calls}, element {k}: {g} vs {w}"
+            );
+        }
+    }
+}
+
 /// Several calls recorded into one encoder before one submission (micro-batches of different
 /// sizes, each with its own per-row upstream gradient) each run with their own parameters,
 /// and give the gradients the host path gives them one by one.
@@ -811,33 +849,13 @@ fn calls_recorded_before_one_submission_keep_their_own_parameters() {
     // The totals are the last call's.
     let last = loss.read().unwrap();
     assert_eq!(last.per_row.len(), sizes[2]);
-    for (
-        c,
-        MicroBatch {
-            p, upstream, grad, ..
-        },
-    ) in calls.iter().enumerate()
-    {
-        let (want_out, want) = gpu
-            .cross_entropy_grad(
-                &spec,
-                p.logits(),
-                p.targets(false),
-                xent::Upstream::PerRow(upstream),
-            )
-            .unwrap();
-        let got = common::read_f32(gpu, grad, 0, p.rows * classes);
-        let want = want.to_f32();
-        for (k, (&g, &w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (g - w).abs() <= 2.0 * f32::EPSILON * w.abs(),
-                "call {c} element {k}: {g} vs {w}"
-            );
-        }
-        if c == 2 {
-            assert_eq!(last.per_row, want_out.per_row);
-        }
-    }
+    assert_micro_batches(gpu, &spec, classes, &calls, 0, 2.0 * f32::EPSILON);
+    let MicroBatch { p, upstream, .. } = &calls[2];
+    let up = xent::Upstream::PerRow(upstream);
+    let (want, _) = gpu
+        .cross_entropy_grad(&spec, p.logits(), p.targets(false), up)
+        .unwrap();
+    assert_eq!(last.per_row, want.per_row);
 }
 
 /// More calls recorded before one submission than a prepared loss has parameter slots (8):
@@ -866,33 +884,7 @@ fn more_calls_than_slots_before_one_submission_are_an_error_not_a_wrong_gradient
         record_micro_batches(gpu, loss, encoder, classes, &rows, seed)
     };
     let check = |made: &[MicroBatch], overran: usize| {
-        for (
-            c,
-            MicroBatch {
-                p, upstream, grad, ..
-            },
-        ) in made.iter().enumerate()
-        {
-            let got = common::read_f32(gpu, grad, 0, p.rows * classes);
-            if c < overran {
-                let untouched = f32::from_bits(u32::from_ne_bytes([SENTINEL; 4]));
-                assert!(
-                    got.iter().all(|g| g.to_bits() == untouched.to_bits()),
-                    "call {c} of {}: overran, yet wrote its gradient",
-                    made.len()
-                );
-                continue;
-            }
-            let (_, want) = gpu
-                .cross_entropy_grad(
-                    &spec,
-                    p.logits(),
-                    p.targets(false),
-                    xent::Upstream::PerRow(upstream),
-                )
-                .unwrap();
-            assert_eq!(got, want.to_f32(), "call {c} of {}", made.len());
-        }
+        assert_micro_batches(gpu, &spec, classes, made, overran, 0.0);
     };
     // As many calls as slots: each its own.
     let mut encoder = gpu.device().create_command_encoder(&Default::default());
@@ -1008,24 +1000,7 @@ fn a_refused_call_takes_no_parameter_slot() {
     ));
     gpu.queue().submit([encoder.finish()]);
     loss.read().unwrap();
-    for (
-        c,
-        MicroBatch {
-            p, upstream, grad, ..
-        },
-    ) in made.iter().enumerate()
-    {
-        let (_, want) = gpu
-            .cross_entropy_grad(
-                &spec,
-                p.logits(),
-                p.targets(false),
-                xent::Upstream::PerRow(upstream),
-            )
-            .unwrap();
-        let got = common::read_f32(gpu, grad, 0, p.rows * classes);
-        assert_eq!(got, want.to_f32(), "call {c}");
-    }
+    assert_micro_batches(gpu, &spec, classes, &made, 0, 0.0);
 }
 
 /// Reading before the encoder holding the last call is submitted is an error, not the
