@@ -43,42 +43,38 @@ struct RowGradient {
 // A lane's walk through its row's top-k entries (TARGET_TOP_K): the lane meets the classes it
 // writes in increasing order, so it only compares each with the next entry that falls to it
 // (one comparison a class, rather than k). The next entry's class (NO_CLASS when none is
-// left) and probability, and the entries not yet met (bit j for entry j).
+// left) and probability, and who the lane is (for the search of the entry after it).
 var<private> top_k_next: u32;
 var<private> top_k_next_p: f32;
-var<private> top_k_left: u32;
+var<private> top_k_lane: u32;
+var<private> top_k_owner: LaneOwner;
 
 // Starts the walk of `lane` through row g's entries: those whose class `owner` gives to the
-// lane (and that the lane meets at all). Up to 32 entries; with more, every class is
-// checked against all of them.
+// lane (and that the lane meets at all).
 fn top_k_begin(g: ptr<function, RowGradient>, lane: u32, owner: ptr<function, LaneOwner>) {
-    if TARGET_KIND != TARGET_TOP_K || SPARSE_K > 32u {
+    if TARGET_KIND != TARGET_TOP_K {
         return;
     }
-    var mine = 0u;
-    for (var j = 0u; j < SPARSE_K; j++) {
-        let k = target_word((*g).top_k_at + j);
-        if k < params.classes && lane_meets(owner, k) && lane_of(owner, k) == lane {
-            mine |= 1u << j;
-        }
-    }
-    top_k_left = mine;
-    top_k_next = NO_CLASS;
+    top_k_lane = lane;
+    top_k_owner = *owner;
     top_k_advance(*g, NO_CLASS);
     (*g).top_k_walk = true;
 }
 
-// Moves the walk to the entry with the smallest class above `met` (the class just met; NO_CLASS
-// at the start): repeated classes, an error the statistics pass reports, are passed over.
+// Moves the walk to the lane's entry with the smallest class above `met` (the class just met;
+// NO_CLASS at the start): one pass over the k entries per entry the lane meets, so a lane's
+// work on them is k·(its entries + 1), not k per class of the row (which, for long rows and
+// many entries, also ran past llvmpipe's 65,535 iterations of a loop and ended it silently).
+// Repeated classes, an error the statistics pass reports, are passed over.
 fn top_k_advance(g: RowGradient, met: u32) {
+    var owner = top_k_owner;
     var best = NO_CLASS;
     var best_j = 0u;
-    var left = top_k_left;
-    while left != 0u {
-        let j = firstTrailingBit(left);
-        left &= left - 1u;
+    for (var j = 0u; j < SPARSE_K; j++) {
         let k = target_word(g.top_k_at + j);
-        if (met == NO_CLASS || k > met) && k < best {
+        let after = met == NO_CLASS || k > met;
+        if after && k < best && k < params.classes && lane_meets(&owner, k)
+            && lane_of(&owner, k) == top_k_lane {
             best = k;
             best_j = j;
         }
@@ -87,7 +83,6 @@ fn top_k_advance(g: RowGradient, met: u32) {
     top_k_next_p = 0.0;
     if best != NO_CLASS {
         top_k_next_p = bitcast<f32>(target_word(g.top_k_at + SPARSE_K + best_j));
-        top_k_left &= ~(1u << best_j);
     }
 }
 
@@ -114,7 +109,8 @@ fn lane_meets(owner: ptr<function, LaneOwner>, k: u32) -> bool {
 }
 
 // The row's target weight of class k from its top-k entries: on the lane's walk, the next
-// entry's when k is its class; else (another row's class, or more than 32 entries) from all.
+// entry's when k is its class; else (a class of another row, met once at a shared word of
+// half values) from all.
 fn top_k_weight(g: RowGradient, k: u32) -> f32 {
     if g.top_k_walk {
         if k != top_k_next {

@@ -259,6 +259,17 @@ pub enum XentError {
         "sparse targets: a top-k loss takes no {0} (its rows' k probabilities are the whole target); z-loss and soft-cap are allowed"
     )]
     SparseOption(&'static str),
+    /// Top-k sparse targets on the GPU take at most [`crate::gpu::MAX_SPARSE_K`] entries a
+    /// row (the f64 reference in [`crate::scoring`] takes any k).
+    #[error(
+        "sparse targets: k = {k} entries a row; the GPU takes at most {max} (each row's entries are checked and gathered by one lane: k² work), the CPU reference any"
+    )]
+    SparseK {
+        /// The entries per row given.
+        k: usize,
+        /// The most the GPU takes.
+        max: usize,
+    },
     /// A class index of top-k sparse targets is outside `[0, C)`.
     #[error("sparse targets: row {row} has class index {value}, outside [0, {classes})")]
     SparseIndexOutOfRange {

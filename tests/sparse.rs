@@ -173,6 +173,75 @@ fn sparse_targets_on_every_strategy_match_the_reference() {
     }
 }
 
+/// Many entries on long rows: each lane walks only the entries that fall to it, so its work
+/// is k per entry it meets, not k per class. (Scanning all k entries for every class ran past
+/// llvmpipe's 65,535 loop iterations from about class 65,536 / k of a lane on, and the rest of
+/// the row's gradient came out 0.) One lane a row (every entry that lane's) up to the most
+/// entries the GPU takes, and the planner's strategy on 32,768 classes; one entry more than
+/// the most is refused, on the host path and on device buffers.
+#[test]
+fn many_entries_on_long_rows_keep_their_gradient() {
+    let Some(gpu) = gpu() else { return };
+    let one_lane = common::plain_strategy(256, 1, 1, true);
+    let k_max = xent::gpu::MAX_SPARSE_K;
+    for (seed, (rows, classes, k, strategy)) in [
+        (1, 4099, 36, Some(one_lane)),
+        (2, 5000, k_max, Some(one_lane)),
+        (4, 32768, 40, None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (z, idx, p) = random_sparse(60 + seed as u64, rows, classes, k);
+        let logits = Logits::new(&z, rows, classes).unwrap();
+        let targets = SparseTargets::new(&idx, &p, k);
+        let spec = CrossEntropy::new().with_reduction(Reduction::Sum);
+        let up = Upstream::Scalar(1.0);
+        let (want, want_grad) =
+            scoring::sparse_cross_entropy_grad(&spec, logits, targets, up).unwrap();
+        let strategy = strategy.unwrap_or_else(|| gpu.plan(rows, classes));
+        let label = format!("{rows}x{classes} k={k} {}", strategy.name());
+        let (out, grad) = gpu
+            .sparse_cross_entropy_grad_with(&spec, logits, targets, up, strategy)
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let max: Vec<f64> = (0..rows)
+            .map(|i| max_abs(&z[i * classes..(i + 1) * classes]))
+            .collect();
+        let mass: Vec<f64> = (0..rows)
+            .map(|i| p[i * k..(i + 1) * k].iter().map(|&v| v as f64).sum())
+            .collect();
+        assert_rows(&label, &out.per_row, &want.per_row, &max, &mass);
+        let scale = |_| 1.0;
+        let got = grad.to_f32();
+        assert_gradient(
+            &label,
+            &got,
+            &want_grad,
+            classes,
+            &scale,
+            &mass,
+            &max,
+            Dtype::F32,
+        );
+    }
+    // One entry more than the GPU takes.
+    let (rows, classes, k) = (2, 300, k_max + 1);
+    let (z, idx, p) = random_sparse(70, rows, classes, k);
+    let spec = CrossEntropy::new();
+    let logits = Logits::new(&z, rows, classes).unwrap();
+    let e = gpu
+        .sparse_cross_entropy(&spec, logits, SparseTargets::new(&idx, &p, k))
+        .unwrap_err();
+    assert!(matches!(e, XentError::SparseK { k: 129, max: 128 }), "{e}");
+    let shape = LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 });
+    assert!(matches!(
+        gpu.prepare(&spec, shape),
+        Err(XentError::SparseK { .. })
+    ));
+    // The reference takes any k.
+    scoring::sparse_cross_entropy(&spec, logits, SparseTargets::new(&idx, &p, k)).unwrap();
+}
+
 /// The gradient in a half dtype with an odd C (rows share output words) on every strategy
 /// corner, top-k entries on each row's first and last class among them: each class is
 /// checked against the entries that fall to the lane writing it.

@@ -20,7 +20,7 @@ pub use context::{
     GpuOptions, WANTED_FEATURES, describe_adapter, enumerate_adapters, select_adapter,
 };
 pub use planner::{DeviceFacts, Strategy};
-pub use prepared::{BoundInputs, GradientOutput, PreparedLoss};
+pub use prepared::{BoundInputs, GradientOutput, MAX_SPARSE_K, PreparedLoss};
 pub use shard::{ShardMode, ShardedScorer};
 pub use timing::{ReadBandwidth, Task, Timer, Timing};
 pub use totals::PendingTotals;

@@ -72,6 +72,12 @@ pub(crate) const PARAM_SLOTS: usize = 8;
 /// submission) is found, unless exactly a multiple of this many calls came between them.
 const CALL_NUMBERS: u64 = 4096;
 
+/// The most top-k entries a row the kernels take. One lane checks a row's entries for
+/// repeats (k²/2 comparisons) and each lane of a row walks the entries that fall to it (k per
+/// entry it meets, k² with one lane a row): bounded so that no loop passes llvmpipe's 65,535
+/// iterations, which it ends silently, and no row costs a real GPU more than its logits.
+pub const MAX_SPARSE_K: usize = 128;
+
 /// Bytes of one row's results, `vec4<f32>` (and of one half of a workgroup sum).
 const ROW_RESULT_BYTES: u64 = 16;
 /// `vec4`s of one `RowStats` of a split row, and of one workgroup sum.
@@ -430,6 +436,12 @@ impl PreparedLoss {
         if let Some(TargetLayout::TopK { k }) = setup.targets {
             if k == 0 {
                 return Err(XentError::NotPrepared("top-k targets need k ≥ 1".into()));
+            }
+            if k as usize > MAX_SPARSE_K {
+                return Err(XentError::SparseK {
+                    k: k as usize,
+                    max: MAX_SPARSE_K,
+                });
             }
             spec.validate_sparse_options(classes)?;
         }

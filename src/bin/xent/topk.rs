@@ -28,6 +28,7 @@ fn blame(e: XentError, logits: &NpyInput, indices: &NpyInput, first_row: usize) 
         } => indices.error(format!(
             "row {row} has class index {value}, outside [0, {classes})"
         )),
+        e @ XentError::SparseK { .. } => indices.error(format!("{e}; --cpu scores any k")),
         XentError::SparseDuplicateIndex { row, class } => {
             indices.error(format!("row {row} names class {class} more than once"))
         }
