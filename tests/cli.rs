@@ -2299,6 +2299,41 @@ fn top_k_targets_take_the_z_loss_and_the_softcap() {
     ]
     .concat();
     expect_failure(&xent(&args), 2, &["--z-loss", "-1"]);
+    // More entries a row than the GPU takes: refused naming the file; the reference takes them.
+    let (rows, classes, k) = (2usize, 300usize, 129usize);
+    let many_z = dir.path().join("many_z.npy");
+    let many_i = dir.path().join("many_i.npy");
+    let many_p = dir.path().join("many_p.npy");
+    write_npy(
+        &many_z,
+        &[rows as u64, classes as u64],
+        &vec![0.5f32; rows * classes],
+    );
+    let idx: Vec<i64> = (0..rows).flat_map(|_| 0..k as i64).collect();
+    write_npy(&many_i, &[rows as u64, k as u64], &idx);
+    write_npy(
+        &many_p,
+        &[rows as u64, k as u64],
+        &vec![1.0f32 / k as f32; rows * k],
+    );
+    let args = [
+        "score",
+        "--logits",
+        path(&many_z),
+        "--topk-indices",
+        path(&many_i),
+        "--topk-probs",
+        path(&many_p),
+        "--json",
+    ];
+    if gpu_available() {
+        expect_failure(&xent(&args), 2, &["many_i.npy", "k = 129", "--cpu"]);
+    }
+    let cpu: Vec<&str> = args.iter().copied().chain(["--cpu"]).collect();
+    let v = json(&xent(&cpu));
+    // Uniform logits: each entry costs ln C, and the probabilities sum to 1.
+    let want = (classes as f64).ln();
+    assert!((v["loss"].as_f64().unwrap() - want).abs() <= 1e-6 * want);
 }
 
 /// The engines a CLI test runs: the CPU reference, and the GPU where there is one.
