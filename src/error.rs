@@ -262,7 +262,7 @@ pub enum XentError {
     /// Top-k sparse targets on the GPU take at most [`crate::gpu::MAX_SPARSE_K`] entries a
     /// row (the f64 reference in [`crate::scoring`] takes any k).
     #[error(
-        "sparse targets: k = {k} entries a row; the GPU takes at most {max} (each row's entries are checked and gathered by one lane: k² work), the CPU reference any"
+        "sparse targets: k = {k} entries a row; the GPU takes at most {max} (so that the kernels' loops keep within every adapter's budget, llvmpipe's included), the CPU reference any"
     )]
     SparseK {
         /// The entries per row given.
