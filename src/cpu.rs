@@ -117,19 +117,18 @@ fn softcap_slope(z: f32, cap: f64) -> f64 {
 }
 
 /// Appends one counted row's gradient (see [`cross_entropy_grad`]):
-/// `(s_ce·(B·q_k − a_k) + s_z·2λ·lse·q_k)·dz'_k/dz_k` for the row's raw logits `raw`, the
-/// log-sum-exp `parts` of its effective logits, its target weights `a` (`B = Σ_k a_k`) and the
-/// scales `(s_ce, s_z)`.
+/// `(s_ce·(B·q_k − a_k) + s_z·2λ·lse·q_k)·dz'_k/dz_k` for the row's raw logits `raw`, its
+/// effective logits `z` ([`effective_row`]) and their log-sum-exp `parts`, its target weights
+/// `a` (`B = Σ_k a_k`) and the scales `(s_ce, s_z)`.
 pub(crate) fn push_row_gradient(
     grad: &mut Vec<f64>,
     spec: &CrossEntropy,
-    raw: &[f32],
+    (raw, z): (&[f32], &[f64]),
     parts: RowLse,
     a: &[f64],
     (ce_scale, z_scale): (f64, f64),
 ) {
     let lambda = spec.z_loss();
-    let z = effective_row(spec, raw);
     let lse = parts.value();
     let b: f64 = a.iter().sum();
     for k in 0..z.len() {
@@ -300,7 +299,9 @@ pub fn cross_entropy_grad(
             continue;
         };
         let scales = upstream.scales(spec.reduction(), i, own);
-        push_row_gradient(&mut grad, spec, &logits.row(i), parts, &a, scales);
+        let raw = logits.row(i);
+        let z = effective_row(spec, &raw);
+        push_row_gradient(&mut grad, spec, (&raw, &z), parts, &a, scales);
     }
     Ok((out, grad))
 }

@@ -601,7 +601,7 @@ fn sparse_impl(
                 a[idx[j] as usize] = p[j] as f64;
             }
             let scales = u.scales(spec.reduction(), i, (rows as f64, rows as f64));
-            push_row_gradient(&mut grad, spec, &raw, parts, &a, scales);
+            push_row_gradient(&mut grad, spec, (&raw, &z), parts, &a, scales);
         }
     }
     Ok((out.finish(spec.reduction(), classes, rows as f64), grad))
