@@ -1586,14 +1586,9 @@ impl PreparedLoss {
             self.totals_reader(),
             read_early,
         );
-        // The status read is the last call's, copied before any call recorded from now on
-        // runs: the next call clears the overrun flag right after it in the encoder's order.
-        // Not if the read has already found an earlier call's status (the call was not yet
-        // submitted), nor after a call without a reduction. (A pending read dropped unread
-        // takes its report with it, as it does the call's other errors.)
-        if self.last_call != 0 && !pending.found_unsubmitted() {
-            self.clear_overrun.store(true, Ordering::Relaxed);
-        }
+        // The status it reads was copied before any call recorded from now on runs. (A pending
+        // read dropped unread takes its report with it, as it does the call's other errors.)
+        self.overrun_reported(!pending.found_unsubmitted());
         Ok(pending)
     }
 
@@ -1651,15 +1646,22 @@ impl PreparedLoss {
         self.decode(&bytes)
     }
 
-    /// The last call's totals from its status `bytes`. A status that is the last call's has
-    /// now reported the overrun flag (set or not): the next call recorded clears it. (Not
-    /// after a call without a reduction, whose status cannot be told from an earlier one's.)
+    /// The last call's totals from its status `bytes`.
     fn decode(&self, bytes: &[u8]) -> Result<LossTotals> {
         let totals = self.totals_reader().read(bytes);
-        if self.last_call != 0 && !matches!(totals, Err(XentError::NotSubmitted)) {
+        self.overrun_reported(!matches!(totals, Err(XentError::NotSubmitted)));
+        totals
+    }
+
+    /// A read has reported (or, pending, will report) the overrun flag, set or not, when the
+    /// status it read is the last call's own (`own_status`: not an earlier call's, found before
+    /// the submission): the next call recorded clears the flag, right after that status was
+    /// copied in the encoder's order. Not after a call without a reduction, whose status
+    /// cannot be told from an earlier one's.
+    fn overrun_reported(&self, own_status: bool) {
+        if own_status && self.last_call != 0 {
             self.clear_overrun.store(true, Ordering::Relaxed);
         }
-        totals
     }
 
     /// [`PreparedLoss::read_totals`], then the per-row results of the same call: the
