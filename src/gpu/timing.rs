@@ -603,9 +603,26 @@ fn wall_clock(
     })
 }
 
+/// Records `runs` with `record` and submits them [`PARAM_SLOTS`] at a time: a prepared loss
+/// keeps the parameters of at most that many calls per submission.
+fn submit_runs(
+    gpu: &Gpu,
+    runs: std::ops::Range<usize>,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder, usize) -> Result<()>,
+) -> Result<()> {
+    for first in runs.clone().step_by(PARAM_SLOTS) {
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        for run in first..(first + PARAM_SLOTS).min(runs.end) {
+            record(&mut encoder, run)?;
+        }
+        gpu.queue.submit([encoder.finish()]);
+    }
+    Ok(())
+}
+
 /// Runs `record` at least `warmup` times (and for at least [`WARMUP_TIME`]), then `runs` more
-/// times, each run one compute pass, and times those. Runs are submitted [`PARAM_SLOTS`] at a
-/// time: a prepared loss keeps the parameters of at most that many calls per submission.
+/// times, each run one compute pass, and times those; runs are submitted as [`submit_runs`]
+/// does.
 fn time_passes(
     gpu: &Gpu,
     warmup: usize,
@@ -626,13 +643,9 @@ fn time_passes(
         let mut last: Option<f64> = None;
         loop {
             let clock = Instant::now();
-            for first in (done..done + batch).step_by(PARAM_SLOTS) {
-                let mut encoder = gpu.device.create_command_encoder(&Default::default());
-                for run in first..(first + PARAM_SLOTS).min(done + batch) {
-                    record(&mut encoder, run, None)?;
-                }
-                gpu.queue.submit([encoder.finish()]);
-            }
+            submit_runs(gpu, done..done + batch, |encoder, run| {
+                record(encoder, run, None)
+            })?;
             gpu.wait()?;
             done += batch;
             let took = clock.elapsed();
@@ -689,22 +702,15 @@ fn time_passes(
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut encoder = gpu.device.create_command_encoder(&Default::default());
-        for run in 0..runs {
-            if run > 0 && run % PARAM_SLOTS == 0 {
-                let full = std::mem::replace(
-                    &mut encoder,
-                    gpu.device.create_command_encoder(&Default::default()),
-                );
-                gpu.queue.submit([full.finish()]);
-            }
+        submit_runs(gpu, 0..runs, |encoder, run| {
             let writes = wgpu::ComputePassTimestampWrites {
                 query_set: &queries,
                 beginning_of_pass_write_index: Some(2 * run as u32),
                 end_of_pass_write_index: Some(2 * run as u32 + 1),
             };
-            record(&mut encoder, warmup + run, Some(writes))?;
-        }
+            record(encoder, warmup + run, Some(writes))
+        })?;
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
         encoder.resolve_query_set(&queries, 0..count, &resolved, 0);
         encoder.copy_buffer_to_buffer(&resolved, 0, &readback, 0, bytes);
         gpu.queue.submit([encoder.finish()]);
