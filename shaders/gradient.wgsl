@@ -34,92 +34,72 @@ struct RowGradient {
     // The row's first logit (logits binding) and first output (outputs binding), elements.
     first: u32,
     out: u32,
-    // The row's first top-k word (targets binding).
+    // The row's first top-k word (targets binding) and the first word of its entries in the
+    // order of the walk (results, top_k_order_at).
     top_k_at: u32,
-    // The lane's top-k walk (top_k_begin) is this row's: its classes are met in order.
-    top_k_walk: bool,
+    top_k_order: u32,
 }
 
-// A lane's walk through its row's top-k entries (TARGET_TOP_K): the lane meets the classes it
-// writes in increasing order, so it only compares each with the next entry that falls to it
-// (one comparison a class, rather than k). The next entry's class (NO_CLASS when none is
-// left) and probability, and who the lane is (for the search of the entry after it).
+// A lane's walk through its row's top-k entries (TARGET_TOP_K). The statistics pass left the
+// entries sorted by the lane that writes their class, then by class: a lane's entries are
+// consecutive there and in the order the lane meets its classes. So the lane compares each
+// class it meets with its next entry only, and steps to the one after when it meets it, with
+// no loop: on llvmpipe (the CI's devices) every loop a class's code reaches costs an
+// iteration of the shader's 65,535 even where no lane takes it, and past them the shader's
+// loops end silently (a search of the entries per entry met, the old way, did so for long rows
+// and more than 32 entries). A repeated class (an error the statistics pass reports) ends the
+// lane's walk. The next entry's class (NO_CLASS when none is left) and probability, its place
+// in the sorted entries, and who the lane is.
 var<private> top_k_next: u32;
 var<private> top_k_next_p: f32;
+var<private> top_k_place: u32;
 var<private> top_k_lane: u32;
 var<private> top_k_owner: LaneOwner;
 
-// Starts the walk of `lane` through row g's entries: those whose class `owner` gives to the
-// lane (and that the lane meets at all).
-fn top_k_begin(g: ptr<function, RowGradient>, lane: u32, owner: ptr<function, LaneOwner>) {
+// Starts the walk of `lane` through row g's entries: they follow those of the lanes before it.
+fn top_k_begin(g: RowGradient, lane: u32, owner: LaneOwner) {
     if TARGET_KIND != TARGET_TOP_K {
         return;
     }
     top_k_lane = lane;
-    top_k_owner = *owner;
-    top_k_advance(*g, NO_CLASS);
-    (*g).top_k_walk = true;
-}
-
-// Moves the walk to the lane's entry with the smallest class above `met` (the class just met;
-// NO_CLASS at the start): one pass over the k entries per entry the lane meets, so a lane's
-// work on them is k·(its entries + 1), not k per class of the row (which, for long rows and
-// many entries, also ran past llvmpipe's 65,535 iterations of a loop and ended it silently).
-// Repeated classes, an error the statistics pass reports, are passed over.
-fn top_k_advance(g: RowGradient, met: u32) {
-    var owner = top_k_owner;
-    var best = NO_CLASS;
-    var best_j = 0u;
+    top_k_owner = owner;
+    var place = 0u;
     for (var j = 0u; j < SPARSE_K; j++) {
-        let k = target_word(g.top_k_at + j);
-        let after = met == NO_CLASS || k > met;
-        if after && k < best && k < params.classes && lane_meets(&owner, k)
-            && lane_of(&owner, k) == top_k_lane {
-            best = k;
-            best_j = j;
-        }
+        place += u32(top_k_lane_of(top_k_owner, target_word(g.top_k_at + j)) < lane);
     }
-    top_k_next = best;
+    top_k_place = place;
+    top_k_load(g);
+}
+
+// Takes the entry at the walk's place as its next, if it is the lane's.
+fn top_k_load(g: RowGradient) {
+    top_k_next = NO_CLASS;
     top_k_next_p = 0.0;
-    if best != NO_CLASS {
-        top_k_next_p = bitcast<f32>(target_word(g.top_k_at + SPARSE_K + best_j));
-    }
-}
-
-// The lane that writes class k of a row: the element's index over the lanes (f32), or its
-// output word's (halves, from the row's first word).
-struct LaneOwner {
-    lanes: u32,
-    // Halves: the row's first output element and first word; f32: unused.
-    out: u32,
-    w_first: u32,
-}
-
-fn lane_of(owner: ptr<function, LaneOwner>, k: u32) -> u32 {
-    if DTYPE == DTYPE_F32 {
-        return k % (*owner).lanes;
-    }
-    return (((*owner).out + k) / 2u - (*owner).w_first) % (*owner).lanes;
-}
-
-// Whether the row's lanes meet class k at all: a half row's first value may lie in a word the
-// previous row's lanes write.
-fn lane_meets(owner: ptr<function, LaneOwner>, k: u32) -> bool {
-    return DTYPE == DTYPE_F32 || ((*owner).out + k) / 2u >= (*owner).w_first;
-}
-
-// The row's target weight of class k from its top-k entries: on the lane's walk, the next
-// entry's when k is its class; else (a class of another row, met once at a shared word of
-// half values) from all.
-fn top_k_weight(g: RowGradient, k: u32) -> f32 {
-    if g.top_k_walk {
-        if k != top_k_next {
-            return 0.0;
+    if top_k_place < SPARSE_K {
+        let w = g.top_k_order + top_k_place;
+        let j = min(u32(results[w / 4u][w % 4u]), SPARSE_K - 1u);
+        let k = target_word(g.top_k_at + j);
+        if top_k_lane_of(top_k_owner, k) == top_k_lane {
+            top_k_next = k;
+            top_k_next_p = bitcast<f32>(target_word(g.top_k_at + SPARSE_K + j));
         }
-        let p = top_k_next_p;
-        top_k_advance(g, k);
-        return p;
     }
+}
+
+// The target weight of class k of the lane's row, from its walk through the row's entries.
+fn top_k_weight(g: RowGradient, k: u32) -> f32 {
+    if TARGET_KIND != TARGET_TOP_K || k != top_k_next {
+        return 0.0;
+    }
+    let p = top_k_next_p;
+    top_k_place++;
+    top_k_load(g);
+    return p;
+}
+
+// The target weight of class k of row g from all its entries: for a class that a lane meets
+// outside its row's walk (the next row's first value, in a word the lane's row shares).
+fn top_k_scan(g: RowGradient, k: u32) -> f32 {
     var a = 0.0;
     for (var j = 0u; j < SPARSE_K; j++) {
         if target_word(g.top_k_at + j) == k {
@@ -160,7 +140,7 @@ fn row_gradient(r: u32) -> RowGradient {
     g.first = row_first(r);
     g.out = params.outputs_offset + r * params.classes;
     g.top_k_at = params.targets_offset + r * 2u * SPARSE_K;
-    g.top_k_walk = false;
+    g.top_k_order = top_k_order_at(row);
     return g;
 }
 
@@ -172,8 +152,15 @@ fn load_logit(g: RowGradient, k: u32) -> f32 {
     return raw_logit(g.first + k);
 }
 
-// The gradient of class k of the row from its raw logit z.
+// The gradient of class k of the row from its raw logit z, on the lane's walk of the row's
+// top-k entries.
 fn gradient_of(g: RowGradient, z: f32, k: u32) -> f32 {
+    return gradient_with(g, z, k, top_k_weight(g, k));
+}
+
+// The gradient of class k of the row from its raw logit z, whose top-k target weight is
+// `top_k`.
+fn gradient_with(g: RowGradient, z: f32, k: u32, top_k: f32) -> f32 {
     let zc = cap1(z);
     if TARGET_KIND == TARGET_TEACHER {
         return teacher_gradient(g, zc, k);
@@ -187,7 +174,7 @@ fn gradient_of(g: RowGradient, z: f32, k: u32) -> f32 {
         a += g.w_y;
     }
     if TARGET_KIND == TARGET_TOP_K {
-        a += top_k_weight(g, k);
+        a += top_k;
     }
     var d = g.s_ce * (g.st.z * q - a);
     if ZLOSS {
@@ -274,10 +261,8 @@ fn half_bits(x: f32) -> u32 {
 // f32 logits: element by element, four loads in flight per lane, neighbouring lanes on
 // neighbouring elements. (vec4 loads with four scalar stores each measured 1.8x slower on an
 // H200: every store instruction of a warp then touches four times the sectors.)
-fn write_row_f32(g0: RowGradient, lane: u32, lanes: u32) {
-    var g = g0;
-    var owner = LaneOwner(lanes, 0u, 0u);
-    top_k_begin(&g, lane, &owner);
+fn write_row_f32(r: u32, g: RowGradient, lane: u32, lanes: u32) {
+    top_k_begin(g, lane, row_owner(r));
     let end = params.classes;
     var k = lane;
     for (; k + 3u * lanes < end; k += 4u * lanes) {
@@ -315,18 +300,14 @@ fn load_pair(g: RowGradient, w: u32) -> vec2<f32> {
 // Halves: the lanes of chunk row r walk the output words the row owns, lane l the words
 // w_first + l, + lanes, …: the interior words (both values in the row) four in flight, a
 // word the row shares with the previous or the next row one value at a time.
-fn write_row_half(r: u32, g0: RowGradient, lane: u32, lanes: u32) {
-    let o = g0.out;
+fn write_row_half(r: u32, g: RowGradient, lane: u32, lanes: u32) {
+    let o = g.out;
     let end = o + params.classes;
     // Words whose first value is in the row, and for the chunk's first row the word holding
     // its first value.
-    var w_first = (o + 1u) / 2u;
-    if r == 0u {
-        w_first = o / 2u;
-    }
-    var g = g0;
-    var owner = LaneOwner(lanes, o, w_first);
-    top_k_begin(&g, lane, &owner);
+    let owner = row_owner(r);
+    let w_first = owner.w_first;
+    top_k_begin(g, lane, owner);
     let w_end = (end + 1u) / 2u;
     // The interior words: from the first starting at or after the row's first value to the
     // last ending inside the row.
@@ -386,7 +367,7 @@ fn write_edge_word(r: u32, g: RowGradient, w: u32) {
         lo = half_bits(gradient_of(g, load_one(g, k, old, 0u), k));
         if r + 1u < params.rows {
             let n = row_gradient(r + 1u);
-            hi = half_bits(gradient_of(n, load_one(n, 0u, old, 1u), 0u));
+            hi = half_bits(gradient_with(n, load_one(n, 0u, old, 1u), 0u, top_k_scan(n, 0u)));
         }
     } else {
         hi = half_bits(gradient_of(g, load_one(g, 0u, old, 1u), 0u));
@@ -420,7 +401,7 @@ fn main(
     let g = row_gradient(r);
     let lane = lane_in_row(group, lid);
     if DTYPE == DTYPE_F32 {
-        write_row_f32(g, lane, ROW_LANES);
+        write_row_f32(r, g, lane, ROW_LANES);
     } else {
         write_row_half(r, g, lane, ROW_LANES);
     }

@@ -136,6 +136,9 @@ struct Params {
     call: u32,
     // 1.0, unknown to the compiler (reduce_totals.wgsl, `opaque`).
     one: f32,
+    // Where the rows' top-k entries in class order start in `results` (vec4 index; TARGET_TOP_K
+    // with GRAD_STATS; top_k_order_at).
+    order_at: u32,
 }
 
 // Written by the kernels, read by the host: errors found on the device and the call's totals
@@ -600,18 +603,35 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
         return finish_teacher_row(r, st, lse, log_s);
     } else if TARGET_KIND == TARGET_TOP_K {
         let first = params.targets_offset + r * 2u * SPARSE_K;
+        // The first entry in error (SPARSE_K: none) and whether its class repeats an earlier.
+        var bad = SPARSE_K;
+        var bad_repeated = false;
+        // Every entry is compared with the earlier ones (a repeat is an error) and, for a
+        // gradient, with all: its place in the row's entries sorted by the gradient's lane
+        // that writes its class, then by class, then in entry order (top_k_before).
+        let compared = select(0u, SPARSE_K, GRAD_STATS);
+        let owner = row_owner(r);
         for (var j = 0u; j < SPARSE_K; j++) {
             let k = target_word(first + j);
+            let lane = top_k_lane_of(owner, k);
             var repeated = false;
-            for (var i = 0u; i < j; i++) {
-                repeated = repeated || target_word(first + i) == k;
+            var place = 0u;
+            for (var i = 0u; i < max(j, compared); i++) {
+                let c = target_word(first + i);
+                repeated = repeated || (i < j && c == k);
+                place += u32(top_k_before(top_k_lane_of(owner, c), c, i, lane, k, j));
+            }
+            if GRAD_STATS {
+                let w = top_k_order_at(row) + place;
+                results[w / 4u][w % 4u] = f32(j);
+            }
+            if bad < SPARSE_K {
+                continue;
             }
             if k >= params.classes || repeated {
-                atomicMax(&status.bad_index, flag_row(r));
-                let high = select(select(0u, 0xffffffffu, (k & 0x80000000u) != 0u), TOP_K_DUPLICATE, repeated && k < params.classes);
-                let nan = bitcast<f32>(0x7fc00000u);
-                results[row] = vec4(nan, lse, bitcast<f32>(k), bitcast<f32>(high));
-                return failed_row(row);
+                bad = j;
+                bad_repeated = repeated;
+                continue;
             }
             let p = bitcast<f32>(target_word(first + SPARSE_K + j));
             // p = 0 adds nothing, even on a −inf logit (not 0·(−inf)).
@@ -619,6 +639,14 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
                 a += p * (logit(row_first(r) + k) - st.m);
             }
             b += p;
+        }
+        if bad < SPARSE_K {
+            let k = target_word(first + bad);
+            atomicMax(&status.bad_index, flag_row(r));
+            let high = select(select(0u, 0xffffffffu, (k & 0x80000000u) != 0u), TOP_K_DUPLICATE, bad_repeated && k < params.classes);
+            let nan = bitcast<f32>(0x7fc00000u);
+            results[row] = vec4(nan, lse, bitcast<f32>(k), bitcast<f32>(high));
+            return failed_row(row);
         }
         sums = vec4(b * log_s - a, 0.0, 1.0, 0.0);
     }
@@ -644,6 +672,57 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
         results[params.metrics_at + row] = vec4(st.h, 0.0, 0.0, 0.0);
     }
     return RowSums(sums, z_loss);
+}
+
+// The lane of the gradient pass (gradient.wgsl) that writes class k of a row: the element's
+// index over the row's lanes (f32), or its output word's (halves, from the row's first word).
+struct LaneOwner {
+    lanes: u32,
+    // Halves: the row's first output element and first word; f32: unused.
+    out: u32,
+    w_first: u32,
+}
+
+// The gradient's lanes of chunk row r. A half row's lanes write the output words whose first
+// value is in the row; the chunk's first row also the word holding its first value.
+fn row_owner(r: u32) -> LaneOwner {
+    let out = params.outputs_offset + r * params.classes;
+    let w_first = select((out + 1u) / 2u, out / 2u, r == 0u);
+    return LaneOwner(ROW_LANES, out, w_first);
+}
+
+fn lane_of(owner: LaneOwner, k: u32) -> u32 {
+    if DTYPE == DTYPE_F32 {
+        return k % owner.lanes;
+    }
+    return ((owner.out + k) / 2u - owner.w_first) % owner.lanes;
+}
+
+// Whether the row's lanes meet class k at all: a half row's first value may lie in a word the
+// previous row's lanes write.
+fn lane_meets(owner: LaneOwner, k: u32) -> bool {
+    return DTYPE == DTYPE_F32 || (owner.out + k) / 2u >= owner.w_first;
+}
+
+// The lane whose walk takes a top-k entry of class k; `lanes` (after every lane) for a class
+// out of range or one that the row's lanes do not meet.
+fn top_k_lane_of(owner: LaneOwner, k: u32) -> u32 {
+    if k >= params.classes || !lane_meets(owner, k) {
+        return owner.lanes;
+    }
+    return lane_of(owner, k);
+}
+
+// Whether entry i (class c, on lane l) comes before entry j (class k, on lane m) in the order the
+// gradient walks a row's entries: by lane, then by class, then by entry.
+fn top_k_before(l: u32, c: u32, i: u32, m: u32, k: u32, j: u32) -> bool {
+    return l < m || (l == m && (c < k || (c == k && i < j)));
+}
+
+// The word of `results` where row `row` of the call keeps the numbers of its top-k entries in
+// class order (as f32): whole vec4s a row, each written by that row's lane alone.
+fn top_k_order_at(row: u32) -> u32 {
+    return params.order_at * 4u + row * ((SPARSE_K + 3u) & ~3u);
 }
 
 // What a row whose targets are in error (its results already written) adds: a NaN loss; for
@@ -767,7 +846,9 @@ fn lane_in_row(group: u32, lid: u32) -> u32 {
     return (group % SPLIT) * LANES_PER_ROW + lid % LANES_PER_ROW;
 }
 
-// The lanes that share a row.
+// The lanes that share a row in the statistics and gradient passes, SPLIT · LANES_PER_ROW there
+// (set for every kernel: the merge of split rows, one lane a row, sorts the top-k entries for
+// the gradient's lanes).
 override ROW_LANES: u32 = SPLIT * LANES_PER_ROW;
 
 fn gather_row(group: u32, lid: u32) -> LaneRow {

@@ -122,8 +122,9 @@ fn sparse_targets_on_every_strategy_match_the_reference() {
         (9, 37, 5),
         (4, 1000, 8),
         (3, 50257, 16),
-        // The most entries the GPU takes.
-        (3, 77, 32),
+        // More entries than the compilers unroll a loop over, and the most the GPU takes.
+        (3, 77, 33),
+        (2, 300, xent::gpu::MAX_SPARSE_K),
     ]
     .into_iter()
     .enumerate()
@@ -177,9 +178,10 @@ fn sparse_targets_on_every_strategy_match_the_reference() {
 /// on llvmpipe eight rows to one SIMD batch, whose loops share one budget of 65,535
 /// iterations: past it llvmpipe ends them silently) and on the planner's strategy, in f32 and
 /// the half types. (Each class used to be compared with all k entries beyond 32 of them, and
-/// from about class 65,536 / k of a lane on the gradient came out 0; with more than 32
-/// entries, the walk's searches alone still overran on llvmpipe.) One entry more is refused,
-/// on the host path and on device buffers; the f64 reference takes any k.
+/// from about class 65,536 / k of a lane on the gradient came out 0; then a search of the
+/// entries per entry met, and a loop in the per-class code, which llvmpipe enters for every
+/// class, overran it too.) One entry more is refused, on the host path and on device buffers;
+/// the f64 reference takes any k.
 #[test]
 fn many_entries_on_long_rows_keep_their_gradient() {
     let Some(gpu) = gpu() else { return };
@@ -231,7 +233,11 @@ fn many_entries_on_long_rows_keep_their_gradient() {
     let e = gpu
         .sparse_cross_entropy(&spec, logits, SparseTargets::new(&idx, &p, k))
         .unwrap_err();
-    assert!(matches!(e, XentError::SparseK { k: 33, max: 32 }), "{e}");
+    let most = xent::gpu::MAX_SPARSE_K;
+    assert!(
+        matches!(e, XentError::SparseK { k: kk, max } if kk == most + 1 && max == most),
+        "{e}"
+    );
     let shape = LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 });
     assert!(matches!(
         gpu.prepare(&spec, shape),
@@ -239,6 +245,96 @@ fn many_entries_on_long_rows_keep_their_gradient() {
     ));
     // The reference takes any k.
     scoring::sparse_cross_entropy(&spec, logits, SparseTargets::new(&idx, &p, k)).unwrap();
+}
+
+/// Every entry of a row on one lane of the gradient (classes a lane count apart; for halves,
+/// a word count), in decreasing class order, on strategies of 8, 256 and 3 × 256 lanes a row
+/// (the split rows' entries sorted by the merge pass) and f32, bf16 and f16: the lane walks
+/// them all, and the other lanes none. Into a buffer and in place on the device path too,
+/// byte for byte the host path's.
+#[test]
+fn entries_crowded_onto_one_lane_keep_their_gradient() {
+    let Some(gpu) = gpu() else { return };
+    let s = common::plain_strategy;
+    let (rows, classes) = (3, 32769);
+    for (strategy, dtype) in [
+        (s(256, 8, 1, true), Dtype::F32),
+        (s(256, 8, 1, true), Dtype::F16),
+        (s(256, 256, 1, true), Dtype::Bf16),
+        (s(256, 256, 3, true), Dtype::F32),
+        (s(256, 256, 3, false), Dtype::Bf16),
+    ] {
+        let lanes = (strategy.lanes_per_row * strategy.split) as usize;
+        let stride = if dtype == Dtype::F32 {
+            lanes
+        } else {
+            2 * lanes
+        };
+        let k = xent::gpu::MAX_SPARSE_K.min((classes - 2) / stride);
+        let (z, _, p) = random_sparse(80, rows, classes, k);
+        // Row i's entries: classes 2i + 1 + stride·(k − 1 − j), the last entry's first.
+        let idx: Vec<i64> = (0..rows)
+            .flat_map(|i| (0..k).map(move |j| (2 * i + 1 + stride * (k - 1 - j)) as i64))
+            .collect();
+        let rounded = ElementVec::rounded(dtype, z.iter().map(|&v| v as f64));
+        let wide = rounded.to_f32();
+        let targets = SparseTargets::new(&idx, &p, k);
+        let spec = CrossEntropy::new().with_reduction(Reduction::Mean);
+        let up = Upstream::Scalar(1.0);
+        let (want, want_grad) = scoring::sparse_cross_entropy_grad(
+            &spec,
+            Logits::new(&wide, rows, classes).unwrap(),
+            targets,
+            up,
+        )
+        .unwrap();
+        let label = format!("{rows}x{classes} {dtype} k={k} {}", strategy.name());
+        let logits = Logits::from_elements(rounded.as_elements(), rows, classes).unwrap();
+        let (out, grad) = gpu
+            .sparse_cross_entropy_grad_with(&spec, logits, targets, up, strategy)
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let max: Vec<f64> = (0..rows)
+            .map(|i| max_abs(&wide[i * classes..(i + 1) * classes]))
+            .collect();
+        let mass: Vec<f64> = (0..rows)
+            .map(|i| p[i * k..(i + 1) * k].iter().map(|&v| v as f64).sum())
+            .collect();
+        assert_rows(&label, &out.per_row, &want.per_row, &max, &mass);
+        let scale = |_| 1.0 / rows as f64;
+        assert_gradient(
+            &label,
+            &grad.to_f32(),
+            &want_grad,
+            classes,
+            &scale,
+            &mass,
+            &max,
+            dtype,
+        );
+        // The device path: into a buffer, then in place.
+        let shape =
+            LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 }).with_dtype(dtype);
+        let mut loss = gpu.prepare_with(&spec, shape, strategy).unwrap();
+        let bytes = rounded.bytes();
+        let z_buffer = buffer_with(gpu, 0, bytes);
+        let t_buffer = buffer_with(gpu, 0, bytemuck::cast_slice(&packed(&idx, &p, k)));
+        let g_buffer = buffer_with(gpu, 0, &vec![0xa5; bytes.len()]);
+        let view = DeviceLogits::new(&z_buffer, 0, rows, classes).with_dtype(dtype);
+        let t = DeviceTargets::top_k(&t_buffer, 0, k as u32);
+        let read = |buffer: &wgpu::Buffer| {
+            let words = common::read_f32(gpu, buffer, 0, bytes.len().div_ceil(4));
+            bytemuck::cast_slice::<f32, u8>(&words)[..bytes.len()].to_vec()
+        };
+        let into = xent::GradientOutput::Buffer {
+            buffer: &g_buffer,
+            offset: 0,
+        };
+        loss.run_gradient(view, t, into, up).unwrap();
+        assert_eq!(read(&g_buffer), grad.bytes(), "{label}: into a buffer");
+        loss.run_gradient(view, t, xent::GradientOutput::InPlace, up)
+            .unwrap();
+        assert_eq!(read(&z_buffer), grad.bytes(), "{label}: in place");
+    }
 }
 
 /// The gradient in a half dtype with an odd C (rows share output words) on every strategy

@@ -23,6 +23,19 @@ use super::views::{IndexType, LossShape, TargetLayout};
 const CHUNK_BYTES: u64 = 32 << 20;
 /// Rows per prepared call: a longer batch is scored as several calls, summed in f64.
 const CALL_ROWS: usize = 1 << 20;
+/// Bytes of the sorted top-k entries a call's prepared loss keeps (4 bytes an entry a row),
+/// about: top-k calls take fewer rows.
+const TOP_K_ORDER_BYTES: usize = 64 << 20;
+
+/// Rows per prepared call of a loss set up as `setup`.
+fn call_rows(setup: &Setup) -> usize {
+    match setup.targets {
+        Some(TargetLayout::TopK { k }) => {
+            (TOP_K_ORDER_BYTES / (4 * (k as usize).next_multiple_of(4))).clamp(1, CALL_ROWS)
+        }
+        _ => CALL_ROWS,
+    }
+}
 /// Host losses kept per context.
 const POOL: usize = 4;
 
@@ -157,7 +170,8 @@ impl HostLoss {
         rows: usize,
         setup: Setup,
     ) -> Result<Self> {
-        let capacity = rows.clamp(1, CALL_ROWS).next_power_of_two().min(CALL_ROWS);
+        let call_rows = call_rows(&setup);
+        let capacity = rows.clamp(1, call_rows).next_power_of_two().min(call_rows);
         let layout = setup
             .targets
             .unwrap_or(TargetLayout::ClassIndices(IndexType::I64));
@@ -208,7 +222,7 @@ impl HostLoss {
     fn fits(&self, spec: &CrossEntropy, shape: (usize, Dtype), rows: usize, setup: &Setup) -> bool {
         self.setup == *setup
             && (self.classes, self.dtype) == shape
-            && self.loss.shape().max_rows() >= rows.min(CALL_ROWS)
+            && self.loss.shape().max_rows() >= rows.min(call_rows(setup))
             && self.spec == *spec
     }
 

@@ -59,6 +59,7 @@ pub(crate) struct Params {
     call: u32,
     /// 1.0, which the shaders multiply by where the compiler must not simplify.
     one: f32,
+    order_at: u32,
 }
 
 /// Parameter slots of a prepared loss: each call takes the next, so that up to this many
@@ -72,14 +73,14 @@ pub(crate) const PARAM_SLOTS: usize = 8;
 /// submission) is found, unless exactly a multiple of this many calls came between them.
 const CALL_NUMBERS: u64 = 4096;
 
-/// The most top-k entries a row the kernels take. One lane checks a row's entries for
-/// repeats, and each lane walks the entries that fall to it, searching them once per entry it
-/// meets. llvmpipe (Mesa's software Vulkan and GL, the CI's devices) ends a shader's loops
-/// silently once they have run 65,535 iterations in all, counted for a SIMD batch of 8 lanes
-/// together; the per-class loop of a long row uses most of that, and searches over more than
-/// 32 entries (which its compiler no longer unrolls) overran it: the rest of a row's gradient
-/// came out 0 (`tests/sparse.rs::many_entries_on_long_rows_keep_their_gradient`).
-pub const MAX_SPARSE_K: usize = 32;
+/// The most top-k entries a row the kernels take. For a gradient, the lane that finishes a
+/// row in the statistics pass compares each entry with all the others (repeats are errors),
+/// k² steps, and leaves the entries sorted by class; each lane of the gradient pass then walks
+/// them once. llvmpipe (Mesa's software Vulkan and GL, the CI's devices) ends a shader's loops
+/// silently once they have run 65,535 iterations in all, and a long row's per-class loop may
+/// take half of that: 128² = 16,384 steps stay inside the rest. A prepared top-k loss keeps the
+/// sorted entries, 4 bytes an entry a row, beside its other per-row results.
+pub const MAX_SPARSE_K: usize = 128;
 
 /// Bytes of one row's results, `vec4<f32>` (and of one half of a workgroup sum).
 const ROW_RESULT_BYTES: u64 = 16;
@@ -324,8 +325,10 @@ pub struct PreparedLoss {
     groups_at: u32,
     split_at: u32,
     rows2_at: u32,
-    /// Where the per-row token metrics start in `results`.
+    /// Where the per-row token metrics start in `results`, and the rows' top-k entries in class
+    /// order (`top_k_order_at` in `rows.wgsl`).
     metrics_at: u32,
+    order_at: u32,
     /// 1/T against a teacher (else 1).
     inv_temperature: f32,
     /// The JSD's β (else 0).
@@ -508,6 +511,12 @@ impl PreparedLoss {
         let split_at = groups_at + groups * GROUP_SUM_VEC4S;
         let rows2_at = split_at + split_vec4s;
         let metrics_at = rows2_at + rows;
+        let order_at = metrics_at + rows;
+        // Top-k: each row's entries in class order, for the gradient's walk (whole vec4s a row).
+        let order_vec4s = match setup.targets {
+            Some(TargetLayout::TopK { k }) => rows * (k as u64).div_ceil(4),
+            _ => 0,
+        };
         let upstream_at = (classes as u64).next_multiple_of(4);
         gpu.scoped("preparing a loss", || {
             let copy_src = wgpu::BufferUsages::COPY_SRC;
@@ -540,7 +549,7 @@ impl PreparedLoss {
             }
             let row_results = gpu.storage_buffer(
                 "xent results",
-                (metrics_at + rows) * ROW_RESULT_BYTES,
+                (order_at + order_vec4s) * ROW_RESULT_BYTES,
                 // Written by the host too: a shard's merged row stats.
                 copy_src | copy_dst,
             );
@@ -597,6 +606,7 @@ impl PreparedLoss {
                 split_at: split_at as u32,
                 rows2_at: rows2_at as u32,
                 metrics_at: metrics_at as u32,
+                order_at: order_at as u32,
                 inv_temperature: setup
                     .teacher
                     .map_or(1.0, |t| f32::from_bits(t.inv_temperature)),
@@ -1278,6 +1288,7 @@ impl PreparedLoss {
                     grad_ce: 0.0,
                     grad_z: 0.0,
                     metrics_at: self.metrics_at,
+                    order_at: self.order_at,
                     inv_temperature: self.inv_temperature,
                     beta: self.beta,
                     class_offset: self.class_offset(),
