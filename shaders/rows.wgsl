@@ -136,8 +136,8 @@ struct Params {
     call: u32,
     // 1.0, unknown to the compiler (reduce_totals.wgsl, `opaque`).
     one: f32,
-    // Where the rows' top-k entries in class order start in `results` (vec4 index; TARGET_TOP_K
-    // with GRAD_STATS; top_k_order_at).
+    // Where the rows' top-k entries in the gradient's walking order start in `results` (vec4
+    // index; TARGET_TOP_K with GRAD_STATS; top_k_order_at).
     order_at: u32,
 }
 
@@ -603,35 +603,18 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
         return finish_teacher_row(r, st, lse, log_s);
     } else if TARGET_KIND == TARGET_TOP_K {
         let first = params.targets_offset + r * 2u * SPARSE_K;
-        // The first entry in error (SPARSE_K: none) and whether its class repeats an earlier.
-        var bad = SPARSE_K;
-        var bad_repeated = false;
-        // Every entry is compared with the earlier ones (a repeat is an error) and, for a
-        // gradient, with all: its place in the row's entries sorted by the gradient's lane
-        // that writes its class, then by class, then in entry order (top_k_before).
-        let compared = select(0u, SPARSE_K, GRAD_STATS);
-        let owner = row_owner(r);
         for (var j = 0u; j < SPARSE_K; j++) {
             let k = target_word(first + j);
-            let lane = top_k_lane_of(owner, k);
             var repeated = false;
-            var place = 0u;
-            for (var i = 0u; i < max(j, compared); i++) {
-                let c = target_word(first + i);
-                repeated = repeated || (i < j && c == k);
-                place += u32(top_k_before(top_k_lane_of(owner, c), c, i, lane, k, j));
-            }
-            if GRAD_STATS {
-                let w = top_k_order_at(row) + place;
-                results[w / 4u][w % 4u] = f32(j);
-            }
-            if bad < SPARSE_K {
-                continue;
+            for (var i = 0u; i < j; i++) {
+                repeated = repeated || target_word(first + i) == k;
             }
             if k >= params.classes || repeated {
-                bad = j;
-                bad_repeated = repeated;
-                continue;
+                atomicMax(&status.bad_index, flag_row(r));
+                let high = select(select(0u, 0xffffffffu, (k & 0x80000000u) != 0u), TOP_K_DUPLICATE, repeated && k < params.classes);
+                let nan = bitcast<f32>(0x7fc00000u);
+                results[row] = vec4(nan, lse, bitcast<f32>(k), bitcast<f32>(high));
+                return failed_row(row);
             }
             let p = bitcast<f32>(target_word(first + SPARSE_K + j));
             // p = 0 adds nothing, even on a −inf logit (not 0·(−inf)).
@@ -639,14 +622,6 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
                 a += p * (logit(row_first(r) + k) - st.m);
             }
             b += p;
-        }
-        if bad < SPARSE_K {
-            let k = target_word(first + bad);
-            atomicMax(&status.bad_index, flag_row(r));
-            let high = select(select(0u, 0xffffffffu, (k & 0x80000000u) != 0u), TOP_K_DUPLICATE, bad_repeated && k < params.classes);
-            let nan = bitcast<f32>(0x7fc00000u);
-            results[row] = vec4(nan, lse, bitcast<f32>(k), bitcast<f32>(high));
-            return failed_row(row);
         }
         sums = vec4(b * log_s - a, 0.0, 1.0, 0.0);
     }
@@ -719,8 +694,31 @@ fn top_k_before(l: u32, c: u32, i: u32, m: u32, k: u32, j: u32) -> bool {
     return l < m || (l == m && (c < k || (c == k && i < j)));
 }
 
+// For a gradient of top-k targets: writes the places of chunk row r's entries lane, lane +
+// lanes, … of the `lanes` lanes that share the row in the order the gradient walks them
+// (top_k_before), each found by comparing the entry with all k. Any targets: a row in error
+// still gets its k places, each once.
+fn sort_top_k(r: u32, lane: u32, lanes: u32) {
+    let first = params.targets_offset + r * 2u * SPARSE_K;
+    let owner = row_owner(r);
+    let at = top_k_order_at(params.first_row + r);
+    for (var j = lane; j < SPARSE_K; j += lanes) {
+        let k = target_word(first + j);
+        let m = top_k_lane_of(owner, k);
+        var place = 0u;
+        for (var i = 0u; i < SPARSE_K; i++) {
+            let c = target_word(first + i);
+            place += u32(top_k_before(top_k_lane_of(owner, c), c, i, m, k, j));
+        }
+        // Lanes of the row write words of one vec4: each its own (WGSL's memory locations are
+        // scalars).
+        let w = at + place;
+        results[w / 4u][w % 4u] = f32(j);
+    }
+}
+
 // The word of `results` where row `row` of the call keeps the numbers of its top-k entries in
-// class order (as f32): whole vec4s a row, each written by that row's lane alone.
+// the gradient's walking order (top_k_before), as f32: whole vec4s a row.
 fn top_k_order_at(row: u32) -> u32 {
     return params.order_at * 4u + row * ((SPARSE_K + 3u) & ~3u);
 }
@@ -846,9 +844,7 @@ fn lane_in_row(group: u32, lid: u32) -> u32 {
     return (group % SPLIT) * LANES_PER_ROW + lid % LANES_PER_ROW;
 }
 
-// The lanes that share a row in the statistics and gradient passes, SPLIT · LANES_PER_ROW there
-// (set for every kernel: the merge of split rows, one lane a row, sorts the top-k entries for
-// the gradient's lanes).
+// The lanes that share a row.
 override ROW_LANES: u32 = SPLIT * LANES_PER_ROW;
 
 fn gather_row(group: u32, lid: u32) -> LaneRow {

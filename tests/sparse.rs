@@ -186,9 +186,12 @@ fn sparse_targets_on_every_strategy_match_the_reference() {
 fn many_entries_on_long_rows_keep_their_gradient() {
     let Some(gpu) = gpu() else { return };
     let one_lane = Some(common::plain_strategy(256, 1, 1, true));
+    // Scalar loads: a lane's loop over its row takes one iteration a class.
+    let scalar = Some(common::plain_strategy(256, 1, 1, false));
     let k = xent::gpu::MAX_SPARSE_K;
     for (seed, (rows, classes, strategy, dtype)) in [
         (1, 32768, one_lane, Dtype::F32),
+        (9, 32768, scalar, Dtype::F32),
         (8, 1000, one_lane, Dtype::F32),
         (4, 16384, one_lane, Dtype::F16),
         (1, 32768, None, Dtype::F16),

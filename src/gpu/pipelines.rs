@@ -238,7 +238,6 @@ impl PipelineKey {
             ("WORKGROUP_SIZE", s.workgroup_size as f64),
             ("LANES_PER_ROW", lanes as f64),
             ("SPLIT", s.split as f64),
-            ("ROW_LANES", (s.lanes_per_row * s.split) as f64),
             ("VEC4", flag(s.vec4)),
             ("DTYPE", dtype_constant(v.dtype)),
             ("TARGETS_HALF", flag(v.targets_half)),
