@@ -249,36 +249,85 @@ fn device_buffers_match_the_host_path() {
     let Some(gpu) = gpu() else { return };
     let (rows, classes) = (24, 1003);
     let (student, teacher) = random_pair(31, rows, classes, true);
-    let z = Logits::new(&student, rows, classes).unwrap();
     // At 16-byte boundaries, as the host path stages rows: the same loads, the same bits.
     let s_buf = common::buffer_with(gpu, 16, bytemuck::cast_slice(&student));
     let t_buf = common::buffer_with(gpu, 32, bytemuck::cast_slice(&teacher));
     let view = xent::DeviceLogits::new(&s_buf, 16, rows, classes);
     let labels = xent::DeviceTargets::probabilities(&t_buf, 32);
     let shape = xent::LossShape::probabilities(rows, classes);
-    for divergence in [
-        Divergence::ForwardKl,
-        Divergence::ReverseKl,
-        Divergence::Jsd { beta: 0.6 },
+    // Masks where each divergence stays finite (p = 0 only where the loss's log has p: the
+    // forward loss and the JSD's β = 0 end, KL(p‖q), with the teacher masked), and one where
+    // the forward loss is +inf (the student masked).
+    let (student_t, teacher_t) = random_pair(32, rows, classes, false);
+    for (divergence, t2, teacher_masked) in [
+        (Divergence::ForwardKl, true, true),
+        (Divergence::ForwardKl, false, false),
+        (Divergence::ReverseKl, false, false),
+        (Divergence::Jsd { beta: 0.6 }, false, false),
+        (Divergence::Jsd { beta: 0.0 }, true, true),
     ] {
+        let (student, teacher) = if teacher_masked {
+            (&student_t, &teacher_t)
+        } else {
+            (&student, &teacher)
+        };
+        let z = Logits::new(student, rows, classes).unwrap();
+        let s_buf = common::buffer_with(gpu, 16, bytemuck::cast_slice(student));
+        let t_buf = common::buffer_with(gpu, 32, bytemuck::cast_slice(teacher));
+        let view = xent::DeviceLogits::new(&s_buf, 16, rows, classes);
+        let labels = xent::DeviceTargets::probabilities(&t_buf, 32);
         let spec = Distillation::new()
             .with_temperature(3.0)
             .with_divergence(divergence)
+            .with_t2_scale(t2)
             .with_reduction(Reduction::Mean);
-        let host = gpu.distillation(&spec, z, &teacher).unwrap();
+        let host = gpu.distillation(&spec, z, teacher).unwrap();
         let mut loss = gpu.prepare_distillation(&spec, shape).unwrap();
         for _ in 0..2 {
             loss.run(view, labels).unwrap();
             let got = loss.read_distillation().unwrap();
             assert_eq!(got, host, "{divergence:?}");
         }
-        // The cross-entropy reads would give the unscaled forward loss: refused.
+        // The totals, now and pipelined: the distillation's loss (scaled, the KL alone at
+        // β = 0), its entropy and KL for the forward loss, within the sum's tolerance of the
+        // per-row output's.
+        let totals = loss.read_totals().unwrap();
+        let close = |got: f64, want: f64, what: &str| {
+            let tol = 1e-5 * (want.abs() + host.per_row.iter().map(|l| l.abs()).sum::<f64>());
+            let label = format!("{divergence:?} (T² {t2}) {what}: {got} vs {want}");
+            if want.is_finite() {
+                assert!((got - want).abs() <= tol, "{label}");
+            } else {
+                assert_eq!(got, want, "{label}");
+            }
+        };
+        close(totals.sum, host.sum, "sum");
+        close(totals.loss.unwrap(), host.loss.unwrap(), "loss");
+        assert_eq!(totals.mean_denominator, rows as f64);
+        match divergence {
+            Divergence::ForwardKl => {
+                close(
+                    totals.reduced_entropy().unwrap(),
+                    host.reduced_entropy().unwrap(),
+                    "entropy",
+                );
+                close(
+                    totals.reduced_kl_divergence().unwrap(),
+                    host.reduced_kl().unwrap(),
+                    "KL",
+                );
+            }
+            _ => assert_eq!(totals.entropy_sum, None),
+        }
+        loss.run(view, labels).unwrap();
+        let pending = loss.read_later().unwrap();
+        loss.run(view, labels).unwrap();
+        assert_eq!(pending.wait().unwrap(), totals, "{divergence:?}: pipelined");
+        // The per-row cross-entropy read would give the unscaled forward loss: refused.
         assert!(matches!(loss.read(), Err(XentError::NotPrepared(_))));
-        assert!(matches!(loss.read_totals(), Err(XentError::NotPrepared(_))));
-        assert!(matches!(loss.read_later(), Err(XentError::NotPrepared(_))));
         // The gradient of the mean into a buffer, against the host path's.
         let (_, want) = gpu
-            .distillation_grad(&spec, z, &teacher, Upstream::Scalar(1.0))
+            .distillation_grad(&spec, z, teacher, Upstream::Scalar(1.0))
             .unwrap();
         let g_buf = gpu.device().create_buffer(&wgpu::BufferDescriptor {
             label: None,
@@ -293,9 +342,9 @@ fn device_buffers_match_the_host_path() {
         loss.run_gradient(view, labels, out, Upstream::Scalar(1.0))
             .unwrap();
         let got = common::read_f32(gpu, &g_buf, 0, rows * classes);
-        let scale = |_| 1.0 / (3.0 * rows as f64);
+        let scale = |_| spec.loss_scale() / (3.0 * rows as f64);
         let max: Vec<f64> = (0..rows)
-            .map(|i| seen_max(&student, &teacher, classes, i, 3.0))
+            .map(|i| seen_max(student, teacher, classes, i, 3.0))
             .collect();
         let want: Vec<f64> = want.to_f32().iter().map(|&v| v as f64).collect();
         assert_gradient(

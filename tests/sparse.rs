@@ -174,6 +174,53 @@ fn sparse_targets_on_every_strategy_match_the_reference() {
     }
 }
 
+/// The GPU's loss and gradient (upstream 1) of `rounded` logits against top-k targets on
+/// `strategy`, against the f64 reference on the same values; returns the gradient.
+fn assert_top_k_rows(
+    gpu: &xent::GpuContext,
+    spec: &CrossEntropy,
+    rounded: &ElementVec,
+    classes: usize,
+    (idx, p, k): (&[i64], &[f32], usize),
+    strategy: Strategy,
+) -> ElementVec {
+    let rows = rounded.len() / classes;
+    let dtype = rounded.dtype();
+    let wide = rounded.to_f32();
+    let targets = SparseTargets::new(idx, p, k);
+    let up = Upstream::Scalar(1.0);
+    let reference = Logits::new(&wide, rows, classes).unwrap();
+    let (want, want_grad) =
+        scoring::sparse_cross_entropy_grad(spec, reference, targets, up).unwrap();
+    let label = format!("{rows}x{classes} {dtype} k={k} {}", strategy.name());
+    let logits = Logits::from_elements(rounded.as_elements(), rows, classes).unwrap();
+    let (out, grad) = gpu
+        .sparse_cross_entropy_grad_with(spec, logits, targets, up, strategy)
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let max: Vec<f64> = (0..rows)
+        .map(|i| max_abs(&wide[i * classes..(i + 1) * classes]))
+        .collect();
+    let mass: Vec<f64> = (0..rows)
+        .map(|i| p[i * k..(i + 1) * k].iter().map(|&v| v as f64).sum())
+        .collect();
+    assert_rows(&label, &out.per_row, &want.per_row, &max, &mass);
+    let scale = match spec.reduction() {
+        Reduction::Mean => 1.0 / rows as f64,
+        _ => 1.0,
+    };
+    assert_gradient(
+        &label,
+        &grad.to_f32(),
+        &want_grad,
+        classes,
+        &|_| scale,
+        &mass,
+        &max,
+        dtype,
+    );
+    grad
+}
+
 /// The most entries the GPU takes on long rows, one lane a row (all entries that lane's, and
 /// on llvmpipe eight rows to one SIMD batch, whose loops share one budget of 65,535
 /// iterations: past it llvmpipe ends them silently) and on the planner's strategy, in f32 and
@@ -202,31 +249,9 @@ fn many_entries_on_long_rows_keep_their_gradient() {
     {
         let (z, idx, p) = random_sparse(60 + seed as u64, rows, classes, k);
         let rounded = ElementVec::rounded(dtype, z.iter().map(|&v| v as f64));
-        let wide = rounded.to_f32();
-        let targets = SparseTargets::new(&idx, &p, k);
         let spec = CrossEntropy::new().with_reduction(Reduction::Sum);
-        let up = Upstream::Scalar(1.0);
-        let reference = Logits::new(&wide, rows, classes).unwrap();
-        let (want, want_grad) =
-            scoring::sparse_cross_entropy_grad(&spec, reference, targets, up).unwrap();
         let strategy = strategy.unwrap_or_else(|| gpu.plan(rows, classes));
-        let label = format!("{rows}x{classes} {dtype} k={k} {}", strategy.name());
-        let logits = Logits::from_elements(rounded.as_elements(), rows, classes).unwrap();
-        let (out, grad) = gpu
-            .sparse_cross_entropy_grad_with(&spec, logits, targets, up, strategy)
-            .unwrap_or_else(|e| panic!("{label}: {e}"));
-        let max: Vec<f64> = (0..rows)
-            .map(|i| max_abs(&wide[i * classes..(i + 1) * classes]))
-            .collect();
-        let mass: Vec<f64> = (0..rows)
-            .map(|i| p[i * k..(i + 1) * k].iter().map(|&v| v as f64).sum())
-            .collect();
-        assert_rows(&label, &out.per_row, &want.per_row, &max, &mass);
-        let scale = |_| 1.0;
-        let got = grad.to_f32();
-        assert_gradient(
-            &label, &got, &want_grad, classes, &scale, &mass, &max, dtype,
-        );
+        assert_top_k_rows(gpu, &spec, &rounded, classes, (&idx, &p, k), strategy);
     }
     // One entry more than the GPU takes.
     let (rows, classes, k) = (2, 300, k + 1);
@@ -280,40 +305,10 @@ fn entries_crowded_onto_one_lane_keep_their_gradient() {
             .flat_map(|i| (0..k).map(move |j| (2 * i + 1 + stride * (k - 1 - j)) as i64))
             .collect();
         let rounded = ElementVec::rounded(dtype, z.iter().map(|&v| v as f64));
-        let wide = rounded.to_f32();
-        let targets = SparseTargets::new(&idx, &p, k);
         let spec = CrossEntropy::new().with_reduction(Reduction::Mean);
         let up = Upstream::Scalar(1.0);
-        let (want, want_grad) = scoring::sparse_cross_entropy_grad(
-            &spec,
-            Logits::new(&wide, rows, classes).unwrap(),
-            targets,
-            up,
-        )
-        .unwrap();
         let label = format!("{rows}x{classes} {dtype} k={k} {}", strategy.name());
-        let logits = Logits::from_elements(rounded.as_elements(), rows, classes).unwrap();
-        let (out, grad) = gpu
-            .sparse_cross_entropy_grad_with(&spec, logits, targets, up, strategy)
-            .unwrap_or_else(|e| panic!("{label}: {e}"));
-        let max: Vec<f64> = (0..rows)
-            .map(|i| max_abs(&wide[i * classes..(i + 1) * classes]))
-            .collect();
-        let mass: Vec<f64> = (0..rows)
-            .map(|i| p[i * k..(i + 1) * k].iter().map(|&v| v as f64).sum())
-            .collect();
-        assert_rows(&label, &out.per_row, &want.per_row, &max, &mass);
-        let scale = |_| 1.0 / rows as f64;
-        assert_gradient(
-            &label,
-            &grad.to_f32(),
-            &want_grad,
-            classes,
-            &scale,
-            &mass,
-            &max,
-            dtype,
-        );
+        let grad = assert_top_k_rows(gpu, &spec, &rounded, classes, (&idx, &p, k), strategy);
         // The device path: into a buffer, then in place.
         let shape =
             LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 }).with_dtype(dtype);

@@ -16,14 +16,18 @@ use crate::dtype::Dtype;
 use crate::error::{Result, XentError};
 use crate::grad::Upstream;
 use crate::output::{LossOutput, LossTotals};
-use crate::scoring::{Distillation, DistillationOutput, TargetScore, TokenMetrics, TokenRow};
+use crate::scoring::{
+    Distillation, DistillationOutput, Divergence, TargetScore, TokenMetrics, TokenRow,
+};
 use crate::shard::RowPartial;
 use crate::spec::{CrossEntropy, Reduction, check_targets_dtype};
 
 use super::context::{Gpu, Serialised};
 use super::pipelines::{Kernel, LossVariant, PipelineKey, TargetKind, slot};
 use super::planner::{ChunkPlan, Strategy, grid};
-use super::totals::{OVERRUN_BYTE, PendingTotals, STATUS_BYTES, TotalsReader, TotalsSlot};
+use super::totals::{
+    DistillationSums, OVERRUN_BYTE, PendingTotals, STATUS_BYTES, TotalsReader, TotalsSlot,
+};
 use super::views::{DeviceLogits, DeviceTargets, IndexType, LossShape, TargetLayout, check_view};
 
 /// `Params` in `rows.wgsl`.
@@ -1555,6 +1559,11 @@ impl PreparedLoss {
             entropy: self.variant.entropy,
             rows: self.last_rows,
             call: self.last_call,
+            distillation: self.distillation.map(|d| DistillationSums {
+                scale: d.loss_scale(),
+                kl_only: d.divergence() == Divergence::Jsd { beta: 0.0 },
+                entropy: d.divergence() == Divergence::ForwardKl,
+            }),
         }
     }
 
@@ -1578,10 +1587,11 @@ impl PreparedLoss {
     /// has already run is read at once, and its read-back buffer freed. Each read also submits
     /// an empty batch, whose index bounds [`PendingTotals::wait`].
     ///
-    /// Errors: [`XentError::NotPrepared`] if the last call's totals are already pending, for
-    /// a shard's loss ([`GpuContext::prepare_partials`](crate::GpuContext::prepare_partials):
-    /// its calls have no totals of their own), or for a distillation (its output is
-    /// [`PreparedLoss::read_distillation`]'s).
+    /// A distillation's totals are its loss's, as [`PreparedLoss::read_totals`] says.
+    ///
+    /// Errors: [`XentError::NotPrepared`] if the last call's totals are already pending, or
+    /// for a shard's loss ([`GpuContext::prepare_partials`](crate::GpuContext::prepare_partials):
+    /// its calls have no totals of their own).
     pub fn read_later(&mut self) -> Result<PendingTotals> {
         self.start_read(true)
     }
@@ -1635,8 +1645,13 @@ impl PreparedLoss {
     /// Errors: those the device found; [`XentError::NotSubmitted`] before the call's
     /// submission; [`XentError::CallsOverran`] when a call since the last read found its
     /// parameter slot taken (more than 8 calls before one submission);
-    /// [`XentError::NotPrepared`] while a [`PendingTotals`] reads the same call, for a
-    /// shard's loss (read its partials) or for a distillation (read_distillation).
+    /// [`XentError::NotPrepared`] while a [`PendingTotals`] reads the same call, or for a
+    /// shard's loss (read its partials).
+    ///
+    /// A distillation's totals ([`GpuContext::prepare_distillation`](crate::GpuContext::prepare_distillation))
+    /// are its loss's, scaled as its spec says: `sum` and `loss` of the divergence, the mean's
+    /// denominator N, and for the forward loss `entropy_sum` (Σ H(p)), so that
+    /// [`LossTotals::reduced_kl_divergence`] is the reduced KL(p‖q).
     pub fn read_totals(&mut self) -> Result<LossTotals> {
         self.check_totals()?;
         self.fetch_totals()
@@ -1677,23 +1692,25 @@ impl PreparedLoss {
 
     /// [`PreparedLoss::read_totals`], then the per-row results of the same call: the
     /// [`LossOutput`] the host-slice API returns.
+    ///
+    /// Errors: as [`PreparedLoss::read_totals`], and [`XentError::NotPrepared`] for a
+    /// distillation (its per-row output is [`PreparedLoss::read_distillation`]'s).
     pub fn read(&mut self) -> Result<LossOutput> {
         self.check_totals()?;
+        if self.distillation.is_some() {
+            return Err(XentError::NotPrepared(
+                "this loss is a distillation: read_distillation gives its per-row output".into(),
+            ));
+        }
         Ok(self.read_parts()?.0)
     }
 
-    /// A shard's loss has no totals of its own; a distillation's are not a cross-entropy's
-    /// (its loss scale and the JSD's β = 0 end are applied by `read_distillation`).
+    /// A shard's loss has no totals of its own.
     fn check_totals(&self) -> Result<()> {
         if self.setup.shard.is_some() {
             return Err(XentError::NotPrepared(
                 "a shard's calls have no totals of their own: read_partials, then merge them"
                     .into(),
-            ));
-        }
-        if self.distillation.is_some() {
-            return Err(XentError::NotPrepared(
-                "this loss is a distillation: read_distillation gives its output".into(),
             ));
         }
         Ok(())

@@ -311,9 +311,9 @@ impl GpuContext {
             return Err(XentError::NotPrepared("no input sets to time".into()));
         };
         let (rows, classes) = (first.rows(), first.classes());
-        let top_k = classes.min(8);
+        let top_k = task.sparse_k().unwrap_or(0).min(classes);
         let layout = match (first_targets, task) {
-            (Targets::ClassIndices(_), Task::Sparse | Task::SparseGradient) => {
+            (Targets::ClassIndices(_), Task::Sparse { .. } | Task::SparseGradient { .. }) => {
                 TargetLayout::TopK { k: top_k as u32 }
             }
             (Targets::ClassIndices(_), _) => TargetLayout::ClassIndices(IndexType::I64),
@@ -391,13 +391,13 @@ impl GpuContext {
             let view = DeviceLogits::new(&buffers.0, 0, rows, classes).with_dtype(dtype);
             let targets = DeviceTargets::of_layout(&buffers.1, 0, layout);
             bound.push(match (task, &buffers.2) {
-                (Task::Loss | Task::Metrics | Task::Distill | Task::Sparse, _) => {
+                (Task::Loss | Task::Metrics | Task::Distill | Task::Sparse { .. }, _) => {
                     loss.bind(view, targets)?
                 }
                 (Task::GradientInPlace, _) => {
                     loss.bind_gradient(view, targets, GradientOutput::InPlace)?
                 }
-                (Task::Gradient | Task::SparseGradient, gradient) => {
+                (Task::Gradient | Task::SparseGradient { .. }, gradient) => {
                     let buffer = gradient.as_ref().expect("made for this task");
                     let out = GradientOutput::Buffer { buffer, offset: 0 };
                     loss.bind_gradient(view, targets, out)?
@@ -521,11 +521,17 @@ pub enum Task {
     /// Forward distillation at T = 2 against a teacher's logits of the logits' shape and
     /// dtype (the soft targets' arrays stand in for them): one read of each.
     Distill,
-    /// Cross-entropy against top-8 sparse targets made from the class indices (k =
-    /// min(8, C) distinct classes a row, probability 1/k each).
-    Sparse,
+    /// Cross-entropy against top-k sparse targets made from the class indices (min(k, C)
+    /// distinct classes a row, the target's among them, probability 1/k each).
+    Sparse {
+        /// Entries a row (at most [`crate::gpu::MAX_SPARSE_K`]).
+        k: usize,
+    },
     /// The same and its gradient into a separate buffer.
-    SparseGradient,
+    SparseGradient {
+        /// Entries a row (at most [`crate::gpu::MAX_SPARSE_K`]).
+        k: usize,
+    },
 }
 
 impl Task {
@@ -537,22 +543,30 @@ impl Task {
             Task::GradientInPlace => "grad-inplace",
             Task::Metrics => "metrics",
             Task::Distill => "distill",
-            Task::Sparse => "sparse",
-            Task::SparseGradient => "sparse-grad",
+            Task::Sparse { .. } => "sparse",
+            Task::SparseGradient { .. } => "sparse-grad",
+        }
+    }
+
+    /// The top-k entries a row of a sparse task.
+    pub fn sparse_k(self) -> Option<usize> {
+        match self {
+            Task::Sparse { k } | Task::SparseGradient { k } => Some(k),
+            _ => None,
         }
     }
 
     /// The task writes its gradient into a buffer of its own.
     fn separate_gradient(self) -> bool {
-        matches!(self, Task::Gradient | Task::SparseGradient)
+        matches!(self, Task::Gradient | Task::SparseGradient { .. })
     }
 
     /// Times the logits are read or written: 1 for the loss, 3 with the gradient.
     pub fn logit_passes(self) -> u64 {
         match self {
-            Task::Loss | Task::Metrics | Task::Sparse => 1,
+            Task::Loss | Task::Metrics | Task::Sparse { .. } => 1,
             Task::Distill => 2,
-            Task::Gradient | Task::GradientInPlace | Task::SparseGradient => 3,
+            Task::Gradient | Task::GradientInPlace | Task::SparseGradient { .. } => 3,
         }
     }
 }

@@ -49,6 +49,18 @@ pub(crate) struct TotalsReader {
     /// The number the call's reduction writes into the status (its call number), or
     /// 0 for a call without a reduction (nothing to check).
     pub call: u32,
+    /// A distillation's totals: what its loss is of the device's sums.
+    pub distillation: Option<DistillationSums>,
+}
+
+/// How a distillation's totals come from the device's sums (Σ loss, Σ H(p)): the loss scale
+/// (T² or 1) over both, and whether the loss is the KL alone (the JSD's β = 0 end, which runs
+/// the forward kernels: Σ CE − Σ H) and whether H(p) is reported (the forward loss).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DistillationSums {
+    pub scale: f64,
+    pub kl_only: bool,
+    pub entropy: bool,
 }
 
 impl TotalsReader {
@@ -119,7 +131,13 @@ impl TotalsReader {
             Some(TargetLayout::ClassIndices(_)) => total(2) / scale,
             _ => total(2),
         };
-        let ce_sum = total(0) / scale;
+        let mut ce_sum = total(0) / scale;
+        let mut entropy_sum = self.entropy.then(|| total(1));
+        if let Some(d) = self.distillation {
+            let h = total(1);
+            ce_sum = d.scale * if d.kl_only { ce_sum - h } else { ce_sum };
+            entropy_sum = d.entropy.then_some(d.scale * h);
+        }
         let ignored = total(3) as usize;
         let z_loss_sum = self.z_loss.then(|| pair(8, 12));
         let sum = ce_sum + z_loss_sum.unwrap_or(0.0);
@@ -131,7 +149,7 @@ impl TotalsReader {
                 .apply_with_z_loss(sum, denominator, z_loss_sum, counted),
             sum,
             mean_denominator: denominator,
-            entropy_sum: self.entropy.then(|| total(1)),
+            entropy_sum,
             z_loss_sum,
             ignored_rows: ignored,
             rows: self.rows,

@@ -67,22 +67,22 @@ pub enum TaskChoice {
     /// Forward distillation at T = 2, the soft targets' arrays standing in for the teacher's
     /// logits (soft rows only).
     Distill,
-    /// Top-8 sparse targets made from the class indices (hard rows only).
+    /// Top-k sparse targets made from the class indices, k from `--sparse-k` (hard rows only).
     Sparse,
     /// The same and its gradient into a separate buffer (hard rows only).
     SparseGrad,
 }
 
 impl TaskChoice {
-    fn task(self) -> Task {
+    fn task(self, sparse_k: usize) -> Task {
         match self {
             Self::Loss => Task::Loss,
             Self::Grad => Task::Gradient,
             Self::GradInplace => Task::GradientInPlace,
             Self::Metrics => Task::Metrics,
             Self::Distill => Task::Distill,
-            Self::Sparse => Task::Sparse,
-            Self::SparseGrad => Task::SparseGradient,
+            Self::Sparse => Task::Sparse { k: sparse_k },
+            Self::SparseGrad => Task::SparseGradient { k: sparse_k },
         }
     }
 }
@@ -379,6 +379,13 @@ fn check_arguments(args: &BenchArgs, shapes: &[(usize, usize)]) -> Result<CrossE
             XentError::Softcap(_) => CliError::input(format!("--softcap: {e}")),
             other => other.into(),
         })?;
+    if !(1..=xent::gpu::MAX_SPARSE_K).contains(&args.sparse_k) {
+        return Err(CliError::input(format!(
+            "--sparse-k {}: the GPU takes 1 to {} entries a row",
+            args.sparse_k,
+            xent::gpu::MAX_SPARSE_K
+        )));
+    }
     for &k in &args.shards {
         if k == 0 {
             return Err(CliError::input("--shards 0: must be at least 1"));
@@ -477,19 +484,26 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             // Bytes that must move: the logits (once for the loss; read twice and written once
             // with the gradient), and the targets as the device reads them.
             let target_bytes = if soft { set_bytes } else { rows as u64 * 8 };
+            // Top-k targets: k indices and k probabilities a row, 4 bytes each.
+            let sparse_bytes = |k: usize| rows as u64 * 8 * k.min(classes) as u64;
             let first = table.len();
             let sets = data.sets(soft);
             let runs = args.runs as usize;
             let mut shard_rows = Vec::new();
             let mut push = |task: Task, path: PathChoice, kernel: KernelChoice, ms: f64| {
-                let bytes = task.logit_passes() * set_bytes + target_bytes;
+                let targets = task.sparse_k().map_or(target_bytes, sparse_bytes);
+                let bytes = task.logit_passes() * set_bytes + targets;
                 let gbps = bytes as f64 / (ms * 1e-3) / 1e9;
+                let task_name = match task.sparse_k() {
+                    Some(k) => format!("{}/top-{}", task.name(), k.min(classes)),
+                    None => task.name().to_string(),
+                };
                 table.push(Row {
                     rows,
                     classes,
                     dtype,
                     target,
-                    task: task.name().to_string(),
+                    task: task_name,
                     path: path.name(),
                     kernel: kernel.name(),
                     strategy: kernel.strategy(&gpu, rows, classes).name(),
@@ -518,11 +532,11 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                                     &spec,
                                     &sets,
                                     strategy,
-                                    task.task(),
+                                    task.task(args.sparse_k),
                                     WARMUP,
                                     runs,
                                 )?;
-                                push(task.task(), path, kernel, timing.median_ms());
+                                push(task.task(args.sparse_k), path, kernel, timing.median_ms());
                             }
                         }
                         if !soft {

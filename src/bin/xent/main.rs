@@ -266,10 +266,15 @@ pub struct BenchArgs {
     /// (loss and gradient of the mean into a separate buffer: two reads and one write),
     /// grad-inplace (the gradient over the logits), metrics (loss and token metrics in one
     /// read; hard rows), distill (forward distillation at T = 2, one read of the logits and
-    /// one of a teacher's; soft rows, whose arrays stand in for the teacher), sparse (top-8
-    /// sparse targets; hard rows) or sparse-grad (the same and its gradient; hard rows).
+    /// one of a teacher's; soft rows, whose arrays stand in for the teacher), sparse (top-k
+    /// sparse targets, k from --sparse-k; hard rows) or sparse-grad (the same and its
+    /// gradient; hard rows).
     #[arg(long, value_delimiter = ',', default_value = "loss")]
     task: Vec<bench::TaskChoice>,
+    /// Entries a row of the sparse tasks' top-k targets (1 to the GPU's most, 128; at most C
+    /// are used): the row's class index and k − 1 others, probability 1/k each.
+    #[arg(long, value_name = "K", default_value_t = 8)]
+    sparse_k: usize,
     /// Also time the loss split into K vocabulary shards on this one GPU (comma-separated Ks,
     /// each at least 1 and at most the classes of every shape; hard rows): the shards'
     /// partials passes back to back, and the host's merge of their partials (JSON
