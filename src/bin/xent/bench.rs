@@ -649,7 +649,7 @@ fn merge_ms(rows: usize, k: usize) -> f64 {
 fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
     outln!(
         out,
-        "{:>14} {:>5} {:>6} {:>12} {:>8} {:>6} {:>22} {:>10} {:>9} {:>9} {:>10} {:>9}",
+        "{:>14} {:>5} {:>6} {:>19} {:>8} {:>6} {:>22} {:>10} {:>9} {:>9} {:>10} {:>9}",
         "N x C",
         "dtype",
         "target",
@@ -676,7 +676,7 @@ fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
         let speedup = naive.map_or(String::from("-"), |n| format!("{:.2}x", n.ms / r.ms));
         outln!(
             out,
-            "{:>14} {:>5} {:>6} {:>12} {:>8} {:>6} {:>22} {:>10.4} {:>9.1} {:>9.3} {:>10} {:>9}",
+            "{:>14} {:>5} {:>6} {:>19} {:>8} {:>6} {:>22} {:>10.4} {:>9.1} {:>9.3} {:>10} {:>9}",
             format!("{}x{}", r.rows, r.classes),
             r.dtype.name(),
             r.target,
