@@ -179,7 +179,9 @@ struct Status {
 // - from params.rows2_at, per row of the call, for a gradient pass: (m, ln s, B, counted);
 // - from params.metrics_at, per row of the call (METRICS): (argmax, rank or 0xffffffff for an
 //   ignored row, entropy of the prediction, log-probability of the target), the first two as
-//   u32 bits; the target class then goes in the per-row results' third place, as bits.
+//   u32 bits; the target class then goes in the per-row results' third place, as bits;
+// - from params.order_at, per row of the call, for a gradient of top-k targets: the numbers of
+//   its entries in the order the gradient walks them, as f32, in whole vec4s (sort_top_k).
 // Per row the first array holds (cross-entropy, lse, entropy, z-loss); workgroup sums take
 // two vec4s each: (Σ loss, Σ entropy, Σ denominator, ignored), (Σ z-loss, 0, 0, 0).
 @group(0) @binding(2) var<storage, read_write> results: array<vec4<f32>>;

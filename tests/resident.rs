@@ -404,6 +404,37 @@ fn bad_device_inputs_are_refused_before_recording() {
     assert!((loss.read_totals().unwrap().loss.unwrap() - reference.loss.unwrap()).abs() < 1e-5);
 }
 
+/// A prepared loss binds its per-row results whole: more rows than the device binds them for
+/// (16 bytes a row at least, and top-k targets keep their entries too) are refused with an
+/// error that names the rows and the bytes, before anything is allocated; the context stays
+/// usable.
+#[test]
+fn more_rows_than_the_device_binds_results_for_are_refused() {
+    let Some(gpu) = gpu() else { return };
+    let limits = gpu.device().limits();
+    let most = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+    let k = xent::gpu::MAX_SPARSE_K;
+    // Each row needs at least its results, its gradient statistics and its sorted entries.
+    let rows = (most / (32 + 4 * k as u64) + 1).min(u32::MAX as u64) as usize;
+    let shape = LossShape::new(rows, 200, TargetLayout::TopK { k: k as u32 });
+    match gpu.prepare(&CrossEntropy::new(), shape) {
+        Err(XentError::NotPrepared(why)) => {
+            assert!(
+                why.contains(&format!("{rows} rows")) && why.contains("bytes"),
+                "{why}"
+            )
+        }
+        other => panic!("{rows} rows: {:?}", other.map(|_| ())),
+    }
+    let inputs = Problem::random(6, 3, 10, 5.0, 0.0);
+    gpu.cross_entropy(
+        &CrossEntropy::new(),
+        inputs.logits(),
+        Targets::ClassIndices(&inputs.labels),
+    )
+    .unwrap();
+}
+
 #[test]
 fn repeated_calls_allocate_nothing() {
     if gpu().is_none() {

@@ -277,7 +277,7 @@ fn many_entries_on_long_rows_keep_their_gradient() {
 
 /// Every entry of a row on one lane of the gradient (classes a lane count apart; for halves,
 /// a word count), in decreasing class order, on strategies of 8, 256 and 3 × 256 lanes a row
-/// (the split rows' entries sorted by the merge pass) and f32, bf16 and f16: the lane walks
+/// (a split row's entries sorted by the lanes of all its workgroups) and f32, bf16 and f16: the lane walks
 /// them all, and the other lanes none. Into a buffer and in place on the device path too,
 /// byte for byte the host path's.
 #[test]
@@ -319,20 +319,103 @@ fn entries_crowded_onto_one_lane_keep_their_gradient() {
         let g_buffer = buffer_with(gpu, 0, &vec![0xa5; bytes.len()]);
         let view = DeviceLogits::new(&z_buffer, 0, rows, classes).with_dtype(dtype);
         let t = DeviceTargets::top_k(&t_buffer, 0, k as u32);
-        let read = |buffer: &wgpu::Buffer| {
-            let words = common::read_f32(gpu, buffer, 0, bytes.len().div_ceil(4));
-            bytemuck::cast_slice::<f32, u8>(&words)[..bytes.len()].to_vec()
+        let read = |buffer: &wgpu::Buffer, at: usize| {
+            let words = common::read_f32(gpu, buffer, 0, (at + bytes.len()).div_ceil(4));
+            bytemuck::cast_slice::<f32, u8>(&words)[at..at + bytes.len()].to_vec()
         };
         let into = xent::GradientOutput::Buffer {
             buffer: &g_buffer,
             offset: 0,
         };
         loss.run_gradient(view, t, into, up).unwrap();
-        assert_eq!(read(&g_buffer), grad.bytes(), "{label}: into a buffer");
+        assert_eq!(read(&g_buffer, 0), grad.bytes(), "{label}: into a buffer");
+        // One element further on (halves: the output words of a row are not the logits'):
+        // the lanes that write each class are the statistics pass's sort's too.
+        let at = dtype.bytes();
+        let shifted = buffer_with(gpu, at, &vec![0xa5; bytes.len()]);
+        let into = xent::GradientOutput::Buffer {
+            buffer: &shifted,
+            offset: at as u64,
+        };
+        loss.run_gradient(view, t, into, up).unwrap();
+        assert_eq!(read(&shifted, at), grad.bytes(), "{label}: shifted");
         loss.run_gradient(view, t, xent::GradientOutput::InPlace, up)
             .unwrap();
-        assert_eq!(read(&z_buffer), grad.bytes(), "{label}: in place");
+        assert_eq!(read(&z_buffer, 0), grad.bytes(), "{label}: in place");
     }
+}
+
+/// A gradient call whose top-k entries the device finds in error (a class out of range, a
+/// repeated class; the host path refuses them before they reach the device): the read names
+/// the row, that row's gradient is NaN, every other row's is the host path's, bit for bit and
+/// again on a rerun, and the next call is right.
+#[test]
+fn entries_in_error_in_a_gradient_call() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes, k) = (20, 513, 40);
+    let (z, idx, p) = random_sparse(24, rows, classes, k);
+    let spec = CrossEntropy::new().with_reduction(Reduction::Sum);
+    let up = Upstream::Scalar(1.0);
+    let logits = Logits::new(&z, rows, classes).unwrap();
+    let (_, host) = gpu
+        .sparse_cross_entropy_grad(&spec, logits, SparseTargets::new(&idx, &p, k), up)
+        .unwrap();
+    let host = host.bytes().to_vec();
+    let shape = LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 });
+    let mut loss = gpu.prepare(&spec, shape).unwrap();
+    let z_buffer = buffer_with(gpu, 0, bytemuck::cast_slice(&z));
+    let g_buffer = buffer_with(gpu, 0, &vec![0; z.len() * 4]);
+    let view = DeviceLogits::new(&z_buffer, 0, rows, classes);
+    let mut run = |idx: &[i64]| {
+        let t_buffer = buffer_with(gpu, 0, bytemuck::cast_slice(&packed(idx, &p, k)));
+        let into = xent::GradientOutput::Buffer {
+            buffer: &g_buffer,
+            offset: 0,
+        };
+        let t = DeviceTargets::top_k(&t_buffer, 0, k as u32);
+        loss.run_gradient(view, t, into, up).unwrap();
+        let read = loss.read_totals();
+        (read, common::read_f32(gpu, &g_buffer, 0, z.len()))
+    };
+    let mut out_of_range = idx.clone();
+    out_of_range[7 * k + 30] = classes as i64 + 3;
+    let mut repeated = idx.clone();
+    repeated[11 * k + 35] = repeated[11 * k + 2];
+    for (bad, row) in [(&out_of_range, 7), (&repeated, 11)] {
+        let (read, grad) = run(bad);
+        match read {
+            Err(XentError::SparseIndexOutOfRange { row: r, .. }) if bad == &out_of_range => {
+                assert_eq!(r, row)
+            }
+            Err(XentError::SparseDuplicateIndex { row: r, .. }) if bad == &repeated => {
+                assert_eq!(r, row)
+            }
+            other => panic!("row {row}: {other:?}"),
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(&grad);
+        let row_bytes = classes * 4;
+        for i in 0..rows {
+            let (got, want) = (
+                &bytes[i * row_bytes..(i + 1) * row_bytes],
+                &host[i * row_bytes..(i + 1) * row_bytes],
+            );
+            if i == row {
+                let values = &grad[i * classes..(i + 1) * classes];
+                assert!(values.iter().all(|v| v.is_nan()), "row {row}");
+            } else {
+                assert_eq!(got, want, "row {i} beside row {row} in error");
+            }
+        }
+        let again = run(bad).1;
+        assert_eq!(
+            bytemuck::cast_slice::<f32, u8>(&again),
+            bytes,
+            "row {row}: a rerun"
+        );
+    }
+    let (read, grad) = run(&idx);
+    read.unwrap();
+    assert_eq!(bytemuck::cast_slice::<f32, u8>(&grad), &host[..]);
 }
 
 /// The gradient in a half dtype with an odd C (rows share output words) on every strategy

@@ -30,7 +30,7 @@ const TOP_K_ORDER_BYTES: usize = 64 << 20;
 /// Rows per prepared call of a loss set up as `setup`.
 fn call_rows(setup: &Setup) -> usize {
     match setup.targets {
-        Some(TargetLayout::TopK { k }) => {
+        Some(TargetLayout::TopK { k }) if setup.gradient_calls => {
             (TOP_K_ORDER_BYTES / (4 * (k as usize).next_multiple_of(4))).clamp(1, CALL_ROWS)
         }
         _ => CALL_ROWS,
@@ -159,6 +159,7 @@ impl HostLoss {
         let per_chunk = (CHUNK_BYTES / row).max(1) as usize;
         Setup {
             chunk_cap: Some(per_chunk.max(unit)),
+            gradient_calls: output == Output::Gradient,
             ..Setup::new(strategy, targets, output)
         }
     }

@@ -77,12 +77,14 @@ pub(crate) const PARAM_SLOTS: usize = 8;
 /// submission) is found, unless exactly a multiple of this many calls came between them.
 const CALL_NUMBERS: u64 = 4096;
 
-/// The most top-k entries a row the kernels take. For a gradient, the lane that finishes a
-/// row in the statistics pass compares each entry with all the others (repeats are errors),
-/// k² steps, and leaves the entries sorted by class; each lane of the gradient pass then walks
-/// them once. llvmpipe (Mesa's software Vulkan and GL, the CI's devices) ends a shader's loops
-/// silently once they have run 65,535 iterations in all, and a long row's per-class loop may
-/// take half of that: 128² = 16,384 steps stay inside the rest. A prepared top-k loss keeps the
+/// The most top-k entries a row the kernels take. The lane that finishes a row in the
+/// statistics pass checks each entry against the earlier ones (repeats are errors: k²/2
+/// steps); for a gradient, the row's lanes also compare each entry with all k to sort them by
+/// the gradient lane that writes their class (k² steps in all, shared), and each lane of the
+/// gradient pass walks its own entries once. llvmpipe (Mesa's software Vulkan and GL, the
+/// CI's devices) ends a shader's loops silently once they have run 65,535 iterations in all;
+/// a row's per-class loop may take 32,768 of them on one lane, and with one lane a row 128
+/// entries add 16,384 + 8,128, which leaves about 8,000. A prepared top-k loss keeps the
 /// sorted entries, 4 bytes an entry a row, beside its other per-row results.
 pub const MAX_SPARSE_K: usize = 128;
 
@@ -110,6 +112,9 @@ pub(crate) struct Setup {
     /// `None`: statistics only (log-sum-exp, log-softmax).
     pub targets: Option<TargetLayout>,
     pub output: Output,
+    /// Whether calls may write a gradient: any call on the device path; on the host path,
+    /// only a gradient loss's (top-k targets then keep their entries sorted for it).
+    pub gradient_calls: bool,
     /// Caps the rows of a chunk (the host path pipelines uploads in smaller chunks).
     pub chunk_cap: Option<usize>,
     /// Token metrics in the statistics pass (class indices only).
@@ -128,6 +133,7 @@ impl Setup {
             strategy,
             targets,
             output,
+            gradient_calls: true,
             chunk_cap: None,
             metrics: false,
             teacher: None,
@@ -329,8 +335,8 @@ pub struct PreparedLoss {
     groups_at: u32,
     split_at: u32,
     rows2_at: u32,
-    /// Where the per-row token metrics start in `results`, and the rows' top-k entries in class
-    /// order (`top_k_order_at` in `rows.wgsl`).
+    /// Where the per-row token metrics start in `results`, and the rows' top-k entries in the
+    /// order the gradient walks them (`top_k_order_at` in `rows.wgsl`).
     metrics_at: u32,
     order_at: u32,
     /// 1/T against a teacher (else 1).
@@ -516,11 +522,22 @@ impl PreparedLoss {
         let rows2_at = split_at + split_vec4s;
         let metrics_at = rows2_at + rows;
         let order_at = metrics_at + rows;
-        // Top-k: each row's entries in class order, for the gradient's walk (whole vec4s a row).
+        // Top-k: each row's entries in the order of the gradient's walk (whole vec4s a row).
         let order_vec4s = match setup.targets {
-            Some(TargetLayout::TopK { k }) => rows * (k as u64).div_ceil(4),
+            Some(TargetLayout::TopK { k }) if setup.gradient_calls => rows * (k as u64).div_ceil(4),
             _ => 0,
         };
+        // The results are bound whole: within the device's own limits.
+        let results_bytes = (order_at + order_vec4s) * ROW_RESULT_BYTES;
+        let limits = gpu.device.limits();
+        let most = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        if results_bytes > most {
+            return Err(XentError::NotPrepared(format!(
+                "{rows} rows need {results_bytes} bytes of per-row results ({} a row), more \
+                 than this device binds ({most} bytes): prepare fewer rows",
+                results_bytes / rows,
+            )));
+        }
         let upstream_at = (classes as u64).next_multiple_of(4);
         gpu.scoped("preparing a loss", || {
             let copy_src = wgpu::BufferUsages::COPY_SRC;
@@ -553,7 +570,7 @@ impl PreparedLoss {
             }
             let row_results = gpu.storage_buffer(
                 "xent results",
-                (order_at + order_vec4s) * ROW_RESULT_BYTES,
+                results_bytes,
                 // Written by the host too: a shard's merged row stats.
                 copy_src | copy_dst,
             );
