@@ -412,7 +412,9 @@ fn bad_device_inputs_are_refused_before_recording() {
 fn more_rows_than_the_device_binds_results_for_are_refused() {
     let Some(gpu) = gpu() else { return };
     let limits = gpu.device().limits();
-    let most = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+    let most = limits
+        .max_storage_buffer_binding_size
+        .min(limits.max_buffer_size);
     let k = xent::gpu::MAX_SPARSE_K;
     // Each row needs at least its results, its gradient statistics and its sorted entries.
     let rows = (most / (32 + 4 * k as u64) + 1).min(u32::MAX as u64) as usize;

@@ -828,3 +828,39 @@ fn rows_without_a_softmax_are_nan_whatever_their_entries() {
     }
     assert_eq!((want.per_row[3], got.per_row[3]), (0.0, 0.0));
 }
+
+/// More rows than one host-path call of top-k gradients holds (64 MiB of sorted entries:
+/// 131,072 rows at k = 128): the rows go through two calls, summed in f64, and the gradient
+/// of the mean keeps the whole batch's scale.
+#[test]
+fn top_k_gradients_past_one_host_call() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes, k) = (131_072 + 3, 129, xent::gpu::MAX_SPARSE_K);
+    let mut rng = StdRng::seed_from_u64(90);
+    let z: Vec<f32> = (0..rows * classes)
+        .map(|_| rng.random_range(-4.0..4.0))
+        .collect();
+    // Every class but one a row.
+    let idx: Vec<i64> = (0..rows)
+        .flat_map(|i| (0..classes as i64).filter(move |&c| c != (i % classes) as i64))
+        .collect();
+    let p: Vec<f32> = (0..rows * k).map(|_| rng.random_range(0.0..0.01)).collect();
+    let spec = CrossEntropy::new().with_reduction(Reduction::Mean);
+    let up = Upstream::Scalar(1.0);
+    let logits = Logits::new(&z, rows, classes).unwrap();
+    let targets = SparseTargets::new(&idx, &p, k);
+    let (want, want_grad) = scoring::sparse_cross_entropy_grad(&spec, logits, targets, up).unwrap();
+    let (out, grad) = gpu
+        .sparse_cross_entropy_grad(&spec, logits, targets, up)
+        .unwrap();
+    let (got, expected) = (out.loss.unwrap(), want.loss.unwrap());
+    assert!(
+        (got - expected).abs() <= 1e-5 * expected.abs(),
+        "{got} vs {expected}"
+    );
+    // Each element is (B·q − p) / N with B ≤ 1.28: an absolute 1e-5 · 3 / N covers f32.
+    let tol = 3e-5 / rows as f64;
+    for (i, (&g, &w)) in grad.to_f32().iter().zip(&want_grad).enumerate() {
+        assert!((g as f64 - w).abs() <= tol, "element {i}: {g} vs {w}");
+    }
+}

@@ -530,7 +530,9 @@ impl PreparedLoss {
         // The results are bound whole: within the device's own limits.
         let results_bytes = (order_at + order_vec4s) * ROW_RESULT_BYTES;
         let limits = gpu.device.limits();
-        let most = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let most = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         if results_bytes > most {
             return Err(XentError::NotPrepared(format!(
                 "{rows} rows need {results_bytes} bytes of per-row results ({} a row), more \
