@@ -221,7 +221,9 @@ pub enum XentError {
     },
     /// The gradient's scale on the GPU (the upstream gradient over the mean's denominator,
     /// times the inverse of the power of two the class weights were scaled by on the device)
-    /// is beyond f32: class weights very far from 1 with a large upstream gradient.
+    /// is beyond f32: class weights very far from 1 with a large upstream gradient. The host
+    /// path refuses such a call; on the device path, whose mean's denominator is the device's
+    /// own, the read of the call reports it (its gradient is then ±inf or NaN).
     #[error(
         "gradient: its scale {0:e} (upstream gradient over the class weights' scale) overflows f32 on the GPU; bring the class weights nearer 1 or use the CPU reference"
     )]

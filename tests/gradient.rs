@@ -675,3 +675,58 @@ fn gradient_scales_beyond_f32_are_refused_and_weighted_means_hold() {
         );
     }
 }
+
+/// A mean's gradient on the device path divides by the device's own Σ w_y, which the host
+/// does not know when it records the call: with class weights spanning more than f32 does and
+/// every target on the smallest, 1 / Σ w_y is beyond f32 and the gradient comes out ±inf or
+/// NaN. The read of that call says so (`GradientScale`), as the host path refuses the call;
+/// the loss stays usable, and a call of the same loss with other targets is right.
+#[test]
+fn a_device_mean_whose_scale_overflows_is_reported_by_its_read() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes) = (10, 13);
+    let p = Problem::random(95, rows, classes, 2.0, 0.0);
+    let mut weights = vec![1.0_f32; classes];
+    weights[3] = 1e-45;
+    let spec = CrossEntropy::new()
+        .with_weights(weights)
+        .with_reduction(Reduction::Mean);
+    let up = Upstream::Scalar(1.0);
+    let smallest = vec![3_i64; rows];
+    let t = xent::Targets::ClassIndices(&smallest);
+    assert!(matches!(
+        gpu.cross_entropy_grad(&spec, p.logits(), t, up),
+        Err(xent::XentError::GradientScale(_))
+    ));
+    let logits = buffer_with(gpu, 0, bytemuck::cast_slice(&p.logits));
+    let grad = buffer_with(gpu, 0, &vec![0u8; rows * classes * 4]);
+    let shape = LossShape::class_indices(rows, classes, IndexType::I64);
+    let mut loss = gpu.prepare(&spec, shape).unwrap();
+    let mut run = |labels: &[i64]| {
+        let targets = buffer_with(gpu, 0, bytemuck::cast_slice(labels));
+        loss.run_gradient(
+            DeviceLogits::new(&logits, 0, rows, classes),
+            DeviceTargets::class_indices(&targets, 0, IndexType::I64),
+            GradientOutput::Buffer {
+                buffer: &grad,
+                offset: 0,
+            },
+            up,
+        )
+        .unwrap();
+        loss.read_totals()
+    };
+    assert!(matches!(
+        run(&smallest),
+        Err(xent::XentError::GradientScale(_))
+    ));
+    run(&p.labels).unwrap();
+    let (_, want) = cpu::cross_entropy_grad(&spec, p.logits(), p.targets(false), up).unwrap();
+    let got = read_f32(gpu, &grad, 0, rows * classes);
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "element {k}: {g} vs {w}"
+        );
+    }
+}

@@ -366,6 +366,9 @@ pub struct PreparedLoss {
     rows_copied: bool,
     /// The gradient's scales for the next recording (cross-entropy and z-loss terms).
     grad_scales: Option<(f32, f32)>,
+    /// The last call's cross-entropy scale when the device divided it by its own mean's
+    /// denominator (a mean's gradient on the device path): its read checks the quotient.
+    last_device_scale: Option<f32>,
     /// Rows of the last call recorded.
     last_rows: usize,
     /// The read-back slot of the last call's status.
@@ -645,6 +648,7 @@ impl PreparedLoss {
                 written: vec![None; PARAM_SLOTS * chunks],
                 rows_copied: false,
                 grad_scales: None,
+                last_device_scale: None,
                 res: Serialised::new(
                     &gpu,
                     Resources {
@@ -1521,6 +1525,8 @@ impl PreparedLoss {
         if finish {
             // A call without a reduction (no rows, or no statistics pass) leaves no number.
             self.last_call = if reduced { call_number } else { 0 };
+            self.last_device_scale = (passes.gradient && passes.scales_from_totals)
+                .then(|| self.grad_scales.map_or(0.0, |s| s.0));
             self.slot = self.free_slot();
             encoder.copy_buffer_to_buffer(
                 &self.res.status,
@@ -1578,6 +1584,7 @@ impl PreparedLoss {
             entropy: self.variant.entropy,
             rows: self.last_rows,
             call: self.last_call,
+            device_scale: self.last_device_scale,
             distillation: self.distillation.map(|d| DistillationSums {
                 scale: d.loss_scale(),
                 kl_only: d.divergence() == Divergence::Jsd { beta: 0.0 },

@@ -51,6 +51,9 @@ pub(crate) struct TotalsReader {
     pub call: u32,
     /// A distillation's totals: what its loss is of the device's sums.
     pub distillation: Option<DistillationSums>,
+    /// The cross-entropy scale of a mean's gradient that the device divided by its own
+    /// denominator (gradient.wgsl, SCALES_FROM_TOTALS).
+    pub device_scale: Option<f32>,
 }
 
 /// How a distillation's totals come from the device's sums (Σ loss, Σ H(p)): the loss scale
@@ -118,6 +121,15 @@ impl TotalsReader {
             });
         }
         let floats: &[f32] = bytemuck::cast_slice(&bytes[16..]);
+        if let Some(s) = self.device_scale {
+            // The kernel's own f32 quotient: beyond f32 (class weights spanning more than f32
+            // does, the batch's targets on the smallest) its gradient is ±inf or NaN. (No
+            // denominator, no counted row: the gradient is all zeros.)
+            let denominator = floats[2] + floats[6];
+            if denominator != 0.0 && s.is_finite() && !(s / denominator).is_finite() {
+                return Err(XentError::GradientScale(s as f64 / denominator as f64));
+            }
+        }
         // Unevaluated pairs hi + lo: (loss, entropy, denominator, ignored), (z-loss, ...).
         let pair = |hi: usize, lo: usize| {
             let (hi, lo) = (floats[hi] as f64, floats[lo] as f64);
