@@ -139,7 +139,7 @@ fn row_gradient(r: u32) -> RowGradient {
     }
     g.first = row_first(r);
     g.out = params.outputs_offset + r * params.classes;
-    g.top_k_at = params.targets_offset + r * 2u * SPARSE_K;
+    g.top_k_at = top_k_first(r);
     g.top_k_order = top_k_order_at(row);
     return g;
 }

@@ -604,7 +604,7 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
     } else if TARGET_KIND == TARGET_TEACHER {
         return finish_teacher_row(r, st, lse, log_s);
     } else if TARGET_KIND == TARGET_TOP_K {
-        let first = params.targets_offset + r * 2u * SPARSE_K;
+        let first = top_k_first(r);
         for (var j = 0u; j < SPARSE_K; j++) {
             let k = target_word(first + j);
             var repeated = false;
@@ -701,7 +701,7 @@ fn top_k_before(l: u32, c: u32, i: u32, m: u32, k: u32, j: u32) -> bool {
 // (top_k_before), each found by comparing the entry with all k. Any targets: a row in error
 // still gets its k places, each once.
 fn sort_top_k(r: u32, lane: u32, lanes: u32) {
-    let first = params.targets_offset + r * 2u * SPARSE_K;
+    let first = top_k_first(r);
     let owner = row_owner(r);
     let at = top_k_order_at(params.first_row + r);
     for (var j = lane; j < SPARSE_K; j += lanes) {
@@ -717,6 +717,12 @@ fn sort_top_k(r: u32, lane: u32, lanes: u32) {
         let w = at + place;
         results[w / 4u][w % 4u] = f32(j);
     }
+}
+
+// The first targets word of chunk row r's top-k entries: its SPARSE_K class indices, then
+// their SPARSE_K probabilities.
+fn top_k_first(r: u32) -> u32 {
+    return params.targets_offset + r * 2u * SPARSE_K;
 }
 
 // The word of `results` where row `row` of the call keeps the numbers of its top-k entries in

@@ -891,6 +891,18 @@ fn calls_recorded_before_one_submission_keep_their_own_parameters() {
     assert_eq!(last.per_row, want.per_row);
 }
 
+/// The loss the parameter-slot tests record their calls on: up to 6 rows of 13 classes,
+/// reduction none (each call's per-row upstream gradient in its own slot). Returns the
+/// classes, the spec and the loss.
+fn slot_test_loss(gpu: &xent::GpuContext) -> (usize, CrossEntropy, xent::PreparedLoss) {
+    let classes = 13;
+    let spec = CrossEntropy::new().with_reduction(Reduction::None);
+    let loss = gpu
+        .prepare(&spec, LossShape::class_indices(6, classes, IndexType::I64))
+        .unwrap();
+    (classes, spec, loss)
+}
+
 /// More calls recorded before one submission than a prepared loss has parameter slots (8):
 /// the earliest find a later call's parameters in their slot when they run. They write
 /// nothing (their gradient buffers keep what they held) instead of a gradient of the wrong
@@ -901,11 +913,7 @@ fn calls_recorded_before_one_submission_keep_their_own_parameters() {
 #[test]
 fn more_calls_than_slots_before_one_submission_are_an_error_not_a_wrong_gradient() {
     let Some(gpu) = gpu() else { return };
-    let classes = 13;
-    let spec = CrossEntropy::new().with_reduction(Reduction::None);
-    let mut loss = gpu
-        .prepare(&spec, LossShape::class_indices(6, classes, IndexType::I64))
-        .unwrap();
+    let (classes, spec, mut loss) = slot_test_loss(gpu);
     // `calls` calls of 1 to 6 rows into one encoder.
     let record = |loss: &mut xent::PreparedLoss,
                   encoder: &mut wgpu::CommandEncoder,
@@ -1001,11 +1009,7 @@ fn more_calls_than_slots_before_one_submission_are_an_error_not_a_wrong_gradient
 #[test]
 fn a_refused_call_takes_no_parameter_slot() {
     let Some(gpu) = gpu() else { return };
-    let classes = 13;
-    let spec = CrossEntropy::new().with_reduction(Reduction::None);
-    let mut loss = gpu
-        .prepare(&spec, LossShape::class_indices(6, classes, IndexType::I64))
-        .unwrap();
+    let (classes, spec, mut loss) = slot_test_loss(gpu);
     let mut encoder = gpu.device().create_command_encoder(&Default::default());
     let mut made = record_micro_batches(gpu, &mut loss, &mut encoder, classes, &[3, 5, 1, 6], 21);
     let p = Problem::random(2100, 4, classes, 5.0, 0.0);

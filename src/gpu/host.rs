@@ -24,16 +24,14 @@ const CHUNK_BYTES: u64 = 32 << 20;
 /// Rows per prepared call: a longer batch is scored as several calls, summed in f64.
 const CALL_ROWS: usize = 1 << 20;
 /// Bytes of the sorted top-k entries a call's prepared loss keeps (4 bytes an entry a row),
-/// about: top-k calls take fewer rows.
-const TOP_K_ORDER_BYTES: usize = 64 << 20;
+/// about: top-k gradient calls take fewer rows.
+const TOP_K_ORDER_BYTES: u64 = 64 << 20;
 
 /// Rows per prepared call of a loss set up as `setup`.
 fn call_rows(setup: &Setup) -> usize {
-    match setup.targets {
-        Some(TargetLayout::TopK { k }) if setup.gradient_calls => {
-            (TOP_K_ORDER_BYTES / (4 * (k as usize).next_multiple_of(4))).clamp(1, CALL_ROWS)
-        }
-        _ => CALL_ROWS,
+    match setup.top_k_order_bytes() {
+        0 => CALL_ROWS,
+        row => (TOP_K_ORDER_BYTES / row).clamp(1, CALL_ROWS as u64) as usize,
     }
 }
 /// Host losses kept per context.

@@ -140,6 +140,18 @@ impl Setup {
             shard: None,
         }
     }
+
+    /// Bytes a row of the sorted top-k entries takes in the per-row results (whole vec4s;
+    /// `top_k_order_at` in `rows.wgsl`): only top-k targets of a loss whose calls may write
+    /// gradients keep them.
+    pub fn top_k_order_bytes(&self) -> u64 {
+        match self.targets {
+            Some(TargetLayout::TopK { k }) if self.gradient_calls => {
+                (k as u64).div_ceil(4) * ROW_RESULT_BYTES
+            }
+            _ => 0,
+        }
+    }
 }
 
 /// Where a prepared loss's classes lie in the whole vocabulary.
@@ -525,13 +537,9 @@ impl PreparedLoss {
         let rows2_at = split_at + split_vec4s;
         let metrics_at = rows2_at + rows;
         let order_at = metrics_at + rows;
-        // Top-k: each row's entries in the order of the gradient's walk (whole vec4s a row).
-        let order_vec4s = match setup.targets {
-            Some(TargetLayout::TopK { k }) if setup.gradient_calls => rows * (k as u64).div_ceil(4),
-            _ => 0,
-        };
-        // The results are bound whole: within the device's own limits.
-        let results_bytes = (order_at + order_vec4s) * ROW_RESULT_BYTES;
+        // The results are bound whole (the top-k entries in the order of the gradient's walk
+        // last): within the device's own limits.
+        let results_bytes = order_at * ROW_RESULT_BYTES + rows * setup.top_k_order_bytes();
         let limits = gpu.device.limits();
         let most = limits
             .max_storage_buffer_binding_size

@@ -526,17 +526,12 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                             if (soft && needs_hard) || (!soft && needs_soft) {
                                 continue;
                             }
+                            let task = task.task(args.sparse_k);
                             for &kernel in &args.kernel {
                                 let strategy = kernel.strategy(&gpu, rows, classes);
-                                let timing = gpu.time_task(
-                                    &spec,
-                                    &sets,
-                                    strategy,
-                                    task.task(args.sparse_k),
-                                    WARMUP,
-                                    runs,
-                                )?;
-                                push(task.task(args.sparse_k), path, kernel, timing.median_ms());
+                                let timing =
+                                    gpu.time_task(&spec, &sets, strategy, task, WARMUP, runs)?;
+                                push(task, path, kernel, timing.median_ms());
                             }
                         }
                         if !soft {
