@@ -8,9 +8,10 @@
 #                              bf16), top-8 sparse targets and the loss in 2 and 4 vocabulary
 #                              shards (issues 11 and 13)
 #   scripts/gpu-run.sh next    tests, then every open issue's unmeasured figure, one bounded
-#                              xent process per shape (≈ 6 min; at most 9.5): resident, pipelined, round
-#                              trip (8); metrics, sparse, distillation, shards (11, 13); loss and
-#                              gradient in f32 and bf16, z-loss, soft-capping (9, 10)
+#                              xent process per shape (≈ 6 min; at most 9.75): resident, pipelined,
+#                              round trip (8); metrics, sparse, distillation, shards (11, 13); loss
+#                              and gradient in f32 and bf16, z-loss, soft-capping (9, 10); top-128
+#                              sparse targets
 #   scripts/gpu-run.sh peers   the peers in f32 and bf16 (≈ 6 min), a call of its own
 #   scripts/gpu-run.sh final   info, the GPU test binaries, and the benchmark: the loss on the
 #                              kernel, resident and host paths; loss + gradient (separate and in
@@ -107,6 +108,8 @@ if [ "$mode" = next ]; then
     for extra in "--z-loss 1e-4" "--softcap 30"; do
         XENT_LIMIT=30 bench "loss + gradient with $extra" --task grad $extra --shapes "${shapes%% *}"
     done
+    XENT_LIMIT=15 bench "top-128 sparse targets (loss, gradient)" --task sparse,sparse-grad \
+        --sparse-k 128 --shapes "${shapes%% *}"
     exit 0
 fi
 if [ "$mode" = peers ]; then

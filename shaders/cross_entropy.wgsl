@@ -19,9 +19,6 @@ fn main(
         return;
     }
     let r = gather_row(group, lid);
-    if GRAD_STATS && TARGET_KIND == TARGET_TOP_K && r.live {
-        sort_top_k(r.row, lane_in_row(group, lid), ROW_LANES);
-    }
     if SPLIT > 1u {
         if lid == 0u && r.live {
             store_split_stats(group, r.stats);

@@ -24,7 +24,7 @@ fn shuffle_stats(st: RowStats, mask: u32) -> RowStats {
         st.e,
         st.best,
         st.best_k,
-        st.above,
+        st.tally,
         st.mt,
         st.zc,
     );
@@ -38,7 +38,9 @@ fn shuffle_stats(st: RowStats, mask: u32) -> RowStats {
     if METRICS {
         out.best = subgroupShuffleXor(st.best, mask);
         out.best_k = subgroupShuffleXor(st.best_k, mask);
-        out.above = subgroupShuffleXor(st.above, mask);
+    }
+    if TALLY {
+        out.tally = subgroupShuffleXor(st.tally, mask);
     }
     return out;
 }

@@ -15,8 +15,13 @@
 //   e = Σ exp(z_k − m)·(z_k − m)    (its entropy is ln s − e/s), kept relative to m like a
 //   best, best_k                     the largest logit and its class, the lowest class among
 //                                    ties, NaN above everything (torch.argmax)
-//   above                            #{k : z_k ranks strictly above the target's logit}
+//   tally                            #{k : z_k ranks strictly above the target's logit}
 // Without METRICS they stay at their empty values and fold away.
+//
+// Against top-k targets (TARGET_TOP_K) `tally` counts instead the row's entries in error (a
+// class out of range, or one an earlier entry already has), each lane its own share of the
+// entries (rows.wgsl, check_top_k), so that the merge hands the finishing lane the whole
+// row's count.
 //
 // Against a teacher (TARGET_TEACHER, distillation) the logits z are the student's divided by
 // the temperature, and the target weights are the teacher's unnormalised probabilities
@@ -34,7 +39,7 @@ struct RowStats {
     e: f32,
     best: f32,
     best_k: u32,
-    above: u32,
+    tally: u32,
     mt: f32,
     zc: f32,
 }
@@ -50,6 +55,10 @@ fn row_stats_empty() -> RowStats {
 
 // The best_k of a part with no logit above EMPTY_MAX (a row of only −inf: argmax 0).
 const NO_CLASS: u32 = 0xffffffffu;
+
+// Whether the merge carries `tally`: the count above the target (METRICS) or a top-k row's
+// entries in error.
+override TALLY: bool = METRICS || TARGET_KIND == TARGET_TOP_K;
 
 // NaN by its bits: drivers may fold `x != x` away.
 fn is_nan(x: f32) -> bool {
@@ -143,7 +152,9 @@ fn row_stats_merge(x0: RowStats, y0: RowStats) -> RowStats {
         let y_wins = beats(y.best, y.best_k, x.best, x.best_k);
         out.best = select(x.best, y.best, y_wins);
         out.best_k = select(x.best_k, y.best_k, y_wins);
-        out.above = x.above + y.above;
+    }
+    if TALLY {
+        out.tally = x.tally + y.tally;
     }
     return out;
 }
@@ -203,7 +214,7 @@ fn fold_metric(st: ptr<function, RowStats>, z: f32, k: u32, z_target: f32) {
         (*st).best = z;
         (*st).best_k = k;
     }
-    (*st).above += u32(ranks_above(z, z_target));
+    (*st).tally += u32(ranks_above(z, z_target));
 }
 
 // Folds the logits z of classes k.. k + 3 as fold_metric does each, in vector operations: the
@@ -213,7 +224,7 @@ fn fold_metric4(st: ptr<function, RowStats>, z: vec4<f32>, k: u32, z_target: f32
     let nan = is_nan4(z);
     if !is_nan(z_target) {
         let above = select(vec4(0u), vec4(1u), nan | (z > vec4(z_target)));
-        (*st).above += (above.x + above.y) + (above.z + above.w);
+        (*st).tally += (above.x + above.y) + (above.z + above.w);
     }
     let top = max(max(z.x, z.y), max(z.z, z.w));
     if any(nan) || top >= (*st).best {

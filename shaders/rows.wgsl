@@ -71,7 +71,7 @@ override SOFTCAP: bool = false;
 override ZLOSS: bool = false;
 // Keep (m, ln s, B, counted) per row for a gradient pass.
 override GRAD_STATS: bool = false;
-// Token metrics of class-index targets in the same pass (RowStats' e, best, above): per row
+// Token metrics of class-index targets in the same pass (RowStats' e, best, tally): per row
 // at params.metrics_at (argmax, rank, entropy of the prediction, target log-probability).
 override METRICS: bool = false;
 // Accumulate the prediction's e = Σ exp(z − m)·(z − m) (its entropy).
@@ -181,7 +181,7 @@ struct Status {
 //   ignored row, entropy of the prediction, log-probability of the target), the first two as
 //   u32 bits; the target class then goes in the per-row results' third place, as bits;
 // - from params.order_at, per row of the call, for a gradient of top-k targets: the numbers of
-//   its entries in the order the gradient walks them, as f32, in whole vec4s (sort_top_k).
+//   its entries in the order the gradient walks them, as f32, in whole vec4s (check_top_k).
 // Per row the first array holds (cross-entropy, lse, entropy, z-loss); workgroup sums take
 // two vec4s each: (Σ loss, Σ entropy, Σ denominator, ignored), (Σ z-loss, 0, 0, 0).
 @group(0) @binding(2) var<storage, read_write> results: array<vec4<f32>>;
@@ -552,6 +552,9 @@ fn fold_row(r: u32, lane: u32, lanes: u32) -> RowStats {
     if wild {
         atomicMax(&status.out_of_range, flag_row(r));
     }
+    if TARGET_KIND == TARGET_TOP_K {
+        st.tally = check_top_k(r, lane, lanes);
+    }
     return st;
 }
 
@@ -604,20 +607,12 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
     } else if TARGET_KIND == TARGET_TEACHER {
         return finish_teacher_row(r, st, lse, log_s);
     } else if TARGET_KIND == TARGET_TOP_K {
+        if st.tally != 0u {
+            return failed_top_k_row(r, lse);
+        }
         let first = top_k_first(r);
         for (var j = 0u; j < SPARSE_K; j++) {
             let k = target_word(first + j);
-            var repeated = false;
-            for (var i = 0u; i < j; i++) {
-                repeated = repeated || target_word(first + i) == k;
-            }
-            if k >= params.classes || repeated {
-                atomicMax(&status.bad_index, flag_row(r));
-                let high = select(select(0u, 0xffffffffu, (k & 0x80000000u) != 0u), TOP_K_DUPLICATE, repeated && k < params.classes);
-                let nan = bitcast<f32>(0x7fc00000u);
-                results[row] = vec4(nan, lse, bitcast<f32>(k), bitcast<f32>(high));
-                return failed_row(row);
-            }
             let p = bitcast<f32>(target_word(first + SPARSE_K + j));
             // p = 0 adds nothing, even on a −inf logit (not 0·(−inf)).
             if p != 0.0 {
@@ -696,27 +691,64 @@ fn top_k_before(l: u32, c: u32, i: u32, m: u32, k: u32, j: u32) -> bool {
     return l < m || (l == m && (c < k || (c == k && i < j)));
 }
 
-// For a gradient of top-k targets: writes the places of chunk row r's entries lane, lane +
-// lanes, … of the `lanes` lanes that share the row in the order the gradient walks them
+// Checks the top-k entries lane, lane + lanes, … of chunk row r (of the `lanes` lanes that
+// share the row) and returns how many are in error: a class out of range, or one that an
+// earlier entry of the row already has. The lanes' counts meet in the merge (RowStats.tally),
+// so only a row in error looks for the entry to report (failed_top_k_row).
+//
+// For a gradient, also writes their places in the order the gradient walks the row's entries
 // (top_k_before), each found by comparing the entry with all k. Any targets: a row in error
 // still gets its k places, each once.
-fn sort_top_k(r: u32, lane: u32, lanes: u32) {
+fn check_top_k(r: u32, lane: u32, lanes: u32) -> u32 {
     let first = top_k_first(r);
     let owner = row_owner(r);
     let at = top_k_order_at(params.first_row + r);
+    var faults = 0u;
     for (var j = lane; j < SPARSE_K; j += lanes) {
         let k = target_word(first + j);
         let m = top_k_lane_of(owner, k);
         var place = 0u;
-        for (var i = 0u; i < SPARSE_K; i++) {
+        var repeated = false;
+        // Without a gradient only the entries before this one matter.
+        let end = select(j, SPARSE_K, GRAD_STATS);
+        for (var i = 0u; i < end; i++) {
             let c = target_word(first + i);
-            place += u32(top_k_before(top_k_lane_of(owner, c), c, i, m, k, j));
+            repeated = repeated || (i < j && c == k);
+            if GRAD_STATS {
+                place += u32(top_k_before(top_k_lane_of(owner, c), c, i, m, k, j));
+            }
         }
-        // Lanes of the row write words of one vec4: each its own (WGSL's memory locations are
-        // scalars).
-        let w = at + place;
-        results[w / 4u][w % 4u] = f32(j);
+        faults += u32(k >= params.classes || repeated);
+        if GRAD_STATS {
+            // Lanes of the row write words of one vec4: each its own (WGSL's memory locations
+            // are scalars).
+            let w = at + place;
+            results[w / 4u][w % 4u] = f32(j);
+        }
     }
+    return faults;
+}
+
+// A top-k row whose lanes found entries in error: flags the row and writes its results for the
+// first such entry (NaN loss, log-sum-exp, the class index, and in the high word whether it
+// repeats an earlier entry's class).
+fn failed_top_k_row(r: u32, lse: f32) -> RowSums {
+    atomicMax(&status.bad_index, flag_row(r));
+    let row = params.first_row + r;
+    let first = top_k_first(r);
+    for (var j = 0u; j < SPARSE_K; j++) {
+        let k = target_word(first + j);
+        var repeated = false;
+        for (var i = 0u; i < j; i++) {
+            repeated = repeated || target_word(first + i) == k;
+        }
+        if k >= params.classes || repeated {
+            let high = select(select(0u, 0xffffffffu, (k & 0x80000000u) != 0u), TOP_K_DUPLICATE, repeated && k < params.classes);
+            results[row] = vec4(bitcast<f32>(0x7fc00000u), lse, bitcast<f32>(k), bitcast<f32>(high));
+            break;
+        }
+    }
+    return failed_row(row);
 }
 
 // The first targets word of chunk row r's top-k entries: its SPARSE_K class indices, then
@@ -777,7 +809,7 @@ fn write_metrics(r: u32, st: RowStats, lse: f32, y: i32) {
     var rank = 0xffffffffu;
     var log_prob = 0.0;
     if y >= 0 {
-        rank = st.above;
+        rank = st.tally;
         log_prob = logit(row_first(r) + u32(y)) - lse;
         results[row].z = bitcast<f32>(u32(y));
     }
@@ -802,14 +834,14 @@ fn write_group_sum(v: RowSums, group: u32, lid: u32) {
     }
 }
 
-// A split row's part i takes three vec4s: (m, s, a, b), (h, e, best, 0), (best_k, above, mt,
+// A split row's part i takes three vec4s: (m, s, a, b), (h, e, best, 0), (best_k, tally, mt,
 // zc).
 fn store_split_stats(i: u32, st: RowStats) {
     let at = params.split_at + 3u * i;
     results[at] = vec4(st.m, st.s, st.a, st.b);
     results[at + 1u] = vec4(st.h, st.e, st.best, 0.0);
-    if METRICS || TARGET_KIND == TARGET_TEACHER {
-        results[at + 2u] = vec4(bitcast<f32>(st.best_k), bitcast<f32>(st.above), st.mt, st.zc);
+    if TALLY || TARGET_KIND == TARGET_TEACHER {
+        results[at + 2u] = vec4(bitcast<f32>(st.best_k), bitcast<f32>(st.tally), st.mt, st.zc);
     }
 }
 
@@ -818,10 +850,10 @@ fn load_split_stats(i: u32) -> RowStats {
     let x = results[at];
     let y = results[at + 1u];
     var st = RowStats(x.x, x.y, x.z, x.w, y.x, y.y, y.z, NO_CLASS, 0u, EMPTY_MAX, 0.0);
-    if METRICS || TARGET_KIND == TARGET_TEACHER {
+    if TALLY || TARGET_KIND == TARGET_TEACHER {
         let w = results[at + 2u];
         st.best_k = bitcast<u32>(w.x);
-        st.above = bitcast<u32>(w.y);
+        st.tally = bitcast<u32>(w.y);
         st.mt = w.z;
         st.zc = w.w;
     }

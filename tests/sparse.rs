@@ -536,6 +536,117 @@ fn half_logits_and_errors_naming_the_row() {
 }
 
 /// Packs top-k targets as `TargetLayout::TopK` lays them out.
+/// The device's check of a row's entries, shared by the lanes (and split workgroups) of every
+/// strategy: entries in error on any lane, in loss and in gradient calls, are found and the
+/// first of the row (in entry order) named exactly, also at the longest loops; the prepared
+/// loss then scores clean targets as the host path does.
+#[test]
+fn entries_in_error_on_every_strategy_name_the_first() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, classes, k) = (4, 300, 40);
+    let (z, idx, p) = random_sparse(31, rows, classes, k);
+    let spec = CrossEntropy::new().with_reduction(Reduction::Sum);
+    let logits = Logits::new(&z, rows, classes).unwrap();
+    let z_buffer = buffer_with(gpu, 0, bytemuck::cast_slice(&z));
+    let g_buffer = buffer_with(gpu, 0, &vec![0; z.len() * 4]);
+    let view = DeviceLogits::new(&z_buffer, 0, rows, classes);
+    // The targets with entry j of a row given another index (an earlier entry's: a repeat).
+    let with = |changes: &[(usize, usize, i64)]| {
+        let mut bad = idx.clone();
+        for &(row, j, index) in changes {
+            bad[row * k + j] = index;
+        }
+        bad
+    };
+    let cases = [
+        (
+            with(&[(1, k - 1, classes as i64 + 5)]),
+            XentError::SparseIndexOutOfRange {
+                row: 1,
+                value: classes as i64 + 5,
+                classes,
+            },
+        ),
+        (
+            with(&[(2, 37, idx[2 * k + 1])]),
+            XentError::SparseDuplicateIndex {
+                row: 2,
+                class: idx[2 * k + 1],
+            },
+        ),
+        // Two in one row: the repeat at entry 20 comes before the negative index at 33.
+        (
+            with(&[(3, 33, -7), (3, 20, idx[3 * k + 19])]),
+            XentError::SparseDuplicateIndex {
+                row: 3,
+                class: idx[3 * k + 19],
+            },
+        ),
+        (
+            with(&[(0, 5, -7)]),
+            XentError::SparseIndexOutOfRange {
+                row: 0,
+                value: -7,
+                classes,
+            },
+        ),
+    ];
+    let named = |read: xent::Result<xent::LossTotals>, want: &XentError, what: &str| {
+        assert_eq!(read.unwrap_err().to_string(), want.to_string(), "{what}");
+    };
+    let up = Upstream::Scalar(1.0);
+    let into = || xent::GradientOutput::Buffer {
+        buffer: &g_buffer,
+        offset: 0,
+    };
+    let shape = LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 });
+    for strategy in corner_strategies(gpu) {
+        let name = strategy.name();
+        let mut loss = gpu.prepare_with(&spec, shape, strategy).unwrap();
+        for (bad, want) in &cases {
+            let t_buffer = buffer_with(gpu, 0, bytemuck::cast_slice(&packed(bad, &p, k)));
+            let t = DeviceTargets::top_k(&t_buffer, 0, k as u32);
+            loss.run(view, t).unwrap();
+            named(loss.read_totals(), want, &format!("{name}: loss"));
+            loss.run_gradient(view, t, into(), up).unwrap();
+            named(loss.read_totals(), want, &format!("{name}: gradient"));
+        }
+        let t_buffer = buffer_with(gpu, 0, bytemuck::cast_slice(&packed(&idx, &p, k)));
+        loss.run(view, DeviceTargets::top_k(&t_buffer, 0, k as u32))
+            .unwrap();
+        let host = gpu
+            .sparse_cross_entropy_with(&spec, logits, SparseTargets::new(&idx, &p, k), strategy)
+            .unwrap();
+        assert_eq!(loss.read_totals().unwrap().sum, host.sum, "{name}: clean");
+    }
+    // The longest loops (llvmpipe ends them all after 65,535 iterations): one lane a row of
+    // 32,768 classes with scalar loads and the most entries, the last repeating the one before
+    // it, so that the row's search for the entry to report runs through all of them.
+    let (rows, classes, k) = (1, 32768, xent::gpu::MAX_SPARSE_K);
+    let (z, mut idx, p) = random_sparse(32, rows, classes, k);
+    idx[k - 1] = idx[k - 2];
+    let want = XentError::SparseDuplicateIndex {
+        row: 0,
+        class: idx[k - 2],
+    };
+    let z_buffer = buffer_with(gpu, 0, bytemuck::cast_slice(&z));
+    let g_buffer = buffer_with(gpu, 0, &vec![0; z.len() * 4]);
+    let view = DeviceLogits::new(&z_buffer, 0, rows, classes);
+    let t_buffer = buffer_with(gpu, 0, bytemuck::cast_slice(&packed(&idx, &p, k)));
+    let t = DeviceTargets::top_k(&t_buffer, 0, k as u32);
+    let shape = LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 });
+    let scalar = common::plain_strategy(256, 1, 1, false);
+    let mut loss = gpu.prepare_with(&spec, shape, scalar).unwrap();
+    loss.run(view, t).unwrap();
+    named(loss.read_totals(), &want, "one lane: loss");
+    let into = xent::GradientOutput::Buffer {
+        buffer: &g_buffer,
+        offset: 0,
+    };
+    loss.run_gradient(view, t, into, up).unwrap();
+    named(loss.read_totals(), &want, "one lane: gradient");
+}
+
 fn packed(idx: &[i64], p: &[f32], k: usize) -> Vec<u32> {
     idx.chunks(k)
         .zip(p.chunks(k))

@@ -77,15 +77,16 @@ pub(crate) const PARAM_SLOTS: usize = 8;
 /// submission) is found, unless exactly a multiple of this many calls came between them.
 const CALL_NUMBERS: u64 = 4096;
 
-/// The most top-k entries a row the kernels take. The lane that finishes a row in the
-/// statistics pass checks each entry against the earlier ones (repeats are errors: k²/2
-/// steps); for a gradient, the row's lanes also compare each entry with all k to sort them by
-/// the gradient lane that writes their class (k² steps in all, shared), and each lane of the
-/// gradient pass walks its own entries once. llvmpipe (Mesa's software Vulkan and GL, the
-/// CI's devices) ends a shader's loops silently once they have run 65,535 iterations in all;
-/// a row's per-class loop may take 32,768 of them on one lane, and with one lane a row 128
-/// entries add 16,384 + 8,128, which leaves about 8,000. A prepared top-k loss keeps the
-/// sorted entries, 4 bytes an entry a row, beside its other per-row results.
+/// The most top-k entries a row the kernels take. In the statistics pass the lanes that share a
+/// row check each entry against the earlier ones (repeats are errors: k²/2 steps in all,
+/// shared), and for a gradient compare it with all k instead, to sort the entries by the
+/// gradient lane that writes their class (k² steps); each lane of the gradient pass then walks
+/// its own entries once. llvmpipe (Mesa's software Vulkan and GL, the CI's devices) ends a
+/// shader's loops silently once they have run 65,535 iterations in all; a row's per-class loop
+/// may take 32,768 of them on one lane, and with one lane a row 128 entries add 16,384 (and a
+/// row in error 8,128 more to find the entry it reports), which leaves about 8,000. A prepared
+/// top-k loss keeps the sorted entries, 4 bytes an entry a row, beside its other per-row
+/// results.
 pub const MAX_SPARSE_K: usize = 128;
 
 /// Bytes of one row's results, `vec4<f32>` (and of one half of a workgroup sum).
