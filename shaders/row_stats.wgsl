@@ -16,7 +16,8 @@
 //   best, best_k                     the largest logit and its class, the lowest class among
 //                                    ties, NaN above everything (torch.argmax)
 //   tally                            #{k : z_k ranks strictly above the target's logit}
-// Without METRICS they stay at their empty values and fold away.
+// Without METRICS they stay at their empty values and fold away (but for `tally` against
+// top-k targets).
 //
 // Against top-k targets (TARGET_TOP_K) `tally` counts instead the row's entries in error (a
 // class out of range, or one an earlier entry already has), each lane its own share of the

@@ -175,7 +175,7 @@ struct Status {
 // - from params.groups_at, per workgroup of the final pass over the call:
 //   (Σ loss, Σ entropy, Σ mean denominator, ignored rows);
 // - from params.split_at, per (row, part) of a split row within the chunk: its RowStats as
-//   two vec4s;
+//   three vec4s (store_split_stats);
 // - from params.rows2_at, per row of the call, for a gradient pass: (m, ln s, B, counted);
 // - from params.metrics_at, per row of the call (METRICS): (argmax, rank or 0xffffffff for an
 //   ignored row, entropy of the prediction, log-probability of the target), the first two as
@@ -501,7 +501,8 @@ fn row_first(r: u32) -> u32 {
     return params.logits_offset + r * params.classes;
 }
 
-// Folds the elements of chunk row r that fall to `lane` of the `lanes` lanes sharing it.
+// Folds the elements of chunk row r that fall to `lane` of the `lanes` lanes sharing it (and,
+// against top-k targets, checks the lane's share of the row's entries: check_top_k).
 // The planner bounds classes / lanes (src/gpu/planner.rs, MAX_ELEMENTS_PER_LANE): some drivers
 // end long shader loops early (llvmpipe after 65,535 iterations) or kill long dispatches.
 fn fold_row(r: u32, lane: u32, lanes: u32) -> RowStats {

@@ -535,11 +535,10 @@ fn half_logits_and_errors_naming_the_row() {
     ));
 }
 
-/// Packs top-k targets as `TargetLayout::TopK` lays them out.
 /// The device's check of a row's entries, shared by the lanes (and split workgroups) of every
 /// strategy: entries in error on any lane, in loss and in gradient calls, are found and the
-/// first of the row (in entry order) named exactly, also at the longest loops; the prepared
-/// loss then scores clean targets as the host path does.
+/// first of the first row in error (in entry order) named exactly, also at the longest loops;
+/// the prepared loss then scores clean targets (loss, gradient) as the host path does.
 #[test]
 fn entries_in_error_on_every_strategy_name_the_first() {
     let Some(gpu) = gpu() else { return };
@@ -590,6 +589,14 @@ fn entries_in_error_on_every_strategy_name_the_first() {
                 classes,
             },
         ),
+        // Two rows in error: the first is named.
+        (
+            with(&[(3, 39, classes as i64), (2, 38, idx[2 * k + 36])]),
+            XentError::SparseDuplicateIndex {
+                row: 2,
+                class: idx[2 * k + 36],
+            },
+        ),
     ];
     let named = |read: xent::Result<xent::LossTotals>, want: &XentError, what: &str| {
         assert_eq!(read.unwrap_err().to_string(), want.to_string(), "{what}");
@@ -600,7 +607,10 @@ fn entries_in_error_on_every_strategy_name_the_first() {
         offset: 0,
     };
     let shape = LossShape::new(rows, classes, TargetLayout::TopK { k: k as u32 });
-    for strategy in corner_strategies(gpu) {
+    // Beside the corners, a row split over three workgroups of 32 lanes: entries 32 to 39 fall
+    // to the second.
+    let split = common::plain_strategy(32, 32, 3, true);
+    for strategy in corner_strategies(gpu).into_iter().chain([split]) {
         let name = strategy.name();
         let mut loss = gpu.prepare_with(&spec, shape, strategy).unwrap();
         for (bad, want) in &cases {
@@ -612,12 +622,24 @@ fn entries_in_error_on_every_strategy_name_the_first() {
             named(loss.read_totals(), want, &format!("{name}: gradient"));
         }
         let t_buffer = buffer_with(gpu, 0, bytemuck::cast_slice(&packed(&idx, &p, k)));
-        loss.run(view, DeviceTargets::top_k(&t_buffer, 0, k as u32))
-            .unwrap();
+        let t = DeviceTargets::top_k(&t_buffer, 0, k as u32);
+        loss.run(view, t).unwrap();
+        let targets = SparseTargets::new(&idx, &p, k);
         let host = gpu
-            .sparse_cross_entropy_with(&spec, logits, SparseTargets::new(&idx, &p, k), strategy)
+            .sparse_cross_entropy_with(&spec, logits, targets, strategy)
             .unwrap();
         assert_eq!(loss.read_totals().unwrap().sum, host.sum, "{name}: clean");
+        loss.run_gradient(view, t, into(), up).unwrap();
+        let (host, grad) = gpu
+            .sparse_cross_entropy_grad_with(&spec, logits, targets, up, strategy)
+            .unwrap();
+        assert_eq!(loss.read_totals().unwrap().sum, host.sum, "{name}: clean");
+        let got = common::read_f32(gpu, &g_buffer, 0, z.len());
+        assert_eq!(
+            bytemuck::cast_slice::<f32, u8>(&got),
+            grad.bytes(),
+            "{name}: clean gradient"
+        );
     }
     // The longest loops (llvmpipe ends them all after 65,535 iterations): one lane a row of
     // 32,768 classes with scalar loads and the most entries, the last repeating the one before
@@ -647,6 +669,7 @@ fn entries_in_error_on_every_strategy_name_the_first() {
     named(loss.read_totals(), &want, "one lane: gradient");
 }
 
+/// Packs top-k targets as `TargetLayout::TopK` lays them out.
 fn packed(idx: &[i64], p: &[f32], k: usize) -> Vec<u32> {
     idx.chunks(k)
         .zip(p.chunks(k))
