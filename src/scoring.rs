@@ -529,7 +529,9 @@ impl<'a> SparseTargets<'a> {
     /// not repeated within its row.
     ///
     /// Errors: [`XentError::TargetsShape`], [`XentError::SparseIndexOutOfRange`],
-    /// [`XentError::SparseDuplicateIndex`] (the first offending row).
+    /// [`XentError::SparseDuplicateIndex`]: the first offending row, and in it the first entry
+    /// in error in the row's order (an index out of range, or one an earlier entry already
+    /// has), as the GPU reports device buffers.
     pub fn validate(&self, logits: &Logits<'_>) -> Result<()> {
         let (rows, classes) = (logits.rows(), logits.classes());
         let expected = rows * self.k;
@@ -545,23 +547,42 @@ impl<'a> SparseTargets<'a> {
                 });
             }
         }
+        let mut sorted = Vec::with_capacity(self.k);
         for row in 0..rows {
-            let idx = self.indices_row(row);
-            if let Some(&value) = idx.iter().find(|&&v| !(0..classes as i64).contains(&v)) {
-                return Err(XentError::SparseIndexOutOfRange {
-                    row,
-                    value,
-                    classes,
-                });
-            }
-            let mut sorted = idx.to_vec();
-            sorted.sort_unstable();
-            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-                return Err(XentError::SparseDuplicateIndex { row, class: w[0] });
+            if let Some(e) = row_error(row, self.indices_row(row), classes, &mut sorted) {
+                return Err(e);
             }
         }
         Ok(())
     }
+}
+
+/// The error of the first entry of top-k row `row`, in the row's order, whose index is out of
+/// `[0, C)` or repeats an earlier entry's; `None` for a row without one. `sorted` is scratch.
+fn row_error(row: usize, idx: &[i64], classes: usize, sorted: &mut Vec<i64>) -> Option<XentError> {
+    // Most rows are clean: sorted, their ends are in range and no neighbours are equal.
+    sorted.clear();
+    sorted.extend_from_slice(idx);
+    sorted.sort_unstable();
+    let in_range =
+        sorted.first().is_none_or(|&v| v >= 0) && sorted.last().is_none_or(|&v| v < classes as i64);
+    if in_range && sorted.windows(2).all(|w| w[0] != w[1]) {
+        return None;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(idx.len());
+    idx.iter().find_map(|&value| {
+        if !(0..classes as i64).contains(&value) {
+            Some(XentError::SparseIndexOutOfRange {
+                row,
+                value,
+                classes,
+            })
+        } else if !seen.insert(value) {
+            Some(XentError::SparseDuplicateIndex { row, class: value })
+        } else {
+            None
+        }
+    })
 }
 
 fn sparse_impl(

@@ -922,6 +922,37 @@ fn sparse_target_errors_name_the_row() {
             "{e}"
         );
     }
+    // A row with several entries in error names the first in the row's order, as the GPU does
+    // (not, say, every index out of range before any repeat, or the smallest repeated class).
+    let z = [0.0_f32; 4];
+    let logits1 = Logits::new(&z, 1, 4).unwrap();
+    let p4 = [0.25_f32; 4];
+    for (idx, want) in [
+        (
+            [1, 1, 9, 0],
+            XentError::SparseDuplicateIndex { row: 0, class: 1 },
+        ),
+        (
+            [2, 2, -1, 0],
+            XentError::SparseDuplicateIndex { row: 0, class: 2 },
+        ),
+        (
+            [3, 3, 1, 1],
+            XentError::SparseDuplicateIndex { row: 0, class: 3 },
+        ),
+        (
+            [0, 9, 1, 1],
+            XentError::SparseIndexOutOfRange {
+                row: 0,
+                value: 9,
+                classes: 4,
+            },
+        ),
+    ] {
+        let targets = SparseTargets::new(&idx, &p4, 4);
+        let e = targets.validate(&logits1).unwrap_err();
+        assert_eq!(e.to_string(), want.to_string(), "{idx:?}");
+    }
     let e = scoring::sparse_cross_entropy(
         &CrossEntropy::new().with_reduction(Reduction::Sum),
         logits,

@@ -537,8 +537,9 @@ fn half_logits_and_errors_naming_the_row() {
 
 /// The device's check of a row's entries, shared by the lanes (and split workgroups) of every
 /// strategy: entries in error on any lane, in loss and in gradient calls, are found and the
-/// first of the first row in error (in entry order) named exactly, also at the longest loops;
-/// the prepared loss then scores clean targets (loss, gradient) as the host path does.
+/// first of the first row in error (in entry order) named exactly, as the host path names it,
+/// also at the longest loops; the prepared loss then scores clean targets (loss, gradient) as
+/// the host path does.
 #[test]
 fn entries_in_error_on_every_strategy_name_the_first() {
     let Some(gpu) = gpu() else { return };
@@ -601,6 +602,13 @@ fn entries_in_error_on_every_strategy_name_the_first() {
     let named = |read: xent::Result<xent::LossTotals>, want: &XentError, what: &str| {
         assert_eq!(read.unwrap_err().to_string(), want.to_string(), "{what}");
     };
+    // The host path (which checks on the host) names the same entry.
+    for (bad, want) in &cases {
+        let read = gpu
+            .sparse_cross_entropy(&spec, logits, SparseTargets::new(bad, &p, k))
+            .map(|out| out.totals());
+        named(read, want, "host path");
+    }
     let up = Upstream::Scalar(1.0);
     let into = || xent::GradientOutput::Buffer {
         buffer: &g_buffer,
