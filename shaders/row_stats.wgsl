@@ -19,10 +19,10 @@
 // Without METRICS they stay at their empty values and fold away (but for `tally` against
 // top-k targets).
 //
-// Against top-k targets (TARGET_TOP_K) `tally` counts instead the row's entries in error (a
-// class out of range, or one an earlier entry already has), each lane its own share of the
-// entries (rows.wgsl, check_top_k), so that the merge hands the finishing lane the whole
-// row's count.
+// Against top-k targets (TARGET_TOP_K) `tally` marks instead the row's first entry in error
+// (a class out of range, or one an earlier entry already has): SPARSE_K − j for entry j, 0
+// for none, each lane from its own share of the entries (rows.wgsl, check_top_k). The merge
+// keeps the larger, so that it hands the finishing lane the row's first.
 //
 // Against a teacher (TARGET_TEACHER, distillation) the logits z are the student's divided by
 // the temperature, and the target weights are the teacher's unnormalised probabilities
@@ -58,7 +58,7 @@ fn row_stats_empty() -> RowStats {
 const NO_CLASS: u32 = 0xffffffffu;
 
 // Whether the merge carries `tally`: the count above the target (METRICS) or a top-k row's
-// entries in error.
+// first entry in error.
 override TALLY: bool = METRICS || TARGET_KIND == TARGET_TOP_K;
 
 // NaN by its bits: drivers may fold `x != x` away.
@@ -155,7 +155,7 @@ fn row_stats_merge(x0: RowStats, y0: RowStats) -> RowStats {
         out.best_k = select(x.best_k, y.best_k, y_wins);
     }
     if TALLY {
-        out.tally = x.tally + y.tally;
+        out.tally = select(x.tally + y.tally, max(x.tally, y.tally), TARGET_KIND == TARGET_TOP_K);
     }
     return out;
 }

@@ -609,7 +609,7 @@ fn finish_row(r: u32, st: RowStats) -> RowSums {
         return finish_teacher_row(r, st, lse, log_s);
     } else if TARGET_KIND == TARGET_TOP_K {
         if st.tally != 0u {
-            return failed_top_k_row(r, lse);
+            return failed_top_k_row(r, lse, SPARSE_K - st.tally);
         }
         let first = top_k_first(r);
         for (var j = 0u; j < SPARSE_K; j++) {
@@ -693,9 +693,9 @@ fn top_k_before(l: u32, c: u32, i: u32, m: u32, k: u32, j: u32) -> bool {
 }
 
 // Checks the top-k entries lane, lane + lanes, … of chunk row r (of the `lanes` lanes that
-// share the row) and returns how many are in error: a class out of range, or one that an
-// earlier entry of the row already has. The lanes' counts meet in the merge (RowStats.tally),
-// so only a row in error looks for the entry to report (failed_top_k_row).
+// share the row) for entries in error: a class out of range, or one that an earlier entry of
+// the row already has. Returns the first such entry j of the lane's as SPARSE_K − j, 0 for
+// none; the merge keeps the largest (RowStats.tally), which names the row's first.
 //
 // For a gradient, also writes their places in the order the gradient walks the row's entries
 // (top_k_before), each found by comparing the entry with all k. Any targets: a row in error
@@ -704,7 +704,7 @@ fn check_top_k(r: u32, lane: u32, lanes: u32) -> u32 {
     let first = top_k_first(r);
     let owner = row_owner(r);
     let at = top_k_order_at(params.first_row + r);
-    var faults = 0u;
+    var fault = 0u;
     for (var j = lane; j < SPARSE_K; j += lanes) {
         let k = target_word(first + j);
         let m = top_k_lane_of(owner, k);
@@ -719,7 +719,9 @@ fn check_top_k(r: u32, lane: u32, lanes: u32) -> u32 {
                 place += u32(top_k_before(top_k_lane_of(owner, c), c, i, m, k, j));
             }
         }
-        faults += u32(k >= params.classes || repeated);
+        if fault == 0u && (k >= params.classes || repeated) {
+            fault = SPARSE_K - j;
+        }
         if GRAD_STATS {
             // Lanes of the row write words of one vec4: each its own (WGSL's memory locations
             // are scalars).
@@ -727,28 +729,18 @@ fn check_top_k(r: u32, lane: u32, lanes: u32) -> u32 {
             results[w / 4u][w % 4u] = f32(j);
         }
     }
-    return faults;
+    return fault;
 }
 
-// A top-k row whose lanes found entries in error: flags the row and writes its results for the
-// first such entry (NaN loss, log-sum-exp, the class index, and in the high word whether it
-// repeats an earlier entry's class).
-fn failed_top_k_row(r: u32, lse: f32) -> RowSums {
+// A top-k row whose first entry in error is entry j (check_top_k): flags the row and writes
+// its results (NaN loss, log-sum-exp, the class index, and in the high word whether it repeats
+// an earlier entry's class: an entry in error within range does).
+fn failed_top_k_row(r: u32, lse: f32, j: u32) -> RowSums {
     atomicMax(&status.bad_index, flag_row(r));
     let row = params.first_row + r;
-    let first = top_k_first(r);
-    for (var j = 0u; j < SPARSE_K; j++) {
-        let k = target_word(first + j);
-        var repeated = false;
-        for (var i = 0u; i < j; i++) {
-            repeated = repeated || target_word(first + i) == k;
-        }
-        if k >= params.classes || repeated {
-            let high = select(select(0u, 0xffffffffu, (k & 0x80000000u) != 0u), TOP_K_DUPLICATE, repeated && k < params.classes);
-            results[row] = vec4(bitcast<f32>(0x7fc00000u), lse, bitcast<f32>(k), bitcast<f32>(high));
-            break;
-        }
-    }
+    let k = target_word(top_k_first(r) + j);
+    let high = select(select(0u, 0xffffffffu, (k & 0x80000000u) != 0u), TOP_K_DUPLICATE, k < params.classes);
+    results[row] = vec4(bitcast<f32>(0x7fc00000u), lse, bitcast<f32>(k), bitcast<f32>(high));
     return failed_row(row);
 }
 

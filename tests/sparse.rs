@@ -651,7 +651,7 @@ fn entries_in_error_on_every_strategy_name_the_first() {
     }
     // The longest loops (llvmpipe ends them all after 65,535 iterations): one lane a row of
     // 32,768 classes with scalar loads and the most entries, the last repeating the one before
-    // it, so that the row's search for the entry to report runs through all of them.
+    // it (found after all the others are checked).
     let (rows, classes, k) = (1, 32768, xent::gpu::MAX_SPARSE_K);
     let (z, mut idx, p) = random_sparse(32, rows, classes, k);
     idx[k - 1] = idx[k - 2];

@@ -83,10 +83,9 @@ const CALL_NUMBERS: u64 = 4096;
 /// gradient lane that writes their class (k² steps); each lane of the gradient pass then walks
 /// its own entries once. llvmpipe (Mesa's software Vulkan and GL, the CI's devices) ends a
 /// shader's loops silently once they have run 65,535 iterations in all; a row's per-class loop
-/// may take 32,768 of them on one lane, and with one lane a row 128 entries add 16,384 (and a
-/// row in error 8,128 more to find the entry it reports), which leaves about 8,000. A prepared
-/// top-k loss keeps the sorted entries, 4 bytes an entry a row, beside its other per-row
-/// results.
+/// may take 32,768 of them on one lane, and with one lane a row 128 entries add 16,384, which
+/// leaves about 16,000. A prepared top-k loss keeps the sorted entries, 4 bytes an entry a
+/// row, beside its other per-row results.
 pub const MAX_SPARSE_K: usize = 128;
 
 /// Bytes of one row's results, `vec4<f32>` (and of one half of a workgroup sum).
