@@ -12,6 +12,10 @@
 #                              round trip (8); metrics, sparse, distillation, shards (11, 13); loss
 #                              and gradient in f32 and bf16, z-loss, soft-capping (9, 10); top-128
 #                              sparse targets
+#   scripts/gpu-run.sh loads   the test binaries at once, then two against four loads in
+#                              flight (loss, metrics, gradient; f32, bf16) with the read-and-
+#                              write roofline, pipelined calls 1 to 6 deep, and the loss in
+#                              four workgroup shapes (≈ 6 min)
 #   scripts/gpu-run.sh peers   the peers in f32 and bf16 (≈ 6 min), a call of its own
 #   scripts/gpu-run.sh final   info, the GPU test binaries, and the benchmark: the loss on the
 #                              kernel, resident and host paths; loss + gradient (separate and in
@@ -39,20 +43,31 @@ quick=${XENT_BENCH_QUICK:+--quick}
 # Seconds per GPU test binary (a hung one must not eat the call).
 test_limit=${XENT_TEST_LIMIT:-120}
 [ "$mode" = next ] && test_limit=${XENT_TEST_LIMIT:-30}
+[ "$mode" = loads ] && test_limit=${XENT_TEST_LIMIT:-150}
 
 {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
     xent info 2>&1
     echo "== GPU tests (against the CPU reference and PyTorch's golden cases)"
+    run_test() { # test binary, log file
+        timeout "$test_limit" "$1" --test-threads 4 > "$2" 2>&1
+        rc=$?
+        grep -E "^test result|FAILED|panicked" -A3 "$2" | sed "s#^#$(basename "$1"): #"
+        [ $rc -eq 124 ] && echo "$(basename "$1"): TIMED OUT after $test_limit s"
+        rm -f "$2"
+    }
     for t in .gpu/bin/test-*; do
         [ "$mode" = figures ] && break
-        timeout "$test_limit" "$t" --test-threads 4 > "$out/test.log" 2>&1
-        rc=$?
-        grep -E "^test result|FAILED|panicked" "$out/test.log" | sed "s#^#$(basename "$t"): #"
-        [ $rc -eq 124 ] && echo "$(basename "$t"): TIMED OUT after $test_limit s"
-        rm -f "$out/test.log"
+        # loads: all test binaries at once (the machine has 16 cores), reported in turn.
+        if [ "$mode" = loads ]; then
+            run_test "$t" "$out/test-$(basename "$t").log" > "$out/report-$(basename "$t")" &
+        else
+            run_test "$t" "$out/test.log"
+        fi
     done
+    wait
+    cat "$out"/report-* 2>/dev/null && rm -f "$out"/report-*
 } 2>&1 | tee "$out/log.txt"
 
 bench() { # label, then xent bench arguments
@@ -110,6 +125,21 @@ if [ "$mode" = next ]; then
     done
     XENT_LIMIT=15 bench "top-128 sparse targets (loss, gradient)" --task sparse,sparse-grad \
         --sparse-k 128 --shapes "${shapes%% *}"
+    exit 0
+fi
+if [ "$mode" = loads ]; then
+    # Two against four 16-byte loads in flight per lane (the statistics pass), beside the
+    # read-and-write roofline for the gradient; then workgroup shapes of the loss.
+    XENT_LIMIT=170 bench "loss, metrics, gradient in f32 and bf16: two and four loads in flight" \
+        --shapes 4096x32000,1024x128256 --task loss,metrics,grad,distill --dtype f32,bf16 \
+        --kernel auto,auto/x4
+    XENT_LIMIT=60 bench "resident and pipelined calls (1, 2, 4, 6 in flight) beside the kernel" \
+        --shapes 4096x32000 --path kernel,resident,pipelined --in-flight 1,2,4,6
+    XENT_LIMIT=40 bench "loss + gradient with soft-capping at 30: two and four loads in flight" \
+        --shapes 4096x32000 --task grad --softcap 30 --kernel auto,auto/x4
+    XENT_LIMIT=60 bench "the loss at 4096x32000 in four workgroup shapes" --shapes 4096x32000 \
+        --task loss --dtype f32,bf16 \
+        --kernel auto,512/512/1/vec4/sg,1024/1024/1/vec4/sg,256/128/1/vec4/sg/x4
     exit 0
 fi
 if [ "$mode" = peers ]; then

@@ -625,3 +625,44 @@ fn infinite_rows_ignored_masked_rows_and_weighted_probabilities() {
         agree(&format!("weights {w:?}"), got.loss, want.loss);
     }
 }
+
+/// Four 16-byte loads in flight per lane fold a lane's logits in the same order as two, and
+/// eight f32 loads in the gradient pass write it as four do: the same bits, loss, per-row
+/// results and gradient alike (the two-load kernels are the ones checked against the
+/// reference everywhere else). A few corners only: every strategy with four loads is a
+/// module of its own to compile.
+#[test]
+fn four_loads_in_flight_give_the_same_bits() {
+    let Some(gpu) = gpu() else { return };
+    let plain = common::plain_strategy;
+    let spec = CrossEntropy::new()
+        .with_label_smoothing(0.1)
+        .with_z_loss(1e-3);
+    let upstream = xent::Upstream::Scalar(1.0);
+    let cases = [
+        // Eight loads in flight in the f32 gradient pass: 8 lanes a row, 512 logits a lane.
+        (3, 4099, xent::Dtype::F32, false, plain(256, 8, 1, true)),
+        (5, 4099, xent::Dtype::Bf16, true, plain(256, 256, 3, true)),
+    ];
+    for (i, (rows, classes, dtype, soft, two)) in cases.into_iter().enumerate() {
+        let p = Problem::random(300 + i as u64, rows, classes, 6.0, 0.0);
+        let z = xent::ElementVec::rounded(dtype, p.logits.iter().map(|&v| v as f64));
+        let logits = Logits::from_elements(z.as_elements(), rows, classes).unwrap();
+        let four = Strategy {
+            loads_in_flight: 4,
+            ..two
+        };
+        let label = format!("{rows}x{classes} {dtype} soft {soft} {}", four.name());
+        let run = |s| {
+            gpu.cross_entropy_grad_with(&spec, logits, p.targets(soft), upstream, s)
+                .unwrap_or_else(|e| panic!("{label}: {e}"))
+        };
+        let ((a, ga), (b, gb)) = (run(two), run(four));
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(a.sum.to_bits(), b.sum.to_bits(), "{label}: sum");
+        assert_eq!(bits(&a.per_row), bits(&b.per_row), "{label}: per row");
+        assert_eq!(bits(&a.log_sum_exp), bits(&b.log_sum_exp), "{label}: lse");
+        let g = |g: &xent::ElementVec| g.to_f32().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(g(&ga), g(&gb), "{label}: gradient");
+    }
+}

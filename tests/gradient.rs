@@ -614,10 +614,12 @@ fn large_soft_caps_keep_their_accuracy_and_f32_options_are_checked() {
     }
 }
 
-/// Where class weights far from 1 (scaled by a power of two on the device) meet a large
-/// upstream gradient, the kernel's f32 scale would overflow although the gradient is finite:
-/// refused, not inf. The mean of probability targets with such weights on the device path
-/// (its scale from the device's own totals) matches the reference.
+/// Where class weights far from 1 (scaled by a power of two on the device: 3e38 by 2^-64)
+/// meet a large upstream gradient, the kernel's f32 scale would overflow although the
+/// gradient is finite: refused, not inf. A weight of 1 beside 3e38 stays a normal f32 on the
+/// device (scaled by 2^-127 it was subnormal, and an H200 flushed it to zero). The mean of
+/// probability targets with such weights on the device path (its scale from the device's own
+/// totals) matches the reference.
 #[test]
 fn gradient_scales_beyond_f32_are_refused_and_weighted_means_hold() {
     let Some(gpu) = gpu() else { return };
@@ -628,7 +630,7 @@ fn gradient_scales_beyond_f32_are_refused_and_weighted_means_hold() {
         .with_reduction(Reduction::Sum);
     let t = xent::Targets::ClassIndices(&[0]);
     assert!(matches!(
-        gpu.cross_entropy_grad(&spec, logits, t, Upstream::Scalar(2.0)),
+        gpu.cross_entropy_grad(&spec, logits, t, Upstream::Scalar(1e20)),
         Err(xent::XentError::GradientScale(_))
     ));
     // A scale that fits: the reference's gradient.
@@ -677,23 +679,43 @@ fn gradient_scales_beyond_f32_are_refused_and_weighted_means_hold() {
 }
 
 /// A mean's gradient on the device path divides by the device's own Σ w_y, which the host
-/// does not know when it records the call: with class weights spanning more than f32 does and
-/// every target on the smallest, 1 / Σ w_y is beyond f32 and the gradient comes out ±inf or
-/// NaN. The read of that call says so (`GradientScale`), as the host path refuses the call;
-/// the loss stays usable, and a call of the same loss with other targets is right.
+/// does not know when it records the call: with a large upstream gradient and every target on
+/// a small weight, g / Σ w_y is beyond f32 and the gradient comes out ±inf or NaN. The read of
+/// that call says so (`GradientScale`), as the host path refuses the call; the loss stays
+/// usable, and a call of the same loss with other targets is right. A subnormal weight (1e-45)
+/// is scaled into f32's normal range on the device, so that a GPU that flushes subnormals to
+/// zero (an H200 does) computes the same mean as the reference on both paths.
 #[test]
 fn a_device_mean_whose_scale_overflows_is_reported_by_its_read() {
     let Some(gpu) = gpu() else { return };
     let (rows, classes) = (10, 13);
     let p = Problem::random(95, rows, classes, 2.0, 0.0);
+    let smallest = vec![3_i64; rows];
+    let t = xent::Targets::ClassIndices(&smallest);
     let mut weights = vec![1.0_f32; classes];
     weights[3] = 1e-45;
+    let subnormal = CrossEntropy::new()
+        .with_weights(weights.clone())
+        .with_reduction(Reduction::Mean);
+    let one = Upstream::Scalar(1.0);
+    let (got_out, got) = gpu
+        .cross_entropy_grad(&subnormal, p.logits(), t, one)
+        .unwrap();
+    let (want_out, want) = cpu::cross_entropy_grad(&subnormal, p.logits(), t, one).unwrap();
+    let (g, w) = (got_out.loss.unwrap(), want_out.loss.unwrap());
+    assert!((g - w).abs() <= 1e-5 * w.abs(), "mean {g} vs {w}");
+    for (k, (g, w)) in got.to_f32().iter().zip(&want).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "element {k}: {g} vs {w}"
+        );
+    }
+
+    weights[3] = 2f32.powi(-60);
     let spec = CrossEntropy::new()
         .with_weights(weights)
         .with_reduction(Reduction::Mean);
-    let up = Upstream::Scalar(1.0);
-    let smallest = vec![3_i64; rows];
-    let t = xent::Targets::ClassIndices(&smallest);
+    let up = Upstream::Scalar(1e30);
     assert!(matches!(
         gpu.cross_entropy_grad(&spec, p.logits(), t, up),
         Err(xent::XentError::GradientScale(_))

@@ -30,9 +30,15 @@ fn every_kernel_parses_and_validates() {
     for kernel in Kernel::ALL {
         for subgroups in [false, true] {
             for f16 in [F16Widening::Integer, F16Widening::Unpack] {
-                validate(&kernel.source(subgroups, f16), Capabilities::all()).unwrap_or_else(|e| {
-                    panic!("{} subgroups={subgroups} {f16:?}: {e}", kernel.file_name())
-                });
+                for loads in [2, 4] {
+                    validate(&kernel.source(subgroups, f16, loads), Capabilities::all())
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "{} subgroups={subgroups} {f16:?} loads={loads}: {e}",
+                                kernel.file_name()
+                            )
+                        });
+                }
             }
         }
     }
@@ -43,6 +49,7 @@ struct Variant {
     kernel: Kernel,
     subgroups: bool,
     f16: F16Widening,
+    loads: u32,
     constants: PipelineConstants,
 }
 
@@ -58,13 +65,16 @@ impl Variant {
 /// variants (every flag on in some), with the constants `Pipelines` gives them (a subgroup
 /// size of 32).
 fn variants() -> Vec<Variant> {
-    let strategy = |workgroup_size, lanes_per_row, split, vec4, subgroups, f16_builtin| Strategy {
+    let strategy = |(workgroup_size, lanes_per_row, split, vec4, loads_in_flight),
+                    subgroups,
+                    f16_builtin| Strategy {
         workgroup_size,
         lanes_per_row,
         split,
         vec4,
         subgroups,
         f16_builtin,
+        loads_in_flight,
     };
     let base = LossVariant::LSE_ONLY;
     let losses = [
@@ -179,17 +189,18 @@ fn variants() -> Vec<Variant> {
     let mut all = Vec::new();
     for kernel in Kernel::ALL {
         for subgroups in [false, true] {
-            for (wg, lanes, split, vec4) in [
-                (256, 256, 1, false),
-                (256, 1, 1, true),
-                (64, 8, 1, true),
-                (256, 256, 8, true),
+            // (workgroup size, lanes per row, split, vec4, loads in flight)
+            for corner in [
+                (256, 256, 1, false, 2),
+                (256, 1, 1, true, 4),
+                (64, 8, 1, true, 2),
+                (256, 256, 8, true, 2),
             ] {
                 for variant in losses {
                     for native in [false, true] {
                         let key = PipelineKey {
                             kernel,
-                            strategy: strategy(wg, lanes, split, vec4, subgroups, native),
+                            strategy: strategy(corner, subgroups, native),
                             variant,
                         };
                         if native && key.f16_widening() != F16Widening::Unpack {
@@ -204,6 +215,7 @@ fn variants() -> Vec<Variant> {
                             kernel,
                             subgroups,
                             f16: key.f16_widening(),
+                            loads: key.strategy.loads_in_flight,
                             constants,
                         });
                     }
@@ -323,7 +335,9 @@ fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
     if target.subgroups {
         capabilities |= Capabilities::SUBGROUP;
     }
-    let source = variant.kernel.source(variant.subgroups, variant.f16);
+    let source = variant
+        .kernel
+        .source(variant.subgroups, variant.f16, variant.loads);
     let (module, info) = validate(&source, capabilities)?;
     let (module, info) = naga::back::pipeline_constants::process_overrides(
         &module,
@@ -561,6 +575,7 @@ fn the_planner_counts_the_kernels_workgroup_memory() {
                     vec4: true,
                     subgroups,
                     f16_builtin: false,
+                    loads_in_flight: 2,
                 };
                 let key = PipelineKey {
                     kernel,
@@ -576,7 +591,7 @@ fn the_planner_counts_the_kernels_workgroup_memory() {
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v))
                     .collect();
-                let source = kernel.source(subgroups, F16Widening::Integer);
+                let source = kernel.source(subgroups, F16Widening::Integer, 2);
                 let (module, info) = validate(&source, Capabilities::all()).unwrap();
                 let (module, _) = naga::back::pipeline_constants::process_overrides(
                     &module,

@@ -78,7 +78,7 @@ impl Timing {
 /// The measured read bandwidth.
 #[derive(Clone, Debug)]
 pub struct ReadBandwidth {
-    /// Bytes read per run.
+    /// Bytes moved per run (read, and for the read-and-write kernel written).
     pub bytes: u64,
     /// The runs.
     pub timing: Timing,
@@ -418,15 +418,41 @@ impl GpuContext {
         warmup: usize,
         runs: usize,
     ) -> Result<ReadBandwidth> {
+        self.measure_bandwidth(Bandwidth::Read, bytes, warmup, runs)
+    }
+
+    /// Measures the read-and-write bandwidth with `copy_bandwidth.wgsl`: a copy of about
+    /// `bytes / 2` into a second buffer as large, `bytes` moved a run (the rate of the
+    /// gradient pass's traffic: it reads and writes the logits' bytes alike).
+    pub fn measure_read_write_bandwidth(
+        &self,
+        bytes: u64,
+        warmup: usize,
+        runs: usize,
+    ) -> Result<ReadBandwidth> {
+        self.measure_bandwidth(Bandwidth::ReadWrite, bytes, warmup, runs)
+    }
+
+    fn measure_bandwidth(
+        &self,
+        kind: Bandwidth,
+        bytes: u64,
+        warmup: usize,
+        runs: usize,
+    ) -> Result<ReadBandwidth> {
         let gpu = &self.gpu;
-        let bytes = bytes.min(gpu.facts.max_binding_bytes) & !15;
-        let (pipeline, bind_group) = gpu.scoped("preparing the read-bandwidth kernel", || {
-            Ok(bandwidth_pipeline(gpu, bytes))
+        let buffer = match kind {
+            Bandwidth::Read => bytes,
+            Bandwidth::ReadWrite => bytes / 2,
+        };
+        let buffer = buffer.min(gpu.facts.max_binding_bytes) & !15;
+        let (pipeline, bind_group) = gpu.scoped("preparing the bandwidth kernel", || {
+            Ok(bandwidth_pipeline(gpu, kind, buffer))
         })?;
-        let workgroups = (bytes / 16).div_ceil(256 * 8).clamp(1, 65_535) as u32;
+        let workgroups = (buffer / 16).div_ceil(256 * 8).clamp(1, 65_535) as u32;
         let timing = time_passes(gpu, warmup, runs, |encoder, _, timestamps| {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("xent read bandwidth"),
+                label: Some("xent bandwidth"),
                 timestamp_writes: timestamps,
             });
             pass.set_pipeline(&pipeline);
@@ -435,18 +461,47 @@ impl GpuContext {
             pass.dispatch_workgroups(x, y, 1);
             Ok(())
         })?;
+        let bytes = match kind {
+            Bandwidth::Read => buffer,
+            Bandwidth::ReadWrite => 2 * buffer,
+        };
         Ok(ReadBandwidth { bytes, timing })
     }
 }
 
-fn bandwidth_pipeline(gpu: &Gpu, bytes: u64) -> (wgpu::ComputePipeline, wgpu::BindGroup) {
+/// What a bandwidth kernel measures.
+#[derive(Clone, Copy)]
+enum Bandwidth {
+    /// `read_bandwidth.wgsl`: reads only.
+    Read,
+    /// `copy_bandwidth.wgsl`: as many bytes written as read.
+    ReadWrite,
+}
+
+fn bandwidth_pipeline(
+    gpu: &Gpu,
+    kind: Bandwidth,
+    bytes: u64,
+) -> (wgpu::ComputePipeline, wgpu::BindGroup) {
     let device = &gpu.device;
+    let (name, source, sink_bytes) = match kind {
+        Bandwidth::Read => (
+            "read_bandwidth.wgsl",
+            include_str!("../../shaders/read_bandwidth.wgsl"),
+            16,
+        ),
+        Bandwidth::ReadWrite => (
+            "copy_bandwidth.wgsl",
+            include_str!("../../shaders/copy_bandwidth.wgsl"),
+            bytes,
+        ),
+    };
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some("read_bandwidth.wgsl"),
-        source: wgpu::ShaderSource::Wgsl(include_str!("../../shaders/read_bandwidth.wgsl").into()),
+        label: Some(name),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
     });
     let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some("read_bandwidth.wgsl"),
+        label: Some(name),
         layout: None,
         module: &module,
         entry_point: Some("main"),
@@ -472,7 +527,7 @@ fn bandwidth_pipeline(gpu: &Gpu, bytes: u64) -> (wgpu::ComputePipeline, wgpu::Bi
     }
     let sink = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("xent bandwidth sink"),
-        size: 16,
+        size: sink_bytes,
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
@@ -561,7 +616,27 @@ impl Task {
         matches!(self, Task::Gradient | Task::SparseGradient { .. })
     }
 
-    /// Times the logits are read or written: 1 for the loss, 3 with the gradient.
+    /// Times the targets are read: once by the loss, again by the gradient pass; never for
+    /// distillation, whose teacher is its second logits matrix ([`Task::logit_passes`]).
+    pub fn target_passes(self) -> u64 {
+        match self {
+            Task::Loss | Task::Metrics | Task::Sparse { .. } => 1,
+            Task::Distill => 0,
+            Task::Gradient | Task::GradientInPlace | Task::SparseGradient { .. } => 2,
+        }
+    }
+
+    /// Bytes of logits read and written in the gradient pass, of the `logit_passes` (the rest
+    /// is read once by the statistics pass): 2 with the gradient, else 0.
+    pub fn read_write_passes(self) -> u64 {
+        match self {
+            Task::Gradient | Task::GradientInPlace | Task::SparseGradient { .. } => 2,
+            _ => 0,
+        }
+    }
+
+    /// Times the logits are read or written: 1 for the loss, 2 for distillation (the
+    /// student's and the teacher's), 3 with the gradient.
     pub fn logit_passes(self) -> u64 {
         match self {
             Task::Loss | Task::Metrics | Task::Sparse { .. } => 1,

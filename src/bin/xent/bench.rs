@@ -23,8 +23,6 @@ const QUICK_SHAPES: [(usize, usize); 4] = [(1024, 1000), (256, 32000), (64, 1282
 const WARMUP: usize = 5;
 /// The largest workgroup a `--kernel` may name (the device may allow less).
 const MAX_WORKGROUP: u32 = 1024;
-/// Calls in flight behind the one the host waits for, on the pipelined path.
-const PIPELINE_DEPTH: usize = 2;
 /// The most workgroups a `--kernel` may split a row across.
 const MAX_SPLIT: u32 = 64;
 
@@ -92,6 +90,8 @@ impl TaskChoice {
 pub enum KernelChoice {
     /// The planner's strategy for the shape.
     Auto,
+    /// The planner's strategy with four 16-byte loads in flight per lane (`auto/x4`).
+    AutoX4,
     /// One 256-lane workgroup per row, scalar loads: the baseline.
     Naive,
     /// A strategy given on the command line.
@@ -100,25 +100,34 @@ pub enum KernelChoice {
 
 impl FromStr for KernelChoice {
     type Err = String;
-    /// `auto`, `naive` or `WG/LANES/SPLIT/vec4|scalar[/sg]`, with every number in range.
+    /// `auto`, `auto/x4`, `naive` or `WG/LANES/SPLIT/vec4|scalar[/sg][/f16int][/x4]`, with
+    /// every number in range.
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "auto" => return Ok(Self::Auto),
+            "auto/x4" => return Ok(Self::AutoX4),
             "naive" => return Ok(Self::Naive),
             _ => {}
         }
-        let parts: Vec<&str> = s.split('/').collect();
-        // A trailing f16int: f16 widened by integer operations rather than unpack2x16float.
-        let (parts, f16_builtin) = match parts.split_last() {
-            Some((&"f16int", rest)) => (rest, false),
-            _ => (&parts[..], true),
+        let mut parts: Vec<&str> = s.split('/').collect();
+        // Trailing options: x4, four 16-byte loads in flight per lane (else two); f16int, f16
+        // widened by integer operations rather than unpack2x16float.
+        let loads_in_flight = if parts.last() == Some(&"x4") {
+            parts.pop();
+            4
+        } else {
+            2
         };
-        let (wg, lanes, split, loads, subgroups) = match parts {
+        let f16_builtin = parts.last() != Some(&"f16int");
+        if !f16_builtin {
+            parts.pop();
+        }
+        let (wg, lanes, split, loads, subgroups) = match &parts[..] {
             [wg, lanes, split, loads] => (wg, lanes, split, loads, false),
             [wg, lanes, split, loads, "sg"] => (wg, lanes, split, loads, true),
             _ => {
                 return Err(format!(
-                    "{s:?}: expected auto, naive or WG/LANES/SPLIT/vec4|scalar[/sg][/f16int] (e.g. 256/4/1/vec4/sg)"
+                    "{s:?}: expected auto, auto/x4, naive or WG/LANES/SPLIT/vec4|scalar[/sg][/f16int][/x4] (e.g. 256/4/1/vec4/sg)"
                 ));
             }
         };
@@ -161,6 +170,7 @@ impl FromStr for KernelChoice {
             vec4,
             subgroups,
             f16_builtin,
+            loads_in_flight,
         }))
     }
 }
@@ -169,6 +179,10 @@ impl KernelChoice {
     fn strategy(self, gpu: &GpuContext, rows: usize, classes: usize) -> Strategy {
         match self {
             Self::Auto => gpu.plan(rows, classes),
+            Self::AutoX4 => Strategy {
+                loads_in_flight: 4,
+                ..gpu.plan(rows, classes)
+            },
             Self::Naive => Strategy::NAIVE,
             // Without the builtin, f16 is widened by integer operations whatever was asked.
             Self::Fixed(s) => Strategy {
@@ -181,6 +195,7 @@ impl KernelChoice {
     fn name(self) -> &'static str {
         match self {
             Self::Auto => "auto",
+            Self::AutoX4 => "auto/x4",
             Self::Naive => "naive",
             Self::Fixed(_) => "fixed",
         }
@@ -189,7 +204,7 @@ impl KernelChoice {
     /// Refuses a strategy this device cannot run, naming it as `--kernel` spells it.
     fn check(self, gpu: &GpuContext) -> Result<(), CliError> {
         let (text, strategy) = match self {
-            Self::Auto => return Ok(()),
+            Self::Auto | Self::AutoX4 => return Ok(()),
             Self::Naive => ("naive".to_string(), Strategy::NAIVE),
             Self::Fixed(s) => (spelling(&s), self.strategy(gpu, 1, 1)),
         };
@@ -202,16 +217,17 @@ impl KernelChoice {
     }
 }
 
-/// A strategy as `--kernel` spells it: `WG/LANES/SPLIT/vec4|scalar[/sg]`.
+/// A strategy as `--kernel` spells it: `WG/LANES/SPLIT/vec4|scalar[/sg][/f16int][/x4]`.
 fn spelling(s: &Strategy) -> String {
     format!(
-        "{}/{}/{}/{}{}{}",
+        "{}/{}/{}/{}{}{}{}",
         s.workgroup_size,
         s.lanes_per_row,
         s.split,
         if s.vec4 { "vec4" } else { "scalar" },
         if s.subgroups { "/sg" } else { "" },
-        if s.f16_builtin { "" } else { "/f16int" }
+        if s.f16_builtin { "" } else { "/f16int" },
+        if s.loads_in_flight == 4 { "/x4" } else { "" }
     )
 }
 
@@ -269,6 +285,9 @@ struct Row {
     ms: f64,
     gbps: f64,
     roofline_fraction: f64,
+    /// For a gradient: its floor (reads at the read roofline, the gradient pass's reads and
+    /// writes at the read-and-write roofline) over its time.
+    rw_fraction: Option<f64>,
     cpu_ms: Option<f64>,
     /// For vocabulary shards: the host's merge of their partials.
     merge_ms: Option<f64>,
@@ -423,6 +442,14 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     let roofline: ReadBandwidth =
         gpu.measure_read_bandwidth(roofline_bytes, WARMUP, args.runs as usize)?;
     let roof_gbps = roofline.bytes_per_second() / 1e9;
+    // The read-and-write rate, for the gradient's floor: its statistics pass reads, its
+    // gradient pass reads and writes.
+    let rw_gbps = if args.task.iter().any(|t| t.task(1).read_write_passes() > 0) {
+        let rw = gpu.measure_read_write_bandwidth(roofline_bytes, WARMUP, args.runs as usize)?;
+        Some(rw.bytes_per_second() / 1e9)
+    } else {
+        None
+    };
     let copy_gbps = if args.path.contains(&PathChoice::Host) {
         let copy = gpu.measure_copy_bandwidth(roofline_bytes.min(256 << 20), WARMUP, 20)?;
         Some(copy.bytes_per_second() / 1e9)
@@ -443,6 +470,13 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             roofline.timing.samples_ms.len(),
             timer.name()
         )?;
+        if let Some(rw) = rw_gbps {
+            outln!(
+                out,
+                "read-and-write roofline: {rw:.1} GB/s (vec4 copy of {} MiB into another buffer, bytes read + written)",
+                roofline.bytes >> 21
+            )?;
+        }
         if let Some(copy) = copy_gbps {
             outln!(
                 out,
@@ -490,30 +524,40 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
             let sets = data.sets(soft);
             let runs = args.runs as usize;
             let mut shard_rows = Vec::new();
-            let mut push = |task: Task, path: PathChoice, kernel: KernelChoice, ms: f64| {
-                let targets = task.sparse_k().map_or(target_bytes, sparse_bytes);
-                let bytes = task.logit_passes() * set_bytes + targets;
-                let gbps = bytes as f64 / (ms * 1e-3) / 1e9;
-                let task_name = match task.sparse_k() {
-                    Some(k) => format!("{}/top-{}", task.name(), k.min(classes)),
-                    None => task.name().to_string(),
+            let mut push =
+                |task: Task, path: PathChoice, kernel: KernelChoice, ms: f64, note: &str| {
+                    let targets = task.sparse_k().map_or(target_bytes, sparse_bytes);
+                    let bytes = task.logit_passes() * set_bytes + task.target_passes() * targets;
+                    let gbps = bytes as f64 / (ms * 1e-3) / 1e9;
+                    // The floor of a gradient: the statistics pass's reads at the read rate, the
+                    // gradient pass's reads and writes at the read-and-write rate.
+                    let rw_bytes = task.read_write_passes() * set_bytes + targets;
+                    let rw_fraction = rw_gbps.filter(|_| rw_bytes > targets).map(|rw| {
+                        let floor_s = (bytes - rw_bytes) as f64 / (roof_gbps * 1e9)
+                            + rw_bytes as f64 / (rw * 1e9);
+                        floor_s / (ms * 1e-3)
+                    });
+                    let task_name = match task.sparse_k() {
+                        Some(k) => format!("{}/top-{}", task.name(), k.min(classes)),
+                        None => task.name().to_string(),
+                    };
+                    table.push(Row {
+                        rows,
+                        classes,
+                        dtype,
+                        target,
+                        task: task_name,
+                        path: path.name(),
+                        kernel: kernel.name(),
+                        strategy: kernel.strategy(&gpu, rows, classes).name() + note,
+                        merge_ms: None,
+                        ms,
+                        gbps,
+                        roofline_fraction: gbps / roof_gbps,
+                        rw_fraction,
+                        cpu_ms: None,
+                    });
                 };
-                table.push(Row {
-                    rows,
-                    classes,
-                    dtype,
-                    target,
-                    task: task_name,
-                    path: path.name(),
-                    kernel: kernel.name(),
-                    strategy: kernel.strategy(&gpu, rows, classes).name(),
-                    merge_ms: None,
-                    ms,
-                    gbps,
-                    roofline_fraction: gbps / roof_gbps,
-                    cpu_ms: None,
-                });
-            };
             for &path in &args.path {
                 match path {
                     PathChoice::Kernel => {
@@ -531,7 +575,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                                 let strategy = kernel.strategy(&gpu, rows, classes);
                                 let timing =
                                     gpu.time_task(&spec, &sets, strategy, task, WARMUP, runs)?;
-                                push(task, path, kernel, timing.median_ms());
+                                push(task, path, kernel, timing.median_ms(), "");
                             }
                         }
                         if !soft {
@@ -554,25 +598,39 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                                     ms,
                                     gbps,
                                     roofline_fraction: gbps / roof_gbps,
+                                    rw_fraction: None,
                                     cpu_ms: None,
                                     merge_ms: Some(merge),
                                 });
                             }
                         }
                     }
-                    PathChoice::Resident | PathChoice::Pipelined => {
-                        let in_flight = if path == PathChoice::Resident {
-                            0
-                        } else {
-                            PIPELINE_DEPTH
-                        };
-                        let timing =
-                            gpu.time_resident_calls(&spec, &sets, in_flight, WARMUP, runs)?;
-                        push(Task::Loss, path, KernelChoice::Auto, timing.median_ms());
+                    PathChoice::Resident => {
+                        let timing = gpu.time_resident_calls(&spec, &sets, 0, WARMUP, runs)?;
+                        push(Task::Loss, path, KernelChoice::Auto, timing.median_ms(), "");
+                    }
+                    PathChoice::Pipelined => {
+                        for &depth in &args.in_flight {
+                            let timing = gpu.time_resident_calls(
+                                &spec,
+                                &sets,
+                                depth as usize,
+                                WARMUP,
+                                runs,
+                            )?;
+                            let note = format!(" +{depth}");
+                            push(
+                                Task::Loss,
+                                path,
+                                KernelChoice::Auto,
+                                timing.median_ms(),
+                                &note,
+                            );
+                        }
                     }
                     PathChoice::Host => {
                         let timing = gpu.time_host_calls(&spec, &sets, WARMUP, runs)?;
-                        push(Task::Loss, path, KernelChoice::Auto, timing.median_ms());
+                        push(Task::Loss, path, KernelChoice::Auto, timing.median_ms(), "");
                     }
                 }
             }
@@ -594,6 +652,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
         &device,
         timer.name(),
         roof_gbps,
+        rw_gbps,
         copy_gbps,
         round_trip_ms,
     )
@@ -644,7 +703,7 @@ fn merge_ms(rows: usize, k: usize) -> f64 {
 fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
     outln!(
         out,
-        "{:>14} {:>5} {:>6} {:>19} {:>8} {:>6} {:>22} {:>10} {:>9} {:>9} {:>10} {:>9}",
+        "{:>14} {:>5} {:>6} {:>19} {:>8} {:>6} {:>22} {:>10} {:>9} {:>9} {:>8} {:>10} {:>9}",
         "N x C",
         "dtype",
         "target",
@@ -655,6 +714,7 @@ fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
         "ms",
         "GB/s",
         "roofline",
+        "r+w roof",
         "CPU ms",
         "vs naive"
     )?;
@@ -671,7 +731,7 @@ fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
         let speedup = naive.map_or(String::from("-"), |n| format!("{:.2}x", n.ms / r.ms));
         outln!(
             out,
-            "{:>14} {:>5} {:>6} {:>19} {:>8} {:>6} {:>22} {:>10.4} {:>9.1} {:>9.3} {:>10} {:>9}",
+            "{:>14} {:>5} {:>6} {:>19} {:>8} {:>6} {:>22} {:>10.4} {:>9.1} {:>9.3} {:>8} {:>10} {:>9}",
             format!("{}x{}", r.rows, r.classes),
             r.dtype.name(),
             r.target,
@@ -682,6 +742,8 @@ fn print_table(out: &mut Out, table: &[Row]) -> Result<(), CliError> {
             r.ms,
             r.gbps,
             r.roofline_fraction,
+            r.rw_fraction
+                .map_or(String::from("-"), |f| format!("{f:.3}")),
             r.cpu_ms.map_or(String::from("-"), |c| format!("{c:.1}")),
             speedup
         )?;
@@ -694,6 +756,7 @@ fn to_json(
     device: &str,
     timer: &str,
     roof_gbps: f64,
+    rw_gbps: Option<f64>,
     copy_gbps: Option<f64>,
     round_trip_ms: Option<f64>,
 ) -> serde_json::Value {
@@ -713,6 +776,8 @@ fn to_json(
                 "gbps": json_f64(r.gbps),
                 "roofline_fraction": json_f64(r.roofline_fraction),
                 "roofline_gbps": json_f64(roof_gbps),
+                "rw_roofline_fraction": json_opt(r.rw_fraction),
+                "rw_roofline_gbps": json_opt(rw_gbps),
                 "cpu_ms": json_opt(r.cpu_ms),
                 "merge_ms": json_opt(r.merge_ms),
                 "copy_gbps": json_opt(copy_gbps),

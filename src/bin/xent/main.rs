@@ -246,10 +246,11 @@ pub struct BenchArgs {
     /// 64 GiB.
     #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
     shapes: Vec<(usize, usize)>,
-    /// Kernels to time, comma-separated: auto (the planner's choice), naive (one 256-lane
-    /// workgroup per row, scalar loads), or WG/LANES/SPLIT/vec4|scalar[/sg][/f16int] (sg:
+    /// Kernels to time, comma-separated: auto (the planner's choice), auto/x4 (the same with
+    /// four 16-byte loads in flight per lane in the statistics pass), naive (one 256-lane
+    /// workgroup per row, scalar loads), or WG/LANES/SPLIT/vec4|scalar[/sg][/f16int][/x4] (sg:
     /// subgroup reductions; f16int: f16 logits widened by integer operations rather than
-    /// unpack2x16float): WG and LANES powers of two with LANES ≤ WG ≤ 1024, SPLIT in 1..=64
+    /// unpack2x16float; x4: four loads in flight): WG and LANES powers of two with LANES ≤ WG ≤ 1024, SPLIT in 1..=64
     /// (above 1 only with LANES = WG). The device's own limits are checked before any timing.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     kernel: Vec<bench::KernelChoice>,
@@ -257,11 +258,16 @@ pub struct BenchArgs {
     /// timestamp queries; every --kernel), resident (whole prepared calls on device inputs:
     /// record, submit, read the totals; wall clock; the planner's kernel; with the device's
     /// round trip measured in the same run), pipelined (resident calls in a loop that reads
-    /// each call's totals while the next two run: wall clock per call), host (whole calls
+    /// each call's totals while the next --in-flight run: wall clock per call), host (whole calls
     /// from host slices, upload included; wall clock; with the host-to-device copy bandwidth
     /// measured in the same run).
     #[arg(long, value_delimiter = ',', default_value = "kernel")]
     path: Vec<bench::PathChoice>,
+    /// Calls in flight behind the one whose totals the pipelined path waits for, comma-
+    /// separated (1 to 6 each: a prepared loss has 8 parameter slots): a row each.
+    #[arg(long, value_delimiter = ',', value_name = "N", default_value = "2",
+          value_parser = clap::value_parser!(u32).range(1..=6))]
+    in_flight: Vec<u32>,
     /// Tasks to time on the kernel path, comma-separated: loss (one read of the logits), grad
     /// (loss and gradient of the mean into a separate buffer: two reads and one write),
     /// grad-inplace (the gradient over the logits), metrics (loss and token metrics in one
