@@ -12,10 +12,9 @@
 #                              round trip (8); metrics, sparse, distillation, shards (11, 13); loss
 #                              and gradient in f32 and bf16, z-loss, soft-capping (9, 10); top-128
 #                              sparse targets
-#   scripts/gpu-run.sh loads   the test binaries at once, then two against four loads in
-#                              flight (loss, metrics, gradient; f32, bf16) with the read-and-
-#                              write roofline, pipelined calls 1 to 6 deep, and the loss in
-#                              four workgroup shapes (≈ 6 min)
+#   scripts/gpu-run.sh lanes   the test binaries at once, then the loss, metrics and gradient
+#                              (f32, bf16) at 256, 128 and 64 lanes a row with the read-and-
+#                              write roofline, and pipelined calls 1 to 6 deep (≈ 5 min)
 #   scripts/gpu-run.sh peers   the peers in f32 and bf16 (≈ 6 min), a call of its own
 #   scripts/gpu-run.sh final   info, the GPU test binaries, and the benchmark: the loss on the
 #                              kernel, resident and host paths; loss + gradient (separate and in
@@ -43,7 +42,7 @@ quick=${XENT_BENCH_QUICK:+--quick}
 # Seconds per GPU test binary (a hung one must not eat the call).
 test_limit=${XENT_TEST_LIMIT:-120}
 [ "$mode" = next ] && test_limit=${XENT_TEST_LIMIT:-30}
-[ "$mode" = loads ] && test_limit=${XENT_TEST_LIMIT:-150}
+[ "$mode" = lanes ] && test_limit=${XENT_TEST_LIMIT:-150}
 
 {
     date -u
@@ -59,8 +58,8 @@ test_limit=${XENT_TEST_LIMIT:-120}
     }
     for t in .gpu/bin/test-*; do
         [ "$mode" = figures ] && break
-        # loads: all test binaries at once (the machine has 16 cores), reported in turn.
-        if [ "$mode" = loads ]; then
+        # lanes: all test binaries at once (the machine has 16 cores), reported in turn.
+        if [ "$mode" = lanes ]; then
             run_test "$t" "$out/test-$(basename "$t").log" > "$out/report-$(basename "$t")" &
         else
             run_test "$t" "$out/test.log"
@@ -127,19 +126,15 @@ if [ "$mode" = next ]; then
         --sparse-k 128 --shapes "${shapes%% *}"
     exit 0
 fi
-if [ "$mode" = loads ]; then
-    # Two against four 16-byte loads in flight per lane (the statistics pass), beside the
-    # read-and-write roofline for the gradient; then workgroup shapes of the loss.
-    XENT_LIMIT=170 bench "loss, metrics, gradient in f32 and bf16: two and four loads in flight" \
-        --shapes 4096x32000,1024x128256 --task loss,metrics,grad,distill --dtype f32,bf16 \
-        --kernel auto,auto/x4
+if [ "$mode" = lanes ]; then
+    # Lanes per row (256 = the planner's row/wg, 128, 64) for the loss and the gradient in
+    # f32 and bf16, the gradient beside the read-and-write roofline; pipelined calls 1 to 6
+    # deep beside the kernel.
+    XENT_LIMIT=200 bench "loss, metrics, gradient in f32 and bf16 at 256, 128 and 64 lanes a row" \
+        --shapes 4096x32000,1024x128256 --task loss,metrics,grad --dtype f32,bf16 \
+        --kernel auto,256/128/1/vec4/sg,256/64/1/vec4/sg
     XENT_LIMIT=60 bench "resident and pipelined calls (1, 2, 4, 6 in flight) beside the kernel" \
         --shapes 4096x32000 --path kernel,resident,pipelined --in-flight 1,2,4,6
-    XENT_LIMIT=40 bench "loss + gradient with soft-capping at 30: two and four loads in flight" \
-        --shapes 4096x32000 --task grad --softcap 30 --kernel auto,auto/x4
-    XENT_LIMIT=60 bench "the loss at 4096x32000 in four workgroup shapes" --shapes 4096x32000 \
-        --task loss --dtype f32,bf16 \
-        --kernel auto,512/512/1/vec4/sg,1024/1024/1/vec4/sg,256/128/1/vec4/sg/x4
     exit 0
 fi
 if [ "$mode" = peers ]; then

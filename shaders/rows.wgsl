@@ -529,8 +529,14 @@ fn fold_row(r: u32, lane: u32, lanes: u32) -> RowStats {
         // Whole 16-byte loads inside the row, then the < PER_VEC logits before and after them.
         let v_first = (first + PER_VEC - 1u) / PER_VEC;
         let v_end = max(end / PER_VEC, v_first);
-        // Two (loads2.wgsl) or four (loads4.wgsl) loads in flight per lane before any is used.
-        let v = fold_body(&st, &wild, v_first + lane, v_end, lanes, first);
+        // Two loads in flight per lane before either is used.
+        var v = v_first + lane;
+        for (; v + lanes < v_end; v += 2u * lanes) {
+            let q0 = logits[v];
+            let q1 = logits[v + lanes];
+            wild = fold_vector(&st, q0, v, first) || wild;
+            wild = fold_vector(&st, q1, v + lanes, first) || wild;
+        }
         if v < v_end {
             wild = fold_vector(&st, logits[v], v, first) || wild;
         }

@@ -539,6 +539,46 @@ fn info_demo_and_bench_run() {
         "bench", "--quick", "--shapes", "64x100", "--runs", "20", "--no-cpu",
     ]);
     assert!(table.status.success() && stdout(&table).contains("roofline"));
+
+    // The bytes each task moves, and the gradient's floor, from the row's own figures: a
+    // gradient reads the logits twice and writes them once (class indices, 8 bytes a row, read
+    // twice); its floor is one read pass at the read roofline and one read-and-write pass at
+    // the read-and-write roofline. Distillation reads two matrices.
+    let bench = json(&xent(&[
+        "bench",
+        "--quick",
+        "--shapes",
+        "64x100",
+        "--json",
+        "--no-cpu",
+        "--task",
+        "loss,grad,distill",
+    ]));
+    let (logits, labels) = (64.0 * 100.0 * 4.0, 64.0 * 8.0);
+    let f = |r: &serde_json::Value, key: &str| r[key].as_f64().unwrap_or(f64::NAN);
+    let mut seen = 0;
+    for r in bench.as_array().unwrap() {
+        let seconds = f(r, "ms") * 1e-3;
+        let (read, rw) = (f(r, "roofline_gbps") * 1e9, f(r, "rw_roofline_gbps") * 1e9);
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+        match (r["task"].as_str().unwrap(), r["target"].as_str().unwrap()) {
+            ("grad", "hard") => {
+                let bytes = 3.0 * logits + 2.0 * labels;
+                assert!(close(f(r, "gbps"), bytes / seconds / 1e9), "{r}");
+                let floor = (logits + labels) / read + (2.0 * logits + labels) / rw;
+                assert!(close(f(r, "rw_roofline_fraction"), floor / seconds), "{r}");
+                seen += 1;
+            }
+            ("distill", _) => {
+                assert!(close(f(r, "gbps"), 2.0 * logits / seconds / 1e9), "{r}");
+                assert!(r["rw_roofline_fraction"].is_null(), "{r}");
+                seen += 1;
+            }
+            ("loss", _) => assert!(r["rw_roofline_fraction"].is_null(), "{r}"),
+            _ => {}
+        }
+    }
+    assert_eq!(seen, 2, "a hard gradient row and a distillation row");
 }
 
 /// Writes an .npy with a header of our own making: `dict`, padded as NumPy pads it.
@@ -691,6 +731,23 @@ fn bench_arguments_are_checked_before_any_work() {
             clock.elapsed() < Duration::from_secs(2),
             "{kernel}: checked late"
         );
+    }
+    for depth in ["0", "7"] {
+        let o = xent(&[
+            "bench",
+            "--quick",
+            "--path",
+            "pipelined",
+            "--in-flight",
+            depth,
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "--in-flight {depth}: {}",
+            stderr(&o)
+        );
+        assert!(stderr(&o).contains("--in-flight"), "{}", stderr(&o));
     }
     let o = xent(&[
         "bench",

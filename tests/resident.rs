@@ -108,7 +108,6 @@ fn resident_is_bit_identical_to_the_host_path() {
                 vec4: true,
                 subgroups: false,
                 f16_builtin: false,
-                loads_in_flight: 2,
             },
         ];
         for kind in [Kind::I32, Kind::I64, Kind::Probabilities] {

@@ -30,15 +30,9 @@ fn every_kernel_parses_and_validates() {
     for kernel in Kernel::ALL {
         for subgroups in [false, true] {
             for f16 in [F16Widening::Integer, F16Widening::Unpack] {
-                for loads in [2, 4] {
-                    validate(&kernel.source(subgroups, f16, loads), Capabilities::all())
-                        .unwrap_or_else(|e| {
-                            panic!(
-                                "{} subgroups={subgroups} {f16:?} loads={loads}: {e}",
-                                kernel.file_name()
-                            )
-                        });
-                }
+                validate(&kernel.source(subgroups, f16), Capabilities::all()).unwrap_or_else(|e| {
+                    panic!("{} subgroups={subgroups} {f16:?}: {e}", kernel.file_name())
+                });
             }
         }
     }
@@ -49,7 +43,6 @@ struct Variant {
     kernel: Kernel,
     subgroups: bool,
     f16: F16Widening,
-    loads: u32,
     constants: PipelineConstants,
 }
 
@@ -65,16 +58,13 @@ impl Variant {
 /// variants (every flag on in some), with the constants `Pipelines` gives them (a subgroup
 /// size of 32).
 fn variants() -> Vec<Variant> {
-    let strategy = |(workgroup_size, lanes_per_row, split, vec4, loads_in_flight),
-                    subgroups,
-                    f16_builtin| Strategy {
+    let strategy = |workgroup_size, lanes_per_row, split, vec4, subgroups, f16_builtin| Strategy {
         workgroup_size,
         lanes_per_row,
         split,
         vec4,
         subgroups,
         f16_builtin,
-        loads_in_flight,
     };
     let base = LossVariant::LSE_ONLY;
     let losses = [
@@ -189,18 +179,17 @@ fn variants() -> Vec<Variant> {
     let mut all = Vec::new();
     for kernel in Kernel::ALL {
         for subgroups in [false, true] {
-            // (workgroup size, lanes per row, split, vec4, loads in flight)
-            for corner in [
-                (256, 256, 1, false, 2),
-                (256, 1, 1, true, 4),
-                (64, 8, 1, true, 2),
-                (256, 256, 8, true, 2),
+            for (wg, lanes, split, vec4) in [
+                (256, 256, 1, false),
+                (256, 1, 1, true),
+                (64, 8, 1, true),
+                (256, 256, 8, true),
             ] {
                 for variant in losses {
                     for native in [false, true] {
                         let key = PipelineKey {
                             kernel,
-                            strategy: strategy(corner, subgroups, native),
+                            strategy: strategy(wg, lanes, split, vec4, subgroups, native),
                             variant,
                         };
                         if native && key.f16_widening() != F16Widening::Unpack {
@@ -215,7 +204,6 @@ fn variants() -> Vec<Variant> {
                             kernel,
                             subgroups,
                             f16: key.f16_widening(),
-                            loads: key.strategy.loads_in_flight,
                             constants,
                         });
                     }
@@ -335,9 +323,7 @@ fn translate(target: &Target, variant: &Variant) -> Result<bool, String> {
     if target.subgroups {
         capabilities |= Capabilities::SUBGROUP;
     }
-    let source = variant
-        .kernel
-        .source(variant.subgroups, variant.f16, variant.loads);
+    let source = variant.kernel.source(variant.subgroups, variant.f16);
     let (module, info) = validate(&source, capabilities)?;
     let (module, info) = naga::back::pipeline_constants::process_overrides(
         &module,
@@ -575,7 +561,6 @@ fn the_planner_counts_the_kernels_workgroup_memory() {
                     vec4: true,
                     subgroups,
                     f16_builtin: false,
-                    loads_in_flight: 2,
                 };
                 let key = PipelineKey {
                     kernel,
@@ -591,7 +576,7 @@ fn the_planner_counts_the_kernels_workgroup_memory() {
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v))
                     .collect();
-                let source = kernel.source(subgroups, F16Widening::Integer, 2);
+                let source = kernel.source(subgroups, F16Widening::Integer);
                 let (module, info) = validate(&source, Capabilities::all()).unwrap();
                 let (module, _) = naga::back::pipeline_constants::process_overrides(
                     &module,

@@ -751,30 +751,29 @@ fn a_vulkan_and_a_gl_context_share_one_batch() {
         let instance = wgpu::Instance::new(descriptor);
         let adapter = pollster::block_on(instance.request_adapter(&Default::default()))
             .unwrap_or_else(|e| panic!("no {backends:?} adapter (Mesa gives both on Linux): {e}"));
-        let compute = wgpu::DownlevelFlags::COMPUTE_SHADERS;
-        if !adapter.get_downlevel_capabilities().flags.contains(compute) {
-            let name = adapter.get_info().name;
-            assert!(
-                !name.contains("llvmpipe"),
-                "Mesa's {name} has compute shaders"
-            );
-            return None;
-        }
         let descriptor = wgpu::DeviceDescriptor {
             required_features: adapter.features() & xent::gpu::WANTED_FEATURES,
             required_limits: adapter.limits(),
             ..Default::default()
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&descriptor)).unwrap();
+        // NVIDIA's GL under wgpu (3.3 there, 2026-11-28 on an H200) refuses a device with
+        // these limits (Device(Lost)): this test needs Mesa's GL, which CI has.
+        let name = adapter.get_info().name;
+        let (device, queue) = match pollster::block_on(adapter.request_device(&descriptor)) {
+            Ok(opened) => opened,
+            Err(e) if backends == wgpu::Backends::GL && !name.contains("llvmpipe") => {
+                eprintln!("Vulkan + GL shards: {name} gives no GL device ({e}); Mesa's does");
+                return None;
+            }
+            Err(e) => panic!("{name}: {e}"),
+        };
         Some(GpuContext::from_device(&device, &queue, Default::default()).unwrap())
     };
-    // Mesa's GL is 4.5; NVIDIA's GL under wgpu is 3.3, without compute shaders.
     let Some(contexts) = [wgpu::Backends::VULKAN, wgpu::Backends::GL]
         .into_iter()
         .map(open)
         .collect::<Option<Vec<_>>>()
     else {
-        eprintln!("Vulkan + GL shards: this machine's GL adapter has no compute shaders");
         return;
     };
     let backends: Vec<_> = contexts.iter().map(|c| c.adapter_info().backend).collect();

@@ -269,18 +269,6 @@ impl Gpu {
         let adapter = select_adapter()?;
         let info = adapter.get_info();
         log::info!("xent adapter: {}", describe_adapter(&info));
-        // NVIDIA's GL driver under wgpu is GL 3.3, without compute shaders (GL 4.3 has them).
-        if !adapter
-            .get_downlevel_capabilities()
-            .flags
-            .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
-        {
-            return Err(XentError::RequestDevice {
-                adapter: describe_adapter(&info),
-                detail: "the adapter has no compute shaders (on GL they need GL 4.3 or ES 3.1)"
-                    .to_string(),
-            });
-        }
         let descriptor = wgpu::DeviceDescriptor {
             label: Some("xent"),
             required_features: adapter.features() & WANTED_FEATURES,

@@ -28,10 +28,6 @@ pub enum F16Widening {
 /// Shared WGSL, in the order it is prepended.
 const ROW_STATS: &str = include_str!("../../shaders/row_stats.wgsl");
 const ROWS: &str = include_str!("../../shaders/rows.wgsl");
-const LOADS2: &str = include_str!("../../shaders/loads2.wgsl");
-const LOADS4: &str = include_str!("../../shaders/loads4.wgsl");
-const GRAD_LOADS2: &str = include_str!("../../shaders/grad_loads2.wgsl");
-const GRAD_LOADS4: &str = include_str!("../../shaders/grad_loads4.wgsl");
 const REDUCE_WORKGROUP: &str = include_str!("../../shaders/reduce_workgroup.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 
@@ -88,11 +84,8 @@ impl Kernel {
 
     /// The complete WGSL source: shared code, then the kernel. With `subgroups`, the lane
     /// reductions of a kernel that has them use subgroup shuffles (the module then needs
-    /// `Features::SUBGROUP`); `f16` says how it widens f16 values; `loads` (2 or 4) is how
-    /// many 16-byte loads a lane has in flight in the statistics pass, and twice as many f32
-    /// loads in the gradient pass (a choice of source, not of constants: shader compilers
-    /// take time for every inlined copy, even dead ones).
-    pub fn source(self, subgroups: bool, f16: F16Widening, loads: u32) -> String {
+    /// `Features::SUBGROUP`); `f16` says how it widens f16 values.
+    pub fn source(self, subgroups: bool, f16: F16Widening) -> String {
         // Naga takes subgroup operations without WGSL's `enable subgroups;` (it rejects the
         // directive as unimplemented); the device feature gates them instead.
         let reduce = if subgroups && self.lane_reductions() {
@@ -104,18 +97,7 @@ impl Kernel {
             F16Widening::Integer => F16_INTEGER,
             F16Widening::Unpack => F16_UNPACK,
         };
-        let (loads, grad_loads) = if loads >= 4 {
-            (LOADS4, GRAD_LOADS4)
-        } else {
-            (LOADS2, GRAD_LOADS2)
-        };
-        // The gradient pass's body, only where it is called.
-        let grad_loads = if self == Kernel::Gradient {
-            grad_loads
-        } else {
-            ""
-        };
-        [f16, ROW_STATS, ROWS, loads, reduce, self.body(), grad_loads].join("\n")
+        [f16, ROW_STATS, ROWS, reduce, self.body()].join("\n")
     }
 }
 
@@ -318,7 +300,7 @@ pub mod slot {
 }
 
 /// A shader module: the kernel, with subgroup reductions, its f16 widening.
-type ModuleKey = (Kernel, bool, F16Widening, u32);
+type ModuleKey = (Kernel, bool, F16Widening);
 
 /// The shader modules and pipelines made so far, and the two bind-group layouts.
 pub struct Pipelines {
@@ -391,15 +373,14 @@ impl Pipelines {
                 log::debug!("compiling {key:?}");
                 let constants = key.constants(self.subgroup_lanes);
                 let (subgroups, f16) = (key.subgroups(), key.f16_widening());
-                let loads = key.strategy.loads_in_flight;
                 let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
                 let module = modules
-                    .entry((key.kernel, subgroups, f16, loads))
+                    .entry((key.kernel, subgroups, f16))
                     .or_insert_with(|| {
                         device.create_shader_module(wgpu::ShaderModuleDescriptor {
                             label: Some(key.kernel.file_name()),
                             source: wgpu::ShaderSource::Wgsl(
-                                key.kernel.source(subgroups, f16, loads).into(),
+                                key.kernel.source(subgroups, f16).into(),
                             ),
                         })
                     });

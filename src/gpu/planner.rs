@@ -37,11 +37,6 @@ pub struct Strategy {
     /// dtypes. (Native `enable f16` arithmetic is out of reach: naga 30 cannot reinterpret a
     /// u32 as two f16, gfx-rs/wgpu#8896.)
     pub f16_builtin: bool,
-    /// 16-byte loads each lane issues before it folds them, in the statistics pass over a
-    /// row's aligned body: 2, or 4 for more bytes in flight where the memory wants them; and
-    /// in the gradient pass over f32 logits 4 or 8 loads of one logit (the order, and so
-    /// every result, is the same; a shader source of its own).
-    pub loads_in_flight: u32,
 }
 
 impl Strategy {
@@ -53,7 +48,6 @@ impl Strategy {
         vec4: false,
         subgroups: false,
         f16_builtin: false,
-        loads_in_flight: 2,
     };
 
     /// Rows one workgroup takes.
@@ -102,11 +96,6 @@ impl Strategy {
         } else {
             format!("{loads} f16int")
         };
-        let loads = if self.loads_in_flight == 4 {
-            format!("{loads} x4")
-        } else {
-            loads
-        };
         if self.split > 1 {
             format!("split-row x{} {loads}", self.split)
         } else if self.lanes_per_row == self.workgroup_size {
@@ -136,9 +125,6 @@ impl Strategy {
         }
         if self.split > MAX_SPLIT {
             return bad("at most 64 workgroups may share a row");
-        }
-        if !matches!(self.loads_in_flight, 2 | 4) {
-            return bad("a lane has 2 or 4 loads in flight");
         }
         if self.workgroup_memory(device) > device.max_workgroup_storage_bytes {
             return bad("its reductions need more workgroup memory than the device has");
@@ -199,7 +185,6 @@ pub fn choose_strategy(rows: usize, classes: usize, device: &DeviceFacts) -> Str
                 vec4: true,
                 subgroups,
                 f16_builtin: prefer_f16_builtin(device),
-                loads_in_flight: 2,
             },
             classes,
         );
@@ -225,7 +210,6 @@ pub fn choose_strategy(rows: usize, classes: usize, device: &DeviceFacts) -> Str
             vec4: true,
             subgroups,
             f16_builtin: prefer_f16_builtin(device),
-            loads_in_flight: 2,
         },
         classes,
     )

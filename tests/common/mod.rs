@@ -125,7 +125,6 @@ pub fn plain_strategy(workgroup_size: u32, lanes_per_row: u32, split: u32, vec4:
         vec4,
         subgroups: false,
         f16_builtin: false,
-        loads_in_flight: 2,
     }
 }
 

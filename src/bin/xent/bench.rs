@@ -90,8 +90,6 @@ impl TaskChoice {
 pub enum KernelChoice {
     /// The planner's strategy for the shape.
     Auto,
-    /// The planner's strategy with four 16-byte loads in flight per lane (`auto/x4`).
-    AutoX4,
     /// One 256-lane workgroup per row, scalar loads: the baseline.
     Naive,
     /// A strategy given on the command line.
@@ -100,34 +98,25 @@ pub enum KernelChoice {
 
 impl FromStr for KernelChoice {
     type Err = String;
-    /// `auto`, `auto/x4`, `naive` or `WG/LANES/SPLIT/vec4|scalar[/sg][/f16int][/x4]`, with
-    /// every number in range.
+    /// `auto`, `naive` or `WG/LANES/SPLIT/vec4|scalar[/sg]`, with every number in range.
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "auto" => return Ok(Self::Auto),
-            "auto/x4" => return Ok(Self::AutoX4),
             "naive" => return Ok(Self::Naive),
             _ => {}
         }
-        let mut parts: Vec<&str> = s.split('/').collect();
-        // Trailing options: x4, four 16-byte loads in flight per lane (else two); f16int, f16
-        // widened by integer operations rather than unpack2x16float.
-        let loads_in_flight = if parts.last() == Some(&"x4") {
-            parts.pop();
-            4
-        } else {
-            2
+        let parts: Vec<&str> = s.split('/').collect();
+        // A trailing f16int: f16 widened by integer operations rather than unpack2x16float.
+        let (parts, f16_builtin) = match parts.split_last() {
+            Some((&"f16int", rest)) => (rest, false),
+            _ => (&parts[..], true),
         };
-        let f16_builtin = parts.last() != Some(&"f16int");
-        if !f16_builtin {
-            parts.pop();
-        }
-        let (wg, lanes, split, loads, subgroups) = match &parts[..] {
+        let (wg, lanes, split, loads, subgroups) = match parts {
             [wg, lanes, split, loads] => (wg, lanes, split, loads, false),
             [wg, lanes, split, loads, "sg"] => (wg, lanes, split, loads, true),
             _ => {
                 return Err(format!(
-                    "{s:?}: expected auto, auto/x4, naive or WG/LANES/SPLIT/vec4|scalar[/sg][/f16int][/x4] (e.g. 256/4/1/vec4/sg)"
+                    "{s:?}: expected auto, naive or WG/LANES/SPLIT/vec4|scalar[/sg][/f16int] (e.g. 256/4/1/vec4/sg)"
                 ));
             }
         };
@@ -170,7 +159,6 @@ impl FromStr for KernelChoice {
             vec4,
             subgroups,
             f16_builtin,
-            loads_in_flight,
         }))
     }
 }
@@ -179,10 +167,6 @@ impl KernelChoice {
     fn strategy(self, gpu: &GpuContext, rows: usize, classes: usize) -> Strategy {
         match self {
             Self::Auto => gpu.plan(rows, classes),
-            Self::AutoX4 => Strategy {
-                loads_in_flight: 4,
-                ..gpu.plan(rows, classes)
-            },
             Self::Naive => Strategy::NAIVE,
             // Without the builtin, f16 is widened by integer operations whatever was asked.
             Self::Fixed(s) => Strategy {
@@ -195,7 +179,6 @@ impl KernelChoice {
     fn name(self) -> &'static str {
         match self {
             Self::Auto => "auto",
-            Self::AutoX4 => "auto/x4",
             Self::Naive => "naive",
             Self::Fixed(_) => "fixed",
         }
@@ -204,7 +187,7 @@ impl KernelChoice {
     /// Refuses a strategy this device cannot run, naming it as `--kernel` spells it.
     fn check(self, gpu: &GpuContext) -> Result<(), CliError> {
         let (text, strategy) = match self {
-            Self::Auto | Self::AutoX4 => return Ok(()),
+            Self::Auto => return Ok(()),
             Self::Naive => ("naive".to_string(), Strategy::NAIVE),
             Self::Fixed(s) => (spelling(&s), self.strategy(gpu, 1, 1)),
         };
@@ -217,17 +200,16 @@ impl KernelChoice {
     }
 }
 
-/// A strategy as `--kernel` spells it: `WG/LANES/SPLIT/vec4|scalar[/sg][/f16int][/x4]`.
+/// A strategy as `--kernel` spells it: `WG/LANES/SPLIT/vec4|scalar[/sg][/f16int]`.
 fn spelling(s: &Strategy) -> String {
     format!(
-        "{}/{}/{}/{}{}{}{}",
+        "{}/{}/{}/{}{}{}",
         s.workgroup_size,
         s.lanes_per_row,
         s.split,
         if s.vec4 { "vec4" } else { "scalar" },
         if s.subgroups { "/sg" } else { "" },
-        if s.f16_builtin { "" } else { "/f16int" },
-        if s.loads_in_flight == 4 { "/x4" } else { "" }
+        if s.f16_builtin { "" } else { "/f16int" }
     )
 }
 

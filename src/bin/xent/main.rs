@@ -246,11 +246,10 @@ pub struct BenchArgs {
     /// 64 GiB.
     #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
     shapes: Vec<(usize, usize)>,
-    /// Kernels to time, comma-separated: auto (the planner's choice), auto/x4 (the same with
-    /// four 16-byte loads in flight per lane in the statistics pass), naive (one 256-lane
-    /// workgroup per row, scalar loads), or WG/LANES/SPLIT/vec4|scalar[/sg][/f16int][/x4] (sg:
+    /// Kernels to time, comma-separated: auto (the planner's choice), naive (one 256-lane
+    /// workgroup per row, scalar loads), or WG/LANES/SPLIT/vec4|scalar[/sg][/f16int] (sg:
     /// subgroup reductions; f16int: f16 logits widened by integer operations rather than
-    /// unpack2x16float; x4: four loads in flight): WG and LANES powers of two with LANES ≤ WG ≤ 1024, SPLIT in 1..=64
+    /// unpack2x16float): WG and LANES powers of two with LANES ≤ WG ≤ 1024, SPLIT in 1..=64
     /// (above 1 only with LANES = WG). The device's own limits are checked before any timing.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     kernel: Vec<bench::KernelChoice>,
