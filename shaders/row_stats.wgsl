@@ -219,23 +219,31 @@ fn fold_metric(st: ptr<function, RowStats>, z: f32, k: u32, z_target: f32) {
 }
 
 // Folds the logits z of classes k.. k + 3 as fold_metric does each, in vector operations: the
-// count above the target at once, and the argmax scanned only when one of them could take it
-// (a NaN, or one not below the best so far: ties included, for a lower class may win them).
+// count above the target at once, and the argmax without a branch where none of the four is
+// NaN: the largest of the four with its lowest class, against the best so far (the order
+// `beats` defines is total on non-NaN values, so this is the scan's result). A lane meets a
+// new maximum on most steps of a short row, and a branch that any lane of a warp takes costs
+// the whole warp (H200, 2026-11-28: metrics took 2.3× the loss); the scan is kept for NaN.
 fn fold_metric4(st: ptr<function, RowStats>, z: vec4<f32>, k: u32, z_target: f32) {
     let nan = is_nan4(z);
     if !is_nan(z_target) {
         let above = select(vec4(0u), vec4(1u), nan | (z > vec4(z_target)));
         (*st).tally += (above.x + above.y) + (above.z + above.w);
     }
-    let top = max(max(z.x, z.y), max(z.z, z.w));
-    if any(nan) || top >= (*st).best {
+    if any(nan) {
         for (var j = 0u; j < 4u; j++) {
             if beats(z[j], k + j, (*st).best, (*st).best_k) {
                 (*st).best = z[j];
                 (*st).best_k = k + j;
             }
         }
+        return;
     }
+    let top = max(max(z.x, z.y), max(z.z, z.w));
+    let j = select(select(select(3u, 2u, z.z == top), 1u, z.y == top), 0u, z.x == top);
+    let take = beats(top, k + j, (*st).best, (*st).best_k);
+    (*st).best = select((*st).best, top, take);
+    (*st).best_k = select((*st).best_k, k + j, take);
 }
 
 // Folds the teacher's four logits t (over T) beside the student's z (over T), whose
