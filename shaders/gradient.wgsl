@@ -181,7 +181,7 @@ fn gradient_with(g: RowGradient, z: f32, k: u32, top_k: f32) -> f32 {
         d += g.s_z * 2.0 * params.z_loss * g.lse * q;
     }
     if SOFTCAP {
-        let t = zc / params.cap;
+        let t = zc * (1.0 / params.cap);
         d *= 1.0 - t * t;
     }
     // Exactly 0 for an ignored row.
