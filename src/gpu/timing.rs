@@ -421,7 +421,7 @@ impl GpuContext {
         self.measure_bandwidth(Bandwidth::Read, bytes, warmup, runs)
     }
 
-    /// Measures the read-and-write bandwidth with `copy_bandwidth.wgsl`: a copy of about
+    /// Measures the read-and-write bandwidth with `read_bandwidth.wgsl` (`COPY`): a copy of about
     /// `bytes / 2` into a second buffer as large, `bytes` moved a run (the rate of the
     /// gradient pass's traffic: it reads and writes the logits' bytes alike).
     pub fn measure_read_write_bandwidth(
@@ -474,7 +474,7 @@ impl GpuContext {
 enum Bandwidth {
     /// `read_bandwidth.wgsl`: reads only.
     Read,
-    /// `copy_bandwidth.wgsl`: as many bytes written as read.
+    /// `read_bandwidth.wgsl` with `COPY`: as many bytes written as read.
     ReadWrite,
 }
 
@@ -484,28 +484,23 @@ fn bandwidth_pipeline(
     bytes: u64,
 ) -> (wgpu::ComputePipeline, wgpu::BindGroup) {
     let device = &gpu.device;
-    let (name, source, sink_bytes) = match kind {
-        Bandwidth::Read => (
-            "read_bandwidth.wgsl",
-            include_str!("../../shaders/read_bandwidth.wgsl"),
-            16,
-        ),
-        Bandwidth::ReadWrite => (
-            "copy_bandwidth.wgsl",
-            include_str!("../../shaders/copy_bandwidth.wgsl"),
-            bytes,
-        ),
+    let (copy, sink_bytes) = match kind {
+        Bandwidth::Read => (0.0, 16),
+        Bandwidth::ReadWrite => (1.0, bytes),
     };
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some(name),
-        source: wgpu::ShaderSource::Wgsl(source.into()),
+        label: Some("read_bandwidth.wgsl"),
+        source: wgpu::ShaderSource::Wgsl(include_str!("../../shaders/read_bandwidth.wgsl").into()),
     });
     let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some(name),
+        label: Some("read_bandwidth.wgsl"),
         layout: None,
         module: &module,
         entry_point: Some("main"),
-        compilation_options: Default::default(),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &[("COPY", copy)],
+            ..Default::default()
+        },
         cache: None,
     });
     let data = device.create_buffer(&wgpu::BufferDescriptor {
