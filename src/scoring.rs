@@ -296,6 +296,22 @@ struct DistillRow {
     grad: Option<Vec<f64>>,
 }
 
+/// `Σ_k p_k·f_k` over the classes a distribution does not mask (`log p_k ≠ −inf`): a class is
+/// out of a softmax only where its logit is −inf, so a `p_k` that underflows f64 is still
+/// positive, and where `f_k` is infinite (`q_k = 0` under it) the sum is that infinity, as on
+/// the device (whose f32 underflows far sooner: DESIGN.md, distillation keyed on −inf). Any
+/// other term of an underflowed `p_k` adds 0; NaN propagates.
+fn weighted_unmasked(lp: &[f64], p: &[f64], f: impl Fn(usize) -> f64) -> f64 {
+    (0..p.len())
+        .filter(|&k| lp[k] != f64::NEG_INFINITY)
+        .map(|k| match (p[k], f(k)) {
+            (0.0, v) if v.is_infinite() => v,
+            (0.0, _) => 0.0,
+            (pk, v) => pk * v,
+        })
+        .sum()
+}
+
 /// `Σ_k p_k·f_k` over the classes with `p_k ≠ 0` (0·anything = 0; NaN p propagates).
 fn weighted(p: &[f64], f: impl Fn(usize) -> f64) -> f64 {
     (0..p.len())
@@ -327,16 +343,16 @@ fn distill_row(divergence: Divergence, lp: &[f64], lq: &[f64], with_grad: bool) 
         let b: f64 = p.iter().sum();
         (0..q.len()).map(|k| b * q[k] - p[k]).collect::<Vec<f64>>()
     };
-    let forward_kl = || weighted(&p, |k| lp[k] - lq[k]);
+    let forward_kl = || weighted_unmasked(lp, &p, |k| lp[k] - lq[k]);
     let reverse = || {
         let d: Vec<f64> = (0..q.len()).map(|k| lq[k] - lp[k]).collect();
-        let kl = weighted(&q, |k| d[k]);
+        let kl = weighted_unmasked(lq, &q, |k| d[k]);
         (kl, with_grad.then(|| through_softmax(&q, &d)))
     };
     match divergence {
         Divergence::ForwardKl => {
-            let entropy = -weighted(&p, |k| lp[k]);
-            let ce = -weighted(&p, |k| lq[k]);
+            let entropy = -weighted_unmasked(lp, &p, |k| lp[k]);
+            let ce = -weighted_unmasked(lp, &p, |k| lq[k]);
             DistillRow {
                 loss: ce,
                 forward: Some((entropy, forward_kl())),

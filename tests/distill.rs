@@ -410,6 +410,48 @@ fn rows_without_a_finite_logit_are_nan_as_in_the_reference() {
     }
 }
 
+/// A teacher class far below the teacher's maximum (a gap of 4000 at T = 2: p = e^-2000, which
+/// f64 too rounds to 0) is still a class of the teacher's softmax, as only −inf masks one: on
+/// a student's −inf the forward cross-entropy and KL(p‖q) are +inf, on the GPU (whose f32
+/// underflows at a gap of ~87·T) and in the f64 reference alike; masked by −inf instead, the
+/// same row is finite on both. (The fuzzer found the reference giving the finite value.)
+#[test]
+fn a_teacher_class_that_underflows_is_still_in_its_softmax() {
+    let Some(gpu) = gpu() else { return };
+    let classes = 4;
+    let student = [
+        f32::NEG_INFINITY,
+        0.0,
+        3.0,
+        -1.0,
+        f32::NEG_INFINITY,
+        0.0,
+        3.0,
+        -1.0,
+    ];
+    let teacher = [0.0, 4000.0, 1.0, 2.0, f32::NEG_INFINITY, 4000.0, 1.0, 2.0];
+    let z = Logits::new(&student, 2, classes).unwrap();
+    let spec = Distillation::new()
+        .with_temperature(2.0)
+        .with_reduction(Reduction::None);
+    let want = scoring::distillation(&spec, z, &teacher).unwrap();
+    let got = gpu.distillation(&spec, z, &teacher).unwrap();
+    for out in [&want, &got] {
+        assert_eq!(out.per_row[0], f64::INFINITY, "{:?}", out.per_row);
+        let (_, kl) = terms(out).unwrap();
+        assert_eq!(kl[0], f64::INFINITY);
+        assert!(out.per_row[1].is_finite(), "{:?}", out.per_row);
+    }
+    let m = |i: usize| seen_max(&student, &teacher, classes, i, 2.0);
+    assert_rows(
+        "masked",
+        &got.per_row[1..],
+        &want.per_row[1..],
+        &want.per_row[1..],
+        &m,
+    );
+}
+
 /// Temperatures whose reciprocal is no normal f32 are refused on the GPU (the f32 scale
 /// would be 0 or infinite); logits that leave ±2^64 once divided by T are out of range.
 #[test]
