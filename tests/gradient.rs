@@ -614,15 +614,29 @@ fn large_soft_caps_keep_their_accuracy_and_f32_options_are_checked() {
     }
 }
 
-/// Where class weights far from 1 (scaled by a power of two on the device: 3e38 by 2^-64)
+/// Where class weights far from 1 (scaled by a power of two on the device: 3e38 by 2^-120)
 /// meet a large upstream gradient, the kernel's f32 scale would overflow although the
 /// gradient is finite: refused, not inf. A weight of 1 beside 3e38 stays a normal f32 on the
-/// device (scaled by 2^-127 it was subnormal, and an H200 flushed it to zero). The mean of
-/// probability targets with such weights on the device path (its scale from the device's own
-/// totals) matches the reference.
+/// device (scaled by 2^-127 it was subnormal, and an H200 flushed it to zero), and a large
+/// weight times a large loss (1e20 · 3.6e19) stays within f32 there, its smallest weight (1e-20)
+/// normal. The mean of probability targets with such weights on the device path (its scale
+/// from the device's own totals) matches the reference.
 #[test]
 fn gradient_scales_beyond_f32_are_refused_and_weighted_means_hold() {
     let Some(gpu) = gpu() else { return };
+    let z = [1.8e19_f32, -1.8e19, 0.0];
+    let spec = CrossEntropy::new()
+        .with_weights(vec![1e-20, 1e20, 1.0])
+        .with_reduction(Reduction::Sum);
+    let t = xent::Targets::ClassIndices(&[1]);
+    let logits = Logits::new(&z, 1, 3).unwrap();
+    let (got, _) = gpu
+        .cross_entropy_grad(&spec, logits, t, Upstream::Scalar(1.0))
+        .unwrap();
+    let (want, _) = cpu::cross_entropy_grad(&spec, logits, t, Upstream::Scalar(1.0)).unwrap();
+    let (g, w) = (got.loss.unwrap(), want.loss.unwrap());
+    assert!(w > 1e39 && (g - w).abs() <= 1e-6 * w, "{g} vs {w}");
+
     let z = [0.0_f32, 0.0];
     let logits = Logits::new(&z, 1, 2).unwrap();
     let spec = CrossEntropy::new()

@@ -422,16 +422,14 @@ struct Resources {
     elementwise: HashMap<ElementwiseKey, Arc<wgpu::ComputePipeline>>,
 }
 
-/// The power of two the device's class weights are multiplied by: 1 while they lie in
-/// [2^-64, 2^64], else the one closest to 1 that brings the largest to at most 2^64 and, as
-/// far as that allows, the smallest nonzero to at least 2^-64. f32 sums of weights near 1e38
-/// overflow, and subnormal weights flush to zero on most GPUs (an H200's Vulkan driver does;
-/// llvmpipe does not), so a subnormal weight, or one that scaling down would make subnormal,
-/// must be scaled into the normal range for every backend to compute the same thing. Only
-/// weights spanning more than 2^190 keep a subnormal at the bottom. The host divides the scale
-/// out again in f64, exactly.
+/// The power of two the device's class weights are multiplied by. As the loss sums weights
+/// times losses in f32, the largest weight is brought to [1, 2) when it lies beyond 2^±20 (sums
+/// of weights near 1e38 would overflow, and so would a large weight times a large loss). Then
+/// no weight may be subnormal, as GPUs flush subnormals to zero (an H200's Vulkan driver does,
+/// llvmpipe does not): where the smallest nonzero weight would fall below 2^-120, the scale
+/// rises until it does not, as long as the largest stays below 2^64. Only weights spanning
+/// more than 2^183 keep a subnormal. The host divides the scale out again in f64, exactly.
 fn weight_scale(weights: Option<&[f32]>) -> f64 {
-    const EDGE: i32 = 64;
     let nonzero = || {
         weights
             .unwrap_or_default()
@@ -442,10 +440,17 @@ fn weight_scale(weights: Option<&[f32]>) -> f64 {
     let (Some(max), Some(min)) = (nonzero().reduce(f64::max), nonzero().reduce(f64::min)) else {
         return 1.0;
     };
-    // 2^e · max ≤ 2^EDGE and 2^e · min ≥ 2^-EDGE, the first winning where both cannot hold.
-    let highest = EDGE - max.log2().floor() as i32 - 1;
-    let lowest = -EDGE - min.log2().floor() as i32;
-    2f64.powi(0.max(lowest).min(highest))
+    // max in [2^top, 2^(top + 1)), min in [2^bottom, 2^(bottom + 1)).
+    let (top, bottom) = (max.log2().floor() as i32, min.log2().floor() as i32);
+    let mut e = if (2f64.powi(-20)..=2f64.powi(20)).contains(&max) {
+        0
+    } else {
+        -top
+    };
+    if bottom + e < -120 {
+        e = (-120 - bottom).min(63 - top);
+    }
+    2f64.powi(e)
 }
 
 /// The options the kernels take as f32: a soft-cap must be a normal f32 (0 or ∞ would make
@@ -862,8 +867,8 @@ impl PreparedLoss {
         self.setup.strategy
     }
 
-    /// The power of two the class weights were multiplied by on the device (1 unless some
-    /// weight lies outside [2^-64, 2^64]): per-row cross-entropies in
+    /// The power of two the class weights were multiplied by on the device (1 unless the
+    /// largest lies beyond 2^±20 or the smallest nonzero below 2^-120): per-row cross-entropies in
     /// [`PreparedLoss::row_results`] carry it; every value read back through xent, and the
     /// gradient, have it divided out.
     pub fn weight_scale(&self) -> f64 {
