@@ -614,7 +614,7 @@ fn large_soft_caps_keep_their_accuracy_and_f32_options_are_checked() {
     }
 }
 
-/// Where class weights far from 1 (scaled by a power of two on the device: 3e38 by 2^-120)
+/// Where class weights far from 1 (scaled by a power of two on the device: 3e38 by 2^-125)
 /// meet a large upstream gradient, the kernel's f32 scale would overflow although the
 /// gradient is finite: refused, not inf. A weight of 1 beside 3e38 stays a normal f32 on the
 /// device (scaled by 2^-127 it was subnormal, and an H200 flushed it to zero), and a large

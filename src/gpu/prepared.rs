@@ -426,9 +426,10 @@ struct Resources {
 /// times losses in f32, the largest weight is brought to [1, 2) when it lies beyond 2^±20 (sums
 /// of weights near 1e38 would overflow, and so would a large weight times a large loss). Then
 /// no weight may be subnormal, as GPUs flush subnormals to zero (an H200's Vulkan driver does,
-/// llvmpipe does not): where the smallest nonzero weight would fall below 2^-120, the scale
-/// rises until it does not, as long as the largest stays below 2^64. Only weights spanning
-/// more than 2^183 keep a subnormal. The host divides the scale out again in f64, exactly.
+/// llvmpipe does not): where the smallest nonzero weight would fall below 2^-125, the scale
+/// rises just enough (as long as the largest stays below 2^64), and no further: every bit it
+/// rises is a bit less room above for a large weight times a large loss. Only weights spanning
+/// more than 2^188 keep a subnormal. The host divides the scale out again in f64, exactly.
 fn weight_scale(weights: Option<&[f32]>) -> f64 {
     let nonzero = || {
         weights
@@ -447,8 +448,8 @@ fn weight_scale(weights: Option<&[f32]>) -> f64 {
     } else {
         -top
     };
-    if bottom + e < -120 {
-        e = (-120 - bottom).min(63 - top);
+    if bottom + e < -125 {
+        e = (-125 - bottom).min(63 - top);
     }
     2f64.powi(e)
 }
@@ -868,7 +869,7 @@ impl PreparedLoss {
     }
 
     /// The power of two the class weights were multiplied by on the device (1 unless the
-    /// largest lies beyond 2^±20 or the smallest nonzero below 2^-120): per-row cross-entropies in
+    /// largest lies beyond 2^±20 or the smallest nonzero below 2^-125): per-row cross-entropies in
     /// [`PreparedLoss::row_results`] carry it; every value read back through xent, and the
     /// gradient, have it divided out.
     pub fn weight_scale(&self) -> f64 {
