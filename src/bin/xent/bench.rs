@@ -426,7 +426,11 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
     let roof_gbps = roofline.bytes_per_second() / 1e9;
     // The read-and-write rate, for the gradient's floor: its statistics pass reads, its
     // gradient pass reads and writes.
-    let rw_gbps = if args.task.iter().any(|t| t.task(1).read_write_passes() > 0) {
+    let rw_gbps = if args
+        .task
+        .iter()
+        .any(|t| t.task(args.sparse_k).read_write_passes() > 0)
+    {
         let rw = gpu.measure_read_write_bandwidth(roofline_bytes, WARMUP, args.runs as usize)?;
         Some(rw.bytes_per_second() / 1e9)
     } else {
@@ -514,7 +518,7 @@ pub fn run(args: &BenchArgs) -> Result<(), CliError> {
                     // The floor of a gradient: the statistics pass's reads at the read rate, the
                     // gradient pass's reads and writes at the read-and-write rate.
                     let rw_bytes = task.read_write_passes() * set_bytes + targets;
-                    let rw_fraction = rw_gbps.filter(|_| rw_bytes > targets).map(|rw| {
+                    let rw_fraction = rw_gbps.filter(|_| task.read_write_passes() > 0).map(|rw| {
                         let floor_s = (bytes - rw_bytes) as f64 / (roof_gbps * 1e9)
                             + rw_bytes as f64 / (rw * 1e9);
                         floor_s / (ms * 1e-3)
